@@ -1,0 +1,284 @@
+"""The `fusecache` command: mount, umount, status, prefetch, demo.
+
+Also accepts the form mount.fuse3 uses for `mount -t fuse.fusecache` and fstab:
+`fusecache SOURCE MOUNTPOINT -o key=value,flag`. Every failure is one line on stderr and a
+non-zero exit: 2 for malformed usage, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__, control, daemon, mounts
+from .config import LOG_LEVELS, ConfigError, build_config
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("mount", "umount", "unmount", "status", "prefetch", "demo")
+FSTYPE = "fuse.fusecache"
+
+
+class UsageError(Exception):
+    """Malformed command line (exit status 2)."""
+
+
+class Failure(Exception):
+    """The command could not do its job (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fusecache", description="Read-only FUSE cache for model checkpoints "
+                                                   "on network filesystems.")
+    parser.add_argument("--version", action="version", version=f"fusecache {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    mount = sub.add_parser("mount", help="mount SOURCE at MOUNTPOINT through the cache")
+    _add_mount_arguments(mount)
+
+    umount = sub.add_parser("umount", aliases=["unmount"], help="unmount a fusecache mount")
+    umount.add_argument("mountpoint")
+
+    status = sub.add_parser("status", help="show cache and traffic figures of a mount")
+    status.add_argument("mountpoint", nargs="?")
+    status.add_argument("--json", action="store_true")
+
+    prefetch = sub.add_parser("prefetch", help="fetch files or directories into the cache")
+    prefetch.add_argument("paths", nargs="+", metavar="PATH")
+    prefetch.add_argument("--no-wait", action="store_true", help="queue and return at once")
+    prefetch.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="generate a small checkpoint, load it through a mount, report")
+    demo.add_argument("--workdir", help="where to put the demo tree (default: a temporary dir)")
+    demo.add_argument("--size-mb", type=int, default=256, help="checkpoint size (default 256)")
+    return parser
+
+
+def _add_mount_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                        help="comma-separated key=value options (see docs/operations.md)")
+    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("-f", "--foreground", action="store_true", default=None,
+                        help="stay attached (for systemd Type=notify units)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+            argv.insert(0, "mount")  # mount.fuse3 form: fusecache SOURCE MOUNTPOINT -o ...
+        args = _parser().parse_args(argv)
+        return COMMAND_HANDLERS[args.command](args)
+    except UsageError as e:
+        print(f"fusecache: {e}", file=sys.stderr)
+        return 2
+    except (Failure, ConfigError, daemon.MountError, control.ControlError) as e:
+        print(f"fusecache: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def setup_logging(level: str, path: Path | None = None) -> None:
+    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# ---- mount -------------------------------------------------------------------------------
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    try:
+        cfg = build_config(args.source, args.mountpoint, args.options, cache_dir=args.cache_dir,
+                           foreground=args.foreground, log_level=args.log_level)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    setup_logging(cfg.log_level)
+    store = daemon.check_request(cfg)
+    if cfg.foreground:
+        daemon.run(cfg, store, ready=lambda: None)
+        return 0
+    return _mount_detached(cfg, store)
+
+
+def _mount_detached(cfg, store) -> int:
+    """Fork a daemon and return once it says the mount is live, or with its one-line error."""
+    log_path = store.root / "daemon.log"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        os._exit(_daemon_child(cfg, store, write_end, log_path))
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message == "ready":
+        return 0
+    os.waitpid(pid, 0)
+    raise Failure(message or f"the daemon exited during start-up; see {log_path}")
+
+
+def _daemon_child(cfg, store, ready_fd: int, log_path: Path) -> int:
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 2)  # anything written to stderr (tracebacks, libfuse) lands in the log
+    os.close(devnull)
+    os.close(log_fd)
+    setup_logging(cfg.log_level)
+    store.record_owner(os.getpid())
+    reported = False
+
+    def ready() -> None:
+        nonlocal reported
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+        reported = True
+
+    try:
+        daemon.run(cfg, store, ready)
+        return 0
+    except BaseException as e:  # the parent must hear about any start-up failure
+        log.exception("daemon failed")
+        if not reported:
+            os.write(ready_fd, str(e).splitlines()[0].encode() if str(e) else type(e).__name__.encode())
+        return 1
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    info = mounts.find_mount(mountpoint)
+    if info is None or info.fstype != FSTYPE:
+        raise Failure(f"{args.mountpoint} is not a fusecache mount")
+    try:
+        mounts.unmount(mountpoint)
+    except OSError as e:
+        raise Failure(f"cannot unmount {args.mountpoint}: {e.strerror}") from None
+    return 0
+
+
+# ---- status and prefetch -------------------------------------------------------------------
+
+def fusecache_mounts() -> list[str]:
+    return [m.mountpoint for m in mounts.mount_table() if m.fstype == FSTYPE]
+
+
+def _locate(path: str) -> tuple[str, str]:
+    """(mountpoint, path relative to it) of a path inside a fusecache mount."""
+    absolute = os.path.abspath(path)
+    best = None
+    for mountpoint in fusecache_mounts():
+        if absolute == mountpoint or absolute.startswith(mountpoint.rstrip("/") + "/"):
+            if best is None or len(mountpoint) > len(best):
+                best = mountpoint
+    if best is None:
+        raise Failure(f"{path} is not inside a fusecache mount")
+    relpath = os.path.relpath(absolute, best)
+    return best, "" if relpath == "." else relpath
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    targets = [os.path.abspath(args.mountpoint)] if args.mountpoint else fusecache_mounts()
+    if args.mountpoint and targets[0] not in fusecache_mounts():
+        raise Failure(f"{args.mountpoint} is not a fusecache mount")
+    reports = [control.call(mp, {"command": "status"}) for mp in targets]
+    if args.json:
+        print(json.dumps(reports[0] if args.mountpoint else reports, indent=2))
+        return 0
+    if not reports:
+        print("no fusecache mounts")
+    for report in reports:
+        _print_status(report)
+    return 0
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def _print_status(report: dict) -> None:
+    m = report["metrics"]
+    hit = "n/a" if m["hit_ratio"] is None else f"{100 * m['hit_ratio']:.1f}%"
+    print(f"{report['mountpoint']}  <-  {report['source']}  (pid {report['pid']})")
+    print(f"  cache:        {report['cache']}")
+    print(f"  from source:  {human(m['bytes_from_source'])}  now {human(m['source_rate'])}/s")
+    print(f"  served:       {human(m['bytes_served'])} ({human(m['bytes_served_from_cache'])} from cache)")
+    print(f"  hit ratio:    {hit}  errors: {m['fetch_errors']}  checksum failures: {m['checksum_failures']}")
+    for f in report["files"]:
+        fraction = f["cached"] / f["size"] if f["size"] else 1.0
+        flag = " streaming" if f.get("streaming") else ""
+        print(f"  {100 * fraction:5.1f}%  {human(f['size']):>10}  {f['path']}{flag}")
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    by_mount: dict[str, list[str]] = {}
+    for path in args.paths:
+        mountpoint, relpath = _locate(path)
+        by_mount.setdefault(mountpoint, []).append(relpath)
+    results = []
+    for mountpoint, relpaths in by_mount.items():
+        queued = control.call(mountpoint, {"command": "prefetch", "paths": relpaths})
+        files = [f["path"] for f in queued["files"]]
+        total = sum(f["size"] for f in queued["files"])
+        result = {"mountpoint": mountpoint, "files": len(files), "bytes": total}
+        if not args.no_wait:
+            result.update(_wait_for(mountpoint, files, total, show=not args.json))
+        results.append(result)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    failed = [r for r in results if r.get("errors")]
+    for r in failed:
+        for path, error in r["errors"].items():
+            print(f"fusecache: prefetch of {path} failed: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _wait_for(mountpoint: str, files: list[str], total: int, show: bool) -> dict:
+    """Poll the daemon until the files are cached (or failed), drawing a progress bar."""
+    started = time.monotonic()
+    while True:
+        progress = control.call(mountpoint, {"command": "progress", "paths": files})
+        done, rate = progress["cached"], progress["rate"]
+        if show:
+            eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "--"
+            width = 30
+            filled = int(width * done / total) if total else width
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {human(done)} / {human(total)}"
+                  f"  {human(rate)}/s  ETA {eta}   ", end="", file=sys.stderr, flush=True)
+        if done >= total or progress["errors"]:
+            if show:
+                print(file=sys.stderr)
+            return {"cached": done, "seconds": time.monotonic() - started, "errors": progress["errors"]}
+        time.sleep(0.5)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, args.size_mb)
+
+
+COMMAND_HANDLERS = {"mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount,
+                    "status": cmd_status, "prefetch": cmd_prefetch, "demo": cmd_demo}

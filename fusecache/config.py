@@ -1,0 +1,210 @@
+"""Mount configuration: one dataclass, and the parsers that fill it from `-o` options.
+
+Every setting can be spelled as an `-o key=value` option because that is the only form
+mount(8), fstab and systemd mount units can pass (mount.fuse3 runs
+`fusecache SOURCE MOUNTPOINT -o opts`). The long command-line flags are sugar for the same keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+# Options that mount(8), fstab and systemd hand to every filesystem helper. They mean
+# nothing to a read-only FUSE mirror, so they are accepted and ignored rather than rejected.
+_GENERIC_MOUNT_FLAGS = frozenset(
+    {"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev",
+     "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
+     "norelatime", "strictatime", "diratime", "nodiratime", "async", "sync", "owner", "group"}
+)
+_GENERIC_MOUNT_PREFIXES = ("x-", "comment=", "x-systemd.")
+
+READAHEAD_MODES = ("all", "shards", "off")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is malformed; its message is shown as the one-line error."""
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse '4M', '64MiB', '1.5G' or a plain byte count into bytes (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"invalid {what} {text!r}: expected a number with an optional K/M/G/T suffix")
+    number, unit = match.groups()
+    value = float(number) * _SIZE_UNITS[unit.lower()]
+    if value != int(value):
+        raise ConfigError(f"invalid {what} {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def parse_int(text: str, what: str, minimum: int, maximum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"invalid {what} {text!r}: expected an integer") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"invalid {what} {value}: must be between {minimum} and {maximum}")
+    return value
+
+
+def parse_float(text: str, what: str, minimum: float, maximum: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"invalid {what} {text!r}: expected a number") from None
+    if not (minimum <= value <= maximum):
+        raise ConfigError(f"invalid {what} {text}: must be between {minimum} and {maximum}")
+    return value
+
+
+def parse_bool(text: str, what: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ConfigError(f"invalid {what} {text!r}: expected on/off")
+
+
+def parse_choice(text: str, what: str, choices: tuple[str, ...]) -> str:
+    if text.lower() not in choices:
+        raise ConfigError(f"invalid {what} {text!r}: expected one of {', '.join(choices)}")
+    return text.lower()
+
+
+def default_cache_dir() -> Path:
+    """/var/cache/fusecache for root, else $XDG_CACHE_HOME/fusecache (~/.cache by default)."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/fusecache")
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "fusecache"
+
+
+def default_runtime_dir() -> Path:
+    """Where control sockets live: /run/fusecache for root, else the user's runtime dir."""
+    if os.geteuid() == 0:
+        return Path("/run/fusecache")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "fusecache" if xdg else Path(f"/tmp/fusecache-{os.geteuid()}")
+
+
+@dataclass
+class MountConfig:
+    """Everything a mount needs; defaults are the measured or documented production choices."""
+
+    source: Path
+    mountpoint: Path
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    # Unit of caching, validation (crc32) and single-flight. 4 MiB: larger than the 1 MiB
+    # requests the kernel sends, so one fetch answers several requests; small enough that a
+    # demand read that jumps the readahead queue waits for little more than it asked for.
+    chunk_size: int = 4 * MiB
+    # Demand fetches run on their own threads so they never queue behind readahead.
+    fetch_threads: int = 8
+    # Readahead: which files are streamed whole on first open, in what blocks, how many at once.
+    readahead: str = "shards"
+    readahead_min_size: int = 0
+    block_size: int = 32 * MiB
+    streams: int = 2
+    # Concurrent FUSE requests the daemon works on; each holds one reply buffer.
+    workers: int = 32
+    attr_timeout: float = 1.0
+    read_ahead_kb: int = 16384
+    max_background: int = 64
+    allow_other: bool = False
+    foreground: bool = False
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        if self.chunk_size < 64 * KiB or self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(f"invalid chunk_size {self.chunk_size}: must be a power of two >= 64K")
+        if self.chunk_size > 256 * MiB:
+            raise ConfigError(f"invalid chunk_size {self.chunk_size}: must be <= 256M")
+        if self.block_size < self.chunk_size or self.block_size % self.chunk_size:
+            raise ConfigError(
+                f"invalid block_size {self.block_size}: must be a multiple of chunk_size ({self.chunk_size})"
+            )
+        if self.block_size > 1 * GiB:
+            raise ConfigError(f"invalid block_size {self.block_size}: must be <= 1G")
+
+    @property
+    def chunks_per_block(self) -> int:
+        return self.block_size // self.chunk_size
+
+
+def _set_path(cfg: MountConfig, key: str, value: str) -> None:
+    if not value:
+        raise ConfigError(f"invalid {key}: empty path")
+    setattr(cfg, key, Path(value).expanduser())
+
+
+# key -> how to apply its value; flags (no '=') are handled as value None.
+_OPTION_SETTERS = {
+    "cache_dir": _set_path,
+    "chunk_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
+    "block_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
+    "readahead_min_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
+    "fetch_threads": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 256)),
+    "streams": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 64)),
+    "workers": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 1024)),
+    "attr_timeout": lambda c, k, v: setattr(c, k, parse_float(v, k, 0.0, 86400.0)),
+    "read_ahead_kb": lambda c, k, v: setattr(c, k, parse_int(v, k, 0, 1 << 20)),
+    "max_background": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 65535)),
+    "readahead": lambda c, k, v: setattr(c, k, parse_choice(v, k, READAHEAD_MODES)),
+    "log_level": lambda c, k, v: setattr(c, k, parse_choice(v, k, LOG_LEVELS)),
+    "allow_other": lambda c, k, v: setattr(c, k, parse_bool(v, k)),
+    "foreground": lambda c, k, v: setattr(c, k, parse_bool(v, k)),
+}
+_FLAG_OPTIONS = frozenset({"allow_other", "foreground"})
+
+
+def split_options(text: str) -> list[str]:
+    """Split a mount option string on commas; empty items (from ',,') are an error."""
+    items = text.split(",")
+    if any(not item.strip() for item in items):
+        raise ConfigError(f"invalid option list {text!r}: empty option")
+    return [item.strip() for item in items]
+
+
+def apply_option(cfg: MountConfig, item: str) -> None:
+    """Apply one `key=value` or `flag` mount option to cfg."""
+    key, sep, value = item.partition("=")
+    if item in _GENERIC_MOUNT_FLAGS or item.startswith(_GENERIC_MOUNT_PREFIXES):
+        log.debug("ignoring generic mount option %s", item)
+        return
+    setter = _OPTION_SETTERS.get(key)
+    if setter is None:
+        raise ConfigError(f"unknown option {key!r}")
+    if not sep:
+        if key not in _FLAG_OPTIONS:
+            raise ConfigError(f"option {key!r} needs a value ({key}=...)")
+        value = "on"
+    setter(cfg, key, value)
+
+
+def build_config(source: str, mountpoint: str, options: list[str], **overrides: object) -> MountConfig:
+    """Build and validate a MountConfig from -o option strings plus explicit overrides."""
+    cfg = MountConfig(source=Path(source), mountpoint=Path(mountpoint))
+    for text in options:
+        for item in split_options(text):
+            apply_option(cfg, item)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+

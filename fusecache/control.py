@@ -1,0 +1,123 @@
+"""The local control channel: a unix socket per mount, one JSON request and reply per line.
+
+The socket lives in the runtime dir under a name derived from the mountpoint, so a client
+finds it from the mountpoint alone. It is created mode 0600, and every connection's peer
+credentials (SO_PEERCRED) are checked: only root and the user who mounted may use it, since
+prefetch and eviction spend the node's network and disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import trio
+
+from .config import default_runtime_dir
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict], Awaitable[dict]]
+MAX_REQUEST = 1 << 20
+_PEERCRED = struct.Struct("3i")
+
+
+class ControlError(Exception):
+    """A control request failed; the message is shown to the user as is."""
+
+
+def socket_path(mountpoint: str, runtime_dir: Path | None = None) -> Path:
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return (runtime_dir or default_runtime_dir()) / f"{key}.sock"
+
+
+class ControlServer:
+    def __init__(self, path: Path, handlers: dict[str, Handler], owner_uid: int) -> None:
+        self.path = path
+        self.handlers = handlers
+        self.owner_uid = owner_uid
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path.unlink(missing_ok=True)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(16)
+        try:
+            await trio.serve_listeners(self._serve_one, [trio.SocketListener(sock)], task_status=task_status)
+        finally:
+            self.path.unlink(missing_ok=True)
+
+    async def _serve_one(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                reply = await self._answer(stream)
+            except ControlError as e:
+                reply = {"error": str(e)}
+            except Exception as e:  # noqa: BLE001 - a bad request must not stop the daemon
+                log.exception("control request failed")
+                reply = {"error": f"internal error: {e}"}
+            try:
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            except trio.BrokenResourceError:
+                pass
+
+    async def _answer(self, stream: trio.SocketStream) -> dict:
+        _pid, uid, _gid = _PEERCRED.unpack(
+            stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if uid not in (0, self.owner_uid):
+            raise ControlError("permission denied: only root or the user who mounted may control this mount")
+        data = b""
+        while not data.endswith(b"\n"):
+            more = await stream.receive_some(65536)
+            if not more:
+                break
+            data += more
+            if len(data) > MAX_REQUEST:
+                raise ControlError("request too large")
+        try:
+            request = json.loads(data)
+            command = request["command"]
+        except (ValueError, KeyError, TypeError):
+            raise ControlError("malformed request") from None
+        handler = self.handlers.get(command)
+        if handler is None:
+            raise ControlError(f"unknown command {command!r}")
+        return await handler(request)
+
+
+def call(mountpoint: str, request: dict, timeout: float = 30.0) -> dict:
+    """Send one request to the daemon serving mountpoint; raise ControlError on failure."""
+    path = socket_path(mountpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlError(f"{mountpoint} is not served by a running fusecache daemon") from None
+        except PermissionError:
+            raise ControlError(f"permission denied: cannot use the control socket of {mountpoint}") from None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            more = sock.recv(1 << 20)
+            if not more:
+                break
+            data += more
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise ControlError("the daemon closed the control connection without answering") from None
+    if "error" in reply:
+        raise ControlError(reply["error"])
+    return reply

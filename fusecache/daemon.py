@@ -1,0 +1,227 @@
+"""The daemon: checks a mount request, wires source, store, engine and FUSE adapter together,
+mounts, serves until unmounted or signalled, and unmounts on the way out.
+
+This is the composition root, the one module that knows every other; `fs.py` (the adapter)
+is imported here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat as stat_mod
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from . import mounts
+from .config import MountConfig
+from .control import ControlError, ControlServer, socket_path
+from .engine import Engine
+from .fs import FuseOperations
+from .metrics import Metrics
+from .source import Source
+from .store import CacheStore
+
+log = logging.getLogger(__name__)
+
+Ready = Callable[[], None]
+
+
+class MountError(Exception):
+    """The mount cannot be made; the message is the one-line error shown to the user."""
+
+
+def check_request(cfg: MountConfig) -> CacheStore:
+    """Everything that can be checked before mounting, with a clear message for each failure.
+    Returns the store, locked for this process."""
+    try:
+        fuse_device = os.stat("/dev/fuse")
+    except OSError:
+        fuse_device = None
+    if fuse_device is None or not stat_mod.S_ISCHR(fuse_device.st_mode) or not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("/dev/fuse is missing or not accessible: load the fuse module (modprobe fuse)")
+    source = cfg.source
+    if not source.exists():
+        raise MountError(f"source {source} does not exist")
+    if not source.is_dir():
+        raise MountError(f"source {source} is not a directory")
+    if not os.access(source, os.R_OK | os.X_OK):
+        raise MountError(f"source {source} is not readable")
+    _check_mountpoint(cfg.mountpoint)
+    if os.path.realpath(cfg.mountpoint) == os.path.realpath(source):
+        raise MountError("source and mountpoint must differ")
+    store = CacheStore(cfg.cache_dir, os.path.realpath(source))
+    try:
+        store.prepare()
+        store.lock()
+    except Exception as e:  # StoreError carries the one-line message
+        raise MountError(str(e)) from None
+    return store
+
+
+def _check_mountpoint(mountpoint: Path) -> None:
+    path = str(mountpoint)
+    if mounts.is_stale(path):
+        log.warning("%s is a stale mount left by a crashed daemon; unmounting it", path)
+        try:
+            mounts.unmount(path, lazy=True)
+        except OSError as e:
+            raise MountError(f"mountpoint {path} is a stale mount and could not be cleaned: {e.strerror}") from None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {path} does not exist") from None
+    except OSError as e:
+        raise MountError(f"mountpoint {path} cannot be used: {e.strerror}") from None
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {path} is not a directory")
+    if mounts.find_mount(os.path.realpath(path)) is not None:
+        raise MountError(f"mountpoint {path} is already mounted")
+    if os.listdir(path):
+        raise MountError(f"mountpoint {path} is not empty")
+
+
+def fuse_options(cfg: MountConfig, source_root: str) -> set[str]:
+    fsname = source_root.replace("\\", "\\\\").replace(",", "\\,")
+    options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=fusecache"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def run(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
+    """Mount and serve until unmounted; `ready` is called once the mount is live."""
+    trio.run(_serve, cfg, store, ready)
+
+
+async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
+    source = Source(cfg.source)
+    metrics = Metrics()
+    engine = Engine(cfg, source, store, metrics)
+    operations = FuseOperations(engine, cfg.attr_timeout)
+    mountpoint = os.path.realpath(cfg.mountpoint)
+    control = ControlServer(socket_path(mountpoint), control_handlers(engine, store, metrics, mountpoint),
+                            owner_uid=os.getuid())
+    try:
+        pyfuse3.init(operations, mountpoint, fuse_options(cfg, source.root))
+    except RuntimeError as e:
+        raise MountError(f"cannot mount {mountpoint}: {e}") from None
+    try:
+        mounts.tune_fuse_mount(mountpoint, cfg.read_ahead_kb, cfg.max_background)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            await nursery.start(control.serve)
+            nursery.start_soon(_terminate_on_signal)
+            nursery.start_soon(_sample_rates, metrics)
+            log.info("serving %s at %s (cache %s)", source.root, mountpoint, store.root)
+            ready()
+            _notify_systemd()
+            await pyfuse3.main(min_tasks=cfg.workers, max_tasks=cfg.workers)
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s; unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _sample_rates(metrics: Metrics) -> None:
+    while True:
+        metrics.sample()
+        await trio.sleep(1.0)
+
+
+def _notify_systemd() -> None:
+    """Tell systemd (Type=notify units) that the mount is live."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"READY=1", address)
+    except OSError as e:
+        log.warning("could not notify systemd: %s", e)
+
+
+def control_handlers(engine: Engine, store: CacheStore, metrics: Metrics, mountpoint: str) -> dict:
+    """The commands of the control channel, bound to this daemon's parts."""
+
+    async def status(request: dict) -> dict:
+        files = {f["path"]: f for f in await trio.to_thread.run_sync(store.entries)}
+        for live in engine.open_files():
+            files[live["path"]] = {**files.get(live["path"], {}), **live}
+        return {"mountpoint": mountpoint, "source": engine.source.root, "cache": str(store.root),
+                "pid": os.getpid(), "metrics": metrics.snapshot(),
+                "files": sorted(files.values(), key=lambda f: f["path"])}
+
+    async def prefetch(request: dict) -> dict:
+        paths = _relpaths(request)
+        files = await trio.to_thread.run_sync(_regular_files, engine.source, paths)
+        for relpath, _size in files:
+            engine.enqueue_stream(relpath)
+        return {"files": [{"path": p, "size": s} for p, s in files]}
+
+    async def progress(request: dict) -> dict:
+        paths = _relpaths(request)
+        cached = 0
+        for relpath in paths:
+            live = engine.cached_bytes(relpath)
+            if live is None:
+                summary = await trio.to_thread.run_sync(store.index_of, relpath)
+                live = summary["cached"] if summary else 0
+            cached += live
+        errors = {p: engine.stream_errors[p] for p in paths if p in engine.stream_errors}
+        return {"cached": cached, "rate": metrics.source_rate(), "errors": errors}
+
+    return {"status": status, "prefetch": prefetch, "progress": progress}
+
+
+def _relpaths(request: dict) -> list[str]:
+    paths = request.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ControlError("'paths' must be a list of paths")
+    for relpath in paths:
+        if relpath.startswith("/") or any(part in ("..", ".") for part in relpath.split("/") if relpath):
+            raise ControlError(f"invalid path {relpath!r}")
+    return paths
+
+
+def _regular_files(source: Source, relpaths: list[str]) -> list[tuple[str, int]]:
+    """Worker thread: expand directories (without following symlinks) into regular files."""
+    found: list[tuple[str, int]] = []
+    for relpath in relpaths:
+        try:
+            st = source.lstat(relpath)
+        except OSError as e:
+            raise ControlError(f"{relpath or '.'}: {e.strerror}") from None
+        if stat_mod.S_ISREG(st.st_mode):
+            found.append((relpath, st.st_size))
+        elif stat_mod.S_ISDIR(st.st_mode):
+            for dirpath, dirnames, filenames in os.walk(source.path(relpath)):
+                dirnames.sort()
+                base = os.path.relpath(dirpath, source.root)
+                for name in sorted(filenames):
+                    child = name if base == "." else f"{base}/{name}"
+                    try:
+                        st = os.lstat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue
+                    if stat_mod.S_ISREG(st.st_mode):
+                        found.append((child, st.st_size))
+        else:
+            raise ControlError(f"{relpath}: not a regular file or directory")
+    return found
+

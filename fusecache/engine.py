@@ -1,0 +1,483 @@
+"""The readahead engine: turns reads of byte ranges into cached chunks, fetching each once.
+
+Everything here runs on the trio thread except the bodies handed to worker threads
+(`_materialize`, store and source calls). State is only mutated on the trio thread, with one
+exception: a worker thread owns the chunks of the flight it runs (they are marked in flight,
+so nothing else touches them) and flips their state byte when they are stored.
+
+Two lanes feed the store:
+- the demand lane fetches the chunks a reader is waiting for, on its own threads and buffers,
+  so a read never queues behind readahead;
+- the stream lane walks whole files (and their sibling shards) block by block, skipping
+  chunks that are cached or already in flight.
+Both register their work in the same per-file `inflight` map, so a chunk is fetched once,
+whoever asked first, and everybody else waits for that one fetch (single-flight).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import re
+import stat as stat_mod
+from collections import OrderedDict
+from collections.abc import Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, TypeVar
+
+import trio
+
+from .config import MountConfig
+from .metrics import Metrics
+from .source import Identity, Source
+from .store import MISSING, ON_DISK, VERIFIED, CacheEntry, CacheStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SHARD_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+_INDEX_FILE_RE = re.compile(r".*\.index\.json$")
+# Idle files (no handle open) whose fds and verified-chunk state are kept, so a loader that
+# opens and closes shards repeatedly does not re-verify them each time.
+MAX_IDLE_FILES = 256
+REPLY_BUFFER_MIN = 1 << 20
+
+
+class ReadError(Exception):
+    """A read cannot be answered; errno is what the reader gets."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+@dataclass(eq=False)
+class Flight:
+    """One fetch in progress for a run of chunks; waiters block on `done`."""
+
+    chunks: range
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class TrackedFile:
+    """Engine state of one version of one file: its cache entry, source fd and flights."""
+
+    relpath: str
+    entry: CacheEntry
+    src_fd: int
+    users: int = 0  # open handles, running streams and flights
+    inflight: dict[int, Flight] = field(default_factory=dict)
+    streaming: bool = False
+
+    @property
+    def identity(self) -> Identity:
+        return self.entry.identity
+
+
+@dataclass(eq=False)
+class Handle:
+    """One open() of a file through the mount."""
+
+    tracked: TrackedFile
+    keep_cache: bool
+
+
+class Lane:
+    """Threads and reusable buffers for one kind of fetch; buffers bound the daemon's memory."""
+
+    def __init__(self, threads: int, buffer_size: int, chunk_size: int) -> None:
+        self.limiter = trio.CapacityLimiter(threads)
+        self.max_chunks = buffer_size // chunk_size
+        self._send, self._receive = trio.open_memory_channel[memoryview](threads)
+        for _ in range(threads):
+            self._send.send_nowait(memoryview(bytearray(buffer_size)))
+
+    @asynccontextmanager
+    async def buffer(self) -> AsyncIterator[memoryview]:
+        buf = await self._receive.receive()
+        try:
+            yield buf
+        finally:
+            self._send.send_nowait(buf)
+
+
+class KeyedLock:
+    """One trio.Lock per key, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[trio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (trio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def contiguous_runs(indices: Iterable[int], max_len: int) -> list[range]:
+    """Group sorted chunk indices into ranges of consecutive indices, each at most max_len long."""
+    runs: list[range] = []
+    start = prev = None
+    for i in indices:
+        if start is not None and i == prev + 1 and i - start < max_len:
+            prev = i
+            continue
+        if start is not None:
+            runs.append(range(start, prev + 1))
+        start = prev = i
+    if start is not None:
+        runs.append(range(start, prev + 1))
+    return runs
+
+
+def is_shard(relpath: str) -> bool:
+    return relpath.endswith(SHARD_SUFFIXES)
+
+
+class Engine:
+    def __init__(self, config: MountConfig, source: Source, store: CacheStore, metrics: Metrics) -> None:
+        self.config = config
+        self.source = source
+        self.store = store
+        self.metrics = metrics
+        self._files: dict[str, TrackedFile] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()
+        self._opening = KeyedLock()
+        self._served_identity: dict[str, Identity] = {}
+        self._reply_buffers: dict[object, bytearray] = {}
+        self._metadata_limiter = trio.CapacityLimiter(16)
+        self._serve_limiter = trio.CapacityLimiter(config.workers)
+        self.demand = Lane(config.fetch_threads, 2 * config.chunk_size, config.chunk_size)
+        self.stream = Lane(config.streams, config.block_size, config.chunk_size)
+        self._stream_send, self._stream_receive = trio.open_memory_channel[str](math.inf)
+        self._queued: set[str] = set()
+        self.stream_errors: dict[str, str] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the background work (flights, streams) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self.config.streams):
+                nursery.start_soon(self._stream_worker)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _io(self, fn: Callable[..., T], *args: object, limiter: trio.CapacityLimiter | None = None) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self._metadata_limiter)
+
+    # ---- metadata ----------------------------------------------------------------------
+
+    async def lstat(self, relpath: str) -> os.stat_result:
+        """lstat the source; a changed identity retires the cached version for new opens."""
+        st = await self._io(self.source.lstat, relpath)
+        tracked = self._files.get(relpath)
+        if tracked is not None and Identity.of(st) != tracked.identity:
+            log.info("%s changed in the source; its cached copy is dropped", relpath)
+            self._retire(tracked)
+        return st
+
+    async def listdir(self, relpath: str) -> list[tuple[str, os.stat_result]]:
+        return await self._io(self.source.listdir, relpath)
+
+    async def readlink(self, relpath: str) -> str:
+        return await self._io(self.source.readlink, relpath)
+
+    async def statvfs(self) -> os.statvfs_result:
+        return await self._io(self.source.statvfs)
+
+    # ---- open / release ----------------------------------------------------------------
+
+    async def open(self, relpath: str) -> Handle:
+        """Open relpath, validating any cached copy against the source's current identity."""
+        tracked = await self._acquire(relpath)
+        identity = tracked.identity
+        # The kernel may hold pages of an older version of this file: keep_cache only if the
+        # version it last saw through this mount is this one.
+        keep_cache = self._served_identity.get(relpath, identity) == identity
+        self._served_identity[relpath] = identity
+        if self.config.readahead != "off":
+            self._nursery.start_soon(self._schedule_readahead, relpath, identity.size)
+        return Handle(tracked, keep_cache)
+
+    async def release(self, handle: Handle) -> None:
+        self._unref(handle.tracked)
+
+    async def _acquire(self, relpath: str) -> TrackedFile:
+        """The current TrackedFile of relpath, with one more user; created or replaced as needed."""
+        async with self._opening.hold(relpath):
+            src_fd, identity = await self._io(self.source.open, relpath)
+            tracked = self._files.get(relpath)
+            if tracked is not None and tracked.identity == identity:
+                await self._io(os.close, src_fd)
+            else:
+                if tracked is not None:
+                    log.info("%s changed in the source; its cached copy is dropped", relpath)
+                    self._retire(tracked)
+                try:
+                    entry = await self._io(self.store.open_entry, relpath, identity, self.config.chunk_size)
+                except BaseException:
+                    os.close(src_fd)
+                    raise
+                tracked = TrackedFile(relpath, entry, src_fd)
+                self._files[relpath] = tracked
+            self._ref(tracked)
+            return tracked
+
+    def _ref(self, tracked: TrackedFile) -> None:
+        tracked.users += 1
+        if tracked.users == 1 and self._files.get(tracked.relpath) is tracked:
+            self._idle.pop(tracked.relpath, None)
+
+    def _unref(self, tracked: TrackedFile) -> None:
+        tracked.users -= 1
+        if tracked.users:
+            return
+        if self._files.get(tracked.relpath) is tracked:
+            self._idle[tracked.relpath] = None
+            while len(self._idle) > MAX_IDLE_FILES:
+                relpath, _ = self._idle.popitem(last=False)
+                self._close(self._files.pop(relpath))
+        else:
+            self._close(tracked)
+
+    def _retire(self, tracked: TrackedFile) -> None:
+        """Stop handing out this version; its open handles keep reading it until released."""
+        del self._files[tracked.relpath]
+        self._queued.discard(tracked.relpath)
+        if tracked.users == 0:
+            self._idle.pop(tracked.relpath, None)
+            self._close(tracked)
+
+    def _close(self, tracked: TrackedFile) -> None:
+        def close() -> None:
+            tracked.entry.close()
+            os.close(tracked.src_fd)
+
+        self._nursery.start_soon(self._io, close)
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def read(self, handle: Handle, offset: int, size: int) -> memoryview:
+        tracked = handle.tracked
+        entry = tracked.entry
+        chunks = entry.chunks_for(offset, size)
+        if not chunks:
+            return memoryview(b"")
+        all_cached = await self._ensure(tracked, chunks)
+        length = min(size, entry.size - offset)
+        buf = self._reply_buffer(length)[:length]
+        n = await self._io(entry.read_into, buf, offset, limiter=self._serve_limiter)
+        self.metrics.bytes_served += n
+        if all_cached:
+            self.metrics.bytes_served_from_cache += n
+        return buf[:n]
+
+    def _reply_buffer(self, size: int) -> memoryview:
+        """A buffer owned by the calling FUSE worker task.
+
+        pyfuse3 copies a read's reply to the kernel before the task that produced it takes its
+        next request, and the daemon runs a fixed set of worker tasks, so one buffer per task
+        can be reused for every reply: no allocation per request.
+        """
+        task = trio.lowlevel.current_task()
+        buf = self._reply_buffers.get(task)
+        if buf is None or len(buf) < size:
+            buf = bytearray(max(size, REPLY_BUFFER_MIN))
+            self._reply_buffers[task] = buf
+        return memoryview(buf)
+
+    async def _ensure(self, tracked: TrackedFile, chunks: range) -> bool:
+        """Wait until every chunk is verified in the cache; True if none had to be waited for."""
+        state = tracked.entry.state
+        waited = False
+        while True:
+            flights: list[Flight] = []
+            todo: list[int] = []
+            for i in chunks:
+                if state[i] == VERIFIED:
+                    continue
+                flight = tracked.inflight.get(i)
+                if flight is None:
+                    todo.append(i)
+                elif flight not in flights:
+                    flights.append(flight)
+            if not flights and not todo:
+                break
+            if not waited:
+                self.metrics.chunk_misses += len(flights) + len(todo)
+                waited = True
+            for run in contiguous_runs(todo, self.demand.max_chunks):
+                flights.append(self._start_flight(tracked, run, self.demand))
+            for flight in flights:
+                await flight.done.wait()
+                if flight.error is not None:
+                    raise ReadError(errno.EIO, f"{tracked.relpath}: {flight.error}")
+        if not waited:
+            self.metrics.chunk_hits += len(chunks)
+        return not waited
+
+    def _start_flight(self, tracked: TrackedFile, chunks: range, lane: Lane) -> Flight:
+        flight = Flight(chunks)
+        for i in chunks:
+            tracked.inflight[i] = flight
+        self._ref(tracked)
+        self._nursery.start_soon(self._fly, tracked, flight, lane)
+        return flight
+
+    async def _fly(self, tracked: TrackedFile, flight: Flight, lane: Lane) -> None:
+        try:
+            async with lane.buffer() as buf:
+                fetched, bad = await self._io(self._materialize, tracked, flight.chunks, buf, limiter=lane.limiter)
+            self.metrics.bytes_from_source += fetched
+            self.metrics.checksum_failures += bad
+        except Exception as e:  # noqa: BLE001 - any failure becomes the readers' EIO, not a crash
+            flight.error = e
+            self.metrics.fetch_errors += 1
+            log.warning("fetching %s chunks %d-%d failed: %s", tracked.relpath,
+                        flight.chunks.start, flight.chunks.stop - 1, e)
+        finally:
+            for i in flight.chunks:
+                if tracked.inflight.get(i) is flight:
+                    del tracked.inflight[i]
+            flight.done.set()
+            self._unref(tracked)
+
+    def _materialize(self, tracked: TrackedFile, chunks: range, buf: memoryview) -> tuple[int, int]:
+        """Worker thread: make chunks VERIFIED. Chunks recorded by an earlier run are checked
+        against their crc32; the rest are read from the source in one sequential read per
+        contiguous run and stored. Returns (bytes read from source, checksum failures)."""
+        entry = tracked.entry
+        bad = 0
+        for i in chunks:
+            if entry.state[i] == ON_DISK and not entry.verify_chunk(i, buf):
+                bad += 1
+        missing = [i for i in chunks if entry.state[i] == MISSING]
+        fetched = 0
+        for run in contiguous_runs(missing, len(chunks)):
+            start = entry.chunk_extent(run.start)[0]
+            last_offset, last_length = entry.chunk_extent(run.stop - 1)
+            view = buf[: last_offset + last_length - start]
+            Source.read_exact(tracked.src_fd, view, start, entry.relpath, entry.identity)
+            for i in run:
+                offset, length = entry.chunk_extent(i)
+                entry.store_chunk(i, view[offset - start: offset - start + length])
+            fetched += len(view)
+        return fetched, bad
+
+    # ---- readahead streams -------------------------------------------------------------
+
+    async def _schedule_readahead(self, relpath: str, size: int) -> None:
+        """Queue relpath for streaming and, if it is a checkpoint shard, its sibling shards."""
+        if relpath in self._queued:
+            return
+        mode = self.config.readahead
+        if mode == "shards" and not is_shard(relpath):
+            return
+        paths = [relpath]
+        if is_shard(relpath):
+            try:
+                paths += await self._io(self._sibling_shards, relpath)
+            except OSError as e:
+                log.warning("cannot list the siblings of %s: %s", relpath, e)
+        for path in paths:
+            self.enqueue_stream(path)
+
+    def enqueue_stream(self, relpath: str) -> bool:
+        """Queue a file to be streamed whole into the cache (once; later calls do nothing)."""
+        if relpath in self._queued:
+            return False
+        self._queued.add(relpath)
+        self.stream_errors.pop(relpath, None)
+        self._stream_send.send_nowait(relpath)
+        return True
+
+    def _sibling_shards(self, relpath: str) -> list[str]:
+        """Worker thread: the other shards in relpath's directory, in checkpoint index order
+        (model.safetensors.index.json and the like), then by name."""
+        parent, _, _name = relpath.rpartition("/")
+        entries = self.source.listdir(parent)
+        shards = {
+            self.source.child(parent, name)
+            for name, st in entries
+            if is_shard(name) and stat_mod.S_ISREG(st.st_mode) and st.st_size >= self.config.readahead_min_size
+        }
+        ordered: list[str] = []
+        for name, _st in entries:
+            if _INDEX_FILE_RE.match(name):
+                ordered += [p for p in self._index_order(parent, name) if p in shards and p not in ordered]
+        ordered += sorted(shards - set(ordered))
+        return [p for p in ordered if p != relpath]
+
+    def _index_order(self, parent: str, index_name: str) -> list[str]:
+        try:
+            with open(self.source.path(self.source.child(parent, index_name)), "rb") as f:
+                weight_map = json.load(f).get("weight_map", {})
+        except (OSError, ValueError, AttributeError) as e:
+            log.info("ignoring checkpoint index %s: %s", index_name, e)
+            return []
+        names = dict.fromkeys(v for v in weight_map.values() if isinstance(v, str) and "/" not in v)
+        return [self.source.child(parent, name) for name in names]
+
+    async def _stream_worker(self) -> None:
+        async for relpath in self._stream_receive:
+            try:
+                await self._stream_file(relpath)
+            except (OSError, ReadError) as e:
+                log.warning("readahead of %s stopped: %s", relpath, e)
+                self.stream_errors[relpath] = str(e)
+                self._queued.discard(relpath)  # the next open tries again
+
+    async def _stream_file(self, relpath: str) -> None:
+        """Walk the file block by block, fetching what is neither cached nor in flight."""
+        tracked = await self._acquire(relpath)
+        tracked.streaming = True
+        try:
+            if tracked.identity.size < self.config.readahead_min_size:
+                return
+            entry = tracked.entry
+            per_block = self.stream.max_chunks
+            for block_start in range(0, entry.nchunks, per_block):
+                block = range(block_start, min(block_start + per_block, entry.nchunks))
+                todo = [i for i in block if entry.state[i] != VERIFIED and i not in tracked.inflight]
+                for run in contiguous_runs(todo, per_block):
+                    flight = self._start_flight(tracked, run, self.stream)
+                    await flight.done.wait()
+                    if flight.error is not None:
+                        raise ReadError(errno.EIO, str(flight.error))
+            self.metrics.files_streamed += 1
+        finally:
+            tracked.streaming = False
+            self._unref(tracked)
+
+    # ---- introspection -----------------------------------------------------------------
+
+    def cached_bytes(self, relpath: str) -> int | None:
+        """Cached bytes of a file this daemon tracks, None if it tracks none by that name."""
+        tracked = self._files.get(relpath)
+        return None if tracked is None else tracked.entry.cached_bytes()
+
+    def open_files(self) -> list[dict]:
+        """Per-file state of the files this daemon currently tracks."""
+        return [
+            {"path": t.relpath, "size": t.entry.size, "cached": t.entry.cached_bytes(),
+             "users": t.users, "streaming": t.streaming, "inflight_chunks": len(t.inflight)}
+            for t in self._files.values()
+        ]

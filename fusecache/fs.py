@@ -1,0 +1,195 @@
+"""The FUSE adapter: translates pyfuse3 requests into engine calls, and nothing more.
+
+It owns the one thing that is purely FUSE's: inode numbers. Each relative path gets a number
+the first time the kernel sees it, kept for the whole mount so inode numbers are stable.
+Errors become FUSEError with the source's errno; a failure in one request never escapes to
+the main loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from typing import Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from .engine import Engine, Handle, ReadError
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable])
+
+
+def fuse_errors(fn: F) -> F:
+    """Map OSError/ReadError to FUSEError; log and answer EIO for anything unexpected."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ReadError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class InodeTable:
+    """Bidirectional map between inode numbers and relative paths ('' is the root)."""
+
+    def __init__(self) -> None:
+        self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
+        self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._next = pyfuse3.ROOT_INODE + 1
+
+    def path(self, inode: int) -> str:
+        try:
+            return self._paths[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def inode(self, relpath: str) -> int:
+        inode = self._inodes.get(relpath)
+        if inode is None:
+            inode = self._inodes[relpath] = self._next
+            self._paths[inode] = relpath
+            self._next += 1
+        return inode
+
+
+class FuseOperations(pyfuse3.Operations):
+    """Read-only mirror of the source tree, data served through the engine's cache."""
+
+    def __init__(self, engine: Engine, attr_timeout: float) -> None:
+        super().__init__()
+        self.engine = engine
+        self.attr_timeout = attr_timeout
+        self.inodes = InodeTable()
+        self._handles: dict[int, Handle] = {}
+        self._listings: dict[int, list[tuple[str, os.stat_result]]] = {}
+        self._next_fh = 1
+
+    def _attributes(self, relpath: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = self.inodes.inode(relpath)
+        attr.generation = 0
+        attr.entry_timeout = self.attr_timeout
+        attr.attr_timeout = self.attr_timeout
+        attr.st_mode = st.st_mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid = st.st_uid
+        attr.st_gid = st.st_gid
+        attr.st_rdev = st.st_rdev
+        attr.st_size = st.st_size
+        attr.st_blksize = 1 << 20
+        attr.st_blocks = st.st_blocks
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    # ---- metadata ----------------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        relpath = self.engine.source.child(self.inodes.path(parent_inode), os.fsdecode(name))
+        return self._attributes(relpath, await self.engine.lstat(relpath))
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        relpath = self.inodes.path(inode)
+        return self._attributes(relpath, await self.engine.lstat(relpath))
+
+    @fuse_errors
+    async def readlink(self, inode, ctx):
+        return os.fsencode(await self.engine.readlink(self.inodes.path(inode)))
+
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        relpath = self.inodes.path(inode)
+        entries = await self.engine.listdir(relpath)
+        fh = self._new_fh()
+        self._listings[fh] = [(self.engine.source.child(relpath, name), st) for name, st in entries]
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        # The listing is a snapshot taken at opendir, so offsets (list positions) stay valid.
+        listing = self._listings[fh]
+        for position in range(start_id, len(listing)):
+            relpath, st = listing[position]
+            name = os.fsencode(relpath.rpartition("/")[2])
+            if not pyfuse3.readdir_reply(token, name, self._attributes(relpath, st), position + 1):
+                break
+
+    async def releasedir(self, fh):
+        self._listings.pop(fh, None)
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        vfs = await self.engine.statvfs()
+        data = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                     "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, attr, getattr(vfs, attr))
+        return data
+
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        return []
+
+    async def access(self, inode, mode, ctx):
+        # default_permissions makes the kernel check modes; only refuse writing.
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True
+
+    async def forget(self, inode_list):
+        # Inode numbers stay assigned for the life of the mount (stable inodes); nothing to do.
+        return None
+
+    # ---- data --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        relpath = self.inodes.path(inode)
+        handle = await self.engine.open(relpath)
+        fh = self._new_fh()
+        self._handles[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        return await self.engine.read(self._handles[fh], off, size)
+
+    async def release(self, fh):
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            await self.engine.release(handle)
+
+    # ---- everything that writes --------------------------------------------------------
+
+    async def _read_only(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    create = write = setxattr = removexattr = _read_only
+

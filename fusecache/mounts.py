@@ -1,0 +1,114 @@
+"""Facts about mounts from /proc and /sys, and the kernel knobs fusecache turns after mounting.
+
+Nothing here may stat the mountpoint of our own filesystem from inside the daemon before its
+main loop runs: that would send a request to ourselves and hang. Everything is therefore read
+from /proc/self/mountinfo.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    major: int
+    minor: int
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040 ...)."""
+    out, i = [], 0
+    while i < len(field):
+        code = field[i + 1:i + 4]
+        if field[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> list[MountInfo]:
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            major, minor = fields[2].split(":")
+            mounts.append(MountInfo(int(major), int(minor), _unescape(fields[4]),
+                                    fields[sep + 1], _unescape(fields[sep + 2])))
+    return mounts
+
+
+def find_mount(mountpoint: str) -> MountInfo | None:
+    """The topmost mount at exactly this path, if any."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    for info in mount_table():
+        if info.mountpoint == target:
+            found = info
+    return found
+
+
+def is_stale(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon died: the kernel answers ENOTCONN to everything."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount a FUSE mount, with fusermount3 (works unprivileged) or umount as a fallback."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        cmd = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    else:
+        cmd = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip().splitlines()
+        raise OSError(errno.EINVAL, message[-1] if message else f"{cmd[0]} failed")
+
+
+def tune_fuse_mount(mountpoint: str, read_ahead_kb: int, max_background: int) -> None:
+    """Raise the mount's readahead and background-request limits.
+
+    The kernel sends FUSE reads of at most read_ahead_kb (128 KiB by default); at 16 MiB it
+    sends 1 MiB requests, which measured 2-3x the cold throughput of a Python daemon.
+    max_background bounds the readahead requests in flight (12 by default), which limits how
+    many chunk fetches concurrent readers can overlap. Both are best effort: without /sys
+    write access the mount still works, only slower.
+    """
+    info = find_mount(mountpoint)
+    if info is None:
+        log.warning("cannot find %s in mountinfo; kernel readahead left at its default", mountpoint)
+        return
+    _write_knob(Path(f"/sys/class/bdi/{info.major}:{info.minor}/read_ahead_kb"), read_ahead_kb)
+    dev = os.makedev(info.major, info.minor)
+    connection = Path(f"/sys/fs/fuse/connections/{dev}")
+    if connection.is_dir():
+        _write_knob(connection / "max_background", max_background)
+        _write_knob(connection / "congestion_threshold", max(1, max_background * 3 // 4))
+
+
+def _write_knob(path: Path, value: int) -> None:
+    try:
+        path.write_text(f"{value}\n")
+        log.debug("set %s = %d", path, value)
+    except OSError as e:
+        log.info("could not set %s to %d: %s", path, value, e.strerror)

@@ -1,0 +1,328 @@
+"""The persistent cache store: one sparse data file and one chunk index per source file.
+
+Layout under the cache dir (documented in docs/design.md):
+
+    fusecache-v1/<source key>/source          the source root this store mirrors
+    fusecache-v1/<source key>/lock            flock()ed by the daemon that uses the store
+    fusecache-v1/<source key>/objects/<hh>/<key>.data   sparse copy of the file
+    fusecache-v1/<source key>/objects/<hh>/<key>.idx    header + one record per chunk
+
+A chunk's index record (crc32 of its bytes, PRESENT marker) is written only after its bytes
+were written to the data file, by the same thread. A crash (kill -9) therefore leaves either
+no record or a record for bytes that are in the file; a power loss that loses data pages but
+keeps the record is caught by the crc32, which is checked before a chunk is first served in
+each daemon lifetime. All methods block: call them from worker threads.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import struct
+import zlib
+from array import array
+from pathlib import Path
+
+from .source import Identity
+
+log = logging.getLogger(__name__)
+
+LAYOUT = "fusecache-v1"
+INDEX_MAGIC = b"FCIDX\x00\x01\n"
+_HEADER_PREFIX = struct.Struct("<8sI")  # magic, length of the JSON header that follows
+_RECORD = struct.Struct("<II")  # crc32, marker
+_PRESENT = 0x43484B31  # "CHK1": anything else (zeros from a hole, garbage) means missing
+_PAGE = 4096
+
+# In-memory chunk states.
+MISSING = 0
+ON_DISK = 1  # recorded present by an earlier run; crc not yet checked in this one
+VERIFIED = 2
+
+
+class StoreError(Exception):
+    """The cache dir cannot be used; the message is the one-line error shown to the user."""
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class CacheEntry:
+    """The cached copy of one version (Identity) of one source file."""
+
+    def __init__(self, relpath: str, identity: Identity, chunk_size: int, data_fd: int,
+                 index_fd: int, records_offset: int, state: bytearray, crcs: array) -> None:
+        self.relpath = relpath
+        self.identity = identity
+        self.chunk_size = chunk_size
+        self.data_fd = data_fd
+        self.index_fd = index_fd
+        self.records_offset = records_offset
+        self.state = state
+        self.crcs = crcs
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    @property
+    def nchunks(self) -> int:
+        return len(self.state)
+
+    def chunk_extent(self, index: int) -> tuple[int, int]:
+        """(offset, length) of a chunk; the last one is short."""
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self.size - offset)
+
+    def chunks_for(self, offset: int, length: int) -> range:
+        """Indices of the chunks that hold bytes [offset, offset+length), clamped to the file."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return range(0)
+        return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
+
+    def cached_bytes(self) -> int:
+        return sum(self.chunk_extent(i)[1] for i, s in enumerate(self.state) if s != MISSING)
+
+    def store_chunk(self, index: int, data: memoryview) -> None:
+        """Write a chunk's bytes, then its index record. Order matters for crash safety."""
+        offset, length = self.chunk_extent(index)
+        assert len(data) == length, (len(data), length)
+        _pwrite_all(self.data_fd, data, offset)
+        crc = zlib.crc32(data)
+        os.pwrite(self.index_fd, _RECORD.pack(crc, _PRESENT), self.records_offset + index * _RECORD.size)
+        self.crcs[index] = crc
+        self.state[index] = VERIFIED
+
+    def verify_chunk(self, index: int, scratch: memoryview) -> bool:
+        """Check a chunk recorded by an earlier run against its crc32; forget it if bad."""
+        offset, length = self.chunk_extent(index)
+        view = scratch[:length]
+        ok = _pread_all(self.data_fd, view, offset) == length and zlib.crc32(view) == self.crcs[index]
+        if ok:
+            self.state[index] = VERIFIED
+        else:
+            log.warning("cached chunk %d of %s failed its checksum; fetching it again", index, self.relpath)
+            os.pwrite(self.index_fd, _RECORD.pack(0, 0), self.records_offset + index * _RECORD.size)
+            self.state[index] = MISSING
+        return ok
+
+    def read_into(self, buf: memoryview, offset: int) -> int:
+        return _pread_all(self.data_fd, buf, offset)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self.data_fd)
+            os.close(self.index_fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _pread_all(fd: int, buf: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+class CacheStore:
+    """The part of a cache dir that belongs to one source tree."""
+
+    def __init__(self, cache_dir: Path, source_root: str) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.source_root = source_root
+        self.root = self.cache_dir / LAYOUT / _key(source_root)[:16]
+        self.objects = self.root / "objects"
+        self._lock_fd: int | None = None
+
+    def prepare(self) -> None:
+        """Create the layout and check we can write to it."""
+        try:
+            self.objects.mkdir(parents=True, exist_ok=True)
+            (self.root / "source").write_text(self.source_root + "\n")
+        except OSError as e:
+            raise StoreError(f"cache dir {self.cache_dir} is not writable: {e.strerror}") from None
+
+    def lock(self) -> None:
+        """Take the store for this process. Two daemons filling one store would race on the
+        same index records, so the second refuses with the first one's pid."""
+        path = self.root / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(
+                f"cache dir {self.cache_dir} is in use by another fusecache mount of "
+                f"{self.source_root} (pid {holder})"
+            ) from None
+        self._lock_fd = fd
+        self.record_owner(os.getpid())
+
+    def record_owner(self, pid: int) -> None:
+        """Write the pid of the daemon holding the lock (it changes when the daemon detaches)."""
+        assert self._lock_fd is not None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{pid}\n".encode(), 0)
+
+    def paths(self, relpath: str) -> tuple[Path, Path]:
+        key = _key(relpath)
+        folder = self.objects / key[:2]
+        return folder / f"{key}.data", folder / f"{key}.idx"
+
+    def open_entry(self, relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
+        """The cache entry of this version of the file: the one on disk if it matches,
+        otherwise a fresh empty one that replaces it."""
+        data_path, index_path = self.paths(relpath)
+        entry = self._load(relpath, identity, chunk_size, data_path, index_path)
+        if entry is None:
+            entry = self._create(relpath, identity, chunk_size, data_path, index_path)
+        return entry
+
+    def _load(self, relpath: str, identity: Identity, chunk_size: int,
+              data_path: Path, index_path: Path) -> CacheEntry | None:
+        try:
+            index_fd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            data_fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            os.close(index_fd)
+            return None
+        entry = None
+        try:
+            entry = self._parse_index(relpath, identity, chunk_size, data_fd, index_fd)
+        finally:
+            if entry is None:
+                os.close(index_fd)
+                os.close(data_fd)
+        if entry is None:
+            log.info("cache entry of %s is stale or damaged; starting it afresh", relpath)
+        return entry
+
+    def _parse_index(self, relpath: str, identity: Identity, chunk_size: int,
+                     data_fd: int, index_fd: int) -> CacheEntry | None:
+        header = _expected_header(relpath, identity, chunk_size)
+        records_offset = _records_offset(header)
+        nchunks = -(-identity.size // chunk_size)
+        raw = os.pread(index_fd, records_offset + nchunks * _RECORD.size, 0)
+        if raw[:records_offset] != _encode_header(header) or len(raw) != records_offset + nchunks * _RECORD.size:
+            return None
+        if os.fstat(data_fd).st_size != identity.size:
+            return None
+        state = bytearray(nchunks)
+        crcs = array("I", bytes(4 * nchunks))
+        for i, (crc, marker) in enumerate(_RECORD.iter_unpack(raw[records_offset:])):
+            if marker == _PRESENT:
+                state[i] = ON_DISK
+                crcs[i] = crc
+        return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset, state, crcs)
+
+    def _create(self, relpath: str, identity: Identity, chunk_size: int,
+                data_path: Path, index_path: Path) -> CacheEntry:
+        """Replace whatever is cached for relpath by an empty entry.
+
+        The old files are unlinked, not truncated: a handle still open on the old version of
+        the file keeps reading its own bytes. The index is renamed into place last, so a crash
+        part-way leaves no index and the entry is simply created again.
+        """
+        data_path.parent.mkdir(exist_ok=True)
+        index_path.unlink(missing_ok=True)
+        header = _expected_header(relpath, identity, chunk_size)
+        records_offset = _records_offset(header)
+        nchunks = -(-identity.size // chunk_size)
+
+        tmp_data = data_path.with_suffix(".data.tmp")
+        data_fd = os.open(tmp_data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        index_fd = -1
+        try:
+            os.ftruncate(data_fd, identity.size)
+            os.replace(tmp_data, data_path)
+            tmp_index = index_path.with_suffix(".idx.tmp")
+            index_fd = os.open(tmp_index, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.pwrite(index_fd, _encode_header(header), 0)
+            os.ftruncate(index_fd, records_offset + nchunks * _RECORD.size)
+            os.fsync(index_fd)
+            os.replace(tmp_index, index_path)
+        except BaseException:
+            os.close(data_fd)
+            if index_fd >= 0:
+                os.close(index_fd)
+            raise
+        return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset,
+                          bytearray(nchunks), array("I", bytes(4 * nchunks)))
+
+    def index_of(self, relpath: str) -> dict | None:
+        """Size and cached bytes of relpath as last recorded, without validating it."""
+        return summarize_index(self.paths(relpath)[1])
+
+    def entries(self) -> list[dict]:
+        """Every file the store holds, with its size and cached bytes."""
+        found = []
+        for index_path in sorted(self.objects.glob("*/*.idx")):
+            summary = summarize_index(index_path)
+            if summary is not None:
+                found.append(summary)
+        return found
+
+    def usage(self) -> int:
+        """Bytes of disk the store's files occupy (allocated blocks, so holes do not count)."""
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.objects):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        return total
+
+
+def _expected_header(relpath: str, identity: Identity, chunk_size: int) -> dict:
+    return {"path": relpath, "size": identity.size, "mtime_ns": identity.mtime_ns,
+            "ino": identity.ino, "ctime_ns": identity.ctime_ns, "chunk_size": chunk_size}
+
+
+def _encode_header(header: dict) -> bytes:
+    body = json.dumps(header, sort_keys=True, ensure_ascii=True).encode()
+    raw = _HEADER_PREFIX.pack(INDEX_MAGIC, len(body)) + body
+    return raw + bytes(-len(raw) % _PAGE)
+
+
+def _records_offset(header: dict) -> int:
+    return len(_encode_header(header))
+
+
+
+def summarize_index(index_path: Path) -> dict | None:
+    """Header fields plus cached byte count of one index file, for status listings."""
+    try:
+        with open(index_path, "rb") as f:
+            raw = f.read()
+        magic, length = _HEADER_PREFIX.unpack_from(raw)
+        if magic != INDEX_MAGIC:
+            return None
+        header = json.loads(raw[_HEADER_PREFIX.size:_HEADER_PREFIX.size + length])
+        offset = len(_encode_header(header))
+        chunk_size, size = header["chunk_size"], header["size"]
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    cached = 0
+    for i, (_crc, marker) in enumerate(_RECORD.iter_unpack(raw[offset:offset + _RECORD.size * -(-size // chunk_size)])):
+        if marker == _PRESENT:
+            cached += min(chunk_size, size - i * chunk_size)
+    return {"path": header["path"], "size": size, "cached": cached}

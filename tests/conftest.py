@@ -1,0 +1,179 @@
+"""Fixtures that mount real filesystems: fusecache itself (through its CLI, as a user would)
+and, where a test must count or break what fusecache reads, countingfs as its source."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+FUSE_AVAILABLE = os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `fuse` need root and /dev/fuse. Under CI (CI=true) a machine without them
+    fails loudly instead of skipping the tests that matter most."""
+    if FUSE_AVAILABLE:
+        return
+    if os.environ.get("CI") == "true":
+        raise pytest.UsageError("CI=true but root, /dev/fuse or fusermount3 is missing")
+    skip = pytest.mark.skip(reason="needs root, /dev/fuse and fusermount3")
+    for item in items:
+        if "fuse" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "fusecache", *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"fusecache {' '.join(map(str, args))} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def wait_gone(pid: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still running")
+
+
+def force_unmount(path: Path) -> None:
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+
+
+class Mount:
+    """One fusecache mount driven through the `fusecache` command."""
+
+    def __init__(self, source: Path, mountpoint: Path, cache_dir: Path, options: list[str]) -> None:
+        self.source = source
+        self.mountpoint = mountpoint
+        self.cache_dir = cache_dir
+        self.options = options
+        self.pid: int | None = None
+
+    def mount(self, *extra: str) -> "Mount":
+        args = ["mount", self.source, self.mountpoint, "--cache-dir", self.cache_dir]
+        for option in self.options + list(extra):
+            args += ["-o", option]
+        run_cli(*args)
+        self.pid = self.status()["pid"]
+        return self
+
+    def status(self) -> dict:
+        return json.loads(run_cli("status", self.mountpoint, "--json").stdout)
+
+    def metrics(self) -> dict:
+        return self.status()["metrics"]
+
+    def unmount(self) -> None:
+        run_cli("umount", self.mountpoint)
+        if self.pid:
+            wait_gone(self.pid)
+        self.pid = None
+
+    def kill9(self) -> None:
+        assert self.pid
+        os.kill(self.pid, signal.SIGKILL)
+        wait_gone(self.pid)
+        self.pid = None
+
+    def cleanup(self) -> None:
+        force_unmount(self.mountpoint)
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def make_mount(tmp_path):
+    """Factory: make_mount(source, options=[...]) -> Mount (mounted). All are torn down."""
+    made: list[Mount] = []
+
+    def factory(source: Path, options: list[str] | None = None, cache_dir: Path | None = None,
+                mount: bool = True) -> Mount:
+        mountpoint = tmp_path / f"mnt{len(made)}"
+        mountpoint.mkdir()
+        m = Mount(source, mountpoint, cache_dir or tmp_path / "cache", options or [])
+        made.append(m)
+        return m.mount() if mount else m
+
+    yield factory
+    for m in made:
+        m.cleanup()
+
+
+class CountingSource:
+    """countingfs mounted over a real directory: the 'network filesystem' of a test."""
+
+    def __init__(self, real: Path, mountpoint: Path, state: Path) -> None:
+        self.real = real
+        self.path = mountpoint
+        self.state = state
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, str(HERE / "countingfs.py"),
+                                         str(self.real), str(self.path), str(self.state)])
+        deadline = time.monotonic() + 20
+        while not (self.state / "ready").exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("countingfs did not start")
+            time.sleep(0.05)
+
+    def counts(self) -> dict[str, int]:
+        try:
+            return json.loads((self.state / "counts.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+    def set_faults(self, faults: dict) -> None:
+        tmp = self.state / "faults.json.tmp"
+        tmp.write_text(json.dumps(faults))
+        tmp.replace(self.state / "faults.json")
+
+    def stop(self) -> None:
+        force_unmount(self.path)
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def counting_source(tmp_path):
+    """A CountingSource over tmp_path/real (fill `real` first, then call start())."""
+    real, mountpoint, state = tmp_path / "real", tmp_path / "counted", tmp_path / "state"
+    for d in (real, mountpoint, state):
+        d.mkdir()
+    source = CountingSource(real, mountpoint, state)
+    yield source
+    source.stop()
+
+
+def file_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,164 @@
+"""The mount mirrors the source: tree, metadata and bytes, by every way a loader reads."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import random
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusecache.checkpoint import load_digest, write_checkpoint
+
+from .conftest import file_bytes
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1 << 20
+
+
+def build_tree(root: Path) -> None:
+    (root / "models" / "deep" / "er").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "small.txt").write_text("hello fusecache\n")
+    (root / "name with spaces é ✓.txt").write_text("unicode\n")
+    (root / "models" / "blob.bin").write_bytes(random.Random(1).randbytes(9 * MiB + 12345))
+    (root / "models" / "deep" / "er" / "leaf.json").write_text('{"a": 1}')
+    os.chmod(root / "small.txt", 0o640)
+    os.chmod(root / "models" / "deep", 0o750)
+    os.symlink("models/blob.bin", root / "link-to-blob")
+    os.symlink("/etc/passwd", root / "absolute-link")
+    os.symlink("does-not-exist", root / "dangling")
+    os.utime(root / "small.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_987_654_321))
+
+
+def walk(root: Path) -> dict[str, tuple]:
+    """Everything `ls -lR` and `readlink` would show, per relative path."""
+    seen = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            rel = str(path.relative_to(root))
+            info = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+            if stat.S_ISREG(st.st_mode):
+                info += (st.st_size, hashlib.sha256(file_bytes(path)).hexdigest())
+            elif stat.S_ISLNK(st.st_mode):
+                info += (os.readlink(path),)
+            seen[rel] = info
+    return seen
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "source"
+    root.mkdir()
+    build_tree(root)
+    return root
+
+
+def test_tree_is_identical(tree, make_mount):
+    m = make_mount(tree)
+    assert walk(m.mountpoint) == walk(tree)
+    assert sorted(os.listdir(m.mountpoint)) == sorted(os.listdir(tree))
+
+
+def test_inode_numbers_are_stable(tree, make_mount):
+    m = make_mount(tree)
+    first = {p: os.lstat(m.mountpoint / p).st_ino for p in ("small.txt", "models", "models/blob.bin")}
+    os.listdir(m.mountpoint / "models")
+    assert {p: os.lstat(m.mountpoint / p).st_ino for p in first} == first
+    assert len(set(first.values())) == len(first)
+
+
+def test_random_ranges_hashes_and_mmap_equal_source(tree, make_mount):
+    m = make_mount(tree, ["readahead=off"])
+    source = file_bytes(tree / "models" / "blob.bin")
+    rng = random.Random(7)
+    with open(m.mountpoint / "models" / "blob.bin", "rb") as f:
+        for _ in range(200):
+            offset = rng.randrange(0, len(source) + 100)
+            length = rng.choice([1, 7, 4096, 65536, rng.randrange(1, 3 * MiB)])
+            f.seek(offset)
+            assert f.read(length) == source[offset:offset + length], (offset, length)
+    assert hashlib.sha256(file_bytes(m.mountpoint / "models" / "blob.bin")).digest() == hashlib.sha256(source).digest()
+    with open(m.mountpoint / "models" / "blob.bin", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        for _ in range(100):
+            offset = rng.randrange(0, len(source))
+            assert mm[offset:offset + 5000] == source[offset:offset + 5000]
+        assert hashlib.sha256(mm).digest() == hashlib.sha256(source).digest()
+
+
+def test_symlinks_are_links_not_followed(tree, make_mount):
+    m = make_mount(tree)
+    assert os.readlink(m.mountpoint / "absolute-link") == "/etc/passwd"
+    assert os.readlink(m.mountpoint / "dangling") == "does-not-exist"
+    # a relative link resolves inside the mount, through the cache
+    assert file_bytes(m.mountpoint / "link-to-blob") == file_bytes(tree / "models" / "blob.bin")
+
+
+def test_safetensors_checkpoint_loads_identically(tmp_path, make_mount):
+    source = tmp_path / "ckpt"
+    write_checkpoint(source, 24 * MiB, shards=3, seed=3)
+    m = make_mount(tmp_path)
+    assert load_digest(m.mountpoint / "ckpt", order_seed=5) == load_digest(source)
+
+
+def _reader(path: str, seed: int) -> None:
+    print(load_digest(Path(path), order_seed=seed))
+
+
+def test_eight_concurrent_reader_processes(tmp_path, make_mount):
+    source = tmp_path / "ckpt"
+    write_checkpoint(source, 32 * MiB, shards=4, seed=4)
+    expected = load_digest(source)
+    m = make_mount(tmp_path)
+    code = "import sys; from tests.test_filesystem import _reader; _reader(sys.argv[1], int(sys.argv[2]))"
+    root = Path(__file__).parent.parent
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(m.mountpoint / "ckpt"), str(rank)],
+                              stdout=subprocess.PIPE, text=True, cwd=root) for rank in range(8)]
+    digests = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert digests == [expected] * 8
+
+
+@pytest.mark.parametrize("action", [
+    lambda p: open(p / "small.txt", "r+b"),
+    lambda p: open(p / "small.txt", "ab"),
+    lambda p: open(p / "new.txt", "wb"),
+    lambda p: os.mkdir(p / "newdir"),
+    lambda p: os.unlink(p / "small.txt"),
+    lambda p: os.rmdir(p / "empty-dir"),
+    lambda p: os.rename(p / "small.txt", p / "moved.txt"),
+    lambda p: os.chmod(p / "small.txt", 0o777),
+    lambda p: os.truncate(p / "small.txt", 0),
+    lambda p: os.symlink("x", p / "newlink"),
+    lambda p: os.link(p / "small.txt", p / "hardlink"),
+    lambda p: os.utime(p / "small.txt"),
+    lambda p: os.setxattr(p / "small.txt", "user.x", b"1"),
+])
+def test_writes_fail_with_erofs(tree, make_mount, action):
+    m = make_mount(tree)
+    with pytest.raises(OSError) as info:
+        action(m.mountpoint)
+    assert info.value.errno == errno.EROFS
+    assert walk(m.mountpoint) == walk(tree)
+
+
+def test_statfs_and_xattrs(tree, make_mount):
+    m = make_mount(tree)
+    vfs = os.statvfs(m.mountpoint)
+    assert vfs.f_blocks == os.statvfs(tree).f_blocks
+    assert os.listxattr(m.mountpoint / "small.txt") == []
+    with pytest.raises(OSError) as info:
+        os.getxattr(m.mountpoint / "small.txt", "user.nothing")
+    assert info.value.errno == errno.ENODATA
+    assert os.access(m.mountpoint / "small.txt", os.R_OK)
+    assert not os.access(m.mountpoint / "small.txt", os.W_OK)
