@@ -166,6 +166,7 @@ class Engine:
         self.stream = Lane(config.streams, config.block_size, config.chunk_size)
         self._stream_send, self._stream_receive = trio.open_memory_channel[str](math.inf)
         self._queued: set[str] = set()
+        self._scanned_dirs: set[str] = set()
         self.stream_errors: dict[str, str] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -385,19 +386,22 @@ class Engine:
     # ---- readahead streams -------------------------------------------------------------
 
     async def _schedule_readahead(self, relpath: str, size: int) -> None:
-        """Queue relpath for streaming and, if it is a checkpoint shard, its sibling shards."""
-        if relpath in self._queued:
+        """Queue relpath for streaming and, if it is the first shard opened in its directory,
+        all its sibling shards (the directory is listed once per mount, not once per open)."""
+        if relpath in self._queued or (self.config.readahead == "shards" and not is_shard(relpath)):
             return
-        mode = self.config.readahead
-        if mode == "shards" and not is_shard(relpath):
+        self.enqueue_stream(relpath)
+        parent = relpath.rpartition("/")[0]
+        if not is_shard(relpath) or parent in self._scanned_dirs:
             return
-        paths = [relpath]
-        if is_shard(relpath):
-            try:
-                paths += await self._io(self._sibling_shards, relpath)
-            except OSError as e:
-                log.warning("cannot list the siblings of %s: %s", relpath, e)
-        for path in paths:
+        self._scanned_dirs.add(parent)
+        try:
+            siblings = await self._io(self._sibling_shards, relpath)
+        except OSError as e:
+            log.warning("cannot list the siblings of %s: %s", relpath, e)
+            self._scanned_dirs.discard(parent)
+            return
+        for path in siblings:
             self.enqueue_stream(path)
 
     def enqueue_stream(self, relpath: str) -> bool:

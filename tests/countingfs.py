@@ -6,7 +6,8 @@ check what fusecache read from its source without trusting fusecache's own count
 
 STATE_DIR/counts.json is rewritten after every read: {relpath: bytes read}.
 STATE_DIR/faults.json, if present, is read on every read: {relpath: {"eio_from": offset}}
-makes reads of relpath that touch bytes at or after offset fail with EIO.
+makes reads of relpath that touch bytes at or after offset fail with EIO; {"delay": seconds}
+delays every read of relpath (a slow link; other requests are served meanwhile).
 Files are opened with direct_io, so the kernel caches nothing and every read is counted.
 """
 
@@ -94,9 +95,10 @@ class CountingFS(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         fd, rel = self.fds[fh]
-        fault = self._faults().get(rel)
-        if fault is not None and off + size > fault["eio_from"]:
+        fault = self._faults().get(rel, {})
+        if off + size > fault.get("eio_from", float("inf")):
             raise pyfuse3.FUSEError(errno.EIO)
+        await trio.sleep(fault.get("delay", 0))
         data = os.pread(fd, size, off)
         self.counts[rel] = self.counts.get(rel, 0) + len(data)
         tmp = os.path.join(self.state_dir, "counts.json.tmp")
