@@ -112,20 +112,30 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
     except RuntimeError as e:
         raise MountError(f"cannot mount {mountpoint}: {e}") from None
     try:
-        mounts.tune_fuse_mount(mountpoint, cfg.read_ahead_kb, cfg.max_background)
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
             await nursery.start(control.serve)
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(_sample_rates, metrics)
+            nursery.start_soon(_announce_when_live, cfg, mountpoint, ready)
             log.info("serving %s at %s (cache %s)", source.root, mountpoint, store.root)
-            ready()
-            _notify_systemd()
             await pyfuse3.main(min_tasks=cfg.workers, max_tasks=cfg.workers)
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready) -> None:
+    """Tune the mount and report it live once the kernel has finished the FUSE handshake.
+
+    A stat of the mountpoint returns only after INIT was answered; tuning earlier is undone,
+    since the kernel sets the mount's readahead from the INIT reply.
+    """
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    mounts.tune_fuse_mount(mountpoint, cfg.read_ahead_kb, cfg.max_background)
+    ready()
+    _notify_systemd()
 
 
 async def _terminate_on_signal() -> None:

@@ -99,11 +99,21 @@ def tune_fuse_mount(mountpoint: str, read_ahead_kb: int, max_background: int) ->
         log.warning("cannot find %s in mountinfo; kernel readahead left at its default", mountpoint)
         return
     _write_knob(Path(f"/sys/class/bdi/{info.major}:{info.minor}/read_ahead_kb"), read_ahead_kb)
-    dev = os.makedev(info.major, info.minor)
-    connection = Path(f"/sys/fs/fuse/connections/{dev}")
+    _mount_fusectl()
+    connection = Path(f"/sys/fs/fuse/connections/{os.makedev(info.major, info.minor)}")
     if connection.is_dir():
         _write_knob(connection / "max_background", max_background)
         _write_knob(connection / "congestion_threshold", max(1, max_background * 3 // 4))
+
+
+def _mount_fusectl() -> None:
+    """The per-connection FUSE knobs live in the fusectl filesystem, often not mounted."""
+    connections = "/sys/fs/fuse/connections"
+    if os.geteuid() != 0 or not os.path.isdir(connections) or find_mount(connections) is not None:
+        return
+    result = subprocess.run(["mount", "-t", "fusectl", "fusectl", connections], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.info("could not mount fusectl on %s: %s", connections, result.stderr.strip())
 
 
 def _write_knob(path: Path, value: int) -> None:
