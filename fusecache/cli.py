@@ -21,7 +21,7 @@ from .config import LOG_LEVELS, ConfigError, build_config
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("mount", "umount", "unmount", "status", "prefetch", "demo")
+COMMANDS = ("mount", "umount", "unmount", "status", "prefetch", "pin", "unpin", "cache", "demo")
 FSTYPE = "fuse.fusecache"
 
 
@@ -58,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     prefetch.add_argument("paths", nargs="+", metavar="PATH")
     prefetch.add_argument("--no-wait", action="store_true", help="queue and return at once")
     prefetch.add_argument("--json", action="store_true")
+
+    pin = sub.add_parser("pin", help="keep files or directories in the cache (never evicted), and fetch them")
+    pin.add_argument("paths", nargs="+", metavar="PATH")
+    unpin = sub.add_parser("unpin", help="let pinned paths be evicted again")
+    unpin.add_argument("paths", nargs="+", metavar="PATH")
+
+    cache = sub.add_parser("cache", help="list or clear what a mount has cached")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
+    cache_ls = cache_sub.add_parser("ls", help="list cached files")
+    cache_ls.add_argument("mountpoint")
+    cache_ls.add_argument("--json", action="store_true")
+    cache_clear = cache_sub.add_parser("clear", help="evict files (all under each PATH) that are not open or pinned")
+    cache_clear.add_argument("paths", nargs="+", metavar="PATH")
 
     demo = sub.add_parser("demo", help="generate a small checkpoint, load it through a mount, report")
     demo.add_argument("--workdir", help="where to put the demo tree (default: a temporary dir)")
@@ -233,12 +246,8 @@ def _print_status(report: dict) -> None:
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
-    by_mount: dict[str, list[str]] = {}
-    for path in args.paths:
-        mountpoint, relpath = _locate(path)
-        by_mount.setdefault(mountpoint, []).append(relpath)
     results = []
-    for mountpoint, relpaths in by_mount.items():
+    for mountpoint, relpaths in _by_mount(args.paths).items():
         queued = control.call(mountpoint, {"command": "prefetch", "paths": relpaths})
         files = [f["path"] for f in queued["files"]]
         total = sum(f["size"] for f in queued["files"])
@@ -274,6 +283,48 @@ def _wait_for(mountpoint: str, files: list[str], total: int, show: bool) -> dict
         time.sleep(0.5)
 
 
+def _by_mount(paths: list[str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for path in paths:
+        mountpoint, relpath = _locate(path)
+        grouped.setdefault(mountpoint, []).append(relpath)
+    return grouped
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    for mountpoint, relpaths in _by_mount(args.paths).items():
+        queued = control.call(mountpoint, {"command": "pin", "paths": relpaths})
+        print(f"pinned {len(relpaths)} path(s) in {mountpoint}; fetching {len(queued['files'])} file(s)")
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    for mountpoint, relpaths in _by_mount(args.paths).items():
+        control.call(mountpoint, {"command": "unpin", "paths": relpaths})
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    if args.cache_command == "ls":
+        mountpoint, _ = _locate(args.mountpoint)
+        report = control.call(mountpoint, {"command": "cache_ls"})
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        print(f"{human(report['cache_bytes'])} of {human(report['cache_limit'])} used")
+        for f in report["files"]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(f["last_used"])) if f.get("last_used") else "-"
+            flags = "pinned" if f["pinned"] else ""
+            print(f"{human(f['cached']):>10} / {human(f['size']):>10}  {when}  {f['path']}  {flags}")
+        return 0
+    for mountpoint, relpaths in _by_mount(args.paths).items():
+        result = control.call(mountpoint, {"command": "cache_clear", "paths": relpaths})
+        print(f"{mountpoint}: evicted {len(result['evicted'])} file(s)")
+        for path in result["kept"]:
+            print(f"  kept {path} (open, streaming or pinned)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -281,4 +332,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMAND_HANDLERS = {"mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount,
-                    "status": cmd_status, "prefetch": cmd_prefetch, "demo": cmd_demo}
+                    "status": cmd_status, "prefetch": cmd_prefetch, "pin": cmd_pin, "unpin": cmd_unpin,
+                    "cache": cmd_cache, "demo": cmd_demo}

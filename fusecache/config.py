@@ -125,6 +125,13 @@ class MountConfig:
     attr_timeout: float = 1.0
     read_ahead_kb: int = 16384
     max_background: int = 64
+    # Cache size: bytes, or a percentage of the cache filesystem's size. None: 80% of the
+    # space free for the cache at mount time, plus what the store already holds.
+    cache_size: int | None = None
+    cache_size_percent: float | None = None
+    # Prometheus: serve /metrics on HOST:PORT, and/or rewrite a node-exporter textfile.
+    metrics_addr: tuple[str, int] | None = None
+    metrics_textfile: Path | None = None
     allow_other: bool = False
     foreground: bool = False
     log_level: str = "info"
@@ -146,6 +153,24 @@ class MountConfig:
         return self.block_size // self.chunk_size
 
 
+def _set_cache_size(cfg: MountConfig, key: str, value: str) -> None:
+    if value.strip().endswith("%"):
+        cfg.cache_size_percent = parse_float(value.strip()[:-1], key, 0.1, 100.0)
+        cfg.cache_size = None
+    else:
+        cfg.cache_size = parse_size(value, key)
+        cfg.cache_size_percent = None
+        if cfg.cache_size < 1 * MiB:
+            raise ConfigError(f"invalid {key} {value!r}: must be at least 1M")
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """'HOST:PORT', ':PORT' or 'PORT' (host defaults to 127.0.0.1: metrics stay local unless asked)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else ""
+    return host or "127.0.0.1", parse_int(port, f"{what} port", 1, 65535)
+
+
 def _set_path(cfg: MountConfig, key: str, value: str) -> None:
     if not value:
         raise ConfigError(f"invalid {key}: empty path")
@@ -155,6 +180,9 @@ def _set_path(cfg: MountConfig, key: str, value: str) -> None:
 # key -> how to apply its value; flags (no '=') are handled as value None.
 _OPTION_SETTERS = {
     "cache_dir": _set_path,
+    "cache_size": _set_cache_size,
+    "metrics_addr": lambda c, k, v: setattr(c, k, parse_address(v, k)),
+    "metrics_textfile": _set_path,
     "chunk_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
     "block_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
     "readahead_min_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),

@@ -12,24 +12,30 @@ import os
 import signal
 import socket
 import stat as stat_mod
+import sys
 from pathlib import Path
 from typing import Callable
 
+import prometheus_client
 import pyfuse3
 import trio
+from prometheus_client import CollectorRegistry
 
 from . import mounts
 from .config import MountConfig
 from .control import ControlError, ControlServer, socket_path
 from .engine import Engine
 from .fs import FuseOperations
-from .metrics import Metrics
-from .source import Source
+from .budget import CacheBudget
+from .metrics import Metrics, prometheus_registry
+from .source import Source, is_under
 from .store import CacheStore
 
 log = logging.getLogger(__name__)
 
 Ready = Callable[[], None]
+DEFAULT_CACHE_FRACTION = 0.8
+TEXTFILE_INTERVAL = 5.0
 
 
 class MountError(Exception):
@@ -102,11 +108,13 @@ def run(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
 async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
     source = Source(cfg.source)
     metrics = Metrics()
-    engine = Engine(cfg, source, store, metrics)
+    budget = CacheBudget(limit=sys.maxsize)  # the real limit is set once the store is loaded
+    engine = Engine(cfg, source, store, metrics, budget)
     operations = FuseOperations(engine, cfg.attr_timeout)
     mountpoint = os.path.realpath(cfg.mountpoint)
     control = ControlServer(socket_path(mountpoint), control_handlers(engine, store, metrics, mountpoint),
                             owner_uid=os.getuid())
+    registry = prometheus_registry(metrics)
     try:
         pyfuse3.init(operations, mountpoint, fuse_options(cfg, source.root))
     except RuntimeError as e:
@@ -114,9 +122,12 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
+            budget.limit = cache_limit(cfg, store, budget.used)
+            log.info("cache limit %d bytes, %d in use", budget.limit, budget.used)
             await nursery.start(control.serve)
             nursery.start_soon(_terminate_on_signal)
-            nursery.start_soon(_sample_rates, metrics)
+            nursery.start_soon(_sample, engine, metrics)
+            _start_metrics_exporters(cfg, registry, nursery)
             nursery.start_soon(_announce_when_live, cfg, mountpoint, ready)
             log.info("serving %s at %s (cache %s)", source.root, mountpoint, store.root)
             await pyfuse3.main(min_tasks=cfg.workers, max_tasks=cfg.workers)
@@ -146,10 +157,46 @@ async def _terminate_on_signal() -> None:
             return
 
 
-async def _sample_rates(metrics: Metrics) -> None:
+async def _sample(engine: Engine, metrics: Metrics) -> None:
+    """Once a second: the source rate window and the gauges the exporters read."""
     while True:
         metrics.sample()
+        metrics.cache_bytes, metrics.cache_limit_bytes = engine.budget.used, engine.budget.limit
+        metrics.files_open, metrics.files_streaming = engine.activity()
         await trio.sleep(1.0)
+
+
+def cache_limit(cfg: MountConfig, store: CacheStore, held: int) -> int:
+    """cache_size in bytes; a percentage of the cache filesystem; or by default 80% of the
+    space free for it now plus what the store already holds."""
+    if cfg.cache_size is not None:
+        return cfg.cache_size
+    vfs = os.statvfs(store.root)
+    if cfg.cache_size_percent is not None:
+        return int(vfs.f_blocks * vfs.f_frsize * cfg.cache_size_percent / 100)
+    return int(DEFAULT_CACHE_FRACTION * vfs.f_bavail * vfs.f_frsize) + held
+
+
+def _start_metrics_exporters(cfg: MountConfig, registry: CollectorRegistry, nursery: trio.Nursery) -> None:
+    if cfg.metrics_addr is not None:
+        host, port = cfg.metrics_addr
+        try:
+            prometheus_client.start_http_server(port, addr=host, registry=registry)
+            log.info("serving Prometheus metrics on http://%s:%d/metrics", host, port)
+        except OSError as e:
+            log.error("cannot serve metrics on %s:%d: %s", host, port, e.strerror)
+    if cfg.metrics_textfile is not None:
+        nursery.start_soon(_write_textfile, cfg.metrics_textfile, registry)
+
+
+async def _write_textfile(path: Path, registry: CollectorRegistry) -> None:
+    """Rewrite a node-exporter textfile every few seconds (atomically: write, then rename)."""
+    while True:
+        try:
+            await trio.to_thread.run_sync(prometheus_client.write_to_textfile, str(path), registry)
+        except OSError as e:
+            log.warning("cannot write metrics to %s: %s", path, e.strerror)
+        await trio.sleep(TEXTFILE_INTERVAL)
 
 
 def _notify_systemd() -> None:
@@ -169,13 +216,30 @@ def _notify_systemd() -> None:
 def control_handlers(engine: Engine, store: CacheStore, metrics: Metrics, mountpoint: str) -> dict:
     """The commands of the control channel, bound to this daemon's parts."""
 
-    async def status(request: dict) -> dict:
+    async def files_report() -> list[dict]:
         files = {f["path"]: f for f in await trio.to_thread.run_sync(store.entries)}
         for live in engine.open_files():
             files[live["path"]] = {**files.get(live["path"], {}), **live}
+        for f in files.values():
+            f["pinned"] = engine.is_pinned(f["path"])
+        return sorted(files.values(), key=lambda f: f["path"])
+
+    async def status(request: dict) -> dict:
         return {"mountpoint": mountpoint, "source": engine.source.root, "cache": str(store.root),
-                "pid": os.getpid(), "metrics": metrics.snapshot(),
-                "files": sorted(files.values(), key=lambda f: f["path"])}
+                "pid": os.getpid(), "cache_bytes": engine.budget.used, "cache_limit": engine.budget.limit,
+                "pins": sorted(engine.pins), "metrics": metrics.snapshot(), "files": await files_report()}
+
+    async def cache_ls(request: dict) -> dict:
+        return {"cache_bytes": engine.budget.used, "cache_limit": engine.budget.limit,
+                "files": await files_report()}
+
+    async def cache_clear(request: dict) -> dict:
+        prefixes = _relpaths(request)
+        evicted, kept = [], []
+        for relpath in sorted(engine.budget.files()):
+            if any(is_under(relpath, prefix) for prefix in prefixes):
+                (evicted if await engine.evict(relpath) else kept).append(relpath)
+        return {"evicted": evicted, "kept": kept}
 
     async def prefetch(request: dict) -> dict:
         paths = _relpaths(request)
@@ -183,6 +247,20 @@ def control_handlers(engine: Engine, store: CacheStore, metrics: Metrics, mountp
         for relpath, _size in files:
             engine.enqueue_stream(relpath)
         return {"files": [{"path": p, "size": s} for p, s in files]}
+
+    async def pin(request: dict) -> dict:
+        paths = _relpaths(request)
+        await trio.to_thread.run_sync(_regular_files, engine.source, paths)  # they must exist
+        await engine.set_pins(engine.pins | set(paths))
+        return await prefetch(request)
+
+    async def unpin(request: dict) -> dict:
+        paths = set(_relpaths(request))
+        unknown = paths - engine.pins
+        if unknown:
+            raise ControlError(f"not pinned: {', '.join(sorted(unknown))}")
+        await engine.set_pins(engine.pins - paths)
+        return {"pins": sorted(engine.pins)}
 
     async def progress(request: dict) -> dict:
         paths = _relpaths(request)
@@ -196,7 +274,8 @@ def control_handlers(engine: Engine, store: CacheStore, metrics: Metrics, mountp
         errors = {p: engine.stream_errors[p] for p in paths if p in engine.stream_errors}
         return {"cached": cached, "rate": metrics.source_rate(), "errors": errors}
 
-    return {"status": status, "prefetch": prefetch, "progress": progress}
+    return {"status": status, "prefetch": prefetch, "progress": progress, "pin": pin, "unpin": unpin,
+            "cache_ls": cache_ls, "cache_clear": cache_clear}
 
 
 def _relpaths(request: dict) -> list[str]:

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import stat as stat_mod
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
@@ -31,9 +32,10 @@ from typing import AsyncIterator, Callable, TypeVar
 
 import trio
 
+from .budget import CacheBudget
 from .config import MountConfig
 from .metrics import Metrics
-from .source import Identity, Source
+from .source import Identity, Source, is_under
 from .store import MISSING, ON_DISK, VERIFIED, CacheEntry, CacheStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,11 @@ _INDEX_FILE_RE = re.compile(r".*\.index\.json$")
 # opens and closes shards repeatedly does not re-verify them each time.
 MAX_IDLE_FILES = 256
 REPLY_BUFFER_MIN = 1 << 20
+
+
+class CacheFull(Exception):
+    """No room in the cache for a fetch, even after evicting what may be evicted.
+    Readers then get their bytes straight from the source (read-through)."""
 
 
 class ReadError(Exception):
@@ -150,11 +157,14 @@ def is_shard(relpath: str) -> bool:
 
 
 class Engine:
-    def __init__(self, config: MountConfig, source: Source, store: CacheStore, metrics: Metrics) -> None:
+    def __init__(self, config: MountConfig, source: Source, store: CacheStore, metrics: Metrics,
+                 budget: CacheBudget) -> None:
         self.config = config
         self.source = source
         self.store = store
         self.metrics = metrics
+        self.budget = budget
+        self.pins: set[str] = set()
         self._files: dict[str, TrackedFile] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._opening = KeyedLock()
@@ -173,7 +183,12 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the background work (flights, streams) until cancelled."""
+        """Load what the store holds, then own the background work (flights, streams)."""
+        for entry in await self._io(self.store.entries):
+            self.budget.set_cached(entry["path"], entry["cached"], entry["last_used"])
+        self.pins = await self._io(self.store.load_pins)
+        log.info("cache holds %d files, %d bytes (limit %d)", len(self.budget.files()),
+                 self.budget.used, self.budget.limit)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for _ in range(self.config.streams):
@@ -214,6 +229,9 @@ class Engine:
         # version it last saw through this mount is this one.
         keep_cache = self._served_identity.get(relpath, identity) == identity
         self._served_identity[relpath] = identity
+        now = time.time()
+        self.budget.touch(relpath, now)
+        self._nursery.start_soon(self._io, self.store.touch, relpath, now)
         if self.config.readahead != "off":
             self._nursery.start_soon(self._schedule_readahead, relpath, identity.size)
         return Handle(tracked, keep_cache)
@@ -233,14 +251,31 @@ class Engine:
                     log.info("%s changed in the source; its cached copy is dropped", relpath)
                     self._retire(tracked)
                 try:
-                    entry = await self._io(self.store.open_entry, relpath, identity, self.config.chunk_size)
+                    entry = await self._open_entry(relpath, identity)
                 except BaseException:
                     os.close(src_fd)
                     raise
                 tracked = TrackedFile(relpath, entry, src_fd)
-                self._files[relpath] = tracked
+                if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
+                    self._files[relpath] = tracked
+                    self.budget.set_cached(relpath, entry.cached_bytes())
             self._ref(tracked)
             return tracked
+
+    async def _open_entry(self, relpath: str, identity: Identity) -> CacheEntry:
+        """The store's entry for this version; if the cache filesystem is full even after
+        evicting, an uncached stand-in whose reads go straight to the source."""
+        for attempt in range(2):
+            try:
+                return await self._io(self.store.open_entry, relpath, identity, self.config.chunk_size)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self._count_error(e)
+                if attempt == 0:
+                    await self._evict_after_disk_full(relpath)
+        log.warning("no space in the cache for %s; reading it straight from the source", relpath)
+        return CacheEntry.uncached(relpath, identity, self.config.chunk_size)
 
     def _ref(self, tracked: TrackedFile) -> None:
         tracked.users += 1
@@ -282,14 +317,33 @@ class Engine:
         chunks = entry.chunks_for(offset, size)
         if not chunks:
             return memoryview(b"")
-        all_cached = await self._ensure(tracked, chunks)
         length = min(size, entry.size - offset)
         buf = self._reply_buffer(length)[:length]
+        try:
+            if not entry.cacheable:
+                raise CacheFull(entry.relpath)
+            all_cached = await self._ensure(tracked, chunks)
+        except CacheFull:
+            return await self._read_through(tracked, buf, offset)
         n = await self._io(entry.read_into, buf, offset, limiter=self._serve_limiter)
         self.metrics.bytes_served += n
         if all_cached:
             self.metrics.bytes_served_from_cache += n
         return buf[:n]
+
+    async def _read_through(self, tracked: TrackedFile, buf: memoryview, offset: int) -> memoryview:
+        """Serve a read straight from the source when the cache has no room for it."""
+        entry = tracked.entry
+        try:
+            await self._io(Source.read_exact, tracked.src_fd, buf, offset, entry.relpath, entry.identity,
+                           limiter=self.demand.limiter)
+        except OSError as e:
+            self._count_error(e)
+            raise ReadError(errno.EIO, f"{entry.relpath}: {e}") from None
+        self.metrics.bytes_from_source += len(buf)
+        self.metrics.bytes_read_through += len(buf)
+        self.metrics.bytes_served += len(buf)
+        return buf
 
     def _reply_buffer(self, size: int) -> memoryview:
         """A buffer owned by the calling FUSE worker task.
@@ -329,6 +383,8 @@ class Engine:
                 flights.append(self._start_flight(tracked, run, self.demand))
             for flight in flights:
                 await flight.done.wait()
+                if isinstance(flight.error, CacheFull):
+                    raise flight.error
                 if flight.error is not None:
                     raise ReadError(errno.EIO, f"{tracked.relpath}: {flight.error}")
         if not waited:
@@ -344,17 +400,36 @@ class Engine:
         return flight
 
     async def _fly(self, tracked: TrackedFile, flight: Flight, lane: Lane) -> None:
+        entry = tracked.entry
+        room = sum(entry.chunk_extent(i)[1] for i in flight.chunks if entry.state[i] == MISSING)
+        reserved = 0
+        started = time.monotonic()
         try:
+            await self._make_room(tracked.relpath, room)
+            self.budget.reserved += room
+            reserved = room
             async with lane.buffer() as buf:
                 fetched, bad = await self._io(self._materialize, tracked, flight.chunks, buf, limiter=lane.limiter)
             self.metrics.bytes_from_source += fetched
             self.metrics.checksum_failures += bad
-        except Exception as e:  # noqa: BLE001 - any failure becomes the readers' EIO, not a crash
+            self.metrics.observe_fetch(time.monotonic() - started)
+        except CacheFull as e:
             flight.error = e
-            self.metrics.fetch_errors += 1
+        except OSError as e:
+            flight.error = CacheFull(str(e)) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
+            if isinstance(flight.error, CacheFull):
+                await self._evict_after_disk_full(tracked.relpath)
+            self._count_error(e)
             log.warning("fetching %s chunks %d-%d failed: %s", tracked.relpath,
                         flight.chunks.start, flight.chunks.stop - 1, e)
+        except Exception as e:  # noqa: BLE001 - any failure becomes the readers' EIO, not a crash
+            flight.error = e
+            self._count_error(e)
+            log.exception("fetching %s chunks %d-%d failed", tracked.relpath, flight.chunks.start, flight.chunks.stop - 1)
         finally:
+            self.budget.reserved -= reserved
+            if self._files.get(tracked.relpath) is tracked:
+                self.budget.set_cached(tracked.relpath, entry.cached_bytes())
             for i in flight.chunks:
                 if tracked.inflight.get(i) is flight:
                     del tracked.inflight[i]
@@ -382,6 +457,61 @@ class Engine:
                 entry.store_chunk(i, view[offset - start: offset - start + length])
             fetched += len(view)
         return fetched, bad
+
+    def _count_error(self, error: BaseException) -> None:
+        kind = errno.errorcode.get(error.errno, "OSError") if isinstance(error, OSError) else type(error).__name__
+        self.metrics.count_error(kind)
+
+    # ---- cache size: eviction and pins -----------------------------------------------------
+
+    def is_pinned(self, relpath: str) -> bool:
+        return any(is_under(relpath, pin) for pin in self.pins)
+
+    def _evictable(self, relpath: str) -> bool:
+        tracked = self._files.get(relpath)
+        return (tracked is None or tracked.users == 0) and not self.is_pinned(relpath)
+
+    async def _make_room(self, relpath: str, nbytes: int) -> None:
+        """Evict least recently used files until nbytes more fit under the cache limit."""
+        if self.budget.fits(nbytes):
+            return
+        victims = self.budget.victims(nbytes, lambda p: p != relpath and self._evictable(p))
+        if victims is None:
+            raise CacheFull(f"cache is full ({self.budget.used} of {self.budget.limit} bytes) "
+                            "and everything in it is open or pinned")
+        for victim in victims:
+            await self.evict(victim)
+        if not self.budget.fits(nbytes):
+            raise CacheFull("cache is full")
+
+    async def _evict_after_disk_full(self, relpath: str) -> None:
+        """The cache filesystem ran out of space below our limit: shrink the limit to what
+        fits now, and evict a block's worth so the next fetches can proceed."""
+        self.budget.limit = min(self.budget.limit, max(self.budget.used, 0))
+        log.warning("cache filesystem is full; cache limit lowered to %d bytes", self.budget.limit)
+        victims = self.budget.victims(self.config.block_size, lambda p: p != relpath and self._evictable(p)) or []
+        for victim in victims:
+            await self.evict(victim)
+
+    async def evict(self, relpath: str) -> bool:
+        """Drop relpath from the cache unless it is open, streaming or pinned."""
+        async with self._opening.hold(relpath):
+            if not self._evictable(relpath):
+                return False
+            tracked = self._files.pop(relpath, None)
+            if tracked is not None:
+                self._idle.pop(relpath, None)
+                self._close(tracked)
+            self.budget.forget(relpath)
+            self._queued.discard(relpath)
+            await self._io(self.store.remove, relpath)
+            self.metrics.files_evicted += 1
+            log.info("evicted %s from the cache", relpath)
+            return True
+
+    async def set_pins(self, pins: set[str]) -> None:
+        self.pins = pins
+        await self._io(self.store.save_pins, pins)
 
     # ---- readahead streams -------------------------------------------------------------
 
@@ -454,7 +584,7 @@ class Engine:
         tracked = await self._acquire(relpath)
         tracked.streaming = True
         try:
-            if tracked.identity.size < self.config.readahead_min_size:
+            if tracked.identity.size < self.config.readahead_min_size or not tracked.entry.cacheable:
                 return
             entry = tracked.entry
             per_block = self.stream.max_chunks
@@ -477,6 +607,11 @@ class Engine:
         """Cached bytes of a file this daemon tracks, None if it tracks none by that name."""
         tracked = self._files.get(relpath)
         return None if tracked is None else tracked.entry.cached_bytes()
+
+    def activity(self) -> tuple[int, int]:
+        """(files in use, files streaming)."""
+        return (sum(1 for t in self._files.values() if t.users),
+                sum(1 for t in self._files.values() if t.streaming))
 
     def open_files(self) -> list[dict]:
         """Per-file state of the files this daemon currently tracks."""

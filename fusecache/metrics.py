@@ -6,13 +6,20 @@ them into a JSON-able dict for the control channel.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
 log = logging.getLogger(__name__)
+
+
+FETCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -22,12 +29,31 @@ class Metrics:
     bytes_served_from_cache: int = 0  # ... of which were already cached when asked for
     chunk_hits: int = 0  # chunks a read found ready
     chunk_misses: int = 0  # chunks a read had to wait for
+    bytes_read_through: int = 0  # served straight from the source: no room in the cache
     fetch_errors: int = 0
     checksum_failures: int = 0
     files_streamed: int = 0
+    files_evicted: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # fetch errors by kind (errno name)
+    # fetch latency histogram: counts per upper bound in seconds (the last bucket is +Inf)
+    fetch_seconds_buckets: list[int] = field(default_factory=lambda: [0] * (len(FETCH_BUCKETS) + 1))
+    fetch_seconds_sum: float = 0.0
+    # gauges, sampled from the engine once a second by the daemon
+    cache_bytes: int = 0
+    cache_limit_bytes: int = 0
+    files_open: int = 0
+    files_streaming: int = 0
     started_at: float = field(default_factory=time.time)
     # (time, bytes_from_source) once a second over the last few seconds, for the current rate
     _samples: deque = field(default_factory=lambda: deque(maxlen=6), repr=False)
+
+    def observe_fetch(self, seconds: float) -> None:
+        self.fetch_seconds_buckets[bisect.bisect_left(FETCH_BUCKETS, seconds)] += 1
+        self.fetch_seconds_sum += seconds
+
+    def count_error(self, kind: str) -> None:
+        self.fetch_errors += 1
+        self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def sample(self) -> None:
         self._samples.append((time.monotonic(), self.bytes_from_source))
@@ -46,3 +72,51 @@ class Metrics:
         data["hit_ratio"] = self.chunk_hits / lookups if lookups else None
         data["uptime_s"] = time.time() - self.started_at
         return data
+
+
+class PrometheusCollector:
+    """Exposes Metrics in the Prometheus format. Runs on prometheus_client's threads, so it
+    only reads plain fields (copies of the dicts) and never touches the engine."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        yield CounterMetricFamily("fusecache_source_bytes", "Bytes read from the source.", value=m.bytes_from_source)
+        served = CounterMetricFamily("fusecache_served_bytes", "Bytes served to readers, by origin.", labels=["origin"])
+        served.add_metric(["cache"], m.bytes_served_from_cache)
+        served.add_metric(["fetched"], m.bytes_served - m.bytes_served_from_cache - m.bytes_read_through)
+        served.add_metric(["read_through"], m.bytes_read_through)
+        yield served
+        lookups = CounterMetricFamily("fusecache_chunk_lookups", "Chunks looked up by reads.", labels=["result"])
+        lookups.add_metric(["hit"], m.chunk_hits)
+        lookups.add_metric(["miss"], m.chunk_misses)
+        yield lookups
+        errors = CounterMetricFamily("fusecache_errors", "Failed fetches by kind.", labels=["kind"])
+        for kind, count in dict(m.errors).items():
+            errors.add_metric([kind], count)
+        yield errors
+        yield CounterMetricFamily("fusecache_checksum_failures", "Cached chunks that failed their crc32.",
+                                  value=m.checksum_failures)
+        yield CounterMetricFamily("fusecache_evicted_files", "Files evicted from the cache.", value=m.files_evicted)
+        counts = list(m.fetch_seconds_buckets)
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, FETCH_BUCKETS), "+Inf"], counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily("fusecache_fetch_seconds", "Time to fetch a run of chunks from the source.",
+                                    buckets=buckets, sum_value=m.fetch_seconds_sum)
+        for name, doc, value in (
+            ("fusecache_cache_bytes", "Bytes held in the cache.", m.cache_bytes),
+            ("fusecache_cache_limit_bytes", "Cache size limit.", m.cache_limit_bytes),
+            ("fusecache_files_open", "Files open or being fetched.", m.files_open),
+            ("fusecache_files_streaming", "Files being streamed by readahead.", m.files_streaming),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+def prometheus_registry(metrics: Metrics) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PrometheusCollector(metrics))
+    return registry

@@ -45,6 +45,11 @@ def check_name(name: str) -> None:
         raise OSError(errno.EINVAL, f"invalid name {name!r}")
 
 
+def is_under(relpath: str, prefix: str) -> bool:
+    """Whether relpath is prefix itself or inside it ('' is the root, containing everything)."""
+    return prefix == "" or relpath == prefix or relpath.startswith(prefix + "/")
+
+
 class Source:
     """The source directory tree, addressed by relative paths ('' is the root)."""
 

@@ -66,6 +66,16 @@ class CacheEntry:
         self.crcs = crcs
         self.closed = False
 
+    @classmethod
+    def uncached(cls, relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
+        """A stand-in with no files, for when the cache filesystem has no room left."""
+        nchunks = -(-identity.size // chunk_size)
+        return cls(relpath, identity, chunk_size, -1, -1, 0, bytearray(nchunks), array("I", bytes(4 * nchunks)))
+
+    @property
+    def cacheable(self) -> bool:
+        return self.data_fd >= 0
+
     @property
     def size(self) -> int:
         return self.identity.size
@@ -116,7 +126,7 @@ class CacheEntry:
         return _pread_all(self.data_fd, buf, offset)
 
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and self.cacheable:
             self.closed = True
             os.close(self.data_fd)
             os.close(self.index_fd)
@@ -248,12 +258,12 @@ class CacheStore:
         nchunks = -(-identity.size // chunk_size)
 
         tmp_data = data_path.with_suffix(".data.tmp")
+        tmp_index = index_path.with_suffix(".idx.tmp")
         data_fd = os.open(tmp_data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         index_fd = -1
         try:
             os.ftruncate(data_fd, identity.size)
             os.replace(tmp_data, data_path)
-            tmp_index = index_path.with_suffix(".idx.tmp")
             index_fd = os.open(tmp_index, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             os.pwrite(index_fd, _encode_header(header), 0)
             os.ftruncate(index_fd, records_offset + nchunks * _RECORD.size)
@@ -263,6 +273,7 @@ class CacheStore:
             os.close(data_fd)
             if index_fd >= 0:
                 os.close(index_fd)
+            tmp_index.unlink(missing_ok=True)
             raise
         return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset,
                           bytearray(nchunks), array("I", bytes(4 * nchunks)))
@@ -280,16 +291,33 @@ class CacheStore:
                 found.append(summary)
         return found
 
-    def usage(self) -> int:
-        """Bytes of disk the store's files occupy (allocated blocks, so holes do not count)."""
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.objects):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
-                except FileNotFoundError:
-                    pass
-        return total
+    def touch(self, relpath: str, when: float) -> None:
+        """Record a use of relpath (the index's mtime orders eviction across restarts)."""
+        try:
+            os.utime(self.paths(relpath)[1], (when, when))
+        except FileNotFoundError:
+            pass
+
+    def remove(self, relpath: str) -> None:
+        """Evict relpath: index first, so a crash half-way leaves no index over missing data."""
+        data_path, index_path = self.paths(relpath)
+        index_path.unlink(missing_ok=True)
+        data_path.unlink(missing_ok=True)
+
+    def load_pins(self) -> set[str]:
+        try:
+            pins = json.loads((self.root / "pins.json").read_text())
+        except FileNotFoundError:
+            return set()
+        except ValueError:
+            log.warning("ignoring unreadable %s", self.root / "pins.json")
+            return set()
+        return {p for p in pins if isinstance(p, str)}
+
+    def save_pins(self, pins: set[str]) -> None:
+        tmp = self.root / "pins.json.tmp"
+        tmp.write_text(json.dumps(sorted(pins)))
+        tmp.replace(self.root / "pins.json")
 
 
 def _expected_header(relpath: str, identity: Identity, chunk_size: int) -> dict:
@@ -313,6 +341,7 @@ def summarize_index(index_path: Path) -> dict | None:
     try:
         with open(index_path, "rb") as f:
             raw = f.read()
+            last_used = os.fstat(f.fileno()).st_mtime
         magic, length = _HEADER_PREFIX.unpack_from(raw)
         if magic != INDEX_MAGIC:
             return None
@@ -325,4 +354,4 @@ def summarize_index(index_path: Path) -> dict | None:
     for i, (_crc, marker) in enumerate(_RECORD.iter_unpack(raw[offset:offset + _RECORD.size * -(-size // chunk_size)])):
         if marker == _PRESENT:
             cached += min(chunk_size, size - i * chunk_size)
-    return {"path": header["path"], "size": size, "cached": cached}
+    return {"path": header["path"], "size": size, "cached": cached, "last_used": last_used}
