@@ -94,12 +94,13 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "fusecache"
 
 
-def default_runtime_dir() -> Path:
-    """Where control sockets live: /run/fusecache for root, else the user's runtime dir."""
-    if os.geteuid() == 0:
+def runtime_dir(uid: int) -> Path:
+    """Where the control sockets of uid's mounts live: derived from the uid alone, so any
+    client can find the socket of a mount from the mount's owner (user_id in mountinfo)."""
+    if uid == 0:
         return Path("/run/fusecache")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "fusecache" if xdg else Path(f"/tmp/fusecache-{os.geteuid()}")
+    user_run = Path(f"/run/user/{uid}")
+    return user_run / "fusecache" if user_run.is_dir() else Path(f"/tmp/fusecache-{uid}")
 
 
 @dataclass

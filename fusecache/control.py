@@ -19,7 +19,8 @@ from typing import Awaitable, Callable
 
 import trio
 
-from .config import default_runtime_dir
+from .config import runtime_dir
+from .mounts import find_mount
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,9 @@ class ControlError(Exception):
     """A control request failed; the message is shown to the user as is."""
 
 
-def socket_path(mountpoint: str, runtime_dir: Path | None = None) -> Path:
+def socket_path(mountpoint: str, owner_uid: int) -> Path:
     key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    return (runtime_dir or default_runtime_dir()) / f"{key}.sock"
+    return runtime_dir(owner_uid) / f"{key}.sock"
 
 
 class ControlServer:
@@ -98,7 +99,10 @@ class ControlServer:
 
 def call(mountpoint: str, request: dict, timeout: float = 30.0) -> dict:
     """Send one request to the daemon serving mountpoint; raise ControlError on failure."""
-    path = socket_path(mountpoint)
+    info = find_mount(os.path.realpath(mountpoint))
+    if info is None or info.owner_uid is None:
+        raise ControlError(f"{mountpoint} is not served by a running fusecache daemon")
+    path = socket_path(mountpoint, info.owner_uid)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:

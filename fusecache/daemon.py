@@ -112,8 +112,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
     engine = Engine(cfg, source, store, metrics, budget)
     operations = FuseOperations(engine, cfg.attr_timeout)
     mountpoint = os.path.realpath(cfg.mountpoint)
-    control = ControlServer(socket_path(mountpoint), control_handlers(engine, store, metrics, mountpoint),
-                            owner_uid=os.getuid())
+    control = ControlServer(socket_path(mountpoint, os.getuid()),
+                            control_handlers(engine, store, metrics, mountpoint), owner_uid=os.getuid())
     registry = prometheus_registry(metrics)
     try:
         pyfuse3.init(operations, mountpoint, fuse_options(cfg, source.root))

@@ -213,6 +213,10 @@ class Engine:
     async def listdir(self, relpath: str) -> list[tuple[str, os.stat_result]]:
         return await self._io(self.source.listdir, relpath)
 
+    async def fstat(self, handle: Handle) -> os.stat_result:
+        """Attributes of the version of the file a handle has open."""
+        return await self._io(os.fstat, handle.tracked.src_fd)
+
     async def readlink(self, relpath: str) -> str:
         return await self._io(self.source.readlink, relpath)
 
@@ -319,13 +323,19 @@ class Engine:
             return memoryview(b"")
         length = min(size, entry.size - offset)
         buf = self._reply_buffer(length)[:length]
-        try:
-            if not entry.cacheable:
-                raise CacheFull(entry.relpath)
-            all_cached = await self._ensure(tracked, chunks)
-        except CacheFull:
-            return await self._read_through(tracked, buf, offset)
-        n = await self._io(entry.read_into, buf, offset, limiter=self._serve_limiter)
+        for _attempt in range(3):
+            generation = entry.generation
+            try:
+                if not entry.cacheable:
+                    raise CacheFull(entry.relpath)
+                all_cached = await self._ensure(tracked, chunks)
+            except CacheFull:
+                return await self._read_through(tracked, buf, offset)
+            n = await self._io(entry.read_into, buf, offset, generation, limiter=self._serve_limiter)
+            if n is not None:
+                break
+        else:
+            raise ReadError(errno.EIO, f"{entry.relpath}: its cache file keeps changing behind our back")
         self.metrics.bytes_served += n
         if all_cached:
             self.metrics.bytes_served_from_cache += n

@@ -1,7 +1,10 @@
 """The FUSE adapter: translates pyfuse3 requests into engine calls, and nothing more.
 
-It owns the one thing that is purely FUSE's: inode numbers. Each relative path gets a number
-the first time the kernel sees it, kept for the whole mount so inode numbers are stable.
+It owns the one thing that is purely FUSE's: inode numbers. Each version of a path (relative
+path plus the source's inode number) gets a number the first time the kernel sees it, kept for
+the whole mount so inode numbers are stable. A file replaced in the source (new source inode)
+gets a new number: the kernel keeps one page cache per inode, so handles opened on the old
+version keep their own pages and never see bytes of the new one.
 Errors become FUSEError with the source's errno; a failure in one request never escapes to
 the main loop.
 """
@@ -44,24 +47,31 @@ def fuse_errors(fn: F) -> F:
 
 
 class InodeTable:
-    """Bidirectional map between inode numbers and relative paths ('' is the root)."""
+    """Bidirectional map between inode numbers and (relative path, source inode) versions.
+    The root ('') is always ROOT_INODE, whatever the source's inode."""
 
     def __init__(self) -> None:
-        self._paths: dict[int, str] = {pyfuse3.ROOT_INODE: ""}
-        self._inodes: dict[str, int] = {"": pyfuse3.ROOT_INODE}
+        self._versions: dict[int, tuple[str, int | None]] = {pyfuse3.ROOT_INODE: ("", None)}
+        self._inodes: dict[tuple[str, int | None], int] = {}
         self._next = pyfuse3.ROOT_INODE + 1
 
-    def path(self, inode: int) -> str:
+    def version(self, inode: int) -> tuple[str, int | None]:
         try:
-            return self._paths[inode]
+            return self._versions[inode]
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
-    def inode(self, relpath: str) -> int:
-        inode = self._inodes.get(relpath)
+    def path(self, inode: int) -> str:
+        return self.version(inode)[0]
+
+    def inode(self, relpath: str, source_ino: int) -> int:
+        if relpath == "":
+            return pyfuse3.ROOT_INODE
+        key = (relpath, source_ino)
+        inode = self._inodes.get(key)
         if inode is None:
-            inode = self._inodes[relpath] = self._next
-            self._paths[inode] = relpath
+            inode = self._inodes[key] = self._next
+            self._versions[inode] = key
             self._next += 1
         return inode
 
@@ -74,13 +84,13 @@ class FuseOperations(pyfuse3.Operations):
         self.engine = engine
         self.attr_timeout = attr_timeout
         self.inodes = InodeTable()
-        self._handles: dict[int, Handle] = {}
+        self._handles: dict[int, tuple[int, Handle]] = {}  # fh -> (inode, handle)
         self._listings: dict[int, list[tuple[str, os.stat_result]]] = {}
         self._next_fh = 1
 
     def _attributes(self, relpath: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = self.inodes.inode(relpath)
+        attr.st_ino = self.inodes.inode(relpath, st.st_ino)
         attr.generation = 0
         attr.entry_timeout = self.attr_timeout
         attr.attr_timeout = self.attr_timeout
@@ -111,8 +121,22 @@ class FuseOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
-        relpath = self.inodes.path(inode)
-        return self._attributes(relpath, await self.engine.lstat(relpath))
+        relpath, source_ino = self.inodes.version(inode)
+        try:
+            st: os.stat_result | None = await self.engine.lstat(relpath)
+        except FileNotFoundError:
+            st = None
+        if st is None or (source_ino is not None and st.st_ino != source_ino):
+            # the path was removed or now holds another file: an fstat of an open handle
+            # wants the version that handle has open
+            handle = next((h for i, h in self._handles.values() if i == inode), None)
+            if handle is not None:
+                st = await self.engine.fstat(handle)
+            elif st is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+        attr = self._attributes(relpath, st)
+        attr.st_ino = inode
+        return attr
 
     @fuse_errors
     async def readlink(self, inode, ctx):
@@ -170,20 +194,25 @@ class FuseOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
-        relpath = self.inodes.path(inode)
+        relpath, source_ino = self.inodes.version(inode)
         handle = await self.engine.open(relpath)
+        if handle.tracked.identity.ino != source_ino:
+            # the kernel's dentry still names the previous version: ESTALE makes it look the
+            # path up again (LOOKUP_REVAL) and open the new inode instead
+            await self.engine.release(handle)
+            raise pyfuse3.FUSEError(errno.ESTALE)
         fh = self._new_fh()
-        self._handles[fh] = handle
+        self._handles[fh] = (inode, handle)
         return pyfuse3.FileInfo(fh=fh, keep_cache=handle.keep_cache)
 
     @fuse_errors
     async def read(self, fh, off, size):
-        return await self.engine.read(self._handles[fh], off, size)
+        return await self.engine.read(self._handles[fh][1], off, size)
 
     async def release(self, fh):
-        handle = self._handles.pop(fh, None)
-        if handle is not None:
-            await self.engine.release(handle)
+        inode_and_handle = self._handles.pop(fh, None)
+        if inode_and_handle is not None:
+            await self.engine.release(inode_and_handle[1])
 
     # ---- everything that writes --------------------------------------------------------
 

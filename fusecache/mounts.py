@@ -25,6 +25,15 @@ class MountInfo:
     mountpoint: str
     fstype: str
     source: str
+    super_options: str
+
+    @property
+    def owner_uid(self) -> int | None:
+        """The uid that mounted a FUSE filesystem (its user_id= option)."""
+        for option in self.super_options.split(","):
+            if option.startswith("user_id="):
+                return int(option[len("user_id="):])
+        return None
 
 
 def _unescape(field: str) -> str:
@@ -49,7 +58,7 @@ def mount_table() -> list[MountInfo]:
             sep = fields.index("-")
             major, minor = fields[2].split(":")
             mounts.append(MountInfo(int(major), int(minor), _unescape(fields[4]),
-                                    fields[sep + 1], _unescape(fields[sep + 2])))
+                                    fields[sep + 1], _unescape(fields[sep + 2]), fields[sep + 3]))
     return mounts
 
 

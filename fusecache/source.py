@@ -31,6 +31,11 @@ class Identity:
     def of(cls, st: os.stat_result) -> Identity:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
+    def same_content(self, other: Identity) -> bool:
+        """Whether two stats can be of the same bytes. ctime is left out: it also moves when an
+        open file is unlinked or renamed over, which leaves its bytes as they were."""
+        return (self.size, self.mtime_ns, self.ino) == (other.size, other.mtime_ns, other.ino)
+
 
 class SourceChanged(OSError):
     """The source file changed while we were reading it; the bytes read must not be cached."""
@@ -109,5 +114,5 @@ class Source:
             if n == 0:
                 raise SourceChanged(relpath)
             done += n
-        if Identity.of(os.fstat(fd)) != identity:
+        if not Identity.of(os.fstat(fd)).same_content(identity):
             raise SourceChanged(relpath)

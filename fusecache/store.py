@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import zlib
 from array import array
 from pathlib import Path
@@ -65,6 +66,14 @@ class CacheEntry:
         self.state = state
         self.crcs = crcs
         self.closed = False
+        # Detecting writes into the data file by anyone else: its (size, ctime) as our own
+        # last write left it. While one of our writes is in progress the check is skipped.
+        self._lock = threading.Lock()
+        self._writing = 0
+        self._stamp = _stamp(data_fd) if data_fd >= 0 else None
+        # bumped when chunks are demoted for re-verification, so that reads which checked
+        # their chunks before that cannot serve from them
+        self.generation = 0
 
     @classmethod
     def uncached(cls, relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
@@ -103,11 +112,18 @@ class CacheEntry:
         """Write a chunk's bytes, then its index record. Order matters for crash safety."""
         offset, length = self.chunk_extent(index)
         assert len(data) == length, (len(data), length)
-        _pwrite_all(self.data_fd, data, offset)
-        crc = zlib.crc32(data)
-        os.pwrite(self.index_fd, _RECORD.pack(crc, _PRESENT), self.records_offset + index * _RECORD.size)
-        self.crcs[index] = crc
-        self.state[index] = VERIFIED
+        with self._lock:
+            self._writing += 1
+        try:
+            _pwrite_all(self.data_fd, data, offset)
+            crc = zlib.crc32(data)
+            os.pwrite(self.index_fd, _RECORD.pack(crc, _PRESENT), self.records_offset + index * _RECORD.size)
+            self.crcs[index] = crc
+            self.state[index] = VERIFIED
+        finally:
+            with self._lock:
+                self._writing -= 1
+                self._stamp = _stamp(self.data_fd)
 
     def verify_chunk(self, index: int, scratch: memoryview) -> bool:
         """Check a chunk recorded by an earlier run against its crc32; forget it if bad."""
@@ -122,7 +138,22 @@ class CacheEntry:
             self.state[index] = MISSING
         return ok
 
-    def read_into(self, buf: memoryview, offset: int) -> int:
+    def read_into(self, buf: memoryview, offset: int, generation: int) -> int | None:
+        """Read cached bytes whose chunks were verified at `generation`. None if the data file
+        was changed by someone else since our last write (every chunk must then pass its
+        crc32 again before it is served), or was found changed since that generation."""
+        with self._lock:
+            stamp = self._stamp if self._writing else _stamp(self.data_fd)
+            if stamp != self._stamp:
+                log.warning("cache file of %s was modified behind fusecache's back; re-verifying it",
+                            self.relpath)
+                self._stamp = stamp
+                self.generation += 1
+                for i, state in enumerate(self.state):
+                    if state == VERIFIED:
+                        self.state[i] = ON_DISK
+            if generation != self.generation:
+                return None
         return _pread_all(self.data_fd, buf, offset)
 
     def close(self) -> None:
@@ -130,6 +161,11 @@ class CacheEntry:
             self.closed = True
             os.close(self.data_fd)
             os.close(self.index_fd)
+
+
+def _stamp(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_size, st.st_ctime_ns
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -251,7 +287,7 @@ class CacheStore:
         the file keeps reading its own bytes. The index is renamed into place last, so a crash
         part-way leaves no index and the entry is simply created again.
         """
-        data_path.parent.mkdir(exist_ok=True)
+        data_path.parent.mkdir(parents=True, exist_ok=True)  # recreated if the cache dir was removed
         index_path.unlink(missing_ok=True)
         header = _expected_header(relpath, identity, chunk_size)
         records_offset = _records_offset(header)
@@ -267,7 +303,8 @@ class CacheStore:
             index_fd = os.open(tmp_index, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             os.pwrite(index_fd, _encode_header(header), 0)
             os.ftruncate(index_fd, records_offset + nchunks * _RECORD.size)
-            os.fsync(index_fd)
+            # No fsync: an index lost or emptied by a power cut fails to parse and the entry
+            # is recreated; records that outlive their data are caught by the crc32.
             os.replace(tmp_index, index_path)
         except BaseException:
             os.close(data_fd)
