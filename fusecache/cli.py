@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("mount", "umount", "unmount", "status", "prefetch", "pin", "unpin", "cache", "demo")
 FSTYPE = "fuse.fusecache"
+UMOUNT_WAIT = 30.0
 
 
 class UsageError(Exception):
@@ -182,10 +183,28 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if info is None or info.fstype != FSTYPE:
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
     try:
+        pid = control.call(mountpoint, {"command": "status"})["pid"]
+    except control.ControlError:
+        pid = None  # not ours to ask (or the daemon is gone): unmount without waiting
+    try:
         mounts.unmount(mountpoint)
     except OSError as e:
         raise Failure(f"cannot unmount {args.mountpoint}: {e.strerror}") from None
+    if pid is not None:
+        _wait_for_exit(pid, UMOUNT_WAIT)
     return 0
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    """Return once the daemon has exited, so its cache dir is free for the next mount."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    raise Failure(f"unmounted, but the daemon (pid {pid}) is still running after {timeout:.0f}s")
 
 
 # ---- status and prefetch -------------------------------------------------------------------

@@ -74,10 +74,19 @@ class ControlServer:
                 pass
 
     async def _answer(self, stream: trio.SocketStream) -> dict:
+        # The request is read before anything is refused: closing a unix socket with unread
+        # data makes the peer's read fail (ECONNRESET) instead of showing it our answer.
+        request = await self._read_request(stream)
         _pid, uid, _gid = _PEERCRED.unpack(
             stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         if uid not in (0, self.owner_uid):
             raise ControlError("permission denied: only root or the user who mounted may control this mount")
+        handler = self.handlers.get(request["command"])
+        if handler is None:
+            raise ControlError(f"unknown command {request['command']!r}")
+        return await handler(request)
+
+    async def _read_request(self, stream: trio.SocketStream) -> dict:
         data = b""
         while not data.endswith(b"\n"):
             more = await stream.receive_some(65536)
@@ -88,13 +97,10 @@ class ControlServer:
                 raise ControlError("request too large")
         try:
             request = json.loads(data)
-            command = request["command"]
+            request["command"]
         except (ValueError, KeyError, TypeError):
             raise ControlError("malformed request") from None
-        handler = self.handlers.get(command)
-        if handler is None:
-            raise ControlError(f"unknown command {command!r}")
-        return await handler(request)
+        return request
 
 
 def call(mountpoint: str, request: dict, timeout: float = 30.0) -> dict:

@@ -109,7 +109,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
     source = Source(cfg.source)
     metrics = Metrics()
     budget = CacheBudget(limit=sys.maxsize)  # the real limit is set once the store is loaded
-    engine = Engine(cfg, source, store, metrics, budget)
+    in_memory = mounts.fstype_of(str(store.root)) == "tmpfs"
+    engine = Engine(cfg, source, store, metrics, budget, serve_from_memory=in_memory)
     operations = FuseOperations(engine, cfg.attr_timeout)
     mountpoint = os.path.realpath(cfg.mountpoint)
     control = ControlServer(socket_path(mountpoint, os.getuid()),

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import stat as stat_mod
@@ -97,14 +98,15 @@ class Handle:
 
 
 class Lane:
-    """Threads and reusable buffers for one kind of fetch; buffers bound the daemon's memory."""
+    """Threads and reusable buffers for one kind of fetch; buffers bound the daemon's memory.
+    Buffers are anonymous mappings: their pages become resident only once a fetch uses them."""
 
     def __init__(self, threads: int, buffer_size: int, chunk_size: int) -> None:
         self.limiter = trio.CapacityLimiter(threads)
         self.max_chunks = buffer_size // chunk_size
         self._send, self._receive = trio.open_memory_channel[memoryview](threads)
         for _ in range(threads):
-            self._send.send_nowait(memoryview(bytearray(buffer_size)))
+            self._send.send_nowait(memoryview(mmap.mmap(-1, buffer_size)))
 
     @asynccontextmanager
     async def buffer(self) -> AsyncIterator[memoryview]:
@@ -158,13 +160,17 @@ def is_shard(relpath: str) -> bool:
 
 class Engine:
     def __init__(self, config: MountConfig, source: Source, store: CacheStore, metrics: Metrics,
-                 budget: CacheBudget) -> None:
+                 budget: CacheBudget, serve_from_memory: bool = False) -> None:
         self.config = config
         self.source = source
         self.store = store
         self.metrics = metrics
         self.budget = budget
         self.pins: set[str] = set()
+        # A cache in memory is served by mapping its files: the reply is copied straight from
+        # the cache's pages to the kernel, with no thread round trip. On disk a mapped page may
+        # have to be read back, which must not stall the event loop: there, worker threads read.
+        self.serve_from_memory = serve_from_memory
         self._files: dict[str, TrackedFile] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._opening = KeyedLock()
@@ -331,15 +337,28 @@ class Engine:
                 all_cached = await self._ensure(tracked, chunks)
             except CacheFull:
                 return await self._read_through(tracked, buf, offset)
-            n = await self._io(entry.read_into, buf, offset, generation, limiter=self._serve_limiter)
+            if self.serve_from_memory:
+                view = entry.view(offset, length, generation)
+                if view is not None:
+                    self._account_served(len(view), all_cached)
+                    return view
+                continue
+            # what the page cache holds is copied here and now; only the rest costs a thread
+            n = entry.read_into(buf, offset, generation, nowait=True)
+            if n is not None and n < length:
+                rest = await self._io(entry.read_into, buf[n:], offset + n, generation, limiter=self._serve_limiter)
+                n = None if rest is None else n + rest
             if n is not None:
                 break
         else:
             raise ReadError(errno.EIO, f"{entry.relpath}: its cache file keeps changing behind our back")
-        self.metrics.bytes_served += n
-        if all_cached:
-            self.metrics.bytes_served_from_cache += n
+        self._account_served(n, all_cached)
         return buf[:n]
+
+    def _account_served(self, n: int, from_cache: bool) -> None:
+        self.metrics.bytes_served += n
+        if from_cache:
+            self.metrics.bytes_served_from_cache += n
 
     async def _read_through(self, tracked: TrackedFile, buf: memoryview, offset: int) -> memoryview:
         """Serve a read straight from the source when the cache has no room for it."""

@@ -72,6 +72,18 @@ def find_mount(mountpoint: str) -> MountInfo | None:
     return found
 
 
+def fstype_of(path: str) -> str | None:
+    """Filesystem type of the mount holding path (the longest mountpoint prefix)."""
+    target = os.path.realpath(path)
+    best: MountInfo | None = None
+    for info in mount_table():
+        prefix = info.mountpoint.rstrip("/") + "/"
+        if (target == info.mountpoint or target.startswith(prefix)) and (
+                best is None or len(info.mountpoint) >= len(best.mountpoint)):
+            best = info
+    return best.fstype if best else None
+
+
 def is_stale(mountpoint: str) -> bool:
     """A FUSE mount whose daemon died: the kernel answers ENOTCONN to everything."""
     try:
@@ -97,7 +109,7 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
 def tune_fuse_mount(mountpoint: str, read_ahead_kb: int, max_background: int) -> None:
     """Raise the mount's readahead and background-request limits.
 
-    The kernel sends FUSE reads of at most read_ahead_kb (128 KiB by default); at 16 MiB it
+    The kernel sends FUSE reads of at most read_ahead_kb (128 KiB by default); from 1 MiB up it
     sends 1 MiB requests, which measured 2-3x the cold throughput of a Python daemon.
     max_background bounds the readahead requests in flight (12 by default), which limits how
     many chunk fetches concurrent readers can overlap. Both are best effort: without /sys

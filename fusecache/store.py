@@ -16,10 +16,12 @@ each daemon lifetime. All methods block: call them from worker threads.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -74,6 +76,7 @@ class CacheEntry:
         # bumped when chunks are demoted for re-verification, so that reads which checked
         # their chunks before that cannot serve from them
         self.generation = 0
+        self._map: mmap.mmap | None = None
 
     @classmethod
     def uncached(cls, relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
@@ -138,10 +141,34 @@ class CacheEntry:
             self.state[index] = MISSING
         return ok
 
-    def read_into(self, buf: memoryview, offset: int, generation: int) -> int | None:
+    def read_into(self, buf: memoryview, offset: int, generation: int, nowait: bool = False) -> int | None:
         """Read cached bytes whose chunks were verified at `generation`. None if the data file
         was changed by someone else since our last write (every chunk must then pass its
-        crc32 again before it is served), or was found changed since that generation."""
+        crc32 again before it is served), or was found changed since that generation.
+        With nowait, read only what is in the page cache (RWF_NOWAIT), possibly nothing: the
+        caller's thread must never wait for a disk."""
+        if not self._unchanged_since(generation):
+            return None
+        if not nowait:
+            return _pread_all(self.data_fd, buf, offset)
+        try:
+            return os.preadv(self.data_fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP):
+                return 0
+            raise
+
+    def view(self, offset: int, length: int, generation: int) -> memoryview | None:
+        """The cached bytes as a view of a mapping of the data file: no copy, no thread. Only
+        for caches in memory (tmpfs), where touching the mapping never waits for a disk.
+        None as for read_into."""
+        if not self._unchanged_since(generation):
+            return None
+        if self._map is None:
+            self._map = mmap.mmap(self.data_fd, self.size, prot=mmap.PROT_READ)
+        return memoryview(self._map)[offset:offset + length]
+
+    def _unchanged_since(self, generation: int) -> bool:
         with self._lock:
             stamp = self._stamp if self._writing else _stamp(self.data_fd)
             if stamp != self._stamp:
@@ -152,13 +179,16 @@ class CacheEntry:
                 for i, state in enumerate(self.state):
                     if state == VERIFIED:
                         self.state[i] = ON_DISK
-            if generation != self.generation:
-                return None
-        return _pread_all(self.data_fd, buf, offset)
+            return generation == self.generation
 
     def close(self) -> None:
         if not self.closed and self.cacheable:
             self.closed = True
+            if self._map is not None:
+                try:
+                    self._map.close()
+                except BufferError:  # a reply view is still referenced; the GC unmaps it
+                    pass
             os.close(self.data_fd)
             os.close(self.index_fd)
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,6 +105,17 @@ class Mount:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture(params=["disk", "tmpfs"])
+def cache_location(request, tmp_path):
+    """A cache dir on disk (replies read by worker threads) or on tmpfs (replies mapped)."""
+    if request.param == "disk":
+        yield tmp_path / "cache"
+        return
+    path = Path(tempfile.mkdtemp(prefix="fusecache-test-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

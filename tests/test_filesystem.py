@@ -78,8 +78,8 @@ def test_inode_numbers_are_stable(tree, make_mount):
     assert len(set(first.values())) == len(first)
 
 
-def test_random_ranges_hashes_and_mmap_equal_source(tree, make_mount):
-    m = make_mount(tree, ["readahead=off"])
+def test_random_ranges_hashes_and_mmap_equal_source(tree, make_mount, cache_location):
+    m = make_mount(tree, ["readahead=off"], cache_dir=cache_location)
     source = file_bytes(tree / "models" / "blob.bin")
     rng = random.Random(7)
     with open(m.mountpoint / "models" / "blob.bin", "rb") as f:
@@ -115,11 +115,11 @@ def _reader(path: str, seed: int) -> None:
     print(load_digest(Path(path), order_seed=seed))
 
 
-def test_eight_concurrent_reader_processes(tmp_path, make_mount):
+def test_eight_concurrent_reader_processes(tmp_path, make_mount, cache_location):
     source = tmp_path / "ckpt"
     write_checkpoint(source, 32 * MiB, shards=4, seed=4)
     expected = load_digest(source)
-    m = make_mount(tmp_path)
+    m = make_mount(tmp_path, cache_dir=cache_location)
     code = "import sys; from tests.test_filesystem import _reader; _reader(sys.argv[1], int(sys.argv[2]))"
     root = Path(__file__).parent.parent
     procs = [subprocess.Popen([sys.executable, "-c", code, str(m.mountpoint / "ckpt"), str(rank)],

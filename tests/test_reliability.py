@@ -140,10 +140,10 @@ def test_replaced_while_streaming(counting_source, make_mount):
     assert file_bytes(m.mountpoint / "s.safetensors") == new
 
 
-def test_cache_file_overwritten_or_truncated_while_mounted(tmp_path, make_mount):
+def test_cache_file_overwritten_or_truncated_while_mounted(tmp_path, make_mount, cache_location):
     source = tmp_path / "src"
     data = fill(source, {"c.bin": 12 * MiB}, seed=38)["c.bin"]
-    m = make_mount(source, ["readahead=off", "chunk_size=1M"])
+    m = make_mount(source, ["readahead=off", "chunk_size=1M"], cache_dir=cache_location)
     assert file_bytes(m.mountpoint / "c.bin") == data
     [data_file] = m.cache_dir.rglob("*.data")
     # A foreign write is noticed by the data file's ctime moving past the one our own last

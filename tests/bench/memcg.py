@@ -22,17 +22,29 @@ class CgroupError(RuntimeError):
     """No usable memory controller."""
 
 
+def find_controller() -> tuple[Path, bool]:
+    """(root of the memory hierarchy, whether it is cgroup v2); v1 first, as on this machine."""
+    if (V1_ROOT / "memory.limit_in_bytes").exists():
+        return V1_ROOT, False
+    if "memory" in _read(V2_ROOT / "cgroup.controllers").split():
+        return V2_ROOT, True
+    raise CgroupError("no memory cgroup controller (neither v1 at /sys/fs/cgroup/memory nor v2)")
+
+
 class MemoryCgroup:
     """A fresh cgroup capped at `limit` bytes; a context manager that removes it on exit."""
 
     def __init__(self, name: str, limit: int) -> None:
         self.limit = limit
-        if (V1_ROOT / "memory.limit_in_bytes").exists():
-            self.path, self.v2 = V1_ROOT / name, False
-        elif "memory" in _read(V2_ROOT / "cgroup.controllers").split():
-            self.path, self.v2 = V2_ROOT / name, True
-        else:
-            raise CgroupError("no memory cgroup controller (neither v1 at /sys/fs/cgroup/memory nor v2)")
+        root, self.v2 = find_controller()
+        self.path = root / name
+
+    @classmethod
+    def remove_stale(cls, prefix: str) -> None:
+        """Remove cgroups named prefix* that a SIGKILLed run left, with whatever is in them."""
+        root, _v2 = find_controller()
+        for path in root.glob(f"{prefix}*"):
+            cls(path.name, 0).remove()
 
     def __enter__(self) -> MemoryCgroup:
         if self.path.exists():

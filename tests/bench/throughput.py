@@ -1,21 +1,26 @@
-"""Read throughput through a fusecache mount against a direct read of the same files.
+"""Read throughput through a fusecache mount against direct reads of the same bytes.
 
-    python3 -m tests.bench.throughput [--size-gb 2] [--files 4] [--readers 1] [--chunk-sizes 1M,4M,16M]
-                                      [--source-dir DIR] [--cache-dir DIR] [--json OUT]
+    python3 -m tests.bench.throughput [--size-gb 2] [--files 4] [--readers 1] [--pattern all|split]
+        [--mmap] [--chunk-sizes 4M] [--source-dir DIR] [--cache-dir DIR] [-o OPTION ...] [--json OUT]
 
-Per chunk size, one run measures side by side (page cache dropped before each cold pass):
-  direct   read the source files directly                (what the disk/network gives)
+Per chunk size, one run measures side by side, dropping the page cache before each pass but
+the hot one:
+  direct   the source files read directly (the source's own speed)
   cold     first read through a fresh mount, empty cache (source -> cache -> reader)
-  warm     after a remount, cache full, page cache dropped (cache file -> reader)
-  hot      second read through the same mount            (kernel page cache, keep_cache)
-Readers read whole files sequentially in 16 MiB reads, `--readers` processes at once, each
-starting at a different file. Needs root (drop_caches, mounting).
+  hot      a second read through the same mount (kernel page cache, keep_cache)
+  cache    the filled cache files read directly (the best a cached read could do)
+  warm     after a remount with the page cache dropped (cache file -> reader)
+GB/s are of checkpoint bytes over wall time. With --pattern all (data parallel) every reader
+reads every file, starting at another one; with split, reader r reads files[r::readers].
+--mmap reads the way safetensors does: mmap each file and touch all of it (numpy sum).
+Also reports the daemon's user and system CPU seconds during the cold pass. Needs root.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -29,6 +34,7 @@ from fusecache.config import parse_size
 
 MiB = 1 << 20
 GiB = 1 << 30
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def drop_caches() -> None:
@@ -36,27 +42,41 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def read_file(path: str) -> int:
-    buf = bytearray(16 * MiB)
-    view = memoryview(buf)
+def read_file(path: str, use_mmap: bool) -> int:
+    if use_mmap:
+        import numpy as np
+
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            np.frombuffer(mm, dtype=np.uint8)[::4096].sum()  # faults in every page, in order
+            return len(mm)
+    buf = memoryview(bytearray(16 * MiB))
     total = 0
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
+        while n := f.readinto(buf):
             total += n
     return total
 
 
-def read_all(paths: list[Path], readers: int) -> float:
-    """GB/s for `readers` processes reading every file, each starting at another file."""
-    jobs = [[str(paths[(r + i) % len(paths)]) for i in range(len(paths))] for r in range(readers)]
-    started = time.monotonic()
+def _read_list(paths: list[str], use_mmap: bool) -> int:
+    return sum(read_file(p, use_mmap) for p in paths)
+
+
+def reader_jobs(paths: list[Path], readers: int, pattern: str) -> list[list[str]]:
+    names = [str(p) for p in paths]
+    if pattern == "split":
+        return [names[r::readers] for r in range(readers)]
+    return [names[r % len(names):] + names[:r % len(names)] for r in range(readers)]
+
+
+def read_all(paths: list[Path], readers: int, pattern: str, use_mmap: bool) -> float:
+    """GB/s of distinct checkpoint bytes for `readers` processes reading `paths`."""
+    size = sum(p.stat().st_size for p in paths)
+    jobs = reader_jobs(paths, readers, pattern)
     with ProcessPoolExecutor(readers) as pool:
-        total = sum(pool.map(_read_list, jobs))
-    return total / (time.monotonic() - started) / 1e9
-
-
-def _read_list(paths: list[str]) -> int:
-    return sum(read_file(p) for p in paths)
+        list(pool.map(_read_list, [[]] * readers, [use_mmap] * readers))  # start the workers first
+        started = time.monotonic()
+        list(pool.map(_read_list, jobs, [use_mmap] * readers))
+        return size / (time.monotonic() - started) / 1e9
 
 
 def cli(*args: object) -> str:
@@ -67,50 +87,55 @@ def cli(*args: object) -> str:
 
 
 def make_source(directory: Path, size: int, files: int) -> list[Path]:
+    """Files of random-looking bytes (a 64 MiB random block, its first bytes varied per block)."""
     directory.mkdir(parents=True, exist_ok=True)
-    block = os.urandom(16 * MiB)
+    block = bytearray(os.urandom(64 * MiB))
     paths = []
     for i in range(files):
-        path = directory / f"shard-{i:03d}.bin"
+        path = directory / f"model-{i + 1:05d}-of-{files:05d}.safetensors"
         paths.append(path)
         if path.exists() and path.stat().st_size == size // files:
             continue
         with open(path, "wb") as f:
-            for _ in range(size // files // len(block)):
+            for n in range(size // files // len(block)):
+                block[:16] = f"{i:08d}{n:08d}".encode()
                 f.write(block)
     return paths
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
-def measure(source: Path, paths: list[Path], cache_root: Path, chunk: str, readers: int,
-            options: list[str]) -> dict:
+def measure(source: Path, paths: list[Path], cache: Path, chunk: str, args: argparse.Namespace) -> dict:
     mountpoint = Path(tempfile.mkdtemp(prefix="fcbench-mnt-"))
-    cache = cache_root / f"cache-{chunk}"
     shutil.rmtree(cache, ignore_errors=True)
     mount_args = ["mount", source, mountpoint, "--cache-dir", cache, "-o", f"chunk_size={chunk}"]
-    for option in options:
+    for option in args.options:
         mount_args += ["-o", option]
     via_mount = [mountpoint / p.name for p in paths]
+
+    def timed(files: list[Path], drop: bool = True) -> float:
+        if drop:
+            drop_caches()
+        return read_all(files, args.readers, args.pattern, args.mmap)
+
     row: dict = {"chunk_size": chunk}
     try:
-        drop_caches()
-        row["direct"] = read_all(paths, readers)
+        row["direct"] = timed(paths)
         cli(*mount_args)
         pid = json.loads(cli("status", mountpoint, "--json"))["pid"]
-        drop_caches()
-        cpu0 = cpu_seconds(pid)
-        row["cold"] = read_all(via_mount, readers)
-        row["cold_daemon_cpu_s"] = cpu_seconds(pid) - cpu0
-        row["hot"] = read_all(via_mount, readers)
+        user0, sys0 = cpu_seconds(pid)
+        row["cold"] = timed(via_mount)
+        user1, sys1 = cpu_seconds(pid)
+        row["cold_daemon_user_s"], row["cold_daemon_sys_s"] = user1 - user0, sys1 - sys0
+        row["hot"] = timed(via_mount, drop=False)
+        row["cache"] = timed(sorted(cache.rglob("*.data")))
         cli("umount", mountpoint)
         cli(*mount_args)
-        drop_caches()
-        row["warm"] = read_all(via_mount, readers)
+        row["warm"] = timed(via_mount)
+        cli("umount", mountpoint)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
         mountpoint.rmdir()
@@ -123,26 +148,28 @@ def main() -> int:
     parser.add_argument("--size-gb", type=float, default=2.0)
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--readers", type=int, default=1)
-    parser.add_argument("--chunk-sizes", default="1M,4M,16M")
+    parser.add_argument("--pattern", choices=("all", "split"), default="all")
+    parser.add_argument("--mmap", action="store_true", help="read through mmap, as safetensors does")
+    parser.add_argument("--chunk-sizes", default="4M")
     parser.add_argument("--source-dir", type=Path, default=Path("/var/tmp/fcbench-source"))
     parser.add_argument("--cache-dir", type=Path, default=Path("/var/tmp/fcbench-cache"))
     parser.add_argument("-o", dest="options", action="append", default=[], help="extra mount option")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    for chunk in args.chunk_sizes.split(","):
+    chunks = args.chunk_sizes.split(",")
+    for chunk in chunks:
         parse_size(chunk)  # fail early on a typo
     paths = make_source(args.source_dir, int(args.size_gb * GiB), args.files)
     rows = []
-    print(f"{args.size_gb} GB in {args.files} files, {args.readers} reader(s); GB/s "
-          f"(ratios against direct in the same row)")
-    print(f"{'chunk':>6} {'direct':>7} {'cold':>13} {'warm':>13} {'hot':>13} {'daemon cpu s':>12}")
-    for chunk in args.chunk_sizes.split(","):
-        row = measure(args.source_dir, paths, args.cache_dir, chunk, args.readers, args.options)
+    print(f"{args.size_gb:g} GiB in {args.files} files, {args.readers} reader(s) ({args.pattern}"
+          f"{', mmap' if args.mmap else ''}), options {args.options or 'default'}; GB/s, ratio to direct")
+    print(f"{'chunk':>6} {'direct':>7} {'cold':>13} {'cache':>13} {'hot':>13} {'warm':>13} {'daemon cpu usr/sys s':>21}")
+    for chunk in chunks:
+        row = measure(args.source_dir, paths, args.cache_dir / f"c{chunk}", chunk, args)
         rows.append(row)
         d = row["direct"]
-        print(f"{chunk:>6} {d:7.2f} {row['cold']:6.2f} ({row['cold'] / d:4.2f}x) "
-              f"{row['warm']:6.2f} ({row['warm'] / d:4.2f}x) {row['hot']:6.2f} ({row['hot'] / d:4.2f}x) "
-              f"{row['cold_daemon_cpu_s']:12.1f}", flush=True)
+        cells = " ".join(f"{row[k]:6.2f} ({row[k] / d:4.2f}x)" for k in ("cold", "cache", "hot", "warm"))
+        print(f"{chunk:>6} {d:7.2f} {cells} {row['cold_daemon_user_s']:10.1f}/{row['cold_daemon_sys_s']:.1f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     return 0
