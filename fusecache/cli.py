@@ -190,21 +190,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
         mounts.unmount(mountpoint)
     except OSError as e:
         raise Failure(f"cannot unmount {args.mountpoint}: {e.strerror}") from None
-    if pid is not None:
-        _wait_for_exit(pid, UMOUNT_WAIT)
+    # return only once the daemon is gone, so its cache dir is free for the next mount
+    if pid is not None and not mounts.wait_for_exit(pid, UMOUNT_WAIT):
+        raise Failure(f"unmounted, but the daemon (pid {pid}) is still running after {UMOUNT_WAIT:.0f}s")
     return 0
-
-
-def _wait_for_exit(pid: int, timeout: float) -> None:
-    """Return once the daemon has exited, so its cache dir is free for the next mount."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise Failure(f"unmounted, but the daemon (pid {pid}) is still running after {timeout:.0f}s")
 
 
 # ---- status and prefetch -------------------------------------------------------------------

@@ -337,23 +337,22 @@ class Engine:
                 all_cached = await self._ensure(tracked, chunks)
             except CacheFull:
                 return await self._read_through(tracked, buf, offset)
-            if self.serve_from_memory:
-                view = entry.view(offset, length, generation)
-                if view is not None:
-                    self._account_served(len(view), all_cached)
-                    return view
-                continue
-            # what the page cache holds is copied here and now; only the rest costs a thread
-            n = entry.read_into(buf, offset, generation, nowait=True)
-            if n is not None and n < length:
-                rest = await self._io(entry.read_into, buf[n:], offset + n, generation, limiter=self._serve_limiter)
-                n = None if rest is None else n + rest
-            if n is not None:
-                break
-        else:
-            raise ReadError(errno.EIO, f"{entry.relpath}: its cache file keeps changing behind our back")
-        self._account_served(n, all_cached)
-        return buf[:n]
+            reply = await self._from_cache(entry, buf, offset, generation)
+            if reply is not None:
+                self._account_served(len(reply), all_cached)
+                return reply
+        raise ReadError(errno.EIO, f"{entry.relpath}: its cache file keeps changing behind our back")
+
+    async def _from_cache(self, entry: CacheEntry, buf: memoryview, offset: int, generation: int) -> memoryview | None:
+        """The cached bytes of buf's range; None if the cache file changed behind our back."""
+        if self.serve_from_memory:
+            return entry.view(offset, len(buf), generation)
+        # what the page cache holds is copied here and now; only the rest costs a thread
+        n = entry.read_into(buf, offset, generation, nowait=True)
+        if n is not None and n < len(buf):
+            rest = await self._io(entry.read_into, buf[n:], offset + n, generation, limiter=self._serve_limiter)
+            n = None if rest is None else n + rest
+        return None if n is None else buf[:n]
 
     def _account_served(self, n: int, from_cache: bool) -> None:
         self.metrics.bytes_served += n

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,18 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
         raise OSError(errno.EINVAL, message[-1] if message else f"{cmd[0]} failed")
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process pid has exited; False if it is still running after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def tune_fuse_mount(mountpoint: str, read_ahead_kb: int, max_background: int) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fusecache import mounts
+
 HERE = Path(__file__).parent
 FUSE_AVAILABLE = os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
@@ -41,20 +43,11 @@ def run_cli(*args: str, check: bool = True, timeout: float = 60) -> subprocess.C
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return mounts.find_mount(os.path.realpath(path)) is not None
 
 
 def wait_gone(pid: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} still running")
+    assert mounts.wait_for_exit(pid, timeout), f"process {pid} still running"
 
 
 def force_unmount(path: Path) -> None:

@@ -11,7 +11,6 @@ import random
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
