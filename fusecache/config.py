@@ -153,10 +153,6 @@ class MountConfig:
         if self.block_size > 1 * GiB:
             raise ConfigError(f"invalid block_size {self.block_size}: must be <= 1G")
 
-    @property
-    def chunks_per_block(self) -> int:
-        return self.block_size // self.chunk_size
-
 
 def _set_cache_size(cfg: MountConfig, key: str, value: str) -> None:
     if value.strip().endswith("%"):
