@@ -273,21 +273,25 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def _wait_for(mountpoint: str, files: list[str], total: int, show: bool) -> dict:
-    """Poll the daemon until the files are cached (or failed), drawing a progress bar."""
+    """Poll the daemon until no file is still being fetched, drawing a progress bar. `total`
+    (the listed size) stands in until every file's current version is known."""
     started = time.monotonic()
     while True:
         progress = control.call(mountpoint, {"command": "progress", "paths": files})
         done, rate = progress["cached"], progress["rate"]
+        if not progress["unknown"]:
+            total = progress["size"]
         if show:
-            eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "--"
+            eta = f"{max(total - done, 0) / rate:.0f}s" if rate > 0 else "--"
             width = 30
-            filled = int(width * done / total) if total else width
+            filled = min(width, int(width * done / total)) if total else width
             print(f"\r[{'#' * filled}{'.' * (width - filled)}] {human(done)} / {human(total)}"
                   f"  {human(rate)}/s  ETA {eta}   ", end="", file=sys.stderr, flush=True)
-        if done >= total or progress["errors"]:
+        if not progress["pending"]:
             if show:
                 print(file=sys.stderr)
-            return {"cached": done, "seconds": time.monotonic() - started, "errors": progress["errors"]}
+            return {"cached": done, "bytes": total, "seconds": time.monotonic() - started,
+                    "errors": progress["errors"]}
         time.sleep(0.5)
 
 

@@ -246,7 +246,7 @@ def control_handlers(engine: Engine, store: CacheStore, metrics: Metrics, mountp
         paths = _relpaths(request)
         files = await trio.to_thread.run_sync(_regular_files, engine.source, paths)
         for relpath, _size in files:
-            engine.enqueue_stream(relpath)
+            engine.prefetch(relpath)
         return {"files": [{"path": p, "size": s} for p, s in files]}
 
     async def pin(request: dict) -> dict:
@@ -263,17 +263,35 @@ def control_handlers(engine: Engine, store: CacheStore, metrics: Metrics, mountp
         await engine.set_pins(engine.pins - paths)
         return {"pins": sorted(engine.pins)}
 
+    async def extent_of(relpath: str) -> tuple[int, int] | None:
+        """(cached, size) of relpath's current version, else as its index last recorded."""
+        extent = engine.cached_extent(relpath)
+        if extent is None:
+            summary = await trio.to_thread.run_sync(store.index_of, relpath)
+            extent = None if summary is None else (summary["cached"], summary["size"])
+        return extent
+
     async def progress(request: dict) -> dict:
-        paths = _relpaths(request)
-        cached = 0
-        for relpath in paths:
-            live = engine.cached_bytes(relpath)
-            if live is None:
-                summary = await trio.to_thread.run_sync(store.index_of, relpath)
-                live = summary["cached"] if summary else 0
-            cached += live
-        errors = {p: engine.stream_errors[p] for p in paths if p in engine.stream_errors}
-        return {"cached": cached, "rate": metrics.source_rate(), "errors": errors}
+        """Where the prefetch of each path stands. Sizes are those of the versions being
+        fetched, which differ from what `prefetch` listed if a file changed since; `unknown`
+        counts files not opened yet (their size is not in the sum)."""
+        cached = size = unknown = pending = 0
+        errors = {}
+        for relpath in _relpaths(request):
+            extent = await extent_of(relpath)
+            streaming, error = engine.stream_state(relpath)
+            if extent is None:
+                unknown += 1
+            else:
+                cached, size = cached + extent[0], size + extent[1]
+            if streaming:
+                pending += 1
+            elif error is not None:
+                errors[relpath] = error
+            elif extent is None or extent[0] < extent[1]:
+                errors[relpath] = "not in the cache once fetched (evicted: is the cache too small?)"
+        return {"cached": cached, "size": size, "unknown": unknown, "pending": pending,
+                "rate": metrics.source_rate(), "errors": errors}
 
     return {"status": status, "prefetch": prefetch, "progress": progress, "pin": pin, "unpin": unpin,
             "cache_ls": cache_ls, "cache_clear": cache_clear}
@@ -284,7 +302,8 @@ def _relpaths(request: dict) -> list[str]:
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ControlError("'paths' must be a list of paths")
     for relpath in paths:
-        if relpath.startswith("/") or any(part in ("..", ".") for part in relpath.split("/") if relpath):
+        # the canonical form the engine keys files by: '' or names joined by single slashes
+        if relpath and any(part in ("", ".", "..") or "\0" in part for part in relpath.split("/")):
             raise ControlError(f"invalid path {relpath!r}")
     return paths
 

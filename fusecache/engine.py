@@ -36,7 +36,7 @@ import trio
 from .budget import CacheBudget
 from .config import MountConfig
 from .metrics import Metrics
-from .source import Identity, Source, is_under
+from .source import Identity, Source, SourceChanged, is_under
 from .store import MISSING, ON_DISK, VERIFIED, CacheEntry, CacheStore
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,17 @@ _INDEX_FILE_RE = re.compile(r".*\.index\.json$")
 # opens and closes shards repeatedly does not re-verify them each time.
 MAX_IDLE_FILES = 256
 REPLY_BUFFER_MIN = 1 << 20
+# How often a prefetched file may change in the source under its stream before it is given up.
+MAX_STREAM_REPLACEMENTS = 3
 
 
 class CacheFull(Exception):
     """No room in the cache for a fetch, even after evicting what may be evicted.
     Readers then get their bytes straight from the source (read-through)."""
+
+
+class VersionReplaced(Exception):
+    """The file changed in the source; the version being worked on is no longer served."""
 
 
 class ReadError(Exception):
@@ -83,6 +89,7 @@ class TrackedFile:
     users: int = 0  # open handles, running streams and flights
     inflight: dict[int, Flight] = field(default_factory=dict)
     streaming: bool = False
+    closed: bool = False
 
     @property
     def identity(self) -> Identity:
@@ -124,12 +131,19 @@ class KeyedLock:
         self._locks: dict[str, tuple[trio.Lock, int]] = {}
 
     @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
+    async def hold(self, key: str, wait: bool = True) -> AsyncIterator[None]:
+        """Hold key's lock; with wait=False raise trio.WouldBlock at once if it is taken."""
         lock, users = self._locks.get(key, (trio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
-            async with lock:
+            if wait:
+                await lock.acquire()
+            else:
+                lock.acquire_nowait()
+            try:
                 yield
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[key]
             if users == 1:
@@ -181,7 +195,10 @@ class Engine:
         self.demand = Lane(config.fetch_threads, 2 * config.chunk_size, config.chunk_size)
         self.stream = Lane(config.streams, config.block_size, config.chunk_size)
         self._stream_send, self._stream_receive = trio.open_memory_channel[str](math.inf)
-        self._queued: set[str] = set()
+        self._auto_streamed: set[str] = set()
+        self._streams_pending: set[str] = set()
+        self._explicit: set[str] = set()
+        self._replacements: dict[str, int] = {}
         self._scanned_dirs: set[str] = set()
         self.stream_errors: dict[str, str] = {}
         self._nursery: trio.Nursery | None = None
@@ -211,7 +228,9 @@ class Engine:
         """lstat the source; a changed identity retires the cached version for new opens."""
         st = await self._io(self.source.lstat, relpath)
         tracked = self._files.get(relpath)
-        if tracked is not None and Identity.of(st) != tracked.identity:
+        # ctime alone is not enough: a network filesystem's cached attributes may lag the
+        # open file's, and a full re-validation on the next open catches a real change anyway
+        if tracked is not None and not Identity.of(st).same_content(tracked.identity):
             log.info("%s changed in the source; its cached copy is dropped", relpath)
             self._retire(tracked)
         return st
@@ -220,8 +239,14 @@ class Engine:
         return await self._io(self.source.listdir, relpath)
 
     async def fstat(self, handle: Handle) -> os.stat_result:
-        """Attributes of the version of the file a handle has open."""
-        return await self._io(os.fstat, handle.tracked.src_fd)
+        """Attributes of the file a handle has open (its size and mtime may have moved on
+        since: `handle.tracked.identity` has the version's). Referenced meanwhile, so a
+        concurrent release cannot close the fd under the call."""
+        self._ref(handle.tracked)
+        try:
+            return await self._io(os.fstat, handle.tracked.src_fd)
+        finally:
+            self._unref(handle.tracked)
 
     async def readlink(self, relpath: str) -> str:
         return await self._io(self.source.readlink, relpath)
@@ -241,8 +266,9 @@ class Engine:
         self._served_identity[relpath] = identity
         now = time.time()
         self.budget.touch(relpath, now)
-        self._nursery.start_soon(self._io, self.store.touch, relpath, now)
-        if self.config.readahead != "off":
+        if tracked.entry.cacheable:
+            self._spawn(self.store.touch, relpath, now)
+        if self.config.readahead != "off" and tracked.entry.cacheable:
             self._nursery.start_soon(self._schedule_readahead, relpath, identity.size)
         return Handle(tracked, keep_cache)
 
@@ -255,20 +281,22 @@ class Engine:
             src_fd, identity = await self._io(self.source.open, relpath)
             tracked = self._files.get(relpath)
             if tracked is not None and tracked.identity == identity:
-                await self._io(os.close, src_fd)
-            else:
-                if tracked is not None:
-                    log.info("%s changed in the source; its cached copy is dropped", relpath)
-                    self._retire(tracked)
-                try:
-                    entry = await self._open_entry(relpath, identity)
-                except BaseException:
-                    os.close(src_fd)
-                    raise
-                tracked = TrackedFile(relpath, entry, src_fd)
-                if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
-                    self._files[relpath] = tracked
-                    self.budget.set_cached(relpath, entry.cached_bytes())
+                # referenced before anything awaits: an idle file may otherwise be closed meanwhile
+                self._ref(tracked)
+                self._spawn(os.close, src_fd)
+                return tracked
+            if tracked is not None:
+                log.info("%s changed in the source; its cached copy is dropped", relpath)
+                self._retire(tracked)
+            try:
+                entry = await self._open_entry(relpath, identity)
+            except BaseException:
+                os.close(src_fd)
+                raise
+            tracked = TrackedFile(relpath, entry, src_fd)
+            if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
+                self._files[relpath] = tracked
+                self.budget.set_cached(relpath, entry.cached_bytes())
             self._ref(tracked)
             return tracked
 
@@ -307,17 +335,34 @@ class Engine:
     def _retire(self, tracked: TrackedFile) -> None:
         """Stop handing out this version; its open handles keep reading it until released."""
         del self._files[tracked.relpath]
-        self._queued.discard(tracked.relpath)
+        self._auto_streamed.discard(tracked.relpath)
         if tracked.users == 0:
             self._idle.pop(tracked.relpath, None)
             self._close(tracked)
 
     def _close(self, tracked: TrackedFile) -> None:
+        """Close a version's cache entry and source fd, once, off the trio thread."""
+        if tracked.closed:
+            return
+        tracked.closed = True
+
         def close() -> None:
             tracked.entry.close()
             os.close(tracked.src_fd)
 
-        self._nursery.start_soon(self._io, close)
+        self._spawn(close)
+
+    def _spawn(self, fn: Callable[..., object], *args: object) -> None:
+        """Run a blocking housekeeping call in the background; its failure is logged, never
+        fatal (an exception escaping a task of the engine's nursery would stop the daemon)."""
+
+        async def guarded() -> None:
+            try:
+                await self._io(fn, *args)
+            except Exception:  # noqa: BLE001
+                log.exception("background %s%r failed", getattr(fn, "__name__", fn), args)
+
+        self._nursery.start_soon(guarded)
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -507,8 +552,12 @@ class Engine:
         if victims is None:
             raise CacheFull(f"cache is full ({self.budget.used} of {self.budget.limit} bytes) "
                             "and everything in it is open or pinned")
-        for victim in victims:
-            await self.evict(victim)
+        try:
+            for victim in victims:
+                await self.evict(victim)
+        except OSError as e:
+            self._count_error(e)
+            raise CacheFull(f"evicting from the cache failed: {e}") from e
         if not self.budget.fits(nbytes):
             raise CacheFull("cache is full")
 
@@ -518,58 +567,92 @@ class Engine:
         self.budget.limit = min(self.budget.limit, max(self.budget.used, 0))
         log.warning("cache filesystem is full; cache limit lowered to %d bytes", self.budget.limit)
         victims = self.budget.victims(self.config.block_size, lambda p: p != relpath and self._evictable(p)) or []
-        for victim in victims:
-            await self.evict(victim)
+        try:
+            for victim in victims:
+                await self.evict(victim)
+        except OSError as e:  # a sick cache filesystem: the caller falls back to read-through
+            self._count_error(e)
+            log.warning("evicting from the full cache failed: %s", e)
 
     async def evict(self, relpath: str) -> bool:
-        """Drop relpath from the cache unless it is open, streaming or pinned."""
-        async with self._opening.hold(relpath):
-            if not self._evictable(relpath):
-                return False
-            tracked = self._files.pop(relpath, None)
-            if tracked is not None:
-                self._idle.pop(relpath, None)
-                self._close(tracked)
-            self.budget.forget(relpath)
-            self._queued.discard(relpath)
-            await self._io(self.store.remove, relpath)
-            self.metrics.files_evicted += 1
-            log.info("evicted %s from the cache", relpath)
-            return True
+        """Drop relpath from the cache unless it is open, being opened, streaming or pinned.
+
+        A file being opened right now is in use, so it is skipped rather than waited for:
+        an open that ran out of disk space evicts while holding its own path's lock, and
+        waiting here for another path's lock could close a cycle between two such opens."""
+        try:
+            async with self._opening.hold(relpath, wait=False):
+                if not self._evictable(relpath):
+                    return False
+                tracked = self._files.pop(relpath, None)
+                if tracked is not None:
+                    self._idle.pop(relpath, None)
+                    self._close(tracked)
+                self.budget.forget(relpath)
+                self._auto_streamed.discard(relpath)
+                await self._io(self.store.remove, relpath)
+        except trio.WouldBlock:
+            return False
+        self.metrics.files_evicted += 1
+        log.info("evicted %s from the cache", relpath)
+        return True
 
     async def set_pins(self, pins: set[str]) -> None:
         self.pins = pins
         await self._io(self.store.save_pins, pins)
 
     # ---- readahead streams -------------------------------------------------------------
+    #
+    # Three sets say where a file stands:
+    # - _auto_streamed: automatic readahead already queued it for its current version (so
+    #   each open does not queue it again); cleared when that version is retired or evicted,
+    #   or its stream fails;
+    # - _streams_pending: a stream of it is queued or running; cleared when the stream ends;
+    # - _explicit: a prefetch asked for it; its stream is retried when the file changes
+    #   under it, and its outcome is kept in stream_errors for the prefetch to report.
 
     async def _schedule_readahead(self, relpath: str, size: int) -> None:
         """Queue relpath for streaming and, if it is the first shard opened in its directory,
         all its sibling shards (the directory is listed once per mount, not once per open)."""
-        if relpath in self._queued or (self.config.readahead == "shards" and not is_shard(relpath)):
+        if (relpath in self._auto_streamed or size < self.config.readahead_min_size
+                or (self.config.readahead == "shards" and not is_shard(relpath))):
             return
-        self.enqueue_stream(relpath)
+        self._enqueue_auto(relpath)
         parent = relpath.rpartition("/")[0]
         if not is_shard(relpath) or parent in self._scanned_dirs:
             return
         self._scanned_dirs.add(parent)
         try:
             siblings = await self._io(self._sibling_shards, relpath)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - readahead is an optimisation: never fatal
             log.warning("cannot list the siblings of %s: %s", relpath, e)
             self._scanned_dirs.discard(parent)
             return
         for path in siblings:
-            self.enqueue_stream(path)
+            self._enqueue_auto(path)
 
-    def enqueue_stream(self, relpath: str) -> bool:
-        """Queue a file to be streamed whole into the cache (once; later calls do nothing)."""
-        if relpath in self._queued:
-            return False
-        self._queued.add(relpath)
+    def _enqueue_auto(self, relpath: str) -> None:
+        if relpath not in self._auto_streamed:
+            self._auto_streamed.add(relpath)
+            self._start_stream(relpath)
+
+    def prefetch(self, relpath: str) -> None:
+        """Stream a file whole into the cache, whatever the readahead settings; the outcome is
+        then told by stream_state. Cheap for a file already cached: its stream finds every
+        chunk verified."""
+        self._explicit.add(relpath)
         self.stream_errors.pop(relpath, None)
-        self._stream_send.send_nowait(relpath)
-        return True
+        self._replacements.pop(relpath, None)
+        self._start_stream(relpath)
+
+    def stream_state(self, relpath: str) -> tuple[bool, str | None]:
+        """(whether a stream of relpath is queued or running, the error the last one ended with)."""
+        return relpath in self._streams_pending, self.stream_errors.get(relpath)
+
+    def _start_stream(self, relpath: str) -> None:
+        if relpath not in self._streams_pending:
+            self._streams_pending.add(relpath)
+            self._stream_send.send_nowait(relpath)
 
     def _sibling_shards(self, relpath: str) -> list[str]:
         """Worker thread: the other shards in relpath's directory, in checkpoint index order
@@ -592,49 +675,107 @@ class Engine:
         try:
             with open(self.source.path(self.source.child(parent, index_name)), "rb") as f:
                 weight_map = json.load(f).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise ValueError("its weight_map is not an object")
         except (OSError, ValueError, AttributeError) as e:
             log.info("ignoring checkpoint index %s: %s", index_name, e)
             return []
-        names = dict.fromkeys(v for v in weight_map.values() if isinstance(v, str) and "/" not in v)
+        names = dict.fromkeys(v for v in weight_map.values() if isinstance(v, str) and "/" not in v and v)
         return [self.source.child(parent, name) for name in names]
 
     async def _stream_worker(self) -> None:
         async for relpath in self._stream_receive:
             try:
                 await self._stream_file(relpath)
-            except (OSError, ReadError) as e:
-                log.warning("readahead of %s stopped: %s", relpath, e)
-                self.stream_errors[relpath] = str(e)
-                self._queued.discard(relpath)  # the next open tries again
+            except VersionReplaced:
+                self._stream_replaced(relpath)
+            except Exception as e:  # noqa: BLE001 - one file's failure must not stop the streams
+                self._stream_failed(relpath, e)
+            else:
+                self._streams_pending.discard(relpath)
+                self._explicit.discard(relpath)
+                self._replacements.pop(relpath, None)
+
+    def _stream_replaced(self, relpath: str) -> None:
+        """The file changed in the source while streaming. A prefetch wants the file as it is
+        now: stream the new version (a file that keeps changing ends in an error); automatic
+        readahead waits for the next open of the new version."""
+        self._streams_pending.discard(relpath)
+        if relpath not in self._explicit:
+            log.info("%s changed in the source while being streamed", relpath)
+            return
+        tries = self._replacements[relpath] = self._replacements.get(relpath, 0) + 1
+        if tries > MAX_STREAM_REPLACEMENTS:
+            self._stream_failed(relpath, ReadError(errno.ESTALE, "it keeps changing in the source"))
+            return
+        log.info("%s changed in the source while being prefetched; fetching the new version", relpath)
+        self._start_stream(relpath)
+
+    def _stream_failed(self, relpath: str, error: Exception) -> None:
+        if not isinstance(error, (OSError, ReadError)):
+            log.error("readahead of %s failed", relpath, exc_info=error)
+        log.warning("readahead of %s stopped: %s", relpath, error)
+        self._streams_pending.discard(relpath)
+        self._auto_streamed.discard(relpath)  # the next open tries again
+        self._replacements.pop(relpath, None)
+        if relpath in self._explicit:
+            self._explicit.discard(relpath)
+            self.stream_errors[relpath] = str(error)
 
     async def _stream_file(self, relpath: str) -> None:
-        """Walk the file block by block, fetching what is neither cached nor in flight."""
+        """Fetch every chunk of the file that is not verified, block by block, then wait for
+        the flights others started. Returns once the whole file is verified in the cache;
+        raises VersionReplaced if the file changed in the source meanwhile, or the error
+        that kept a chunk from being fetched."""
         tracked = await self._acquire(relpath)
         tracked.streaming = True
         try:
-            if tracked.identity.size < self.config.readahead_min_size or not tracked.entry.cacheable:
-                return
-            entry = tracked.entry
-            per_block = self.stream.max_chunks
-            for block_start in range(0, entry.nchunks, per_block):
-                block = range(block_start, min(block_start + per_block, entry.nchunks))
-                todo = [i for i in block if entry.state[i] != VERIFIED and i not in tracked.inflight]
-                for run in contiguous_runs(todo, per_block):
-                    flight = self._start_flight(tracked, run, self.stream)
-                    await flight.done.wait()
-                    if flight.error is not None:
-                        raise ReadError(errno.EIO, str(flight.error))
-            self.metrics.files_streamed += 1
+            if not tracked.entry.cacheable:
+                raise ReadError(errno.ENOSPC, "no space in the cache")
+            # two passes: a chunk demoted for re-verification behind the first is checked by the second
+            for _pass in range(2):
+                await self._stream_pass(tracked)
+                if all(state == VERIFIED for state in tracked.entry.state):
+                    self.metrics.files_streamed += 1
+                    return
+            missing = sum(1 for state in tracked.entry.state if state != VERIFIED)
+            raise ReadError(errno.EIO, f"{missing} chunks could not be fetched")
+        except Exception as e:
+            replaced = self._files.get(relpath) is not tracked or isinstance(e, SourceChanged)
+            if tracked.entry.cacheable and replaced and not isinstance(e, VersionReplaced):
+                raise VersionReplaced(relpath) from e
+            raise
         finally:
             tracked.streaming = False
             self._unref(tracked)
 
+    async def _stream_pass(self, tracked: TrackedFile) -> None:
+        entry = tracked.entry
+        per_block = self.stream.max_chunks
+        for block_start in range(0, entry.nchunks, per_block):
+            if self._files.get(tracked.relpath) is not tracked:
+                raise VersionReplaced(tracked.relpath)
+            block = range(block_start, min(block_start + per_block, entry.nchunks))
+            todo = [i for i in block if entry.state[i] != VERIFIED and i not in tracked.inflight]
+            for run in contiguous_runs(todo, per_block):
+                await self._await_flight(self._start_flight(tracked, run, self.stream))
+        while tracked.inflight:  # chunks that demand reads are fetching
+            await self._await_flight(next(iter(tracked.inflight.values())))
+
+    @staticmethod
+    async def _await_flight(flight: Flight) -> None:
+        await flight.done.wait()
+        if isinstance(flight.error, SourceChanged):
+            raise flight.error
+        if flight.error is not None:
+            raise ReadError(errno.EIO, str(flight.error))
+
     # ---- introspection -----------------------------------------------------------------
 
-    def cached_bytes(self, relpath: str) -> int | None:
-        """Cached bytes of a file this daemon tracks, None if it tracks none by that name."""
+    def cached_extent(self, relpath: str) -> tuple[int, int] | None:
+        """(cached bytes, size) of the version of relpath this daemon tracks; None if none."""
         tracked = self._files.get(relpath)
-        return None if tracked is None else tracked.entry.cached_bytes()
+        return None if tracked is None else (tracked.entry.cached_bytes(), tracked.entry.size)
 
     def activity(self) -> tuple[int, int]:
         """(files in use, files streaming)."""

@@ -1,10 +1,11 @@
 """The FUSE adapter: translates pyfuse3 requests into engine calls, and nothing more.
 
-It owns the one thing that is purely FUSE's: inode numbers. Each version of a path (relative
-path plus the source's inode number) gets a number the first time the kernel sees it, kept for
-the whole mount so inode numbers are stable. A file replaced in the source (new source inode)
-gets a new number: the kernel keeps one page cache per inode, so handles opened on the old
-version keep their own pages and never see bytes of the new one.
+It owns the one thing that is purely FUSE's: inode numbers. Each version of a path gets a
+number the first time the kernel sees it, kept for the whole mount so inode numbers are stable.
+A version is the relative path plus the source's inode number and, for a regular file, its size
+and mtime: a file replaced in the source (new source inode) or modified in place gets a new
+number. The kernel keeps one page cache per inode, so handles opened on the old version keep
+their own pages and never see bytes of the new one, and new opens never see the old pages.
 Errors become FUSEError with the source's errno; a failure in one request never escapes to
 the main loop.
 """
@@ -15,11 +16,13 @@ import errno
 import functools
 import logging
 import os
+import stat as stat_mod
 from typing import Awaitable, Callable, TypeVar
 
 import pyfuse3
 
 from .engine import Engine, Handle, ReadError
+from .source import Identity
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +49,33 @@ def fuse_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+Version = tuple[int, ...]
+
+
+def version_of(st: os.stat_result) -> Version:
+    """What tells two versions of a path apart (see the module docstring)."""
+    if stat_mod.S_ISREG(st.st_mode):
+        return Identity.of(st).content_key
+    return (st.st_ino,)
+
+
 class InodeTable:
-    """Bidirectional map between inode numbers and (relative path, source inode) versions.
-    The root ('') is always ROOT_INODE, whatever the source's inode."""
+    """Bidirectional map between inode numbers and (relative path, version) pairs.
+    The root ('') is always ROOT_INODE, whatever the source says, and has no version.
+
+    The latest version seen of each path keeps its number for the whole mount (stable
+    inode numbers). An outdated version is dropped once the kernel has forgotten it (its
+    lookup count, raised by lookup and readdirplus replies and lowered by forget, is zero),
+    so a file that changes often does not grow the table without bound."""
 
     def __init__(self) -> None:
-        self._versions: dict[int, tuple[str, int | None]] = {pyfuse3.ROOT_INODE: ("", None)}
-        self._inodes: dict[tuple[str, int | None], int] = {}
+        self._versions: dict[int, tuple[str, Version | None]] = {pyfuse3.ROOT_INODE: ("", None)}
+        self._inodes: dict[tuple[str, Version], int] = {}
+        self._latest: dict[str, int] = {}
+        self._lookups: dict[int, int] = {}
         self._next = pyfuse3.ROOT_INODE + 1
 
-    def version(self, inode: int) -> tuple[str, int | None]:
+    def version(self, inode: int) -> tuple[str, Version | None]:
         try:
             return self._versions[inode]
         except KeyError:
@@ -64,16 +84,41 @@ class InodeTable:
     def path(self, inode: int) -> str:
         return self.version(inode)[0]
 
-    def inode(self, relpath: str, source_ino: int) -> int:
+    def inode(self, relpath: str, st: os.stat_result) -> int:
+        """The number of the version of relpath that st describes, now its latest."""
         if relpath == "":
             return pyfuse3.ROOT_INODE
-        key = (relpath, source_ino)
+        key = (relpath, version_of(st))
         inode = self._inodes.get(key)
         if inode is None:
             inode = self._inodes[key] = self._next
             self._versions[inode] = key
             self._next += 1
+        previous = self._latest.get(relpath)
+        self._latest[relpath] = inode
+        if previous is not None and previous != inode and not self._lookups.get(previous):
+            self._drop(previous)
         return inode
+
+    def looked_up(self, inode: int) -> None:
+        """The kernel got inode in a lookup or readdirplus reply."""
+        if inode != pyfuse3.ROOT_INODE:
+            self._lookups[inode] = self._lookups.get(inode, 0) + 1
+
+    def forget(self, inode: int, nlookup: int) -> None:
+        remaining = self._lookups.get(inode, 0) - nlookup
+        if remaining > 0:
+            self._lookups[inode] = remaining
+            return
+        self._lookups.pop(inode, None)
+        relpath = self._versions.get(inode, ("", None))[0]
+        if relpath and self._latest.get(relpath) != inode:
+            self._drop(inode)
+
+    def _drop(self, inode: int) -> None:
+        key = self._versions.pop(inode, None)
+        if key is not None:
+            self._inodes.pop(key, None)
 
 
 class FuseOperations(pyfuse3.Operations):
@@ -88,9 +133,13 @@ class FuseOperations(pyfuse3.Operations):
         self._listings: dict[int, list[tuple[str, os.stat_result]]] = {}
         self._next_fh = 1
 
-    def _attributes(self, relpath: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def _entry(self, relpath: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Attributes of relpath under the inode number of the version st describes."""
+        return self._attributes(self.inodes.inode(relpath, st), st)
+
+    def _attributes(self, inode: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
-        attr.st_ino = self.inodes.inode(relpath, st.st_ino)
+        attr.st_ino = inode
         attr.generation = 0
         attr.entry_timeout = self.attr_timeout
         attr.attr_timeout = self.attr_timeout
@@ -117,25 +166,29 @@ class FuseOperations(pyfuse3.Operations):
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
         relpath = self.engine.source.child(self.inodes.path(parent_inode), os.fsdecode(name))
-        return self._attributes(relpath, await self.engine.lstat(relpath))
+        attr = self._entry(relpath, await self.engine.lstat(relpath))
+        self.inodes.looked_up(attr.st_ino)
+        return attr
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
-        relpath, source_ino = self.inodes.version(inode)
+        relpath, version = self.inodes.version(inode)
         try:
             st: os.stat_result | None = await self.engine.lstat(relpath)
         except FileNotFoundError:
             st = None
-        if st is None or (source_ino is not None and st.st_ino != source_ino):
-            # the path was removed or now holds another file: an fstat of an open handle
-            # wants the version that handle has open
-            handle = next((h for i, h in self._handles.values() if i == inode), None)
-            if handle is not None:
-                st = await self.engine.fstat(handle)
-            elif st is None:
+        if st is not None and (version is None or version_of(st) == version):
+            return self._attributes(inode, st)
+        # The path was removed or now holds another version: an fstat of an open handle wants
+        # the version that handle has open (whose bytes it reads, whatever the source did since).
+        handle = next((h for i, h in self._handles.values() if i == inode), None)
+        if handle is None:
+            if st is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-        attr = self._attributes(relpath, st)
-        attr.st_ino = inode
+            return self._attributes(inode, st)  # a stat through a stale dentry: what is there now
+        attr = self._attributes(inode, await self.engine.fstat(handle))
+        attr.st_size = handle.tracked.identity.size
+        attr.st_mtime_ns = handle.tracked.identity.mtime_ns
         return attr
 
     @fuse_errors
@@ -157,8 +210,10 @@ class FuseOperations(pyfuse3.Operations):
         for position in range(start_id, len(listing)):
             relpath, st = listing[position]
             name = os.fsencode(relpath.rpartition("/")[2])
-            if not pyfuse3.readdir_reply(token, name, self._attributes(relpath, st), position + 1):
+            attr = self._entry(relpath, st)
+            if not pyfuse3.readdir_reply(token, name, attr, position + 1):
                 break
+            self.inodes.looked_up(attr.st_ino)
 
     async def releasedir(self, fh):
         self._listings.pop(fh, None)
@@ -185,8 +240,8 @@ class FuseOperations(pyfuse3.Operations):
         return True
 
     async def forget(self, inode_list):
-        # Inode numbers stay assigned for the life of the mount (stable inodes); nothing to do.
-        return None
+        for inode, nlookup in inode_list:
+            self.inodes.forget(inode, nlookup)
 
     # ---- data --------------------------------------------------------------------------
 
@@ -194,9 +249,9 @@ class FuseOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
-        relpath, source_ino = self.inodes.version(inode)
+        relpath, version = self.inodes.version(inode)
         handle = await self.engine.open(relpath)
-        if handle.tracked.identity.ino != source_ino:
+        if handle.tracked.identity.content_key != version:
             # the kernel's dentry still names the previous version: ESTALE makes it look the
             # path up again (LOOKUP_REVAL) and open the new inode instead
             await self.engine.release(handle)

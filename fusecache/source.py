@@ -31,10 +31,14 @@ class Identity:
     def of(cls, st: os.stat_result) -> Identity:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
-    def same_content(self, other: Identity) -> bool:
-        """Whether two stats can be of the same bytes. ctime is left out: it also moves when an
+    @property
+    def content_key(self) -> tuple[int, int, int]:
+        """What two stats of the same bytes share. ctime is left out: it also moves when an
         open file is unlinked or renamed over, which leaves its bytes as they were."""
-        return (self.size, self.mtime_ns, self.ino) == (other.size, other.mtime_ns, other.ino)
+        return (self.ino, self.size, self.mtime_ns)
+
+    def same_content(self, other: Identity) -> bool:
+        return self.content_key == other.content_key
 
 
 class SourceChanged(OSError):

@@ -116,6 +116,8 @@ class CacheEntry:
         offset, length = self.chunk_extent(index)
         assert len(data) == length, (len(data), length)
         with self._lock:
+            if not self._writing:
+                self._notice_foreign_writes()  # before our write's stamp would hide them
             self._writing += 1
         try:
             _pwrite_all(self.data_fd, data, offset)
@@ -170,16 +172,22 @@ class CacheEntry:
 
     def _unchanged_since(self, generation: int) -> bool:
         with self._lock:
-            stamp = self._stamp if self._writing else _stamp(self.data_fd)
-            if stamp != self._stamp:
-                log.warning("cache file of %s was modified behind fusecache's back; re-verifying it",
-                            self.relpath)
-                self._stamp = stamp
-                self.generation += 1
-                for i, state in enumerate(self.state):
-                    if state == VERIFIED:
-                        self.state[i] = ON_DISK
+            if not self._writing:
+                self._notice_foreign_writes()
             return generation == self.generation
+
+    def _notice_foreign_writes(self) -> None:
+        """Called with _lock held and none of our writes in progress: if the data file's
+        stamp moved, someone else wrote it, and every verified chunk must pass its crc32 again."""
+        stamp = _stamp(self.data_fd)
+        if stamp == self._stamp:
+            return
+        log.warning("cache file of %s was modified behind fusecache's back; re-verifying it", self.relpath)
+        self._stamp = stamp
+        self.generation += 1
+        for i, state in enumerate(self.state):
+            if state == VERIFIED:
+                self.state[i] = ON_DISK
 
     def close(self) -> None:
         if not self.closed and self.cacheable:

@@ -4,6 +4,8 @@ jumping the queue, bounded memory, and the prefetch/status commands."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
 import time
@@ -35,6 +37,15 @@ def shard_sizes(directory: Path) -> dict[str, int]:
     return {f"model/{p.name}": p.stat().st_size for p in directory.glob("*.safetensors")}
 
 
+def open_one_shard_and_wait_for_all(counting_source, m, shard: str) -> dict[str, int]:
+    """Touch one shard through the mount; wait until the source has served every shard whole."""
+    with open(m.mountpoint / "model" / shard, "rb") as f:
+        f.read(8)
+    sizes = shard_sizes(counting_source.real / "model")
+    wait_until(lambda: {k: v for k, v in counting_source.counts().items() if k in sizes} == sizes)
+    return sizes
+
+
 def test_concurrent_ranks_in_different_orders_read_each_byte_once(counting_source, make_mount):
     write_checkpoint(counting_source.real / "model", 48 * MiB, shards=4, seed=11)
     expected = load_digest(counting_source.real / "model")
@@ -60,10 +71,7 @@ def test_opening_one_shard_streams_its_siblings(counting_source, make_mount):
     (counting_source.real / "model" / "notes.txt").write_text("not a shard")
     counting_source.start()
     m = make_mount(counting_source.path)
-    with open(m.mountpoint / "model" / "model-00002-of-00003.safetensors", "rb") as f:
-        f.read(8)
-    sizes = shard_sizes(counting_source.real / "model")
-    wait_until(lambda: {k: v for k, v in counting_source.counts().items() if k in sizes} == sizes)
+    sizes = open_one_shard_and_wait_for_all(counting_source, m, "model-00002-of-00003.safetensors")
     assert "model/notes.txt" not in counting_source.counts()
     files = {f["path"]: f for f in m.status()["files"]}
     assert all(files[name]["cached"] == size for name, size in sizes.items())
@@ -136,3 +144,57 @@ def test_prefetch_progress_and_status(counting_source, make_mount):
     wait_until(lambda: all(f["cached"] == f["size"] for f in m.status()["files"]))
     assert files["a/model-00001-of-00002.safetensors"]["cached"] == files["a/model-00001-of-00002.safetensors"]["size"]
     assert status["metrics"]["bytes_from_source"] >= total
+
+
+def test_malformed_checkpoint_index_is_ignored(counting_source, make_mount):
+    write_checkpoint(counting_source.real / "model", 16 * MiB, shards=2, seed=16)
+    index = counting_source.real / "model" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": ["not", "a", "map"]}))
+    counting_source.start()
+    m = make_mount(counting_source.path)
+    # the siblings are still streamed (in name order) and the daemon keeps serving
+    open_one_shard_and_wait_for_all(counting_source, m, "model-00001-of-00002.safetensors")
+    assert load_digest(m.mountpoint / "model") == load_digest(counting_source.real / "model")
+
+
+def test_prefetch_fetches_files_automatic_readahead_skips(tmp_path, make_mount):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "small.bin").write_bytes(b"x" * 100_000)
+    m = make_mount(source, ["readahead_min_size=1G"])
+    result = json.loads(run_cli("prefetch", m.mountpoint / "small.bin", "--json", timeout=30).stdout)
+    assert result[0]["cached"] == 100_000 and not result[0]["errors"]
+
+
+def test_prefetch_fetches_a_file_changed_since_its_last_prefetch(counting_source, make_mount):
+    (counting_source.real / "a.bin").write_bytes(random.Random(17).randbytes(4 * MiB))
+    counting_source.start()
+    m = make_mount(counting_source.path, ["readahead=off", "chunk_size=1M"])
+    run_cli("prefetch", m.mountpoint / "a.bin", timeout=30)
+    for size in (4 * MiB, 6 * MiB):  # replaced by one of the same size, then by a bigger one
+        before = counting_source.total()
+        (counting_source.real / "tmp").write_bytes(random.Random(size).randbytes(size))
+        os.rename(counting_source.real / "tmp", counting_source.real / "a.bin")
+        [report] = json.loads(run_cli("prefetch", m.mountpoint / "a.bin", "--json", timeout=30).stdout)
+        assert report["cached"] == report["bytes"] == size and not report["errors"]
+        assert counting_source.total() - before == size
+
+
+def test_prefetch_of_a_file_replaced_while_streaming_fetches_the_new_version(counting_source, make_mount):
+    (counting_source.real / "s.bin").write_bytes(random.Random(18).randbytes(24 * MiB))
+    counting_source.start()
+    counting_source.set_faults({"s.bin": {"delay": 0.01}})
+    m = make_mount(counting_source.path, ["readahead=off", "chunk_size=1M", "block_size=2M", "streams=1"])
+    prefetch = subprocess.Popen([sys.executable, "-m", "fusecache", "prefetch", str(m.mountpoint / "s.bin"), "--json"],
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_until(lambda: counting_source.total() >= 4 * MiB)
+    new = random.Random(19).randbytes(8 * MiB)
+    (counting_source.real / "tmp").write_bytes(new)
+    os.rename(counting_source.real / "tmp", counting_source.real / "s.bin")
+    counting_source.set_faults({})
+    [report] = json.loads(prefetch.communicate(timeout=60)[0])
+    assert prefetch.returncode == 0 and not report["errors"]
+    assert report["cached"] == report["bytes"] == len(new)
+    before = counting_source.total()
+    assert file_bytes(m.mountpoint / "s.bin") == new
+    assert counting_source.total() == before, "the prefetched new version was not what got cached"

@@ -110,6 +110,54 @@ def test_file_modified_in_place_is_never_mixed(tmp_path, make_mount):
     assert file_bytes(m.mountpoint / "p.bin") == (source / "p.bin").read_bytes()
 
 
+def test_file_modified_in_place_new_opens_never_see_old_pages(tmp_path, make_mount):
+    """Same source inode, same size, new bytes: the kernel must not hand a new open the
+    pages it cached for the old version (each version gets its own inode number)."""
+    source = tmp_path / "src"
+    old = fill(source, {"q.bin": 4 * MiB}, seed=38)["q.bin"]
+    new = random.Random(39).randbytes(4 * MiB)
+    m = make_mount(source, ["readahead=off", "attr_timeout=0"])
+    with open(m.mountpoint / "q.bin", "rb") as held:
+        assert held.read() == old  # every page of the old version is now in the page cache
+        before = os.stat(source / "q.bin")
+        with open(source / "q.bin", "r+b") as f:
+            f.write(new)
+        os.utime(source / "q.bin", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        assert os.stat(m.mountpoint / "q.bin").st_ino != os.fstat(held.fileno()).st_ino
+        assert file_bytes(m.mountpoint / "q.bin") == new
+        assert os.fstat(held.fileno()).st_size == len(old)
+    assert file_bytes(m.mountpoint / "q.bin") == new
+
+
+def test_open_close_churn_over_more_files_than_are_kept_idle(tmp_path, make_mount):
+    """Opens racing the closing of idle files (more files than the idle LRU keeps)."""
+    source = tmp_path / "src"
+    contents = fill(source, {f"d/{i:03}.bin": 2000 + i for i in range(300)}, seed=40)
+    m = make_mount(source, ["readahead=off"])
+    failures: list[str] = []
+
+    def churn(seed: int) -> None:
+        rng = random.Random(seed)
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            name = f"d/{rng.randrange(300):03}.bin"
+            try:
+                with open(m.mountpoint / name, "rb") as f:
+                    if f.read() != contents[name]:
+                        failures.append(f"{name}: wrong bytes")
+            except OSError as e:
+                failures.append(f"{name}: {e}")
+                return
+
+    threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert m.status()["pid"] == m.pid  # the daemon is still the one we started
+
+
 def test_replaced_while_streaming(counting_source, make_mount):
     old = fill(counting_source.real, {"s.safetensors": 24 * MiB}, seed=36)["s.safetensors"]
     counting_source.start()
