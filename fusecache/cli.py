@@ -278,6 +278,8 @@ def _wait_for(mountpoint: str, files: list[str], total: int, show: bool) -> dict
     started = time.monotonic()
     while True:
         progress = control.call(mountpoint, {"command": "progress", "paths": files})
+        if "pending" not in progress:
+            raise control.ControlError(f"the daemon of {mountpoint} runs an older fusecache: remount it")
         done, rate = progress["cached"], progress["rate"]
         if not progress["unknown"]:
             total = progress["size"]

@@ -121,6 +121,10 @@ class MountConfig:
     readahead_min_size: int = 0
     block_size: int = 32 * MiB
     streams: int = 2
+    # A sequential reader's next bytes, fetched on the demand lane while its current ones are
+    # served, so it does not stall once per chunk where it runs ahead of its file's stream.
+    # 0: off (as is everything ahead with readahead=off).
+    fetch_ahead: int = 8 * MiB
     # Concurrent FUSE requests the daemon works on; each holds one reply buffer.
     workers: int = 32
     attr_timeout: float = 1.0
@@ -152,6 +156,8 @@ class MountConfig:
             )
         if self.block_size > 1 * GiB:
             raise ConfigError(f"invalid block_size {self.block_size}: must be <= 1G")
+        if self.fetch_ahead > 1 * GiB:
+            raise ConfigError(f"invalid fetch_ahead {self.fetch_ahead}: must be <= 1G")
 
 
 def _set_cache_size(cfg: MountConfig, key: str, value: str) -> None:
@@ -187,6 +193,7 @@ _OPTION_SETTERS = {
     "chunk_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
     "block_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
     "readahead_min_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
+    "fetch_ahead": lambda c, k, v: setattr(c, k, parse_size(v, k)),
     "fetch_threads": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 256)),
     "streams": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 64)),
     "workers": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 1024)),

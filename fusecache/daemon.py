@@ -278,8 +278,9 @@ def control_handlers(engine: Engine, store: CacheStore, metrics: Metrics, mountp
         cached = size = unknown = pending = 0
         errors = {}
         for relpath in _relpaths(request):
-            extent = await extent_of(relpath)
+            # the state first: a stream ending while the extent is read leaves it pending here
             streaming, error = engine.stream_state(relpath)
+            extent = await extent_of(relpath)
             if extent is None:
                 unknown += 1
             else:

@@ -102,6 +102,7 @@ class Handle:
 
     tracked: TrackedFile
     keep_cache: bool
+    next_offset: int = 0  # where the last read ended: a read starting there is sequential
 
 
 class Lane:
@@ -166,6 +167,11 @@ def contiguous_runs(indices: Iterable[int], max_len: int) -> list[range]:
     if start is not None:
         runs.append(range(start, prev + 1))
     return runs
+
+
+def _is_plain_name(value: object) -> bool:
+    """Whether a checkpoint index names a file in its own directory (and nothing else)."""
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\0" not in value
 
 
 def is_shard(relpath: str) -> bool:
@@ -373,6 +379,9 @@ class Engine:
         if not chunks:
             return memoryview(b"")
         length = min(size, entry.size - offset)
+        if self._is_sequential(handle, offset) and entry.cacheable and self.config.readahead != "off":
+            self._fetch_ahead(tracked, chunks.stop, -(-self.config.fetch_ahead // entry.chunk_size))
+        handle.next_offset = offset + length
         buf = self._reply_buffer(length)[:length]
         for _attempt in range(3):
             generation = entry.generation
@@ -463,6 +472,24 @@ class Engine:
         if not waited:
             self.metrics.chunk_hits += len(chunks)
         return not waited
+
+    def _is_sequential(self, handle: Handle, offset: int) -> bool:
+        """Whether a read continues the handle's last one. Within a chunk of it, not exactly
+        at it: the kernel's readahead has several requests of one reader in flight at once,
+        and they may reach us out of order."""
+        return abs(offset - handle.next_offset) <= self.config.chunk_size
+
+    def _fetch_ahead(self, tracked: TrackedFile, first: int, count: int) -> None:
+        """A sequential reader will want the chunks after this read next: start fetching the
+        `count` chunks that follow it, on the demand lane, without waiting for them.
+        This overlaps a reader's next fetch with the serving of its current chunk (the
+        "sequential window" of a prefetcher), where it would otherwise stall once a chunk,
+        whenever it runs ahead of the readahead stream of its file."""
+        state = tracked.entry.state
+        window = range(first, min(first + count, len(state)))
+        todo = [i for i in window if state[i] != VERIFIED and i not in tracked.inflight]
+        for run in contiguous_runs(todo, self.demand.max_chunks):
+            self._start_flight(tracked, run, self.demand)
 
     def _start_flight(self, tracked: TrackedFile, chunks: range, lane: Lane) -> Flight:
         flight = Flight(chunks)
@@ -680,7 +707,7 @@ class Engine:
         except (OSError, ValueError, AttributeError) as e:
             log.info("ignoring checkpoint index %s: %s", index_name, e)
             return []
-        names = dict.fromkeys(v for v in weight_map.values() if isinstance(v, str) and "/" not in v and v)
+        names = dict.fromkeys(v for v in weight_map.values() if _is_plain_name(v))
         return [self.source.child(parent, name) for name in names]
 
     async def _stream_worker(self) -> None:
@@ -756,8 +783,10 @@ class Engine:
             if self._files.get(tracked.relpath) is not tracked:
                 raise VersionReplaced(tracked.relpath)
             block = range(block_start, min(block_start + per_block, entry.nchunks))
-            todo = [i for i in block if entry.state[i] != VERIFIED and i not in tracked.inflight]
-            for run in contiguous_runs(todo, per_block):
+            # one flight per run of chunks nobody has fetched; looked at again after each
+            # flight, as demand reads may have started fetching some meanwhile
+            while todo := [i for i in block if entry.state[i] != VERIFIED and i not in tracked.inflight]:
+                run = contiguous_runs(todo, per_block)[0]
                 await self._await_flight(self._start_flight(tracked, run, self.stream))
         while tracked.inflight:  # chunks that demand reads are fetching
             await self._await_flight(next(iter(tracked.inflight.values())))

@@ -198,3 +198,22 @@ def test_prefetch_of_a_file_replaced_while_streaming_fetches_the_new_version(cou
     before = counting_source.total()
     assert file_bytes(m.mountpoint / "s.bin") == new
     assert counting_source.total() == before, "the prefetched new version was not what got cached"
+
+
+def test_sequential_reader_has_its_next_chunks_fetched_ahead(counting_source, make_mount):
+    data = random.Random(20).randbytes(16 * MiB)
+    (counting_source.real / "data.dat").write_bytes(data)  # not a shard: no stream
+    counting_source.start()
+    m = make_mount(counting_source.path, ["chunk_size=1M", "fetch_ahead=2M"])
+    fd = os.open(m.mountpoint / "data.dat", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead: only our reads
+        assert os.pread(fd, MiB, 0) == data[:MiB]
+        wait_until(lambda: counting_source.total() == 3 * MiB)  # chunk 0, then 1 and 2 ahead
+        assert os.pread(fd, MiB, 10 * MiB) == data[10 * MiB:11 * MiB]  # a jump: nothing ahead
+        assert os.pread(fd, MiB, 11 * MiB) == data[11 * MiB:12 * MiB]  # sequential again
+        wait_until(lambda: counting_source.total() == 3 * MiB + MiB + 3 * MiB)
+        time.sleep(0.5)
+        assert counting_source.total() == 7 * MiB
+    finally:
+        os.close(fd)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Node-scale cold-path benchmark (issue 7), run on the 16-core device machine:
-#   [CONFIGS="tmpfs-8 tmpfs-1 disk-8 profile passthrough"] bash tests/bench/node_bench.sh [SIZE_GB]
+#   [CONFIGS="tmpfs-8 tmpfs-1 disk-8 fetch-ahead profile passthrough"] bash tests/bench/node_bench.sh [SIZE_GB]
 # (logs and profile under $OUT, or ./node-bench)
 # Installs from the carried .device dir (tests/bench/node_setup.sh), then measures 1 and 8
 # mmap readers over a tmpfs source with the cache on tmpfs and on disk, and profiles the
@@ -18,6 +18,11 @@ for config in $CONFIGS; do
     tmpfs-8) echo "== tmpfs cache, 8 readers"; bench --readers 8 --pattern split --mmap --cache-dir /dev/shm/cache --chunk-sizes 4M,16M ;;
     tmpfs-1) echo "== tmpfs cache, 1 reader"; bench --readers 1 --mmap --cache-dir /dev/shm/cache ;;
     disk-8) echo "== disk cache, 8 readers"; bench --readers 8 --pattern split --mmap --cache-dir /var/tmp/fccache ;;
+    fetch-ahead)  # the same readers with fetch-ahead off, then on (its default), back to back
+      for ahead in 0 8M; do
+        echo "== tmpfs cache, 8 readers, fetch_ahead=$ahead"
+        bench --readers 8 --pattern split --mmap --cache-dir /dev/shm/cache --chunk-sizes 4M,16M -o fetch_ahead=$ahead
+      done ;;
   esac
 done
 if [[ $CONFIGS == *" profile "* ]]; then
