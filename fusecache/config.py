@@ -110,7 +110,7 @@ class MountConfig:
     source: Path
     mountpoint: Path
     cache_dir: Path = field(default_factory=default_cache_dir)
-    # Unit of caching, validation (crc32) and single-flight. 4 MiB: larger than the 1 MiB
+    # Unit of caching, validation (checksum) and single-flight. 4 MiB: larger than the 1 MiB
     # requests the kernel sends, so one fetch answers several requests; small enough that a
     # demand read that jumps the readahead queue waits for little more than it asked for.
     chunk_size: int = 4 * MiB

@@ -538,7 +538,7 @@ class Engine:
 
     def _materialize(self, tracked: TrackedFile, chunks: range, buf: memoryview) -> tuple[int, int]:
         """Worker thread: make chunks VERIFIED. Chunks recorded by an earlier run are checked
-        against their crc32; the rest are read from the source in one sequential read per
+        against their checksum; the rest are read from the source in one sequential read per
         contiguous run and stored. Returns (bytes read from source, checksum failures)."""
         entry = tracked.entry
         bad = 0

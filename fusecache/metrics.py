@@ -97,7 +97,7 @@ class PrometheusCollector:
         for kind, count in dict(m.errors).items():
             errors.add_metric([kind], count)
         yield errors
-        yield CounterMetricFamily("fusecache_checksum_failures", "Cached chunks that failed their crc32.",
+        yield CounterMetricFamily("fusecache_checksum_failures", "Cached chunks that failed their checksum.",
                                   value=m.checksum_failures)
         yield CounterMetricFamily("fusecache_evicted_files", "Files evicted from the cache.", value=m.files_evicted)
         counts = list(m.fetch_seconds_buckets)

@@ -7,10 +7,10 @@ Layout under the cache dir (documented in docs/design.md):
     fusecache-v1/<source key>/objects/<hh>/<key>.data   sparse copy of the file
     fusecache-v1/<source key>/objects/<hh>/<key>.idx    header + one record per chunk
 
-A chunk's index record (crc32 of its bytes, PRESENT marker) is written only after its bytes
+A chunk's index record (checksum of its bytes, PRESENT marker) is written only after its bytes
 were written to the data file, by the same thread. A crash (kill -9) therefore leaves either
 no record or a record for bytes that are in the file; a power loss that loses data pages but
-keeps the record is caught by the crc32, which is checked before a chunk is first served in
+keeps the record is caught by the checksum, which is checked before a chunk is first served in
 each daemon lifetime. All methods block: call them from worker threads.
 """
 
@@ -25,9 +25,10 @@ import mmap
 import os
 import struct
 import threading
-import zlib
 from array import array
 from pathlib import Path
+
+import xxhash
 
 from .source import Identity
 
@@ -36,13 +37,16 @@ log = logging.getLogger(__name__)
 LAYOUT = "fusecache-v1"
 INDEX_MAGIC = b"FCIDX\x00\x01\n"
 _HEADER_PREFIX = struct.Struct("<8sI")  # magic, length of the JSON header that follows
-_RECORD = struct.Struct("<II")  # crc32, marker
+# A chunk's checksum is xxh3-64: as good as crc32 at catching damage, and ten times faster
+# (crc32 was a fifth of the daemon's CPU on the cold path and most of it on a warm restart).
+CHECKSUM = "xxh3_64"
+_RECORD = struct.Struct("<QI4x")  # checksum, marker; 16 bytes, so no record straddles a page
 _PRESENT = 0x43484B31  # "CHK1": anything else (zeros from a hole, garbage) means missing
 _PAGE = 4096
 
 # In-memory chunk states.
 MISSING = 0
-ON_DISK = 1  # recorded present by an earlier run; crc not yet checked in this one
+ON_DISK = 1  # recorded present by an earlier run; checksum not yet checked in this one
 VERIFIED = 2
 
 
@@ -58,7 +62,7 @@ class CacheEntry:
     """The cached copy of one version (Identity) of one source file."""
 
     def __init__(self, relpath: str, identity: Identity, chunk_size: int, data_fd: int,
-                 index_fd: int, records_offset: int, state: bytearray, crcs: array) -> None:
+                 index_fd: int, records_offset: int, state: bytearray, sums: array) -> None:
         self.relpath = relpath
         self.identity = identity
         self.chunk_size = chunk_size
@@ -66,7 +70,7 @@ class CacheEntry:
         self.index_fd = index_fd
         self.records_offset = records_offset
         self.state = state
-        self.crcs = crcs
+        self.sums = sums
         self.closed = False
         # Detecting writes into the data file by anyone else: its (size, ctime) as our own
         # last write left it. While one of our writes is in progress the check is skipped.
@@ -82,7 +86,7 @@ class CacheEntry:
     def uncached(cls, relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
         """A stand-in with no files, for when the cache filesystem has no room left."""
         nchunks = -(-identity.size // chunk_size)
-        return cls(relpath, identity, chunk_size, -1, -1, 0, bytearray(nchunks), array("I", bytes(4 * nchunks)))
+        return cls(relpath, identity, chunk_size, -1, -1, 0, bytearray(nchunks), _no_sums(nchunks))
 
     @property
     def cacheable(self) -> bool:
@@ -121,9 +125,9 @@ class CacheEntry:
             self._writing += 1
         try:
             _pwrite_all(self.data_fd, data, offset)
-            crc = zlib.crc32(data)
-            os.pwrite(self.index_fd, _RECORD.pack(crc, _PRESENT), self.records_offset + index * _RECORD.size)
-            self.crcs[index] = crc
+            checksum = xxhash.xxh3_64_intdigest(data)
+            os.pwrite(self.index_fd, _RECORD.pack(checksum, _PRESENT), self.records_offset + index * _RECORD.size)
+            self.sums[index] = checksum
             self.state[index] = VERIFIED
         finally:
             with self._lock:
@@ -131,10 +135,10 @@ class CacheEntry:
                 self._stamp = _stamp(self.data_fd)
 
     def verify_chunk(self, index: int, scratch: memoryview) -> bool:
-        """Check a chunk recorded by an earlier run against its crc32; forget it if bad."""
+        """Check a chunk recorded by an earlier run against its checksum; forget it if bad."""
         offset, length = self.chunk_extent(index)
         view = scratch[:length]
-        ok = _pread_all(self.data_fd, view, offset) == length and zlib.crc32(view) == self.crcs[index]
+        ok = _pread_all(self.data_fd, view, offset) == length and xxhash.xxh3_64_intdigest(view) == self.sums[index]
         if ok:
             self.state[index] = VERIFIED
         else:
@@ -146,7 +150,7 @@ class CacheEntry:
     def read_into(self, buf: memoryview, offset: int, generation: int, nowait: bool = False) -> int | None:
         """Read cached bytes whose chunks were verified at `generation`. None if the data file
         was changed by someone else since our last write (every chunk must then pass its
-        crc32 again before it is served), or was found changed since that generation.
+        checksum again before it is served), or was found changed since that generation.
         With nowait, read only what is in the page cache (RWF_NOWAIT), possibly nothing: the
         caller's thread must never wait for a disk."""
         if not self._unchanged_since(generation):
@@ -178,7 +182,7 @@ class CacheEntry:
 
     def _notice_foreign_writes(self) -> None:
         """Called with _lock held and none of our writes in progress: if the data file's
-        stamp moved, someone else wrote it, and every verified chunk must pass its crc32 again."""
+        stamp moved, someone else wrote it, and every verified chunk must pass its checksum again."""
         stamp = _stamp(self.data_fd)
         if stamp == self._stamp:
             return
@@ -310,12 +314,12 @@ class CacheStore:
         if os.fstat(data_fd).st_size != identity.size:
             return None
         state = bytearray(nchunks)
-        crcs = array("I", bytes(4 * nchunks))
-        for i, (crc, marker) in enumerate(_RECORD.iter_unpack(raw[records_offset:])):
+        sums = _no_sums(nchunks)
+        for i, (checksum, marker) in enumerate(_RECORD.iter_unpack(raw[records_offset:])):
             if marker == _PRESENT:
                 state[i] = ON_DISK
-                crcs[i] = crc
-        return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset, state, crcs)
+                sums[i] = checksum
+        return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset, state, sums)
 
     def _create(self, relpath: str, identity: Identity, chunk_size: int,
                 data_path: Path, index_path: Path) -> CacheEntry:
@@ -342,7 +346,7 @@ class CacheStore:
             os.pwrite(index_fd, _encode_header(header), 0)
             os.ftruncate(index_fd, records_offset + nchunks * _RECORD.size)
             # No fsync: an index lost or emptied by a power cut fails to parse and the entry
-            # is recreated; records that outlive their data are caught by the crc32.
+            # is recreated; records that outlive their data are caught by the checksum.
             os.replace(tmp_index, index_path)
         except BaseException:
             os.close(data_fd)
@@ -351,19 +355,25 @@ class CacheStore:
             tmp_index.unlink(missing_ok=True)
             raise
         return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset,
-                          bytearray(nchunks), array("I", bytes(4 * nchunks)))
+                          bytearray(nchunks), _no_sums(nchunks))
 
     def index_of(self, relpath: str) -> dict | None:
         """Size and cached bytes of relpath as last recorded, without validating it."""
         return summarize_index(self.paths(relpath)[1])
 
     def entries(self) -> list[dict]:
-        """Every file the store holds, with its size and cached bytes."""
+        """Every file the store holds, with its size and cached bytes. Called at start, with
+        the store locked: an entry whose index cannot be read (damaged, or of an older format)
+        could never be served, so its files are removed to give the space back."""
         found = []
         for index_path in sorted(self.objects.glob("*/*.idx")):
             summary = summarize_index(index_path)
             if summary is not None:
                 found.append(summary)
+                continue
+            log.info("removing unreadable cache entry %s", index_path.stem)
+            index_path.unlink(missing_ok=True)
+            index_path.with_suffix(".data").unlink(missing_ok=True)
         return found
 
     def touch(self, relpath: str, when: float) -> None:
@@ -395,9 +405,14 @@ class CacheStore:
         tmp.replace(self.root / "pins.json")
 
 
+def _no_sums(nchunks: int) -> array:
+    return array("Q", bytes(8 * nchunks))
+
+
 def _expected_header(relpath: str, identity: Identity, chunk_size: int) -> dict:
     return {"path": relpath, "size": identity.size, "mtime_ns": identity.mtime_ns,
-            "ino": identity.ino, "ctime_ns": identity.ctime_ns, "chunk_size": chunk_size}
+            "ino": identity.ino, "ctime_ns": identity.ctime_ns, "chunk_size": chunk_size,
+            "checksum": CHECKSUM}
 
 
 def _encode_header(header: dict) -> bytes:
@@ -408,7 +423,6 @@ def _encode_header(header: dict) -> bytes:
 
 def _records_offset(header: dict) -> int:
     return len(_encode_header(header))
-
 
 
 def summarize_index(index_path: Path) -> dict | None:
@@ -423,10 +437,12 @@ def summarize_index(index_path: Path) -> dict | None:
         header = json.loads(raw[_HEADER_PREFIX.size:_HEADER_PREFIX.size + length])
         offset = len(_encode_header(header))
         chunk_size, size = header["chunk_size"], header["size"]
+        if header.get("checksum") != CHECKSUM:  # an older format: recreated on next open
+            return None
     except (OSError, ValueError, KeyError, struct.error):
         return None
     cached = 0
-    for i, (_crc, marker) in enumerate(_RECORD.iter_unpack(raw[offset:offset + _RECORD.size * -(-size // chunk_size)])):
+    for i, (_checksum, marker) in enumerate(_RECORD.iter_unpack(raw[offset:offset + _RECORD.size * -(-size // chunk_size)])):
         if marker == _PRESENT:
             cached += min(chunk_size, size - i * chunk_size)
     return {"path": header["path"], "size": size, "cached": cached, "last_used": last_used}
