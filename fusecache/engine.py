@@ -75,6 +75,9 @@ class Flight:
     """One fetch in progress for a run of chunks; waiters block on `done`."""
 
     chunks: range
+    # fetched ahead of a sequential reader, not yet asked for: it yields to real demand (it
+    # never waits for a buffer or evicts; if it cannot run at once it gives up)
+    speculative: bool = False
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
 
@@ -102,7 +105,7 @@ class Handle:
 
     tracked: TrackedFile
     keep_cache: bool
-    next_offset: int = 0  # where the last read ended: a read starting there is sequential
+    next_offset: int | None = None  # where the last read ended: a read near it is sequential
 
 
 class Lane:
@@ -111,7 +114,9 @@ class Lane:
 
     def __init__(self, threads: int, buffer_size: int, chunk_size: int) -> None:
         self.limiter = trio.CapacityLimiter(threads)
+        self.threads = threads
         self.max_chunks = buffer_size // chunk_size
+        self.flights = 0  # started and not finished: each holds or awaits one buffer
         self._send, self._receive = trio.open_memory_channel[memoryview](threads)
         for _ in range(threads):
             self._send.send_nowait(memoryview(mmap.mmap(-1, buffer_size)))
@@ -213,6 +218,7 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load what the store holds, then own the background work (flights, streams)."""
+        await self._io(self.store.prune_unusable)
         for entry in await self._io(self.store.entries):
             self.budget.set_cached(entry["path"], entry["cached"], entry["last_used"])
         self.pins = await self._io(self.store.load_pins)
@@ -379,8 +385,9 @@ class Engine:
         if not chunks:
             return memoryview(b"")
         length = min(size, entry.size - offset)
-        if self._is_sequential(handle, offset) and entry.cacheable and self.config.readahead != "off":
-            self._fetch_ahead(tracked, chunks.stop, -(-self.config.fetch_ahead // entry.chunk_size))
+        ahead = 0
+        if self._is_sequential(handle, offset) and self.config.readahead != "off":
+            ahead = -(-self.config.fetch_ahead // entry.chunk_size)
         handle.next_offset = offset + length
         buf = self._reply_buffer(length)[:length]
         for _attempt in range(3):
@@ -388,7 +395,8 @@ class Engine:
             try:
                 if not entry.cacheable:
                     raise CacheFull(entry.relpath)
-                all_cached = await self._ensure(tracked, chunks)
+                all_cached = await self._ensure(tracked, chunks, ahead)
+                ahead = 0
             except CacheFull:
                 return await self._read_through(tracked, buf, offset)
             reply = await self._from_cache(entry, buf, offset, generation)
@@ -441,8 +449,10 @@ class Engine:
             self._reply_buffers[task] = buf
         return memoryview(buf)
 
-    async def _ensure(self, tracked: TrackedFile, chunks: range) -> bool:
-        """Wait until every chunk is verified in the cache; True if none had to be waited for."""
+    async def _ensure(self, tracked: TrackedFile, chunks: range, ahead: int = 0) -> bool:
+        """Wait until every chunk is verified in the cache; True if none had to be waited for.
+        With `ahead`, also fetch that many chunks past them, once this read's own fetches are
+        started (so that they come first)."""
         state = tracked.entry.state
         waited = False
         while True:
@@ -456,13 +466,16 @@ class Engine:
                     todo.append(i)
                 elif flight not in flights:
                     flights.append(flight)
-            if not flights and not todo:
-                break
-            if not waited:
+            if (flights or todo) and not waited:
                 self.metrics.chunk_misses += len(flights) + len(todo)
                 waited = True
             for run in contiguous_runs(todo, self.demand.max_chunks):
                 flights.append(self._start_flight(tracked, run, self.demand))
+            if ahead:
+                self._fetch_ahead(tracked, chunks.stop, ahead)
+                ahead = 0
+            if not flights:
+                break
             for flight in flights:
                 await flight.done.wait()
                 if isinstance(flight.error, CacheFull):
@@ -477,11 +490,13 @@ class Engine:
         """Whether a read continues the handle's last one. Within a chunk of it, not exactly
         at it: the kernel's readahead has several requests of one reader in flight at once,
         and they may reach us out of order."""
-        return abs(offset - handle.next_offset) <= self.config.chunk_size
+        return handle.next_offset is not None and abs(offset - handle.next_offset) <= self.config.chunk_size
 
     def _fetch_ahead(self, tracked: TrackedFile, first: int, count: int) -> None:
         """A sequential reader will want the chunks after this read next: start fetching the
-        `count` chunks that follow it, on the demand lane, without waiting for them.
+        `count` chunks that follow it, on the demand lane, without waiting for them, as
+        speculative flights: only with demand threads to spare (one is always left for real
+        demand) and room in the cache without evicting anything.
         This overlaps a reader's next fetch with the serving of its current chunk (the
         "sequential window" of a prefetcher), where it would otherwise stall once a chunk,
         whenever it runs ahead of the readahead stream of its file."""
@@ -489,10 +504,14 @@ class Engine:
         window = range(first, min(first + count, len(state)))
         todo = [i for i in window if state[i] != VERIFIED and i not in tracked.inflight]
         for run in contiguous_runs(todo, self.demand.max_chunks):
-            self._start_flight(tracked, run, self.demand)
+            room = sum(tracked.entry.chunk_extent(i)[1] for i in run)
+            if self.demand.flights + 2 > self.demand.threads or not self.budget.fits(room):
+                return
+            self._start_flight(tracked, run, self.demand, speculative=True)
 
-    def _start_flight(self, tracked: TrackedFile, chunks: range, lane: Lane) -> Flight:
-        flight = Flight(chunks)
+    def _start_flight(self, tracked: TrackedFile, chunks: range, lane: Lane, speculative: bool = False) -> Flight:
+        flight = Flight(chunks, speculative)
+        lane.flights += 1
         for i in chunks:
             tracked.inflight[i] = flight
         self._ref(tracked)
@@ -505,10 +524,12 @@ class Engine:
         reserved = 0
         started = time.monotonic()
         try:
-            await self._make_room(tracked.relpath, room)
-            self.budget.reserved += room
-            reserved = room
-            async with lane.buffer() as buf:
+            async with lane.buffer() as buf:  # room is reserved only once the fetch can run
+                if flight.speculative and not self.budget.fits(room):
+                    return  # nobody asked for these chunks yet: never evict for them
+                await self._make_room(tracked.relpath, room)
+                self.budget.reserved += room
+                reserved = room
                 fetched, bad = await self._io(self._materialize, tracked, flight.chunks, buf, limiter=lane.limiter)
             self.metrics.bytes_from_source += fetched
             self.metrics.checksum_failures += bad
@@ -527,6 +548,7 @@ class Engine:
             self._count_error(e)
             log.exception("fetching %s chunks %d-%d failed", tracked.relpath, flight.chunks.start, flight.chunks.stop - 1)
         finally:
+            lane.flights -= 1
             self.budget.reserved -= reserved
             if self._files.get(tracked.relpath) is tracked:
                 self.budget.set_cached(tracked.relpath, entry.cached_bytes())

@@ -362,19 +362,23 @@ class CacheStore:
         return summarize_index(self.paths(relpath)[1])
 
     def entries(self) -> list[dict]:
-        """Every file the store holds, with its size and cached bytes. Called at start, with
-        the store locked: an entry whose index cannot be read (damaged, or of an older format)
-        could never be served, so its files are removed to give the space back."""
-        found = []
+        """Every file the store holds, with its size and cached bytes."""
+        summaries = (summarize_index(index_path) for index_path in sorted(self.objects.glob("*/*.idx")))
+        return [summary for summary in summaries if summary is not None]
+
+    def prune_unusable(self) -> None:
+        """Remove entries whose index is damaged or of an older format: they can never be
+        served, and would hold their disk space forever. Only at start, before any entry is
+        opened (entries being created or replaced are briefly without an index)."""
         for index_path in sorted(self.objects.glob("*/*.idx")):
-            summary = summarize_index(index_path)
-            if summary is not None:
-                found.append(summary)
-                continue
-            log.info("removing unreadable cache entry %s", index_path.stem)
-            index_path.unlink(missing_ok=True)
-            index_path.with_suffix(".data").unlink(missing_ok=True)
-        return found
+            try:
+                usable = _read_summary(index_path) is not None
+            except OSError:
+                continue  # unreadable now is not proof of damage
+            if not usable:
+                log.info("removing unusable cache entry %s", index_path.stem)
+                index_path.unlink(missing_ok=True)
+                index_path.with_suffix(".data").unlink(missing_ok=True)
 
     def touch(self, relpath: str, when: float) -> None:
         """Record a use of relpath (the index's mtime orders eviction across restarts)."""
@@ -426,23 +430,31 @@ def _records_offset(header: dict) -> int:
 
 
 def summarize_index(index_path: Path) -> dict | None:
-    """Header fields plus cached byte count of one index file, for status listings."""
+    """Header fields plus cached byte count of one index file, for status listings; None if
+    it cannot be read now (vanished, being replaced) or is not a usable index."""
     try:
-        with open(index_path, "rb") as f:
-            raw = f.read()
-            last_used = os.fstat(f.fileno()).st_mtime
-        magic, length = _HEADER_PREFIX.unpack_from(raw)
-        if magic != INDEX_MAGIC:
-            return None
-        header = json.loads(raw[_HEADER_PREFIX.size:_HEADER_PREFIX.size + length])
-        offset = len(_encode_header(header))
-        chunk_size, size = header["chunk_size"], header["size"]
-        if header.get("checksum") != CHECKSUM:  # an older format: recreated on next open
-            return None
-    except (OSError, ValueError, KeyError, struct.error):
+        return _read_summary(index_path)
+    except OSError:
         return None
-    cached = 0
-    for i, (_checksum, marker) in enumerate(_RECORD.iter_unpack(raw[offset:offset + _RECORD.size * -(-size // chunk_size)])):
-        if marker == _PRESENT:
-            cached += min(chunk_size, size - i * chunk_size)
-    return {"path": header["path"], "size": size, "cached": cached, "last_used": last_used}
+
+
+def _read_summary(index_path: Path) -> dict | None:
+    """The summary of an index; None if the file is not a usable index (damaged, or of an
+    older format). An OSError means it could not be read: that says nothing about it."""
+    with open(index_path, "rb") as f:
+        raw = f.read()
+        last_used = os.fstat(f.fileno()).st_mtime
+    try:
+        magic, length = _HEADER_PREFIX.unpack_from(raw)
+        header = json.loads(raw[_HEADER_PREFIX.size:_HEADER_PREFIX.size + length])
+        path, chunk_size, size = header["path"], header["chunk_size"], header["size"]
+        nchunks = -(-size // chunk_size)
+        records = raw[len(_encode_header(header)):]
+        if (magic != INDEX_MAGIC or header.get("checksum") != CHECKSUM or not isinstance(path, str)
+                or len(records) != nchunks * _RECORD.size):
+            return None
+        cached = sum(min(chunk_size, size - i * chunk_size)
+                     for i, (_checksum, marker) in enumerate(_RECORD.iter_unpack(records)) if marker == _PRESENT)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError, struct.error):
+        return None
+    return {"path": path, "size": size, "cached": cached, "last_used": last_used}

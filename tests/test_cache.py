@@ -151,18 +151,22 @@ def test_source_read_error_gives_eio_and_daemon_keeps_serving(counting_source, m
         assert f.read(4096) == contents["bad.bin"][7 * MiB:7 * MiB + 4096]
 
 
-def test_unreadable_index_of_an_older_format_is_removed_at_start(tmp_path, make_mount):
+def test_damaged_or_older_format_index_is_removed_at_start(tmp_path, make_mount):
     source = tmp_path / "src"
-    contents = fill(source, {"a.bin": 3 * MiB, "b.bin": MiB}, seed=5)
+    contents = fill(source, {"a.bin": 3 * MiB, "b.bin": MiB, "c.bin": 2 * MiB}, seed=5)
     m = make_mount(source, ["readahead=off"])
     for name, data in contents.items():
         assert file_bytes(m.mountpoint / name) == data
     m.unmount()
-    index_a, index_b = sorted(m.cache_dir.rglob("*.idx"), key=lambda p: summarize_index(p)["path"])
+    index_a, index_b, index_c = sorted(m.cache_dir.rglob("*.idx"), key=lambda p: summarize_index(p)["path"])
     raw = index_a.read_bytes()  # the header of an older format: another checksum
     index_a.write_bytes(raw.replace(b'"checksum": "xxh3_64"', b'"checksum": "crc32"  '))
+    with open(index_c, "r+b") as f:  # records torn part-way
+        f.truncate(len(index_c.read_bytes()) - 5)
     m.mount()
-    assert not index_a.exists() and not index_a.with_suffix(".data").exists()
+    for gone in (index_a, index_c):
+        assert not gone.exists() and not gone.with_suffix(".data").exists()
     assert index_b.exists()
     assert {f["path"]: f["cached"] for f in m.status()["files"]} == {"b.bin": MiB}
-    assert file_bytes(m.mountpoint / "a.bin") == contents["a.bin"]
+    for name, data in contents.items():
+        assert file_bytes(m.mountpoint / name) == data

@@ -208,12 +208,15 @@ def test_sequential_reader_has_its_next_chunks_fetched_ahead(counting_source, ma
     fd = os.open(m.mountpoint / "data.dat", os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead: only our reads
-        assert os.pread(fd, MiB, 0) == data[:MiB]
-        wait_until(lambda: counting_source.total() == 3 * MiB)  # chunk 0, then 1 and 2 ahead
+        assert os.pread(fd, 4096, 0) == data[:4096]  # a first read (a header): nothing ahead
+        time.sleep(0.5)
+        assert counting_source.total() == MiB
+        assert os.pread(fd, MiB, 4096) == data[4096:MiB + 4096]  # sequential: chunk 1, then 2 and 3
+        wait_until(lambda: counting_source.total() == 4 * MiB)
         assert os.pread(fd, MiB, 10 * MiB) == data[10 * MiB:11 * MiB]  # a jump: nothing ahead
         assert os.pread(fd, MiB, 11 * MiB) == data[11 * MiB:12 * MiB]  # sequential again
-        wait_until(lambda: counting_source.total() == 3 * MiB + MiB + 3 * MiB)
+        wait_until(lambda: counting_source.total() == 4 * MiB + MiB + 3 * MiB)
         time.sleep(0.5)
-        assert counting_source.total() == 7 * MiB
+        assert counting_source.total() == 8 * MiB
     finally:
         os.close(fd)
