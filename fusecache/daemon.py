@@ -28,7 +28,7 @@ from .engine import Engine
 from .fs import FuseOperations
 from .budget import CacheBudget
 from .metrics import Metrics, prometheus_registry
-from .source import Source, is_under
+from .source import Source, is_under, is_valid_name
 from .store import CacheStore
 
 log = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ def _relpaths(request: dict) -> list[str]:
         raise ControlError("'paths' must be a list of paths")
     for relpath in paths:
         # the canonical form the engine keys files by: '' or names joined by single slashes
-        if relpath and any(part in ("", ".", "..") or "\0" in part for part in relpath.split("/")):
+        if relpath and not all(is_valid_name(part) for part in relpath.split("/")):
             raise ControlError(f"invalid path {relpath!r}")
     return paths
 

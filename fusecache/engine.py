@@ -36,7 +36,7 @@ import trio
 from .budget import CacheBudget
 from .config import MountConfig
 from .metrics import Metrics
-from .source import Identity, Source, SourceChanged, is_under
+from .source import Identity, Source, SourceChanged, is_under, is_valid_name
 from .store import MISSING, ON_DISK, VERIFIED, CacheEntry, CacheStore
 
 log = logging.getLogger(__name__)
@@ -174,11 +174,6 @@ def contiguous_runs(indices: Iterable[int], max_len: int) -> list[range]:
     return runs
 
 
-def _is_plain_name(value: object) -> bool:
-    """Whether a checkpoint index names a file in its own directory (and nothing else)."""
-    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\0" not in value
-
-
 def is_shard(relpath: str) -> bool:
     return relpath.endswith(SHARD_SUFFIXES)
 
@@ -280,8 +275,8 @@ class Engine:
         self.budget.touch(relpath, now)
         if tracked.entry.cacheable:
             self._spawn(self.store.touch, relpath, now)
-        if self.config.readahead != "off" and tracked.entry.cacheable:
-            self._nursery.start_soon(self._schedule_readahead, relpath, identity.size)
+            if self.config.readahead != "off":
+                self._nursery.start_soon(self._schedule_readahead, relpath, identity.size)
         return Handle(tracked, keep_cache)
 
     async def release(self, handle: Handle) -> None:
@@ -500,14 +495,18 @@ class Engine:
         This overlaps a reader's next fetch with the serving of its current chunk (the
         "sequential window" of a prefetcher), where it would otherwise stall once a chunk,
         whenever it runs ahead of the readahead stream of its file."""
-        state = tracked.entry.state
-        window = range(first, min(first + count, len(state)))
-        todo = [i for i in window if state[i] != VERIFIED and i not in tracked.inflight]
-        for run in contiguous_runs(todo, self.demand.max_chunks):
+        window = range(first, min(first + count, tracked.entry.nchunks))
+        for run in contiguous_runs(self._unclaimed(tracked, window), self.demand.max_chunks):
             room = sum(tracked.entry.chunk_extent(i)[1] for i in run)
             if self.demand.flights + 2 > self.demand.threads or not self.budget.fits(room):
                 return
             self._start_flight(tracked, run, self.demand, speculative=True)
+
+    @staticmethod
+    def _unclaimed(tracked: TrackedFile, chunks: range) -> list[int]:
+        """The chunks that are neither verified nor being fetched by anyone."""
+        state = tracked.entry.state
+        return [i for i in chunks if state[i] != VERIFIED and i not in tracked.inflight]
 
     def _start_flight(self, tracked: TrackedFile, chunks: range, lane: Lane, speculative: bool = False) -> Flight:
         flight = Flight(chunks, speculative)
@@ -729,7 +728,8 @@ class Engine:
         except (OSError, ValueError, AttributeError) as e:
             log.info("ignoring checkpoint index %s: %s", index_name, e)
             return []
-        names = dict.fromkeys(v for v in weight_map.values() if _is_plain_name(v))
+        # only names of files in the index's own directory
+        names = dict.fromkeys(v for v in weight_map.values() if isinstance(v, str) and is_valid_name(v))
         return [self.source.child(parent, name) for name in names]
 
     async def _stream_worker(self) -> None:
@@ -807,7 +807,7 @@ class Engine:
             block = range(block_start, min(block_start + per_block, entry.nchunks))
             # one flight per run of chunks nobody has fetched; looked at again after each
             # flight, as demand reads may have started fetching some meanwhile
-            while todo := [i for i in block if entry.state[i] != VERIFIED and i not in tracked.inflight]:
+            while todo := self._unclaimed(tracked, block):
                 run = contiguous_runs(todo, per_block)[0]
                 await self._await_flight(self._start_flight(tracked, run, self.stream))
         while tracked.inflight:  # chunks that demand reads are fetching

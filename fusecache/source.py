@@ -48,9 +48,14 @@ class SourceChanged(OSError):
         super().__init__(errno.ESTALE, f"source file changed while reading: {relpath}")
 
 
+def is_valid_name(name: str) -> bool:
+    """Whether name is one plain component of a path: nothing that could escape the tree."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
 def check_name(name: str) -> None:
     """Reject names that could escape the tree; the kernel never sends them, a bug might."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
+    if not is_valid_name(name):
         raise OSError(errno.EINVAL, f"invalid name {name!r}")
 
 
