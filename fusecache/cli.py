@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, control, daemon, mounts
+from . import __version__, control, daemon, mounts, private
 from .config import LOG_LEVELS, ConfigError, build_config
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def _daemon_child(cfg, store, ready_fd: int, log_path: Path) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log_fd = private.open_file(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # it names files
     os.dup2(log_fd, 2)  # anything written to stderr (tracebacks, libfuse) lands in the log
     os.close(devnull)
     os.close(log_fd)

@@ -32,6 +32,7 @@ _GENERIC_MOUNT_FLAGS = frozenset(
 _GENERIC_MOUNT_PREFIXES = ("x-", "comment=", "x-systemd.")
 
 READAHEAD_MODES = ("all", "shards", "off")
+SOURCE_INODES = ("auto", "stable", "unstable")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -141,6 +142,8 @@ class MountConfig:
     # Prometheus: serve /metrics on HOST:PORT, and/or rewrite a node-exporter textfile.
     metrics_addr: tuple[str, int] | None = None
     metrics_textfile: Path | None = None
+    # Whether the source's inode numbers identify its files for good; auto: all but FUSE sources.
+    source_inodes: str = "auto"
     allow_other: bool = False
     foreground: bool = False
     log_level: str = "info"
@@ -201,6 +204,7 @@ _OPTION_SETTERS = {
     "read_ahead_kb": lambda c, k, v: setattr(c, k, parse_int(v, k, 0, 1 << 20)),
     "max_background": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 65535)),
     "readahead": lambda c, k, v: setattr(c, k, parse_choice(v, k, READAHEAD_MODES)),
+    "source_inodes": lambda c, k, v: setattr(c, k, parse_choice(v, k, SOURCE_INODES)),
     "log_level": lambda c, k, v: setattr(c, k, parse_choice(v, k, LOG_LEVELS)),
     "allow_other": lambda c, k, v: setattr(c, k, parse_bool(v, k)),
     "foreground": lambda c, k, v: setattr(c, k, parse_bool(v, k)),

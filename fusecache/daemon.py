@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import stat as stat_mod
@@ -102,11 +103,36 @@ def fuse_options(cfg: MountConfig, source_root: str) -> set[str]:
 
 def run(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
     """Mount and serve until unmounted; `ready` is called once the mount is live."""
+    raise_fd_limit()
     trio.run(_serve, cfg, store, ready)
 
 
+def raise_fd_limit() -> None:
+    """Every file open through the mount holds descriptors in the daemon: take all the
+    descriptors the hard limit allows (the soft default, 1024, runs out at a few hundred)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("descriptor limit raised from %d to %d", soft, hard)
+
+
+def stable_inodes(cfg: MountConfig, fstype: str | None) -> bool:
+    """Whether the source's inode numbers identify files for good: source_inodes=stable or
+    unstable, or by default all but FUSE filesystems, whose daemons may make numbers up per
+    mount (sshfs without use_ino numbers files as the kernel looks them up, and renumbers
+    them once the kernel forgets them)."""
+    if cfg.source_inodes != "auto":
+        return cfg.source_inodes == "stable"
+    stable = not (fstype or "").startswith("fuse") or fstype == "fuseblk"
+    if not stable:
+        log.info("source is on %s, whose inode numbers may change: cached files are validated "
+                 "by size, mtime and ctime (source_inodes=stable to trust them)", fstype)
+    return stable
+
+
 async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
-    source = Source(cfg.source)
+    source_fstype = mounts.fstype_of(str(cfg.source))
+    source = Source(cfg.source, stable_inodes=stable_inodes(cfg, source_fstype))
     metrics = Metrics()
     budget = CacheBudget(limit=sys.maxsize)  # the real limit is set once the store is loaded
     in_memory = mounts.fstype_of(str(store.root)) == "tmpfs"
@@ -314,24 +340,8 @@ def _regular_files(source: Source, relpaths: list[str]) -> list[tuple[str, int]]
     found: list[tuple[str, int]] = []
     for relpath in relpaths:
         try:
-            st = source.lstat(relpath)
+            found += source.regular_files(relpath)
         except OSError as e:
             raise ControlError(f"{relpath or '.'}: {e.strerror}") from None
-        if stat_mod.S_ISREG(st.st_mode):
-            found.append((relpath, st.st_size))
-        elif stat_mod.S_ISDIR(st.st_mode):
-            for dirpath, dirnames, filenames in os.walk(source.path(relpath)):
-                dirnames.sort()
-                base = os.path.relpath(dirpath, source.root)
-                for name in sorted(filenames):
-                    child = name if base == "." else f"{base}/{name}"
-                    try:
-                        st = os.lstat(os.path.join(dirpath, name))
-                    except FileNotFoundError:
-                        continue
-                    if stat_mod.S_ISREG(st.st_mode):
-                        found.append((child, st.st_size))
-        else:
-            raise ControlError(f"{relpath}: not a regular file or directory")
     return found
 

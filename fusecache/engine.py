@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import re
+import resource
 import stat as stat_mod
 import time
 from collections import OrderedDict
@@ -33,6 +34,7 @@ from typing import AsyncIterator, Callable, TypeVar
 
 import trio
 
+from . import acl
 from .budget import CacheBudget
 from .config import MountConfig
 from .metrics import Metrics
@@ -48,7 +50,14 @@ _INDEX_FILE_RE = re.compile(r".*\.index\.json$")
 # Idle files (no handle open) whose fds and verified-chunk state are kept, so a loader that
 # opens and closes shards repeatedly does not re-verify them each time.
 MAX_IDLE_FILES = 256
+FDS_PER_FILE = 3
+# Descriptors never given to open files: lookups, directory reads, the control socket and the
+# log need some even while every file a user could open is open.
+FD_RESERVE = 128
 REPLY_BUFFER_MIN = 1 << 20
+# A checkpoint index (model.safetensors.index.json) is a few MiB even for the largest models;
+# anything bigger is not one, and reading it whole would cost the daemon its memory.
+MAX_INDEX_SIZE = 64 << 20
 # How often a prefetched file may change in the source under its stream before it is given up.
 MAX_STREAM_REPLACEMENTS = 3
 
@@ -97,6 +106,16 @@ class TrackedFile:
     @property
     def identity(self) -> Identity:
         return self.entry.identity
+
+    @property
+    def fds(self) -> int:
+        """Descriptors it holds: the source file's, and the cache entry's data and index."""
+        return FDS_PER_FILE if self.entry.cacheable else 1
+
+    def close_fds(self) -> None:
+        """Blocking: close the cache entry and the source fd."""
+        self.entry.close()
+        os.close(self.src_fd)
 
 
 @dataclass(eq=False)
@@ -197,6 +216,13 @@ class Engine:
         self._served_identity: dict[str, Identity] = {}
         self._reply_buffers: dict[object, bytearray] = {}
         self._metadata_limiter = trio.CapacityLimiter(16)
+        # finding sibling shards lists directories and parses indexes: on threads of its own,
+        # so a slow listing never holds up lookups
+        self._planning_limiter = trio.CapacityLimiter(2)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_budget = max(16, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - FD_RESERVE)
+        self._max_idle = min(MAX_IDLE_FILES, max(4, self._fd_budget // (4 * FDS_PER_FILE)))
+        self._fds = 0  # held by tracked files and open directories
         self._serve_limiter = trio.CapacityLimiter(config.workers)
         self.demand = Lane(config.fetch_threads, 2 * config.chunk_size, config.chunk_size)
         self.stream = Lane(config.streams, config.block_size, config.chunk_size)
@@ -227,7 +253,43 @@ class Engine:
             await trio.sleep_forever()
 
     async def _io(self, fn: Callable[..., T], *args: object, limiter: trio.CapacityLimiter | None = None) -> T:
+        """Run a blocking call on a worker thread. Out of descriptors, idle files give theirs
+        back and the call is tried once more."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self._metadata_limiter)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._idle:
+                raise
+        await self._close_idle(len(self._idle))
         return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self._metadata_limiter)
+
+    async def _claim_fds(self, n: int, share: int = 0) -> None:
+        """Count n more descriptors as held, closing idle files to make room. When files in
+        use hold the whole budget, only the open asking fails (EMFILE), never other requests.
+        `share`: how much of the reserve this claim may use (open directories may use half:
+        files cannot starve them, and they cannot starve lookups)."""
+        budget = self._fd_budget + share
+        excess = self._fds + n - budget
+        if excess > 0 and self._idle:
+            await self._close_idle(-(-excess // FDS_PER_FILE))
+        if self._fds + n > budget:
+            log.warning("%d descriptors are held by files open through the mount: refusing one more open",
+                        self._fds)
+            raise OSError(errno.EMFILE, "too many files open through the mount")
+        self._fds += n
+
+    async def _close_idle(self, count: int) -> None:
+        """Close the count least recently used idle files now (not in the background: the
+        caller needs their descriptors)."""
+        victims = []
+        while self._idle and len(victims) < count:
+            relpath, _ = self._idle.popitem(last=False)
+            tracked = self._files.pop(relpath)
+            tracked.closed = True
+            self._fds -= tracked.fds
+            victims.append(tracked)
+        for tracked in victims:
+            await trio.to_thread.run_sync(tracked.close_fds)
 
     # ---- metadata ----------------------------------------------------------------------
 
@@ -237,13 +299,26 @@ class Engine:
         tracked = self._files.get(relpath)
         # ctime alone is not enough: a network filesystem's cached attributes may lag the
         # open file's, and a full re-validation on the next open catches a real change anyway
-        if tracked is not None and not Identity.of(st).same_content(tracked.identity):
+        if tracked is not None and not self.source.identity(st).same_content(tracked.identity):
             log.info("%s changed in the source; its cached copy is dropped", relpath)
             self._retire(tracked)
         return st
 
-    async def listdir(self, relpath: str) -> list[tuple[str, os.stat_result]]:
-        return await self._io(self.source.listdir, relpath)
+    async def opendir(self, relpath: str) -> int:
+        """A source descriptor to read the directory from, counted against the budget."""
+        await self._claim_fds(1, share=FD_RESERVE // 2)
+        try:
+            return await self._io(self.source.opendir, relpath)
+        except BaseException:
+            self._fds -= 1
+            raise
+
+    async def readdir(self, fd: int, offset: int) -> list[tuple[str, int, os.stat_result]]:
+        return await self._io(self.source.readdir, fd, offset)
+
+    def closedir(self, fd: int) -> None:
+        self._fds -= 1
+        self._spawn(os.close, fd)
 
     async def fstat(self, handle: Handle) -> os.stat_result:
         """Attributes of the file a handle has open (its size and mtime may have moved on
@@ -254,6 +329,23 @@ class Engine:
             return await self._io(os.fstat, handle.tracked.src_fd)
         finally:
             self._unref(handle.tracked)
+
+    async def check_access(self, relpath: str, want: int, uid: int, gid: int, pid: int) -> None:
+        """Refuse (EACCES) what the source's POSIX ACLs deny the requester: `want` (acl.R, X)
+        on relpath, search on every directory above it. The kernel checked the mode bits."""
+        if uid == 0 or not self.source.has_acls:
+            return
+        try:
+            chain = await self._io(self.source.acl_chain, relpath)
+        except acl.MalformedAcl as e:
+            log.warning("denying access below a malformed ACL (%s): %s", relpath, e)
+            raise OSError(errno.EACCES, "malformed ACL") from None
+        if all(entry_acl is None for _st, entry_acl in chain):
+            return
+        groups = await self._io(acl.requester_groups, pid, gid)
+        wants = [acl.X] * (len(chain) - 1) + [want]
+        if not all(acl.check(entry_acl, st, uid, groups, bits) for (st, entry_acl), bits in zip(chain, wants)):
+            raise OSError(errno.EACCES, f"denied by an ACL: {relpath}")
 
     async def readlink(self, relpath: str) -> str:
         return await self._io(self.source.readlink, relpath)
@@ -285,11 +377,18 @@ class Engine:
     async def _acquire(self, relpath: str) -> TrackedFile:
         """The current TrackedFile of relpath, with one more user; created or replaced as needed."""
         async with self._opening.hold(relpath):
-            src_fd, identity = await self._io(self.source.open, relpath)
+            # claimed up front, for a file opened anew; given back if the file is tracked already
+            await self._claim_fds(FDS_PER_FILE)
+            try:
+                src_fd, identity = await self._io(self.source.open, relpath)
+            except BaseException:
+                self._fds -= FDS_PER_FILE
+                raise
             tracked = self._files.get(relpath)
             if tracked is not None and tracked.identity == identity:
                 # referenced before anything awaits: an idle file may otherwise be closed meanwhile
                 self._ref(tracked)
+                self._fds -= FDS_PER_FILE
                 self._spawn(os.close, src_fd)
                 return tracked
             if tracked is not None:
@@ -298,9 +397,11 @@ class Engine:
             try:
                 entry = await self._open_entry(relpath, identity)
             except BaseException:
+                self._fds -= FDS_PER_FILE
                 os.close(src_fd)
                 raise
             tracked = TrackedFile(relpath, entry, src_fd)
+            self._fds -= FDS_PER_FILE - tracked.fds
             if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
                 self._files[relpath] = tracked
                 self.budget.set_cached(relpath, entry.cached_bytes())
@@ -333,7 +434,7 @@ class Engine:
             return
         if self._files.get(tracked.relpath) is tracked:
             self._idle[tracked.relpath] = None
-            while len(self._idle) > MAX_IDLE_FILES:
+            while len(self._idle) > self._max_idle:
                 relpath, _ = self._idle.popitem(last=False)
                 self._close(self._files.pop(relpath))
         else:
@@ -352,12 +453,8 @@ class Engine:
         if tracked.closed:
             return
         tracked.closed = True
-
-        def close() -> None:
-            tracked.entry.close()
-            os.close(tracked.src_fd)
-
-        self._spawn(close)
+        self._fds -= tracked.fds
+        self._spawn(tracked.close_fds)
 
     def _spawn(self, fn: Callable[..., object], *args: object) -> None:
         """Run a blocking housekeeping call in the background; its failure is logged, never
@@ -420,7 +517,7 @@ class Engine:
         """Serve a read straight from the source when the cache has no room for it."""
         entry = tracked.entry
         try:
-            await self._io(Source.read_exact, tracked.src_fd, buf, offset, entry.relpath, entry.identity,
+            await self._io(self.source.read_exact, tracked.src_fd, buf, offset, entry.relpath, entry.identity,
                            limiter=self.demand.limiter)
         except OSError as e:
             self._count_error(e)
@@ -572,7 +669,7 @@ class Engine:
             start = entry.chunk_extent(run.start)[0]
             last_offset, last_length = entry.chunk_extent(run.stop - 1)
             view = buf[: last_offset + last_length - start]
-            Source.read_exact(tracked.src_fd, view, start, entry.relpath, entry.identity)
+            self.source.read_exact(tracked.src_fd, view, start, entry.relpath, entry.identity)
             for i in run:
                 offset, length = entry.chunk_extent(i)
                 entry.store_chunk(i, view[offset - start: offset - start + length])
@@ -671,7 +768,7 @@ class Engine:
             return
         self._scanned_dirs.add(parent)
         try:
-            siblings = await self._io(self._sibling_shards, relpath)
+            siblings = await self._io(self._sibling_shards, relpath, limiter=self._planning_limiter)
         except Exception as e:  # noqa: BLE001 - readahead is an optimisation: never fatal
             log.warning("cannot list the siblings of %s: %s", relpath, e)
             self._scanned_dirs.discard(parent)
@@ -721,8 +818,8 @@ class Engine:
 
     def _index_order(self, parent: str, index_name: str) -> list[str]:
         try:
-            with open(self.source.path(self.source.child(parent, index_name)), "rb") as f:
-                weight_map = json.load(f).get("weight_map", {})
+            weight_map = json.loads(self.source.read_small(self.source.child(parent, index_name),
+                                                           MAX_INDEX_SIZE)).get("weight_map", {})
             if not isinstance(weight_map, dict):
                 raise ValueError("its weight_map is not an object")
         except (OSError, ValueError, AttributeError) as e:

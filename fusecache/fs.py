@@ -2,9 +2,9 @@
 
 It owns the one thing that is purely FUSE's: inode numbers. Each version of a path gets a
 number the first time the kernel sees it, kept for the whole mount so inode numbers are stable.
-A version is the relative path plus the source's inode number and, for a regular file, its size
-and mtime: a file replaced in the source (new source inode) or modified in place gets a new
-number. The kernel keeps one page cache per inode, so handles opened on the old version keep
+A version is the relative path plus the source's inode number and, for a regular file, its
+size, mtime and ctime: a file replaced in the source (new source inode) or modified in place
+gets a new number, even when the rewrite kept its size and restored its mtime. The kernel keeps one page cache per inode, so handles opened on the old version keep
 their own pages and never see bytes of the new one, and new opens never see the old pages.
 Errors become FUSEError with the source's errno; a failure in one request never escapes to
 the main loop.
@@ -21,6 +21,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import pyfuse3
 
+from . import acl
 from .engine import Engine, Handle, ReadError
 from .source import Identity
 
@@ -52,11 +53,16 @@ def fuse_errors(fn: F) -> F:
 Version = tuple[int, ...]
 
 
-def version_of(st: os.stat_result) -> Version:
-    """What tells two versions of a path apart (see the module docstring)."""
+def version_of(st: os.stat_result, identity: Identity) -> Version:
+    """What tells two versions of a path apart (see the module docstring); identity is the
+    source's Identity of st (which leaves out inode numbers the source does not keep)."""
     if stat_mod.S_ISREG(st.st_mode):
-        return Identity.of(st).content_key
-    return (st.st_ino,)
+        return version_of_file(identity)
+    return (identity.ino,)
+
+
+def version_of_file(identity: Identity) -> Version:
+    return (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
 
 
 class InodeTable:
@@ -84,11 +90,11 @@ class InodeTable:
     def path(self, inode: int) -> str:
         return self.version(inode)[0]
 
-    def inode(self, relpath: str, st: os.stat_result) -> int:
-        """The number of the version of relpath that st describes, now its latest."""
+    def inode(self, relpath: str, version: Version) -> int:
+        """The number of this version of relpath, now its latest."""
         if relpath == "":
             return pyfuse3.ROOT_INODE
-        key = (relpath, version_of(st))
+        key = (relpath, version)
         inode = self._inodes.get(key)
         if inode is None:
             inode = self._inodes[key] = self._next
@@ -130,12 +136,15 @@ class FuseOperations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.inodes = InodeTable()
         self._handles: dict[int, tuple[int, Handle]] = {}  # fh -> (inode, handle)
-        self._listings: dict[int, list[tuple[str, os.stat_result]]] = {}
+        self._dirs: dict[int, tuple[str, int]] = {}  # fh -> (relpath, source descriptor)
         self._next_fh = 1
 
     def _entry(self, relpath: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
         """Attributes of relpath under the inode number of the version st describes."""
-        return self._attributes(self.inodes.inode(relpath, st), st)
+        return self._attributes(self.inodes.inode(relpath, self._version(st)), st)
+
+    def _version(self, st: os.stat_result) -> Version:
+        return version_of(st, self.engine.source.identity(st))
 
     def _attributes(self, inode: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()
@@ -163,9 +172,15 @@ class FuseOperations(pyfuse3.Operations):
 
     # ---- metadata ----------------------------------------------------------------------
 
+    async def _check_access(self, relpath: str, want: int, ctx: pyfuse3.RequestContext) -> None:
+        """The source's POSIX ACLs, which default_permissions leaves unchecked."""
+        await self.engine.check_access(relpath, want, ctx.uid, ctx.gid, ctx.pid)
+
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        relpath = self.engine.source.child(self.inodes.path(parent_inode), os.fsdecode(name))
+        parent = self.inodes.path(parent_inode)
+        await self._check_access(parent, acl.X, ctx)
+        relpath = self.engine.source.child(parent, os.fsdecode(name))
         attr = self._entry(relpath, await self.engine.lstat(relpath))
         self.inodes.looked_up(attr.st_ino)
         return attr
@@ -177,7 +192,7 @@ class FuseOperations(pyfuse3.Operations):
             st: os.stat_result | None = await self.engine.lstat(relpath)
         except FileNotFoundError:
             st = None
-        if st is not None and (version is None or version_of(st) == version):
+        if st is not None and (version is None or self._version(st) == version):
             return self._attributes(inode, st)
         # The path was removed or now holds another version: an fstat of an open handle wants
         # the version that handle has open (whose bytes it reads, whatever the source did since).
@@ -193,30 +208,37 @@ class FuseOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode, ctx):
-        return os.fsencode(await self.engine.readlink(self.inodes.path(inode)))
+        relpath = self.inodes.path(inode)
+        await self._check_access(relpath.rpartition("/")[0], acl.X, ctx)
+        return os.fsencode(await self.engine.readlink(relpath))
 
     @fuse_errors
     async def opendir(self, inode, ctx):
         relpath = self.inodes.path(inode)
-        entries = await self.engine.listdir(relpath)
+        await self._check_access(relpath, acl.R, ctx)
+        fd = await self.engine.opendir(relpath)
         fh = self._new_fh()
-        self._listings[fh] = [(self.engine.source.child(relpath, name), st) for name, st in entries]
+        self._dirs[fh] = (relpath, fd)
         return fh
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
-        # The listing is a snapshot taken at opendir, so offsets (list positions) stay valid.
-        listing = self._listings[fh]
-        for position in range(start_id, len(listing)):
-            relpath, st = listing[position]
-            name = os.fsencode(relpath.rpartition("/")[2])
-            attr = self._entry(relpath, st)
-            if not pyfuse3.readdir_reply(token, name, attr, position + 1):
-                break
-            self.inodes.looked_up(attr.st_ino)
+        # Streamed from the source directory: offsets are the source's own position cookies,
+        # so nothing of the listing is held between calls, whatever the directory's size.
+        relpath, fd = self._dirs[fh]
+        offset = start_id
+        while batch := await self.engine.readdir(fd, offset):
+            for name, next_offset, st in batch:
+                attr = self._entry(self.engine.source.child(relpath, name), st)
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), attr, next_offset):
+                    return
+                self.inodes.looked_up(attr.st_ino)
+                offset = next_offset
 
     async def releasedir(self, fh):
-        self._listings.pop(fh, None)
+        entry = self._dirs.pop(fh, None)
+        if entry is not None:
+            self.engine.closedir(entry[1])
 
     @fuse_errors
     async def statfs(self, ctx):
@@ -233,10 +255,13 @@ class FuseOperations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         return []
 
+    @fuse_errors
     async def access(self, inode, mode, ctx):
-        # default_permissions makes the kernel check modes; only refuse writing.
+        # With default_permissions the kernel answers access(2) from the mode bits itself and
+        # never asks; answered anyway for a kernel that does: no writing, and the ACLs.
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
+        await self._check_access(self.inodes.path(inode), mode & (acl.R | acl.X), ctx)
         return True
 
     async def forget(self, inode_list):
@@ -250,8 +275,9 @@ class FuseOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
         relpath, version = self.inodes.version(inode)
+        await self._check_access(relpath, acl.R, ctx)
         handle = await self.engine.open(relpath)
-        if handle.tracked.identity.content_key != version:
+        if version_of_file(handle.tracked.identity) != version:
             # the kernel's dentry still names the previous version: ESTALE makes it look the
             # path up again (LOOKUP_REVAL) and open the new inode instead
             await self.engine.release(handle)

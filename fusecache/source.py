@@ -1,40 +1,52 @@
 """Access to the source tree (the network filesystem). Blocking calls: run them off the trio thread.
 
-Paths inside the mount are handled as relative paths made of names the kernel gave us. Each
-name is checked here so that nothing ('..', '/', NUL) can point outside SOURCE, and the final
-component is opened with O_NOFOLLOW: symlinks are reported as links, never followed by the
-daemon to read data.
+Everything in the source is input from whoever can write there, so nothing is reached by
+joining path strings. The daemon holds a descriptor of the source root, taken before the
+mount exists, and resolves every relative path beneath it with openat2(RESOLVE_BENEATH |
+RESOLVE_NO_SYMLINKS), or, where the kernel lacks openat2, one openat(O_NOFOLLOW) per
+component: a symlink in any component, or a directory swapped for one while a path is being
+resolved, makes the call fail instead of leading outside SOURCE. Symlinks are reported as
+links and never followed. Files are opened with O_NONBLOCK (a FIFO must not hang a thread)
+and must be regular files; a directory is read from a descriptor, a batch at a time.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat as stat_mod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+from . import acl, linux
 
 log = logging.getLogger(__name__)
+
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
 class Identity:
-    """What makes cached bytes valid: if any field differs, the source file changed."""
+    """What makes cached bytes valid: if any field differs, the source file changed.
+
+    `ino` is 0 for sources whose inode numbers are not stable (see Source.stable_inodes).
+    ctime is part of it: a rewrite in place that keeps the size and restores the mtime still
+    moves the ctime, which no user can set."""
 
     size: int
     mtime_ns: int
     ino: int
     ctime_ns: int
 
-    @classmethod
-    def of(cls, st: os.stat_result) -> Identity:
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-
     @property
     def content_key(self) -> tuple[int, int, int]:
-        """What two stats of the same bytes share. ctime is left out: it also moves when an
-        open file is unlinked or renamed over, which leaves its bytes as they were."""
+        """What two stats of the same bytes share while the file is read. ctime is left out:
+        it also moves when an open file is unlinked or renamed over, which leaves its bytes
+        as they were (a reader of the old version must keep reading them)."""
         return (self.ino, self.size, self.mtime_ns)
 
     def same_content(self, other: Identity) -> bool:
@@ -65,53 +77,207 @@ def is_under(relpath: str, prefix: str) -> bool:
 
 
 class Source:
-    """The source directory tree, addressed by relative paths ('' is the root)."""
+    """The source directory tree, addressed by relative paths ('' is the root).
 
-    def __init__(self, root: Path) -> None:
+    stable_inodes: whether the source's inode numbers name files for good. Where they do not
+    (sshfs without use_ino renumbers a file once the kernel forgets it), an inode number that
+    moved says nothing, so it is left out of every Identity: size, mtime and ctime decide.
+    """
+
+    def __init__(self, root: Path, stable_inodes: bool = True) -> None:
         self.root = os.path.realpath(root)
+        self.stable_inodes = stable_inodes
+        self._root_fd = os.open(self.root, _DIR_PATH)
+        self._openat2 = linux.has_openat2(self._root_fd)
+        # A filesystem without POSIX ACLs (sshfs, NFSv4's own ACLs) says so for its root.
+        try:
+            acl.read_access_acl(self._root_fd)
+            self.has_acls = True
+        except OSError:
+            self.has_acls = False
+        except acl.MalformedAcl:
+            self.has_acls = True
 
-    def path(self, relpath: str) -> str:
-        return os.path.join(self.root, relpath) if relpath else self.root
+    def close(self) -> None:
+        os.close(self._root_fd)
+
+    def identity(self, st: os.stat_result) -> Identity:
+        return Identity(st.st_size, st.st_mtime_ns, st.st_ino if self.stable_inodes else 0, st.st_ctime_ns)
 
     def child(self, relpath: str, name: str) -> str:
         check_name(name)
         return f"{relpath}/{name}" if relpath else name
 
+    # ---- resolution ----------------------------------------------------------------------
+
+    def _open(self, relpath: str, flags: int) -> int:
+        """Open relpath beneath the root, following no symlink in any component."""
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+        if not relpath:
+            return os.open(".", flags & ~os.O_NOFOLLOW, dir_fd=self._root_fd)
+        parts = relpath.split("/")
+        for part in parts:
+            check_name(part)
+        if self._openat2:
+            return linux.openat2(self._root_fd, relpath, flags)
+        fd = self._root_fd
+        try:
+            for part in parts[:-1]:
+                parent, fd = fd, os.open(part, _DIR_PATH | os.O_NOFOLLOW, dir_fd=fd)
+                if parent != self._root_fd:
+                    os.close(parent)
+            return os.open(parts[-1], flags, dir_fd=fd)
+        finally:
+            if fd != self._root_fd:
+                os.close(fd)
+
+    @contextmanager
+    def _parent(self, relpath: str) -> Iterator[tuple[int, str]]:
+        """(descriptor of relpath's directory, relpath's last name), for the *at calls."""
+        parent, _, name = relpath.rpartition("/")
+        check_name(name)
+        if not parent:
+            yield self._root_fd, name
+            return
+        fd = self._open(parent, _DIR_PATH)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    # ---- metadata ------------------------------------------------------------------------
+
     def lstat(self, relpath: str) -> os.stat_result:
-        return os.lstat(self.path(relpath))
+        if not relpath:
+            return os.stat(self._root_fd)
+        with self._parent(relpath) as (fd, name):
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+    def readlink(self, relpath: str) -> str:
+        with self._parent(relpath) as (fd, name):
+            return os.readlink(name, dir_fd=fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self._root_fd)
+
+    def acl_chain(self, relpath: str) -> list[tuple[os.stat_result, acl.Acl | None]]:
+        """(lstat, access ACL) of the root, of each directory below it down to relpath, and of
+        relpath: what decides whether someone may reach and use relpath. MalformedAcl if any
+        is malformed."""
+        parts = relpath.split("/") if relpath else []
+        chain = []
+        for depth in range(len(parts) + 1):
+            fd = self._open("/".join(parts[:depth]), os.O_PATH)
+            try:
+                chain.append((os.fstat(fd), acl.read_access_acl(fd)))
+            finally:
+                os.close(fd)
+        return chain
+
+    # ---- directories ---------------------------------------------------------------------
+
+    def opendir(self, relpath: str) -> int:
+        """A descriptor to read the directory from (readdir); close it with os.close."""
+        return self._open(relpath, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
+
+    @staticmethod
+    def readdir(fd: int, offset: int) -> list[tuple[str, int, os.stat_result]]:
+        """The next batch of entries of an opened directory from offset (0: the start):
+        [(name, offset of the entry after it, lstat)]. Empty at the end. Entries removed
+        before they could be stat'ed are left out. Nothing of the directory is kept, so an
+        open directory costs one descriptor, whatever its size."""
+        os.lseek(fd, offset, os.SEEK_SET)
+        while True:
+            batch = linux.getdents64(fd)
+            if not batch:
+                return []
+            entries = []
+            for raw_name, next_offset, _type in batch:
+                if raw_name in (b".", b".."):
+                    continue
+                try:
+                    st = os.stat(raw_name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                entries.append((os.fsdecode(raw_name), next_offset, st))
+            if entries:
+                return entries
 
     def listdir(self, relpath: str) -> list[tuple[str, os.stat_result]]:
-        """Names and lstat results of a directory, sorted so listings are stable."""
-        entries = []
-        with os.scandir(self.path(relpath)) as it:
-            for entry in it:
-                try:
-                    entries.append((entry.name, entry.stat(follow_symlinks=False)))
-                except FileNotFoundError:
-                    continue  # removed between readdir and stat
+        """Names and lstat results of a whole directory, sorted: for the daemon's own use
+        (finding sibling shards), not for serving readdir."""
+        fd = self.opendir(relpath)
+        try:
+            entries = []
+            with os.scandir(fd) as it:
+                for entry in it:
+                    try:
+                        entries.append((entry.name, entry.stat(follow_symlinks=False)))
+                    except FileNotFoundError:
+                        continue  # removed between readdir and stat
+        finally:
+            os.close(fd)
         entries.sort(key=lambda item: item[0])
         return entries
 
-    def readlink(self, relpath: str) -> str:
-        return os.readlink(self.path(relpath))
+    def regular_files(self, relpath: str) -> list[tuple[str, int]]:
+        """(relpath, size) of every regular file in the directory tree at relpath (or of
+        relpath itself), never following a symlink, in name order."""
+        st = self.lstat(relpath)
+        if stat_mod.S_ISREG(st.st_mode):
+            return [(relpath, st.st_size)]
+        if not stat_mod.S_ISDIR(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file or directory")
+        found = []
+        top = self.opendir(relpath)
+        try:
+            for dirpath, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+                dirnames.sort()
+                base = os.path.normpath(os.path.join(relpath, dirpath)) if relpath else os.path.normpath(dirpath)
+                for name in sorted(filenames):
+                    try:
+                        child = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat_mod.S_ISREG(child.st_mode):
+                        found.append((name if base == "." else f"{base}/{name}", child.st_size))
+        finally:
+            os.close(top)
+        return found
 
-    def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.root)
+    # ---- files ---------------------------------------------------------------------------
 
     def open(self, relpath: str) -> tuple[int, Identity]:
-        """Open a regular file for reading; returns the fd and the identity it was opened at."""
-        fd = os.open(self.path(relpath), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        """Open a regular file for reading; returns the fd and the identity it was opened at.
+        O_NONBLOCK is only for the open (a FIFO would block it); reads then block as usual."""
+        fd = self._open(relpath, os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
             if not stat_mod.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, f"not a regular file: {relpath}")
-            return fd, Identity.of(st)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            return fd, self.identity(st)
         except BaseException:
             os.close(fd)
             raise
 
-    @staticmethod
-    def read_exact(fd: int, buf: memoryview, offset: int, relpath: str, identity: Identity) -> None:
+    def read_small(self, relpath: str, limit: int) -> bytes:
+        """The whole content of a small regular file (a checkpoint index); EFBIG past limit."""
+        fd, identity = self.open(relpath)
+        try:
+            if identity.size > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+            chunks, total = [], 0
+            while data := os.read(fd, min(1 << 20, limit + 1 - total)):
+                chunks.append(data)
+                total += len(data)
+                if total > limit:
+                    raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def read_exact(self, fd: int, buf: memoryview, offset: int, relpath: str, identity: Identity) -> None:
         """Fill buf from offset, then check the file did not change underneath the read.
 
         A short read means the file shrank; a changed fstat means it was modified in place.
@@ -123,5 +289,5 @@ class Source:
             if n == 0:
                 raise SourceChanged(relpath)
             done += n
-        if not Identity.of(os.fstat(fd)).same_content(identity):
+        if not self.identity(os.fstat(fd)).same_content(identity):
             raise SourceChanged(relpath)

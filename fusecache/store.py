@@ -12,6 +12,10 @@ were written to the data file, by the same thread. A crash (kill -9) therefore l
 no record or a record for bytes that are in the file; a power loss that loses data pages but
 keeps the record is caught by the checksum, which is checked before a chunk is first served in
 each daemon lifetime. All methods block: call them from worker threads.
+
+Every directory of the store must be the daemon user's and writable by nobody else (see
+private.py), and no file in it is opened through a symlink: what the store holds is served to
+every user as the source's bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import logging
 import mmap
 import os
+import stat as stat_mod
 import struct
 import threading
 from array import array
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import xxhash
 
+from . import private
 from .source import Identity
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,7 @@ CHECKSUM = "xxh3_64"
 _RECORD = struct.Struct("<QI4x")  # checksum, marker; 16 bytes, so no record straddles a page
 _PRESENT = 0x43484B31  # "CHK1": anything else (zeros from a hole, garbage) means missing
 _PAGE = 4096
+MAX_PINS_FILE = 16 << 20
 
 # In-memory chunk states.
 MISSING = 0
@@ -205,6 +212,16 @@ class CacheEntry:
             os.close(self.index_fd)
 
 
+def _is_own_file(fd: int) -> bool:
+    """A cache file as the daemon made it: a regular file of its user, with one name. Anything
+    else (a file someone planted, or linked elsewhere) is not trusted as cached bytes."""
+    st = os.fstat(fd)
+    own = stat_mod.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
+    if not own:
+        log.warning("ignoring a cache file that fusecache did not make (inode %d, uid %d)", st.st_ino, st.st_uid)
+    return own
+
+
 def _stamp(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_size, st.st_ctime_ns
@@ -237,18 +254,22 @@ class CacheStore:
         self._lock_fd: int | None = None
 
     def prepare(self) -> None:
-        """Create the layout and check we can write to it."""
+        """Create the layout, or check that the one there is ours alone, and that we can write
+        to it."""
         try:
-            self.objects.mkdir(parents=True, exist_ok=True)
-            (self.root / "source").write_text(self.source_root + "\n")
+            private.ensure_tree(self.cache_dir, self.objects)
+            for folder in self.objects.iterdir():
+                private.ensure_dir(folder)
+            private.write_file(self.root / "source", (self.source_root + "\n").encode())
+        except private.UntrustedPath as e:
+            raise StoreError(str(e)) from None
         except OSError as e:
             raise StoreError(f"cache dir {self.cache_dir} is not writable: {e.strerror}") from None
 
     def lock(self) -> None:
         """Take the store for this process. Two daemons filling one store would race on the
         same index records, so the second refuses with the first one's pid."""
-        path = self.root / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = private.open_file(self.root / "lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -284,17 +305,18 @@ class CacheStore:
     def _load(self, relpath: str, identity: Identity, chunk_size: int,
               data_path: Path, index_path: Path) -> CacheEntry | None:
         try:
-            index_fd = os.open(index_path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+            index_fd = os.open(index_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # none, or a symlink planted where it should be
             return None
         try:
-            data_fd = os.open(data_path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+            data_fd = os.open(data_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
             os.close(index_fd)
             return None
         entry = None
         try:
-            entry = self._parse_index(relpath, identity, chunk_size, data_fd, index_fd)
+            if _is_own_file(index_fd) and _is_own_file(data_fd):
+                entry = self._parse_index(relpath, identity, chunk_size, data_fd, index_fd)
         finally:
             if entry is None:
                 os.close(index_fd)
@@ -329,7 +351,8 @@ class CacheStore:
         the file keeps reading its own bytes. The index is renamed into place last, so a crash
         part-way leaves no index and the entry is simply created again.
         """
-        data_path.parent.mkdir(parents=True, exist_ok=True)  # recreated if the cache dir was removed
+        if not data_path.parent.is_dir():  # new, or recreated if the cache dir was removed
+            private.ensure_tree(self.cache_dir, data_path.parent)
         index_path.unlink(missing_ok=True)
         header = _expected_header(relpath, identity, chunk_size)
         records_offset = _records_offset(header)
@@ -337,12 +360,14 @@ class CacheStore:
 
         tmp_data = data_path.with_suffix(".data.tmp")
         tmp_index = index_path.with_suffix(".idx.tmp")
-        data_fd = os.open(tmp_data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        tmp_data.unlink(missing_ok=True)  # left by a crash
+        tmp_index.unlink(missing_ok=True)
+        data_fd = private.open_file(tmp_data, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         index_fd = -1
         try:
             os.ftruncate(data_fd, identity.size)
             os.replace(tmp_data, data_path)
-            index_fd = os.open(tmp_index, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            index_fd = private.open_file(tmp_index, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             os.pwrite(index_fd, _encode_header(header), 0)
             os.ftruncate(index_fd, records_offset + nchunks * _RECORD.size)
             # No fsync: an index lost or emptied by a power cut fails to parse and the entry
@@ -395,18 +420,16 @@ class CacheStore:
 
     def load_pins(self) -> set[str]:
         try:
-            pins = json.loads((self.root / "pins.json").read_text())
+            pins = json.loads(private.read_file(self.root / "pins.json", MAX_PINS_FILE))
         except FileNotFoundError:
             return set()
-        except ValueError:
-            log.warning("ignoring unreadable %s", self.root / "pins.json")
+        except (ValueError, OSError) as e:
+            log.warning("ignoring unreadable %s: %s", self.root / "pins.json", e)
             return set()
-        return {p for p in pins if isinstance(p, str)}
+        return {p for p in pins if isinstance(p, str)} if isinstance(pins, list) else set()
 
     def save_pins(self, pins: set[str]) -> None:
-        tmp = self.root / "pins.json.tmp"
-        tmp.write_text(json.dumps(sorted(pins)))
-        tmp.replace(self.root / "pins.json")
+        private.write_file(self.root / "pins.json", json.dumps(sorted(pins)).encode())
 
 
 def _no_sums(nchunks: int) -> array:
@@ -441,9 +464,10 @@ def summarize_index(index_path: Path) -> dict | None:
 def _read_summary(index_path: Path) -> dict | None:
     """The summary of an index; None if the file is not a usable index (damaged, or of an
     older format). An OSError means it could not be read: that says nothing about it."""
-    with open(index_path, "rb") as f:
+    fd = os.open(index_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
         raw = f.read()
-        last_used = os.fstat(f.fileno()).st_mtime
+        last_used = os.fstat(fd).st_mtime
     try:
         magic, length = _HEADER_PREFIX.unpack_from(raw)
         header = json.loads(raw[_HEADER_PREFIX.size:_HEADER_PREFIX.size + length])

@@ -166,6 +166,7 @@ class CountingSource:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=10)
+        (self.state / "ready").unlink(missing_ok=True)  # so that start() waits for a new one
 
 
 @pytest.fixture

@@ -10,26 +10,34 @@ import os
 import pyfuse3
 import pytest
 
-from fusecache.fs import InodeTable
+from fusecache.fs import InodeTable, version_of
+from fusecache.source import Identity
 
 
-def rewrite(path, data: bytes, mtime_s: int) -> os.stat_result:
+def version(st: os.stat_result):
+    return version_of(st, Identity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
+
+
+def rewrite(path, data: bytes, mtime_s: int):
+    """Rewrite path in place; the version of what is there now."""
     path.write_bytes(data)
     os.utime(path, (mtime_s, mtime_s))
-    return os.lstat(path)
+    return version(os.lstat(path))
 
 
 def test_each_version_gets_its_own_number_and_the_latest_keeps_it(tmp_path):
     table = InodeTable()
     f = tmp_path / "f"
     v1 = table.inode("f", rewrite(f, b"one", 1000))
-    assert table.inode("f", os.lstat(f)) == v1  # unchanged: same number
+    assert table.inode("f", version(os.lstat(f))) == v1  # unchanged: same number
     v2 = table.inode("f", rewrite(f, b"two", 2000))  # modified in place: same source inode
     assert v2 != v1
-    assert table.version(v2) == ("f", (os.lstat(f).st_ino, 3, 2000 * 10**9))
-    os.chmod(f, 0o600)  # metadata only: not a new version
-    assert table.inode("f", os.lstat(f)) == v2
-    assert table.inode("", os.lstat(tmp_path)) == pyfuse3.ROOT_INODE
+    st = os.lstat(f)
+    assert table.version(v2) == ("f", (st.st_ino, 3, 2000 * 10**9, st.st_ctime_ns))
+    # rewritten in place with the same size and the mtime put back: only the ctime tells
+    v3 = table.inode("f", rewrite(f, b"TWO", 2000))
+    assert v3 not in (v1, v2)
+    assert table.inode("", version(os.lstat(tmp_path))) == pyfuse3.ROOT_INODE
 
 
 def test_outdated_versions_are_dropped_once_forgotten(tmp_path):
@@ -48,7 +56,7 @@ def test_outdated_versions_are_dropped_once_forgotten(tmp_path):
     assert e.value.errno == errno.ESTALE
     table.looked_up(new)
     table.forget(new, 1)  # the latest version keeps its number even when forgotten
-    assert table.inode("f", os.lstat(f)) == new
+    assert table.inode("f", version(os.lstat(f))) == new
 
 
 def test_a_file_that_keeps_changing_does_not_grow_the_table(tmp_path):

@@ -1,0 +1,124 @@
+"""Directories and files that only the daemon's own user may change: the cache dir, the store
+inside it, and the runtime dir of the control sockets.
+
+Whoever can write into a directory can plant what the daemon then trusts there: a cache
+entry served to every user as a source file's bytes, or a symlink that makes a root daemon
+write where it points. So such a directory must be the daemon user's own and writable by
+nobody else, and so must be every directory above it (root's, or sticky like /tmp, where
+others cannot rename what is ours). Files are created with O_EXCL/O_NOFOLLOW, never through
+a symlink, and readable by their owner alone: their names and contents say which files
+users read, in directories others may not be able to list.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as stat_mod
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+class UntrustedPath(Exception):
+    """A path the daemon must not use; the message is the one-line error shown to the user."""
+
+
+def _refusal(path: Path, st: os.stat_result, owner_ok: tuple[int, ...]) -> str | None:
+    """Why a directory cannot be trusted, or None."""
+    if stat_mod.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink"
+    if not stat_mod.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid not in owner_ok:
+        return f"{path} is owned by uid {st.st_uid}, not {' or '.join(map(str, owner_ok))}"
+    if st.st_mode & 0o022 and not st.st_mode & stat_mod.S_ISVTX:
+        return f"{path} is writable by group or others"
+    return None
+
+
+def check_ancestors(path: Path) -> None:
+    """Every existing directory above path must be root's or ours, and writable by nobody
+    else unless sticky (like /tmp). Symlinks among them are resolved: the check is of where
+    they lead."""
+    euid = os.geteuid()
+    real = Path(os.path.realpath(path))
+    for ancestor in reversed(real.parents):
+        try:
+            st = os.lstat(ancestor)
+        except FileNotFoundError:
+            return
+        reason = _refusal(ancestor, st, (0, euid))
+        if reason:
+            raise UntrustedPath(f"refusing to use {path}: {reason}")
+
+
+def ensure_dir(path: Path) -> None:
+    """Create path (mode 0700) or check that it is already ours and writable by nobody else.
+    The parent must have been checked (ensure_dir or check_ancestors) first."""
+    try:
+        os.mkdir(path, PRIVATE_DIR_MODE)
+        return
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    reason = _refusal(path, st, (os.geteuid(),))
+    if reason is None and st.st_mode & stat_mod.S_ISVTX and st.st_mode & 0o022:
+        reason = f"{path} is writable by group or others"
+    if reason:
+        raise UntrustedPath(f"refusing to use {path}: {reason} (it must belong to uid {os.geteuid()}"
+                            " and be writable by nobody else)")
+
+
+def ensure_tree(top: Path, below: Path) -> None:
+    """ensure_dir for top and for every directory from top down to below (a path inside
+    top), after checking what lies above top."""
+    os.makedirs(top.parent, exist_ok=True)
+    check_ancestors(top)
+    ensure_dir(top)
+    current = top
+    for part in below.relative_to(top).parts:
+        current = current / part
+        ensure_dir(current)
+
+
+def open_file(path: Path, flags: int, mode: int = PRIVATE_FILE_MODE) -> int:
+    """os.open that never follows a symlink; a file it creates is readable by its owner only,
+    and an existing one is brought down to that mode (older versions made some 0644)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        if st.st_mode & 0o777 & ~mode:
+            os.fchmod(fd, stat_mod.S_IMODE(st.st_mode) & mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Replace path's content atomically: a new file (O_EXCL: never through a planted
+    link) renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_file(path: Path, limit: int) -> bytes:
+    """The content of one of our small files, read without following a symlink."""
+    fd = open_file(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
