@@ -2,7 +2,8 @@
 
 Also accepts the form mount.fuse3 uses for `mount -t fuse.fusecache` and fstab:
 `fusecache SOURCE MOUNTPOINT -o key=value,flag`. Every failure is one line on stderr and a
-non-zero exit: 2 for malformed usage, 1 for everything else.
+non-zero exit: 2 for malformed usage, 1 for everything else. Paths from the daemon or the
+source are printed escaped (see `printable`), since they are anyone's file names.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
 from . import __version__, control, daemon, mounts, private
-from .config import LOG_LEVELS, ConfigError, build_config
+from .config import LOG_LEVELS, ConfigError, build_config, human
 
 log = logging.getLogger(__name__)
 
 COMMANDS = ("mount", "umount", "unmount", "status", "prefetch", "pin", "unpin", "cache", "demo")
 FSTYPE = "fuse.fusecache"
 UMOUNT_WAIT = 30.0
+STATUS_TIMEOUT = 10.0  # a status answer takes milliseconds; silence this long is a hung daemon
 
 
 class UsageError(Exception):
@@ -96,15 +99,52 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
             argv.insert(0, "mount")  # mount.fuse3 form: fusecache SOURCE MOUNTPOINT -o ...
         args = _parser().parse_args(argv)
-        return COMMAND_HANDLERS[args.command](args)
+        status = COMMAND_HANDLERS[args.command](args)
+        sys.stdout.flush()  # here, where a reader that left (`| head`) can be handled below
+        return status
     except UsageError as e:
-        print(f"fusecache: {e}", file=sys.stderr)
+        say(str(e))
         return 2
     except (Failure, ConfigError, daemon.MountError, control.ControlError) as e:
-        print(f"fusecache: {e}", file=sys.stderr)
+        say(str(e))
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Exit quietly with the status of a process killed by SIGPIPE. SIGPIPE itself stays
+        # ignored (Python's default): the daemon is forked from this process and writes to
+        # sockets whose peers may leave. stdout is pointed at /dev/null so that the flush at
+        # exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def say(message: str) -> None:
+    """One line on stderr, the form of every error and warning."""
+    print(f"fusecache: {printable(message)}", file=sys.stderr)
+
+
+def printable(text: str) -> str:
+    """text with what a terminal would act on escaped, as `ls -b` does: control characters
+    (C0, DEL, C1), other non-printable ones (bidi overrides, line separators), bytes that are
+    not UTF-8 (surrogateescape) and the backslash itself. A source file name can then neither
+    drive root's terminal nor pass for another name, and a message stays one line."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char == "\\":
+        return "\\\\"
+    if char.isprintable():
+        return char
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def setup_logging(level: str, path: Path | None = None) -> None:
@@ -178,18 +218,24 @@ def _daemon_child(cfg, store, ready_fd: int, log_path: Path) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = mounts.resolve_mountpoint(args.mountpoint)
     info = mounts.find_mount(mountpoint)
     if info is None or info.fstype != FSTYPE:
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
+    silent: control.ControlTimeout | None = None
     try:
-        pid = control.call(mountpoint, {"command": "status"})["pid"]
+        pid = control.call(mountpoint, {"command": "status"}, timeout=STATUS_TIMEOUT)["pid"]
+    except control.ControlTimeout as e:
+        pid, silent = None, e  # a stopped or hung daemon: unmounting needs nothing from it
     except control.ControlError:
         pid = None  # not ours to ask (or the daemon is gone): unmount without waiting
     try:
         mounts.unmount(mountpoint)
     except OSError as e:
         raise Failure(f"cannot unmount {args.mountpoint}: {e.strerror}") from None
+    if silent is not None:
+        say(f"{silent}; unmounted without waiting for it to exit")
+        return 0
     # return only once the daemon is gone, so its cache dir is free for the next mount
     if pid is not None and not mounts.wait_for_exit(pid, UMOUNT_WAIT):
         raise Failure(f"unmounted, but the daemon (pid {pid}) is still running after {UMOUNT_WAIT:.0f}s")
@@ -217,10 +263,10 @@ def _locate(path: str) -> tuple[str, str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    targets = [os.path.abspath(args.mountpoint)] if args.mountpoint else fusecache_mounts()
+    targets = [mounts.resolve_mountpoint(args.mountpoint)] if args.mountpoint else fusecache_mounts()
     if args.mountpoint and targets[0] not in fusecache_mounts():
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
-    reports = [control.call(mp, {"command": "status"}) for mp in targets]
+    reports = [control.call(mp, {"command": "status"}, timeout=STATUS_TIMEOUT) for mp in targets]
     if args.json:
         print(json.dumps(reports[0] if args.mountpoint else reports, indent=2))
         return 0
@@ -231,26 +277,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
-
-
 def _print_status(report: dict) -> None:
     m = report["metrics"]
     hit = "n/a" if m["hit_ratio"] is None else f"{100 * m['hit_ratio']:.1f}%"
-    print(f"{report['mountpoint']}  <-  {report['source']}  (pid {report['pid']})")
-    print(f"  cache:        {report['cache']}")
+    print(f"{printable(report['mountpoint'])}  <-  {printable(report['source'])}  (pid {report['pid']})")
+    print(f"  cache:        {printable(report['cache'])}")
     print(f"  from source:  {human(m['bytes_from_source'])}  now {human(m['source_rate'])}/s")
     print(f"  served:       {human(m['bytes_served'])} ({human(m['bytes_served_from_cache'])} from cache)")
     print(f"  hit ratio:    {hit}  errors: {m['fetch_errors']}  checksum failures: {m['checksum_failures']}")
     for f in report["files"]:
         fraction = f["cached"] / f["size"] if f["size"] else 1.0
         flag = " streaming" if f.get("streaming") else ""
-        print(f"  {100 * fraction:5.1f}%  {human(f['size']):>10}  {f['path']}{flag}")
+        print(f"  {100 * fraction:5.1f}%  {human(f['size']):>10}  {printable(f['path'])}{flag}")
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
@@ -268,7 +306,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.get("errors")]
     for r in failed:
         for path, error in r["errors"].items():
-            print(f"fusecache: prefetch of {path} failed: {error}", file=sys.stderr)
+            say(f"prefetch of {path} failed: {error}")
     return 1 if failed else 0
 
 
@@ -308,7 +346,7 @@ def _by_mount(paths: list[str]) -> dict[str, list[str]]:
 def cmd_pin(args: argparse.Namespace) -> int:
     for mountpoint, relpaths in _by_mount(args.paths).items():
         queued = control.call(mountpoint, {"command": "pin", "paths": relpaths})
-        print(f"pinned {len(relpaths)} path(s) in {mountpoint}; fetching {len(queued['files'])} file(s)")
+        print(f"pinned {len(relpaths)} path(s) in {printable(mountpoint)}; fetching {len(queued['files'])} file(s)")
     return 0
 
 
@@ -329,13 +367,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for f in report["files"]:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(f["last_used"])) if f.get("last_used") else "-"
             flags = "pinned" if f["pinned"] else ""
-            print(f"{human(f['cached']):>10} / {human(f['size']):>10}  {when}  {f['path']}  {flags}")
+            print(f"{human(f['cached']):>10} / {human(f['size']):>10}  {when}  {printable(f['path'])}  {flags}")
         return 0
     for mountpoint, relpaths in _by_mount(args.paths).items():
         result = control.call(mountpoint, {"command": "cache_clear", "paths": relpaths})
-        print(f"{mountpoint}: evicted {len(result['evicted'])} file(s)")
+        print(f"{printable(mountpoint)}: evicted {len(result['evicted'])} file(s)")
         for path in result["kept"]:
-            print(f"  kept {path} (open, streaming or pinned)")
+            print(f"  kept {printable(path)} (open, streaming or pinned)")
     return 0
 
 

@@ -11,7 +11,10 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,11 @@ GiB = 1024 * MiB
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+MAX_SIZE = 2**63 - 1  # the largest file size or offset the kernel handles
+# The largest FUSE read the kernel sends (libfuse asks for 256 pages): each worker keeps one
+# reply buffer of this size (engine.REPLY_BUFFER_MIN), so it is what a worker costs.
+MAX_REQUEST = 1 * MiB
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 # Options that mount(8), fstab and systemd hand to every filesystem helper. They mean
 # nothing to a read-only FUSE mirror, so they are accepted and ignored rather than rejected.
@@ -46,10 +54,23 @@ def parse_size(text: str, what: str = "size") -> int:
     if not match:
         raise ConfigError(f"invalid {what} {text!r}: expected a number with an optional K/M/G/T suffix")
     number, unit = match.groups()
-    value = float(number) * _SIZE_UNITS[unit.lower()]
-    if value != int(value):
+    # Exact arithmetic: through a float, 400 digits become inf (an OverflowError, not a message)
+    # and large values lose their last digits. Decimal keeps every digit of the text.
+    value = Fraction(Decimal(number)) * _SIZE_UNITS[unit.lower()]
+    if value > MAX_SIZE:
+        raise ConfigError(f"invalid {what} {text!r}: too large (at most {MAX_SIZE} bytes)")
+    if value.denominator != 1:
         raise ConfigError(f"invalid {what} {text!r}: not a whole number of bytes")
     return int(value)
+
+
+def human(n: float) -> str:
+    """A size as people read it: '512 B', '1.5 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
 
 
 def parse_int(text: str, what: str, minimum: int, maximum: int) -> int:
@@ -104,6 +125,28 @@ def runtime_dir(uid: int) -> Path:
     return user_run / "fusecache" if user_run.is_dir() else Path(f"/tmp/fusecache-{uid}")
 
 
+def memory_limit(proc: Path = Path("/proc"), cgroups: Path = CGROUP_ROOT) -> int:
+    """Bytes of memory this process can have: MemTotal, or less where the memory.max of its
+    cgroup v2 (or of one above it, which caps it as well) is lower."""
+    with open(proc / "meminfo") as f:
+        limit = next(int(line.split()[1]) * KiB for line in f if line.startswith("MemTotal:"))
+    with open(proc / "self" / "cgroup") as f:
+        group = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+    if group is None:
+        return limit  # no cgroup v2
+    leaf = cgroups / group.lstrip("/")
+    for directory in (leaf, *leaf.parents):
+        if not directory.is_relative_to(cgroups):
+            break
+        try:
+            value = (directory / "memory.max").read_text().strip()
+        except OSError:
+            continue  # the root cgroup has none; nor does a v1 or hybrid layout
+        if value != "max":
+            limit = min(limit, int(value))
+    return limit
+
+
 @dataclass
 class MountConfig:
     """Everything a mount needs; defaults are the measured or documented production choices."""
@@ -148,7 +191,16 @@ class MountConfig:
     foreground: bool = False
     log_level: str = "info"
 
-    def validate(self) -> None:
+    def buffer_bytes(self) -> int:
+        """The memory the daemon's buffers take at most (engine.Lane, engine._reply_buffer):
+        each stream holds a block, each demand fetch thread a run of two chunks, each worker
+        a reply."""
+        return (self.streams * self.block_size + self.fetch_threads * 2 * self.chunk_size
+                + self.workers * MAX_REQUEST)
+
+    def validate(self, memory: Callable[[], int] = memory_limit) -> None:
+        """Refuse settings the daemon cannot work with. `memory` says how much memory there
+        is (tests pass their own)."""
         if self.chunk_size < 64 * KiB or self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"invalid chunk_size {self.chunk_size}: must be a power of two >= 64K")
         if self.chunk_size > 256 * MiB:
@@ -161,6 +213,17 @@ class MountConfig:
             raise ConfigError(f"invalid block_size {self.block_size}: must be <= 1G")
         if self.fetch_ahead > 1 * GiB:
             raise ConfigError(f"invalid fetch_ahead {self.fetch_ahead}: must be <= 1G")
+        # Buffers take memory only once used, so an oversized setting mounts fine and fails
+        # (OOM kill, swapping) only under load. Half leaves room for the readers and the page
+        # cache they are served through.
+        total, available = self.buffer_bytes(), memory()
+        if total > available // 2:
+            raise ConfigError(
+                f"the daemon's buffers would take {human(total)}, more than half of the memory "
+                f"({human(available)}): "
+                f"lower streams x block_size ({self.streams} x {human(self.block_size)}), "
+                f"fetch_threads x 2 x chunk_size ({self.fetch_threads} x 2 x {human(self.chunk_size)}) "
+                f"or workers x {human(MAX_REQUEST)} ({self.workers})")
 
 
 def _set_cache_size(cfg: MountConfig, key: str, value: str) -> None:

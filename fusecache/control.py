@@ -4,6 +4,9 @@ The socket lives in the runtime dir under a name derived from the mountpoint, so
 finds it from the mountpoint alone. It is created mode 0600, and every connection's peer
 credentials (SO_PEERCRED) are checked: only root and the user who mounted may use it, since
 prefetch and eviction spend the node's network and disk.
+
+A client gives up on a daemon that stays silent (stopped, hung), never on one that is busy:
+while a request is worked on, the daemon sends a heartbeat.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from typing import Awaitable, Callable
 
 import trio
 
+from . import private
 from .config import runtime_dir
-from .mounts import find_mount
+from .mounts import find_mount, resolve_mountpoint
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict], Awaitable[dict]]
 MAX_REQUEST = 1 << 20
+TIMEOUT = 30.0  # seconds of silence after which a client gives up on the daemon
+HEARTBEAT = 2.0  # seconds between the daemon's heartbeats, well within any client's TIMEOUT
 _PEERCRED = struct.Struct("3i")
 
 
@@ -33,19 +39,36 @@ class ControlError(Exception):
     """A control request failed; the message is shown to the user as is."""
 
 
+class ControlTimeout(ControlError):
+    """The daemon went silent: it is stopped or hung (a busy one sends heartbeats)."""
+
+
 def socket_path(mountpoint: str, owner_uid: int) -> Path:
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    """The socket of the mount at `mountpoint`, spelled as mountinfo lists it. Not resolved
+    here: resolving a mountpoint is a request to its daemon (see mounts.resolve_mountpoint)."""
+    key = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
     return runtime_dir(owner_uid) / f"{key}.sock"
 
 
 class ControlServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler], owner_uid: int) -> None:
+    """Answers one request per connection. While it is worked on, one space is sent every
+    `heartbeat` seconds ahead of the reply, so that a long request (a prefetch walking a large
+    tree) never looks like a hung daemon; JSON allows leading whitespace, so the reply is
+    still one JSON line."""
+
+    def __init__(self, path: Path, handlers: dict[str, Handler], owner_uid: int,
+                 heartbeat: float = HEARTBEAT) -> None:
         self.path = path
         self.handlers = handlers
         self.owner_uid = owner_uid
+        self.heartbeat = heartbeat
+
+    def prepare(self) -> None:
+        """Create the runtime dir, or check that the one there is the daemon user's alone:
+        in /tmp anyone could have made it first, and then answer for us."""
+        private.ensure_tree(self.path.parent.parent, self.path.parent)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path.unlink(missing_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
@@ -61,17 +84,31 @@ class ControlServer:
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         async with stream:
-            try:
-                reply = await self._answer(stream)
-            except ControlError as e:
-                reply = {"error": str(e)}
-            except Exception as e:  # noqa: BLE001 - a bad request must not stop the daemon
-                log.exception("control request failed")
-                reply = {"error": f"internal error: {e}"}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_heartbeats, stream)
+                reply = await self._reply(stream)
+                nursery.cancel_scope.cancel()  # before the reply: one sender at a time
             try:
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
             except trio.BrokenResourceError:
                 pass
+
+    async def _send_heartbeats(self, stream: trio.SocketStream) -> None:
+        while True:
+            await trio.sleep(self.heartbeat)
+            try:
+                await stream.send_all(b" ")
+            except trio.BrokenResourceError:
+                return  # the client left; the request still runs to its end
+
+    async def _reply(self, stream: trio.SocketStream) -> dict:
+        try:
+            return await self._answer(stream)
+        except ControlError as e:
+            return {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - a bad request must not stop the daemon
+            log.exception("control request failed")
+            return {"error": f"internal error: {e}"}
 
     async def _answer(self, stream: trio.SocketStream) -> dict:
         # The request is read before anything is refused: closing a unix socket with unread
@@ -103,27 +140,44 @@ class ControlServer:
         return request
 
 
-def call(mountpoint: str, request: dict, timeout: float = 30.0) -> dict:
-    """Send one request to the daemon serving mountpoint; raise ControlError on failure."""
-    info = find_mount(os.path.realpath(mountpoint))
+def call(mountpoint: str, request: dict, timeout: float = TIMEOUT) -> dict:
+    """Send one request to the daemon serving mountpoint; raise ControlError on failure,
+    ControlTimeout if the daemon stays silent for `timeout` seconds."""
+    path = resolve_mountpoint(mountpoint)
+    info = find_mount(path)
     if info is None or info.owner_uid is None:
         raise ControlError(f"{mountpoint} is not served by a running fusecache daemon")
-    path = socket_path(mountpoint, info.owner_uid)
+    sock_path = socket_path(path, info.owner_uid)
+    try:
+        reason = private.refusal(sock_path.parent, os.lstat(sock_path.parent), (0, info.owner_uid))
+    except FileNotFoundError:
+        raise ControlError(f"{mountpoint} is not served by a running fusecache daemon") from None
+    if reason:  # a socket someone else could have put there would answer in the daemon's name
+        raise ControlError(f"refusing to use the control socket of {mountpoint}: {reason}")
+    return send_request(sock_path, request, timeout, mountpoint)
+
+
+def send_request(path: Path, request: dict, timeout: float, mountpoint: str) -> dict:
+    """One exchange over the control socket at path; `mountpoint` names the mount in messages."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+        sock.settimeout(timeout)  # per receive: each heartbeat starts a new wait
         try:
             sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                more = sock.recv(1 << 20)
+                if not more:
+                    break
+                data += more
         except (FileNotFoundError, ConnectionRefusedError):
             raise ControlError(f"{mountpoint} is not served by a running fusecache daemon") from None
         except PermissionError:
             raise ControlError(f"permission denied: cannot use the control socket of {mountpoint}") from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            more = sock.recv(1 << 20)
-            if not more:
-                break
-            data += more
+        except TimeoutError:
+            raise ControlTimeout(f"the daemon of {mountpoint} did not answer within {timeout:g}s") from None
+        except OSError as e:
+            raise ControlError(f"cannot talk to the daemon of {mountpoint}: {e.strerror or e}") from None
     try:
         reply = json.loads(data)
     except ValueError:

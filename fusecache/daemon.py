@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 from prometheus_client import CollectorRegistry
 
-from . import mounts
+from . import mounts, private
 from .config import MountConfig
 from .control import ControlError, ControlServer, socket_path
 from .engine import Engine
@@ -59,9 +59,8 @@ def check_request(cfg: MountConfig) -> CacheStore:
         raise MountError(f"source {source} is not a directory")
     if not os.access(source, os.R_OK | os.X_OK):
         raise MountError(f"source {source} is not readable")
+    _check_overlap(cfg)
     _check_mountpoint(cfg.mountpoint)
-    if os.path.realpath(cfg.mountpoint) == os.path.realpath(source):
-        raise MountError("source and mountpoint must differ")
     store = CacheStore(cfg.cache_dir, os.path.realpath(source))
     try:
         store.prepare()
@@ -69,6 +68,26 @@ def check_request(cfg: MountConfig) -> CacheStore:
     except Exception as e:  # StoreError carries the one-line message
         raise MountError(str(e)) from None
     return store
+
+
+def _check_overlap(cfg: MountConfig) -> None:
+    """Source, mountpoint and cache dir must not contain one another. A mountpoint inside the
+    source makes the daemon read its own mount (it deadlocks on its own requests); a source
+    inside the mountpoint is hidden by the mount; a cache dir inside the mountpoint too (the
+    daemon blocks on its own mount and never comes up); a cache dir inside the source is shown
+    through the mount. Compared as real paths (the cache dir may not exist yet: realpath()
+    resolves what exists of it) by whole components: /a/bc is not inside /a/b."""
+    source, mountpoint, cache = (Path(os.path.realpath(p)) for p in (cfg.source, cfg.mountpoint, cfg.cache_dir))
+    if mountpoint == source:
+        raise MountError("source and mountpoint must differ")
+    if mountpoint.is_relative_to(source):
+        raise MountError(f"mountpoint {cfg.mountpoint} must be outside the source {cfg.source}")
+    if source.is_relative_to(mountpoint):
+        raise MountError(f"source {cfg.source} must be outside the mountpoint {cfg.mountpoint}")
+    if cache.is_relative_to(mountpoint):
+        raise MountError(f"cache dir {cfg.cache_dir} must be outside the mountpoint {cfg.mountpoint}")
+    if cache.is_relative_to(source):
+        raise MountError(f"cache dir {cfg.cache_dir} must be outside the source {cfg.source}")
 
 
 def _check_mountpoint(mountpoint: Path) -> None:
@@ -143,6 +162,11 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
                             control_handlers(engine, store, metrics, mountpoint), owner_uid=os.getuid())
     registry = prometheus_registry(metrics)
     try:
+        control.prepare()
+    except private.UntrustedPath as e:
+        raise MountError(str(e)) from None
+    _serve_metrics(cfg, registry)
+    try:
         pyfuse3.init(operations, mountpoint, fuse_options(cfg, source.root))
     except RuntimeError as e:
         raise MountError(f"cannot mount {mountpoint}: {e}") from None
@@ -154,7 +178,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
             await nursery.start(control.serve)
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(_sample, engine, metrics)
-            _start_metrics_exporters(cfg, registry, nursery)
+            if cfg.metrics_textfile is not None:
+                nursery.start_soon(_write_textfile, cfg.metrics_textfile, registry)
             nursery.start_soon(_announce_when_live, cfg, mountpoint, ready)
             log.info("serving %s at %s (cache %s)", source.root, mountpoint, store.root)
             await pyfuse3.main(min_tasks=cfg.workers, max_tasks=cfg.workers)
@@ -204,16 +229,17 @@ def cache_limit(cfg: MountConfig, store: CacheStore, held: int) -> int:
     return int(DEFAULT_CACHE_FRACTION * vfs.f_bavail * vfs.f_frsize) + held
 
 
-def _start_metrics_exporters(cfg: MountConfig, registry: CollectorRegistry, nursery: trio.Nursery) -> None:
-    if cfg.metrics_addr is not None:
-        host, port = cfg.metrics_addr
-        try:
-            prometheus_client.start_http_server(port, addr=host, registry=registry)
-            log.info("serving Prometheus metrics on http://%s:%d/metrics", host, port)
-        except OSError as e:
-            log.error("cannot serve metrics on %s:%d: %s", host, port, e.strerror)
-    if cfg.metrics_textfile is not None:
-        nursery.start_soon(_write_textfile, cfg.metrics_textfile, registry)
+def _serve_metrics(cfg: MountConfig, registry: CollectorRegistry) -> None:
+    """Serve /metrics on metrics_addr. Bound before mounting, so that an address that cannot
+    be used (a port in use) fails the mount with its reason instead of only being logged."""
+    if cfg.metrics_addr is None:
+        return
+    host, port = cfg.metrics_addr
+    try:
+        prometheus_client.start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise MountError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
+    log.info("serving Prometheus metrics on http://%s:%d/metrics", host, port)
 
 
 async def _write_textfile(path: Path, registry: CollectorRegistry) -> None:

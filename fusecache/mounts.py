@@ -73,6 +73,18 @@ def find_mount(mountpoint: str) -> MountInfo | None:
     return found
 
 
+def resolve_mountpoint(path: str) -> str:
+    """The path mountinfo lists for the mount at `path`, found without touching the mountpoint
+    itself: a stat, lstat or realpath() of it is a request to its daemon, which never returns
+    while the daemon is stopped or hung. Only the parent is resolved (it belongs to another
+    filesystem), as fusermount does; a daemon lists the same path, its realpath() before mounting."""
+    absolute = os.path.abspath(path)
+    if find_mount(absolute) is not None:
+        return absolute
+    parent, name = os.path.split(absolute)
+    return os.path.join(os.path.realpath(parent), name)
+
+
 def fstype_of(path: str) -> str | None:
     """Filesystem type of the mount holding path (the longest mountpoint prefix)."""
     target = os.path.realpath(path)

@@ -28,7 +28,7 @@ class UntrustedPath(Exception):
     """A path the daemon must not use; the message is the one-line error shown to the user."""
 
 
-def _refusal(path: Path, st: os.stat_result, owner_ok: tuple[int, ...]) -> str | None:
+def refusal(path: Path, st: os.stat_result, owner_ok: tuple[int, ...]) -> str | None:
     """Why a directory cannot be trusted, or None."""
     if stat_mod.S_ISLNK(st.st_mode):
         return f"{path} is a symlink"
@@ -42,17 +42,18 @@ def _refusal(path: Path, st: os.stat_result, owner_ok: tuple[int, ...]) -> str |
 
 
 def check_ancestors(path: Path) -> None:
-    """Every existing directory above path must be root's or ours, and writable by nobody
-    else unless sticky (like /tmp). Symlinks among them are resolved: the check is of where
-    they lead."""
+    """path, where it exists, and every directory above it must be root's or ours, and
+    writable by nobody else unless sticky (like /tmp, or a tmpfs mounted as the cache dir):
+    there others cannot rename or remove what is ours. Symlinks among them are resolved:
+    the check is of where they lead."""
     euid = os.geteuid()
     real = Path(os.path.realpath(path))
-    for ancestor in reversed(real.parents):
+    for ancestor in [*reversed(real.parents), real]:
         try:
             st = os.lstat(ancestor)
         except FileNotFoundError:
             return
-        reason = _refusal(ancestor, st, (0, euid))
+        reason = refusal(ancestor, st, (0, euid))
         if reason:
             raise UntrustedPath(f"refusing to use {path}: {reason}")
 
@@ -66,7 +67,7 @@ def ensure_dir(path: Path) -> None:
     except FileExistsError:
         pass
     st = os.lstat(path)
-    reason = _refusal(path, st, (os.geteuid(),))
+    reason = refusal(path, st, (os.geteuid(),))
     if reason is None and st.st_mode & stat_mod.S_ISVTX and st.st_mode & 0o022:
         reason = f"{path} is writable by group or others"
     if reason:
@@ -75,11 +76,10 @@ def ensure_dir(path: Path) -> None:
 
 
 def ensure_tree(top: Path, below: Path) -> None:
-    """ensure_dir for top and for every directory from top down to below (a path inside
-    top), after checking what lies above top."""
-    os.makedirs(top.parent, exist_ok=True)
+    """Create top (0700) if missing and check it and what lies above it (check_ancestors);
+    then ensure_dir every directory below it down to below, a path inside top."""
+    os.makedirs(top, mode=PRIVATE_DIR_MODE, exist_ok=True)
     check_ancestors(top)
-    ensure_dir(top)
     current = top
     for part in below.relative_to(top).parts:
         current = current / part

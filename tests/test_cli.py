@@ -5,28 +5,52 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import shutil
+import socket
 import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from .conftest import is_mounted, run_cli
+from fusecache import mounts
+from fusecache.cli import printable
+from fusecache.config import GiB, MountConfig, memory_limit
+
+from .conftest import is_mounted, run_cli, wait_gone
 
 MiB = 1 << 20
 
 
-def daemons() -> set[int]:
-    """pids of running fusecache daemons."""
+def daemons(mentioning: Path | None = None) -> set[int]:
+    """pids of running fusecache daemons (those with `mentioning` in their command line)."""
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(arg == b"fusecache" for arg in cmdline) and b"mount" in cmdline:
+        if any(arg == b"fusecache" for arg in cmdline) and b"mount" in cmdline and (
+                mentioning is None or any(os.fsencode(mentioning) in arg for arg in cmdline)):
             found.add(int(pid))
     return found
+
+
+@contextmanager
+def no_leftovers(tmp_path: Path, mountpoint: Path) -> Iterator[None]:
+    """Where a regression mounts after all, fail without leaving the mount and its daemon (some
+    deadlock on their own mount) behind. Nothing here touches the mountpoint itself."""
+    try:
+        yield
+    finally:
+        path = mounts.resolve_mountpoint(str(mountpoint))
+        if mounts.find_mount(path) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+        for pid in daemons(mentioning=tmp_path):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -63,9 +87,12 @@ def assert_refused(args, message: str, mountpoint: Path, status: int = 1) -> Non
     ("flag-needs-value", "needs a value", 2),
     ("bad-number", "invalid streams 'many'", 2),
     ("empty-option", "empty option", 2),
+    ("huge-size", "invalid cache_size '11111", 2),
 ])
 def test_bad_mount_input(dirs, case, message, status):
     source, mountpoint, cache = dirs
+    a_file = source.parent / "file"  # not in the source: paths inside it are refused for that
+    a_file.write_text("")
     args = ["mount", source, mountpoint, "--cache-dir", cache]
     if case == "missing-source":
         args[1] = source / "nope"
@@ -74,17 +101,176 @@ def test_bad_mount_input(dirs, case, message, status):
     elif case == "missing-mountpoint":
         args[2] = mountpoint / "nope"
     elif case == "mountpoint-is-file":
-        args[2] = source / "f"
+        args[2] = a_file
     elif case == "mountpoint-not-empty":
         (mountpoint / "x").write_text("")
     elif case == "cache-dir-unwritable":
-        args[4] = source / "f" / "cache"
+        args[4] = a_file / "cache"
     else:
         option = {"unknown-option": "colour=blue", "malformed-size": "chunk_size=4 parsecs",
                   "bad-chunk-size": "chunk_size=3M", "flag-needs-value": "cache_dir",
-                  "bad-number": "streams=many", "empty-option": "allow_other,,ro"}[case]
+                  "bad-number": "streams=many", "empty-option": "allow_other,,ro",
+                  "huge-size": "cache_size=" + "1" * 400}[case]
         args += ["-o", option]
     assert_refused(args, message, mountpoint, status)
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("case, message", [
+    ("mountpoint-is-source", "source and mountpoint must differ"),
+    ("mountpoint-in-source", "must be outside the source"),
+    ("mountpoint-in-source-by-symlink", "must be outside the source"),
+    ("source-in-mountpoint", "must be outside the mountpoint"),
+    ("cache-is-mountpoint", "must be outside the mountpoint"),
+    ("cache-in-mountpoint", "must be outside the mountpoint"),
+    ("cache-is-source", "must be outside the source"),
+    ("cache-in-source", "must be outside the source"),
+    ("cache-in-source-by-symlink", "must be outside the source"),
+])
+def test_overlapping_paths_are_refused(dirs, case, message):
+    """A mountpoint inside the source deadlocked on its own requests; a cache dir inside the
+    mountpoint never came up and left a dead mount; one inside the source showed the cache
+    through the mount. Refused before anything is created."""
+    source, mountpoint, cache = dirs
+    (source / "sub").mkdir()
+    (source.parent / "link").symlink_to(source)
+    args = ["mount", source, mountpoint, "--cache-dir", cache]
+    if case == "mountpoint-is-source":
+        args[2] = source
+    elif case == "mountpoint-in-source":
+        args[2] = source / "sub"
+    elif case == "mountpoint-in-source-by-symlink":
+        args[2] = source.parent / "link" / "sub"
+    elif case == "source-in-mountpoint":
+        (mountpoint / "src").mkdir()
+        args[1:3] = [mountpoint / "src", mountpoint]
+    elif case == "cache-is-mountpoint":
+        args[4] = mountpoint
+    elif case == "cache-in-mountpoint":
+        args[4] = mountpoint / "cache"
+    elif case == "cache-is-source":
+        args[4] = source
+    elif case == "cache-in-source":
+        args[4] = source / "sub" / "cache"
+    elif case == "cache-in-source-by-symlink":
+        args[4] = source.parent / "link" / "cache"  # does not exist yet: its parent resolves
+    before = tree(source.parent)
+    with no_leftovers(source.parent, Path(args[2])):
+        assert_refused(args, message, Path(args[2]))
+    assert tree(source.parent) == before
+
+
+@pytest.mark.fuse
+def test_paths_that_only_share_a_prefix_do_not_overlap(dirs):
+    """Containment is by whole components: src2 and srcmnt are not inside src."""
+    source, _mountpoint, _cache = dirs
+    mountpoint, cache = source.parent / "srcmnt", source.parent / "src2"
+    mountpoint.mkdir()
+    try:
+        run_cli("mount", source, mountpoint, "--cache-dir", cache)
+        assert (mountpoint / "f").read_text() == "data"
+    finally:
+        run_cli("umount", mountpoint, check=False)
+    assert not is_mounted(mountpoint)
+
+
+def test_buffers_beyond_half_the_memory_are_refused(dirs):
+    options = "streams=64,block_size=1G,chunk_size=256M,fetch_threads=256,workers=1024"
+    cfg = MountConfig(Path("/s"), Path("/m"), streams=64, block_size=GiB, chunk_size=GiB // 4,
+                      fetch_threads=256, workers=1024)
+    if cfg.buffer_bytes() <= memory_limit() // 2:
+        pytest.skip("this machine has the memory for the largest settings")
+    source, mountpoint, cache = dirs
+    assert_refused(["mount", source, mountpoint, "--cache-dir", cache, "-o", options],
+                   "the daemon's buffers would take 193.0 GiB, more than half of the memory", mountpoint, 2)
+
+
+@pytest.mark.fuse
+def test_metrics_address_in_use_is_refused(dirs):
+    """The exporter is bound before mounting: a port in use used to exit 0 with the error
+    only in daemon.log."""
+    source, mountpoint, cache = dirs
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with no_leftovers(source.parent, mountpoint):
+            assert_refused(["mount", source, mountpoint, "--cache-dir", cache, "-o", f"metrics_addr=127.0.0.1:{port}"],
+                           f"cannot serve metrics on 127.0.0.1:{port}: Address already in use", mountpoint)
+
+
+@pytest.mark.fuse
+def test_status_and_umount_of_a_stopped_daemon(dirs, make_mount):
+    """status and umount used to hang forever: resolving the mountpoint is a request to the
+    stopped daemon. status now gives up after 10 s of silence; umount unmounts anyway. The
+    mountpoint is found from its parent's real path (here through a symlink), never its own."""
+    source, _mountpoint, _cache = dirs
+    m = make_mount(source)
+    alias = m.mountpoint.parent / "alias"
+    alias.symlink_to(".")  # alias/mnt0 is mnt0
+    pid = m.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status = run_cli("status", alias / m.mountpoint.name, check=False, timeout=40)
+        assert status.returncode == 1, status
+        assert status.stderr.splitlines() == [f"fusecache: the daemon of {m.mountpoint} did not answer within 10s"]
+        umount = run_cli("umount", m.mountpoint, check=False, timeout=40)
+        assert umount.returncode == 0, umount
+        assert umount.stderr.splitlines() == [f"fusecache: the daemon of {m.mountpoint} did not answer within 10s; "
+                                              "unmounted without waiting for it to exit"]
+        assert mounts.find_mount(str(m.mountpoint)) is None  # by mountinfo: nothing touches the mountpoint
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_gone(pid)  # continued, it finds its mount gone and exits
+    m.pid = None
+
+
+def test_printable_escapes_what_a_terminal_acts_on():
+    assert printable("model-00001.safetensors ü 模型") == "model-00001.safetensors ü 模型"
+    assert printable("a\x1b]0;pwned\x07\n\t\x7f") == r"a\x1b]0;pwned\x07\x0a\x09\x7f"
+    assert printable("\x9b31m\u202egpj.exe\u2028") == r"\u009b31m\u202egpj.exe\u2028"
+    assert printable("back\\slash \udcff\ud800 \U000e0001") == r"back\\slash \xff\ud800 \U000e0001"
+
+
+@pytest.mark.fuse
+def test_file_names_are_printed_escaped(dirs, make_mount):
+    """status and cache ls printed source file names raw: escape sequences reached the
+    terminal, and a name that is not UTF-8 was a UnicodeEncodeError."""
+    source, _mountpoint, _cache = dirs
+    names = ["\x1b[31mred", "two\nlines", "back\\slash", os.fsdecode(b"latin1-\xe9")]
+    for name in names:
+        (source / name).write_bytes(b"x" * 100)
+    m = make_mount(source)
+    for name in names:
+        assert (m.mountpoint / name).read_bytes() == b"x" * 100
+    escaped = [r"\x1b[31mred", r"two\x0alines", r"back\\slash", r"latin1-\xe9"]
+    for args in (["status", m.mountpoint], ["cache", "ls", m.mountpoint]):
+        out = run_cli(*args).stdout
+        assert "\x1b" not in out and "two\n" not in out, out
+        for name in escaped:
+            assert sum(line.endswith(name) or f" {name} " in line for line in out.splitlines()) == 1, (name, out)
+    listed = {f["path"] for f in json.loads(run_cli("cache", "ls", m.mountpoint, "--json").stdout)["files"]}
+    assert set(names) <= listed  # --json keeps the names as they are
+
+
+@pytest.mark.fuse
+def test_output_to_a_reader_that_left(dirs, make_mount):
+    """`fusecache cache ls MNT | head -1` ended in a BrokenPipeError traceback."""
+    source, _mountpoint, _cache = dirs
+    m = make_mount(source)
+    assert (m.mountpoint / "f").read_text() == "data"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before anything is written
+    try:
+        result = subprocess.run([sys.executable, "-m", "fusecache", "cache", "ls", str(m.mountpoint)],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == ""
 
 
 @pytest.mark.fuse

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusecache.config import ConfigError, MiB, build_config, parse_address, parse_size
+from fusecache.config import (GiB, MAX_SIZE, ConfigError, MiB, MountConfig, build_config, memory_limit,
+                              parse_address, parse_size)
 
 from .conftest import run_cli
 
@@ -17,6 +18,8 @@ from .conftest import run_cli
 @pytest.mark.parametrize("text, expected", [
     ("0", 0), ("4096", 4096), ("4K", 4096), ("4k", 4096), ("4KiB", 4096), ("4KB", 4096),
     ("1M", MiB), ("1.5M", 3 * MiB // 2), ("2G", 2 << 30), ("1T", 1 << 40), (" 8 M ", 8 * MiB),
+    ("64MiB", 64 * MiB), ("1.5G", 3 << 29), ("0.25K", 256), (str(MAX_SIZE), MAX_SIZE),
+    ("9007199254740993", 2**53 + 1),  # a float would make it 2**53
 ])
 def test_parse_size_accepts(text, expected):
     assert parse_size(text) == expected
@@ -27,6 +30,20 @@ def test_parse_size_rejects(text):
     with pytest.raises(ConfigError) as info:
         parse_size(text)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["cache_size", "chunk_size", "block_size", "readahead_min_size", "fetch_ahead"])
+@pytest.mark.parametrize("value", ["1" * 400, "1" * 400 + "G", str(MAX_SIZE + 1), "8388608T", "1" * 5000 + ".5"])
+def test_too_large_sizes_are_refused(key, value):
+    """Exact parsing: through a float, 400 digits were an OverflowError traceback."""
+    with pytest.raises(ConfigError, match=f"invalid {key} .*: too large"):
+        build_config("/src", "/mnt", [f"{key}={value}"])
+
+
+def test_long_fractions_are_parsed_exactly():
+    assert parse_size("0.5" + "0" * 5000 + "K") == 512
+    with pytest.raises(ConfigError, match="not a whole number"):
+        parse_size("0." + "5" * 5000)
 
 
 @given(st.text(max_size=20))
@@ -102,3 +119,42 @@ def test_malformed_command_lines(args):
     result = run_cli(*args, check=False)
     assert result.returncode == 2, result
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("fusecache: "), result.stderr
+
+
+def test_buffers_beyond_half_the_memory_are_refused():
+    """streams x block_size + fetch_threads x 2 x chunk_size + workers x 1M must fit in half
+    of the memory: the defaults take 160 MiB."""
+    defaults = MountConfig(source=Path("/s"), mountpoint=Path("/m"))
+    assert defaults.buffer_bytes() == 160 * MiB
+    defaults.validate(memory=lambda: 320 * MiB)
+    with pytest.raises(ConfigError, match=r"buffers would take 160\.0 MiB, more than half of the memory"):
+        defaults.validate(memory=lambda: 320 * MiB - 1)
+    big = MountConfig(source=Path("/s"), mountpoint=Path("/m"), streams=64, block_size=1 * GiB)
+    with pytest.raises(ConfigError) as info:
+        big.validate(memory=lambda: 64 * GiB)
+    message = str(info.value)
+    assert "64.1 GiB" in message and "(64.0 GiB)" in message and "streams x block_size (64 x 1.0 GiB)" in message
+    assert "fetch_threads x 2 x chunk_size (8 x 2 x 4.0 MiB)" in message and "workers" in message
+
+
+def test_memory_limit_is_the_lowest_cgroup_v2_limit(tmp_path):
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal:       16777216 kB\nMemFree:         1024 kB\n")
+    (proc / "self" / "cgroup").write_text("0::/\n")
+    assert memory_limit(proc, cgroups) == 16 * GiB  # no cgroup v2 mounted there
+    (proc / "self" / "cgroup").write_text("0::/system.slice/job.service\n")
+    (cgroups / "system.slice" / "job.service").mkdir(parents=True)
+    (cgroups / "system.slice" / "job.service" / "memory.max").write_text("max\n")
+    assert memory_limit(proc, cgroups) == 16 * GiB
+    (cgroups / "system.slice" / "memory.max").write_text(f"{4 * GiB}\n")  # a parent caps it too
+    assert memory_limit(proc, cgroups) == 4 * GiB
+    (cgroups / "system.slice" / "job.service" / "memory.max").write_text(f"{2 * GiB}\n")
+    assert memory_limit(proc, cgroups) == 2 * GiB
+    (cgroups / "system.slice" / "job.service" / "memory.max").write_text(f"{32 * GiB}\n")
+    assert memory_limit(proc, cgroups) == 4 * GiB
+
+
+def test_memory_limit_of_this_process():
+    meminfo = Path("/proc/meminfo").read_text().split("\n")[0].split()
+    assert 0 < memory_limit() <= int(meminfo[1]) * 1024

@@ -105,9 +105,9 @@ def test_symlinks_are_links_not_followed(tree, make_mount):
 
 
 def test_safetensors_checkpoint_loads_identically(tmp_path, make_mount):
-    source = tmp_path / "ckpt"
+    source = tmp_path / "src" / "ckpt"
     write_checkpoint(source, 24 * MiB, shards=3, seed=3)
-    m = make_mount(tmp_path)
+    m = make_mount(tmp_path / "src")
     assert load_digest(m.mountpoint / "ckpt", order_seed=5) == load_digest(source)
 
 
@@ -116,10 +116,10 @@ def _reader(path: str, seed: int) -> None:
 
 
 def test_eight_concurrent_reader_processes(tmp_path, make_mount, cache_location):
-    source = tmp_path / "ckpt"
+    source = tmp_path / "src" / "ckpt"
     write_checkpoint(source, 32 * MiB, shards=4, seed=4)
     expected = load_digest(source)
-    m = make_mount(tmp_path, cache_dir=cache_location)
+    m = make_mount(tmp_path / "src", cache_dir=cache_location)
     code = "import sys; from tests.test_filesystem import _reader; _reader(sys.argv[1], int(sys.argv[2]))"
     root = Path(__file__).parent.parent
     procs = [subprocess.Popen([sys.executable, "-c", code, str(m.mountpoint / "ckpt"), str(rank)],

@@ -144,7 +144,7 @@ def test_a_cache_dir_others_control_is_refused(world):
     cases[owned] = "owned by uid 65534"
     open_dir = base / "world-writable"
     open_dir.mkdir()
-    open_dir.chmod(0o1777)
+    open_dir.chmod(0o777)  # not sticky: others could rename the store away and put theirs there
     cases[open_dir] = "writable by group or others"
     planted = base / "planted"
     (planted / "fusecache-v1").mkdir(parents=True)
