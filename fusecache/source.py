@@ -89,14 +89,24 @@ class Source:
         self.stable_inodes = stable_inodes
         self._root_fd = os.open(self.root, _DIR_PATH)
         self._openat2 = linux.has_openat2(self._root_fd)
-        # A filesystem without POSIX ACLs (sshfs, NFSv4's own ACLs) says so for its root.
+        self.has_acls = self._probe_acls()
+
+    def _probe_acls(self) -> bool:
+        """Whether the source has POSIX ACLs (its root says so). NFSv4's own ACLs are of
+        another kind, checked by the NFS server for the daemon's user, never for ours."""
         try:
             acl.read_access_acl(self._root_fd)
-            self.has_acls = True
-        except OSError:
-            self.has_acls = False
         except acl.MalformedAcl:
-            self.has_acls = True
+            return True
+        except OSError:
+            try:
+                os.getxattr(f"/proc/self/fd/{self._root_fd}", "system.nfs4_acl")
+                log.warning("the source has NFSv4 ACLs: fusecache cannot enforce them; users of the "
+                            "mount are checked against the mode bits only")
+            except OSError:
+                log.info("the source has no POSIX ACLs; users of the mount are checked against the mode bits")
+            return False
+        return True
 
     def close(self) -> None:
         os.close(self._root_fd)
