@@ -94,13 +94,14 @@ class Source:
     def _probe_acls(self) -> bool:
         """Whether the source has POSIX ACLs (its root says so). NFSv4's own ACLs are of
         another kind, checked by the NFS server for the daemon's user, never for ours."""
+        root = f"/proc/self/fd/{self._root_fd}"
         try:
-            acl.read_access_acl(self._root_fd)
-        except acl.MalformedAcl:
-            return True
-        except OSError:
+            os.getxattr(root, acl.XATTR_ACCESS)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return True  # ENODATA: ACLs are supported, the root just has none
             try:
-                os.getxattr(f"/proc/self/fd/{self._root_fd}", "system.nfs4_acl")
+                os.getxattr(root, "system.nfs4_acl")
                 log.warning("the source has NFSv4 ACLs: fusecache cannot enforce them; users of the "
                             "mount are checked against the mode bits only")
             except OSError:
