@@ -160,15 +160,15 @@ class MountConfig:
     chunk_size: int = 4 * MiB
     # Demand fetches run on their own threads so they never queue behind readahead.
     fetch_threads: int = 8
-    # Readahead: which files are streamed whole on first open, in what blocks, how many at once.
+    # Readahead: which files are streamed whole on first open, in what reads, how many at once.
     readahead: str = "shards"
     readahead_min_size: int = 0
-    block_size: int = 32 * MiB
+    stream_read_size: int = 32 * MiB  # was block_size
     streams: int = 2
     # A sequential reader's next bytes, fetched on the demand lane while its current ones are
     # served, so it does not stall once per chunk where it runs ahead of its file's stream.
-    # 0: off (as is everything ahead with readahead=off).
-    fetch_ahead: int = 8 * MiB
+    # 0: off (as is everything ahead with readahead=off). Was fetch_ahead.
+    sequential_window: int = 8 * MiB
     # Concurrent FUSE requests the daemon works on; each holds one reply buffer.
     workers: int = 32
     attr_timeout: float = 1.0
@@ -189,13 +189,15 @@ class MountConfig:
     source_inodes: str = "auto"
     allow_other: bool = False
     foreground: bool = False
+    # one line each about options spelled the old way, shown once the mount starts
+    deprecations: list[str] = field(default_factory=list, repr=False)
     log_level: str = "info"
 
     def buffer_bytes(self) -> int:
-        """The memory the daemon's buffers take at most (engine.Lane, engine._reply_buffer):
+        """The memory the daemon's buffers take at most (engine.fetcher.Lane, engine.reader.Reader):
         each stream holds a block, each demand fetch thread a run of two chunks, each worker
         a reply."""
-        return (self.streams * self.block_size + self.fetch_threads * 2 * self.chunk_size
+        return (self.streams * self.stream_read_size + self.fetch_threads * 2 * self.chunk_size
                 + self.workers * MAX_REQUEST)
 
     def validate(self, memory: Callable[[], int] = memory_limit) -> None:
@@ -205,14 +207,14 @@ class MountConfig:
             raise ConfigError(f"invalid chunk_size {self.chunk_size}: must be a power of two >= 64K")
         if self.chunk_size > 256 * MiB:
             raise ConfigError(f"invalid chunk_size {self.chunk_size}: must be <= 256M")
-        if self.block_size < self.chunk_size or self.block_size % self.chunk_size:
+        if self.stream_read_size < self.chunk_size or self.stream_read_size % self.chunk_size:
             raise ConfigError(
-                f"invalid block_size {self.block_size}: must be a multiple of chunk_size ({self.chunk_size})"
+                f"invalid stream_read_size {self.stream_read_size}: must be a multiple of chunk_size ({self.chunk_size})"
             )
-        if self.block_size > 1 * GiB:
-            raise ConfigError(f"invalid block_size {self.block_size}: must be <= 1G")
-        if self.fetch_ahead > 1 * GiB:
-            raise ConfigError(f"invalid fetch_ahead {self.fetch_ahead}: must be <= 1G")
+        if self.stream_read_size > 1 * GiB:
+            raise ConfigError(f"invalid stream_read_size {self.stream_read_size}: must be <= 1G")
+        if self.sequential_window > 1 * GiB:
+            raise ConfigError(f"invalid sequential_window {self.sequential_window}: must be <= 1G")
         # Buffers take memory only once used, so an oversized setting mounts fine and fails
         # (OOM kill, swapping) only under load. Half leaves room for the readers and the page
         # cache they are served through.
@@ -221,7 +223,7 @@ class MountConfig:
             raise ConfigError(
                 f"the daemon's buffers would take {human(total)}, more than half of the memory "
                 f"({human(available)}): "
-                f"lower streams x block_size ({self.streams} x {human(self.block_size)}), "
+                f"lower streams x stream_read_size ({self.streams} x {human(self.stream_read_size)}), "
                 f"fetch_threads x 2 x chunk_size ({self.fetch_threads} x 2 x {human(self.chunk_size)}) "
                 f"or workers x {human(MAX_REQUEST)} ({self.workers})")
 
@@ -257,9 +259,9 @@ _OPTION_SETTERS = {
     "metrics_addr": lambda c, k, v: setattr(c, k, parse_address(v, k)),
     "metrics_textfile": _set_path,
     "chunk_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
-    "block_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
+    "stream_read_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
     "readahead_min_size": lambda c, k, v: setattr(c, k, parse_size(v, k)),
-    "fetch_ahead": lambda c, k, v: setattr(c, k, parse_size(v, k)),
+    "sequential_window": lambda c, k, v: setattr(c, k, parse_size(v, k)),
     "fetch_threads": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 256)),
     "streams": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 64)),
     "workers": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 1024)),
@@ -273,6 +275,10 @@ _OPTION_SETTERS = {
     "foreground": lambda c, k, v: setattr(c, k, parse_bool(v, k)),
 }
 _FLAG_OPTIONS = frozenset({"allow_other", "foreground"})
+# Old spellings, still accepted. Five options read ahead in five ways; these two names said
+# the least about which: `block_size` is the read size of a whole-file stream, `fetch_ahead`
+# the window fetched past a sequential reader.
+_RENAMED = {"block_size": "stream_read_size", "fetch_ahead": "sequential_window"}
 
 
 def split_options(text: str) -> list[str]:
@@ -289,6 +295,9 @@ def apply_option(cfg: MountConfig, item: str) -> None:
     if item in _GENERIC_MOUNT_FLAGS or item.startswith(_GENERIC_MOUNT_PREFIXES):
         log.debug("ignoring generic mount option %s", item)
         return
+    if key in _RENAMED:
+        cfg.deprecations.append(f"option {key!r} is deprecated: use {_RENAMED[key]!r}")
+        key = _RENAMED[key]
     setter = _OPTION_SETTERS.get(key)
     if setter is None:
         raise ConfigError(f"unknown option {key!r}")

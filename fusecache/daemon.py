@@ -150,6 +150,8 @@ def stable_inodes(cfg: MountConfig, fstype: str | None) -> bool:
 
 
 async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
+    for message in cfg.deprecations:
+        log.warning("%s", message)
     source_fstype = mounts.fstype_of(str(cfg.source))
     source = Source(cfg.source, stable_inodes=stable_inodes(cfg, source_fstype))
     metrics = Metrics()

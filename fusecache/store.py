@@ -122,6 +122,37 @@ class CacheEntry:
     def cached_bytes(self) -> int:
         return sum(self.chunk_extent(i)[1] for i, s in enumerate(self.state) if s != MISSING)
 
+    # The questions the fetcher asks; the chunk state machine (MISSING -> VERIFIED, ON_DISK ->
+    # VERIFIED or MISSING, VERIFIED -> ON_DISK on a foreign write) stays in this class.
+
+    def is_verified(self, index: int) -> bool:
+        return self.state[index] == VERIFIED
+
+    def unverified(self, chunks: range) -> list[int]:
+        """The chunks of the range that must be fetched or checked before they are served."""
+        return [i for i in chunks if self.state[i] != VERIFIED]
+
+    def unverified_count(self) -> int:
+        return sum(1 for s in self.state if s != VERIFIED)
+
+    @property
+    def complete(self) -> bool:
+        """Every chunk is in the cache file and checked in this daemon's lifetime."""
+        return all(s == VERIFIED for s in self.state)
+
+    def missing_bytes(self, chunks: range) -> int:
+        """Bytes of the range not in the cache file at all: what fetching it adds to the cache."""
+        return sum(self.chunk_extent(i)[1] for i in chunks if self.state[i] == MISSING)
+
+    def verify_recorded(self, chunks: range, scratch: memoryview) -> int:
+        """Check the chunks of the range recorded by an earlier run against their checksums
+        (failures become missing); returns how many failed."""
+        return sum(1 for i in chunks if self.state[i] == ON_DISK and not self.verify_chunk(i, scratch))
+
+    def missing(self, chunks: range) -> list[int]:
+        """The chunks of the range that must be read from the source."""
+        return [i for i in chunks if self.state[i] == MISSING]
+
     def store_chunk(self, index: int, data: memoryview) -> None:
         """Write a chunk's bytes, then its index record. Order matters for crash safety."""
         offset, length = self.chunk_extent(index)

@@ -179,8 +179,8 @@ def test_paths_that_only_share_a_prefix_do_not_overlap(dirs):
 
 
 def test_buffers_beyond_half_the_memory_are_refused(dirs):
-    options = "streams=64,block_size=1G,chunk_size=256M,fetch_threads=256,workers=1024"
-    cfg = MountConfig(Path("/s"), Path("/m"), streams=64, block_size=GiB, chunk_size=GiB // 4,
+    options = "streams=64,stream_read_size=1G,chunk_size=256M,fetch_threads=256,workers=1024"
+    cfg = MountConfig(Path("/s"), Path("/m"), streams=64, stream_read_size=GiB, chunk_size=GiB // 4,
                       fetch_threads=256, workers=1024)
     if cfg.buffer_bytes() <= memory_limit() // 2:
         pytest.skip("this machine has the memory for the largest settings")

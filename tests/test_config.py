@@ -32,7 +32,7 @@ def test_parse_size_rejects(text):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["cache_size", "chunk_size", "block_size", "readahead_min_size", "fetch_ahead"])
+@pytest.mark.parametrize("key", ["cache_size", "chunk_size", "stream_read_size", "readahead_min_size", "sequential_window"])
 @pytest.mark.parametrize("value", ["1" * 400, "1" * 400 + "G", str(MAX_SIZE + 1), "8388608T", "1" * 5000 + ".5"])
 def test_too_large_sizes_are_refused(key, value):
     """Exact parsing: through a float, 400 digits were an OverflowError traceback."""
@@ -57,7 +57,7 @@ def test_parse_size_never_crashes(text):
         assert isinstance(value, int) and value >= 0
 
 
-KEYS = ["cache_dir", "cache_size", "chunk_size", "block_size", "readahead_min_size", "fetch_threads",
+KEYS = ["cache_dir", "cache_size", "chunk_size", "stream_read_size", "readahead_min_size", "fetch_threads",
         "streams", "workers", "attr_timeout", "read_ahead_kb", "max_background", "readahead",
         "log_level", "allow_other", "foreground", "metrics_addr", "metrics_textfile", "colour", "rw", ""]
 
@@ -72,12 +72,12 @@ def test_option_parsing_never_crashes(items):
         assert "\n" not in str(e) and str(e)
     else:
         cfg.validate()
-        assert cfg.chunk_size <= cfg.block_size
+        assert cfg.chunk_size <= cfg.stream_read_size
 
 
 @pytest.mark.parametrize("option, message", [
     ("chunk_size=0", "power of two"), ("chunk_size=3M", "power of two"), ("chunk_size=512M", "<= 256M"),
-    ("block_size=6M", "multiple of chunk_size"), ("block_size=2G", "<= 1G"),
+    ("stream_read_size=6M", "multiple of chunk_size"), ("stream_read_size=2G", "<= 1G"),
     ("fetch_threads=0", "between 1 and 256"), ("streams=-1", "between 1 and 64"),
     ("workers=lots", "expected an integer"), ("attr_timeout=-1", "between"), ("attr_timeout=soon", "expected a number"),
     ("readahead=maybe", "expected one of"), ("log_level=loud", "expected one of"), ("allow_other=perhaps", "on/off"),
@@ -122,18 +122,18 @@ def test_malformed_command_lines(args):
 
 
 def test_buffers_beyond_half_the_memory_are_refused():
-    """streams x block_size + fetch_threads x 2 x chunk_size + workers x 1M must fit in half
+    """streams x stream_read_size + fetch_threads x 2 x chunk_size + workers x 1M must fit in half
     of the memory: the defaults take 160 MiB."""
     defaults = MountConfig(source=Path("/s"), mountpoint=Path("/m"))
     assert defaults.buffer_bytes() == 160 * MiB
     defaults.validate(memory=lambda: 320 * MiB)
     with pytest.raises(ConfigError, match=r"buffers would take 160\.0 MiB, more than half of the memory"):
         defaults.validate(memory=lambda: 320 * MiB - 1)
-    big = MountConfig(source=Path("/s"), mountpoint=Path("/m"), streams=64, block_size=1 * GiB)
+    big = MountConfig(source=Path("/s"), mountpoint=Path("/m"), streams=64, stream_read_size=1 * GiB)
     with pytest.raises(ConfigError) as info:
         big.validate(memory=lambda: 64 * GiB)
     message = str(info.value)
-    assert "64.1 GiB" in message and "(64.0 GiB)" in message and "streams x block_size (64 x 1.0 GiB)" in message
+    assert "64.1 GiB" in message and "(64.0 GiB)" in message and "streams x stream_read_size (64 x 1.0 GiB)" in message
     assert "fetch_threads x 2 x chunk_size (8 x 2 x 4.0 MiB)" in message and "workers" in message
 
 

@@ -50,7 +50,7 @@ def test_concurrent_ranks_in_different_orders_read_each_byte_once(counting_sourc
     write_checkpoint(counting_source.real / "model", 48 * MiB, shards=4, seed=11)
     expected = load_digest(counting_source.real / "model")
     counting_source.start()
-    m = make_mount(counting_source.path, ["block_size=8M", "streams=2"])
+    m = make_mount(counting_source.path, ["stream_read_size=8M", "streams=2"])
     code = "import sys; from tests.test_filesystem import _reader; _reader(sys.argv[1], int(sys.argv[2]))"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(m.mountpoint / "model"), str(rank)],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT) for rank in range(6)]
@@ -93,7 +93,7 @@ def test_demand_read_jumps_ahead_of_the_stream(counting_source, make_mount):
     counting_source.start()
     # a slow link: every source read of the file waits, so streaming it takes a while
     counting_source.set_faults({"huge.safetensors": {"delay": 0.05}})
-    m = make_mount(counting_source.path, ["chunk_size=1M", "block_size=4M", "streams=1"])
+    m = make_mount(counting_source.path, ["chunk_size=1M", "stream_read_size=4M", "streams=1"])
     with open(m.mountpoint / "huge.safetensors", "rb") as f:
         f.read(1)  # first open: the stream starts at the beginning
         f.seek(len(data) - MiB)
@@ -114,7 +114,7 @@ def test_daemon_memory_stays_bounded_over_a_large_file(tmp_path, make_mount):
         block = bytes(range(256)) * (MiB // 256)
         for _ in range(size // MiB):
             f.write(block)
-    m = make_mount(source, ["block_size=16M", "streams=2"])
+    m = make_mount(source, ["stream_read_size=16M", "streams=2"])
     run_cli("prefetch", m.mountpoint / "big.safetensors", "--json")
     assert file_bytes(m.mountpoint / "big.safetensors")[-MiB:] == block
     peak_kib = int(next(line.split()[1] for line in open(f"/proc/{m.pid}/status") if line.startswith("VmHWM")))
@@ -184,7 +184,7 @@ def test_prefetch_of_a_file_replaced_while_streaming_fetches_the_new_version(cou
     (counting_source.real / "s.bin").write_bytes(random.Random(18).randbytes(24 * MiB))
     counting_source.start()
     counting_source.set_faults({"s.bin": {"delay": 0.01}})
-    m = make_mount(counting_source.path, ["readahead=off", "chunk_size=1M", "block_size=2M", "streams=1"])
+    m = make_mount(counting_source.path, ["readahead=off", "chunk_size=1M", "stream_read_size=2M", "streams=1"])
     prefetch = subprocess.Popen([sys.executable, "-m", "fusecache", "prefetch", str(m.mountpoint / "s.bin"), "--json"],
                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
     wait_until(lambda: counting_source.total() >= 4 * MiB)
@@ -204,7 +204,7 @@ def test_sequential_reader_has_its_next_chunks_fetched_ahead(counting_source, ma
     data = random.Random(20).randbytes(16 * MiB)
     (counting_source.real / "data.dat").write_bytes(data)  # not a shard: no stream
     counting_source.start()
-    m = make_mount(counting_source.path, ["chunk_size=1M", "fetch_ahead=2M"])
+    m = make_mount(counting_source.path, ["chunk_size=1M", "sequential_window=2M"])
     fd = os.open(m.mountpoint / "data.dat", os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead: only our reads

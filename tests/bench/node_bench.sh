@@ -21,8 +21,8 @@ for config in $CONFIGS; do
     disk-8) echo "== disk cache, 8 readers"; bench --readers 8 --pattern split --mmap --cache-dir /var/tmp/fccache ;;
     fetch-ahead)  # the same readers with fetch-ahead off, then on (its default), back to back
       for ahead in 0 8M; do
-        echo "== tmpfs cache, 8 readers, fetch_ahead=$ahead"
-        bench --readers 8 --pattern split --mmap --cache-dir /dev/shm/cache --chunk-sizes 4M,16M -o fetch_ahead=$ahead
+        echo "== tmpfs cache, 8 readers, sequential_window=$ahead"
+        bench --readers 8 --pattern split --mmap --cache-dir /dev/shm/cache --chunk-sizes 4M,16M -o sequential_window=$ahead
       done ;;
   esac
 done

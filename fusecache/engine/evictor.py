@@ -1,0 +1,115 @@
+"""What stays in the cache: the size limit (least recently used files go first), pins, and
+what to do when the cache filesystem itself runs out of space.
+
+The budget (budget.py) does the bookkeeping; this part decides and removes. Files in use (open,
+streaming, being fetched) and pinned files are never evicted, and neither is a file being
+opened at that moment: eviction skips it rather than wait for it, because an open that ran
+out of disk space evicts while holding its own path's lock, and waiting here for another
+path's lock could close a cycle between two such opens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from ..budget import CacheBudget
+from ..config import MountConfig
+from ..metrics import Metrics
+from ..source import is_under
+from ..store import CacheStore
+from .errors import CacheFull, error_kind
+from .files import OpenFiles
+from .tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvictorConfig:
+    # what a full cache filesystem makes room for at once: one stream read's worth
+    disk_full_evict_bytes: int
+
+    @classmethod
+    def from_mount(cls, cfg: MountConfig) -> EvictorConfig:
+        return cls(disk_full_evict_bytes=cfg.stream_read_size)
+
+
+class Evictor:
+    def __init__(self, config: EvictorConfig, store: CacheStore, budget: CacheBudget, metrics: Metrics,
+                 files: OpenFiles, tasks: Tasks) -> None:
+        self.config = config
+        self.store = store
+        self.budget = budget
+        self.metrics = metrics
+        self.files = files
+        self.tasks = tasks
+        self.pins: set[str] = set()
+
+    async def load(self) -> None:
+        """What the store holds and which paths are pinned, at start."""
+        await self.tasks.io(self.store.prune_unusable)
+        for entry in await self.tasks.io(self.store.entries):
+            self.budget.set_cached(entry["path"], entry["cached"], entry["last_used"])
+        self.pins = await self.tasks.io(self.store.load_pins)
+        log.info("cache holds %d files, %d bytes (limit %d)", len(self.budget.files()),
+                 self.budget.used, self.budget.limit)
+
+    def is_pinned(self, relpath: str) -> bool:
+        return any(is_under(relpath, pin) for pin in self.pins)
+
+    async def set_pins(self, pins: set[str]) -> None:
+        self.pins = pins
+        await self.tasks.io(self.store.save_pins, pins)
+
+    def _evictable(self, relpath: str) -> bool:
+        return not self.files.in_use(relpath) and not self.is_pinned(relpath)
+
+    async def make_room(self, relpath: str, nbytes: int) -> None:
+        """Evict least recently used files until nbytes more fit under the cache limit."""
+        if self.budget.fits(nbytes):
+            return
+        victims = self.budget.victims(nbytes, lambda p: p != relpath and self._evictable(p))
+        if victims is None:
+            raise CacheFull(f"cache is full ({self.budget.used} of {self.budget.limit} bytes) "
+                            "and everything in it is open or pinned")
+        try:
+            for victim in victims:
+                await self.evict(victim)
+        except OSError as e:
+            self.metrics.count_error(error_kind(e))
+            raise CacheFull(f"evicting from the cache failed: {e}") from e
+        if not self.budget.fits(nbytes):
+            raise CacheFull("cache is full")
+
+    async def after_disk_full(self, relpath: str) -> None:
+        """The cache filesystem ran out of space below our limit: shrink the limit to what
+        fits now, and evict some so the next fetches can proceed. Never raises: a sick cache
+        filesystem makes its callers read through."""
+        self.budget.limit = min(self.budget.limit, max(self.budget.used, 0))
+        log.warning("cache filesystem is full; cache limit lowered to %d bytes", self.budget.limit)
+        victims = self.budget.victims(self.config.disk_full_evict_bytes,
+                                      lambda p: p != relpath and self._evictable(p)) or []
+        try:
+            for victim in victims:
+                await self.evict(victim)
+        except OSError as e:
+            self.metrics.count_error(error_kind(e))
+            log.warning("evicting from the full cache failed: %s", e)
+
+    async def evict(self, relpath: str) -> bool:
+        """Drop relpath from the cache unless it is in use, being opened or pinned."""
+        try:
+            async with self.files.opening.hold(relpath, wait=False):
+                if not self._evictable(relpath):
+                    return False
+                self.files.drop(relpath)
+                self.budget.forget(relpath)
+                await self.tasks.io(self.store.remove, relpath)
+        except trio.WouldBlock:
+            return False
+        self.metrics.files_evicted += 1
+        log.info("evicted %s from the cache", relpath)
+        return True

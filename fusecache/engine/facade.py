@@ -1,0 +1,174 @@
+"""The engine as the FUSE adapter sees it: one object, one call per operation."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import trio
+
+from .. import acl
+from ..budget import CacheBudget
+from ..config import MountConfig
+from ..metrics import Metrics
+from ..source import Source
+from ..store import CacheStore
+from .evictor import Evictor, EvictorConfig
+from .fetcher import Fetcher, FetcherConfig
+from .files import Handle, OpenFiles
+from .reader import Reader
+from .shards import CheckpointPolicy
+from .streams import StreamConfig, StreamScheduler
+from .tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Wires the parts (see the package docstring) and answers the adapter's calls."""
+
+    def __init__(self, config: MountConfig, source: Source, store: CacheStore, metrics: Metrics,
+                 budget: CacheBudget, serve_from_memory: bool = False) -> None:
+        self.source = source
+        self.store = store
+        self.metrics = metrics
+        self.budget = budget
+        self.tasks = Tasks()
+        self.files = OpenFiles(source, store, budget, metrics, self.tasks, config.chunk_size,
+                               on_disk_full=lambda relpath: self.evictor.after_disk_full(relpath),
+                               on_version_gone=lambda relpath: self.streams.version_gone(relpath))
+        self.evictor = Evictor(EvictorConfig.from_mount(config), store, budget, metrics, self.files, self.tasks)
+        self.fetcher = Fetcher(FetcherConfig.from_mount(config), source, self.files, self.evictor, budget,
+                               metrics, self.tasks)
+        policy = CheckpointPolicy(source, config.readahead, config.readahead_min_size)
+        self.streams = StreamScheduler(StreamConfig.from_mount(config), self.files, self.fetcher, policy,
+                                       metrics, self.tasks)
+        self.reader = Reader(source, self.fetcher, self.streams, metrics, self.tasks, config.workers,
+                             serve_from_memory)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load what the store holds, then own the background work (flights, streams)."""
+        await self.evictor.load()
+        async with trio.open_nursery() as nursery:
+            self.tasks.nursery = nursery
+            self.streams.start_workers()
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---- metadata ----------------------------------------------------------------------
+
+    async def lstat(self, relpath: str) -> os.stat_result:
+        """lstat the source; a changed identity retires the cached version for new opens."""
+        st = await self.tasks.io(self.source.lstat, relpath)
+        tracked = self.files.get(relpath)
+        # ctime alone is not enough: a network filesystem's cached attributes may lag the
+        # open file's, and a full re-validation on the next open catches a real change anyway
+        if tracked is not None and not self.source.identity(st).same_content(tracked.identity):
+            log.info("%s changed in the source; its cached copy is dropped", relpath)
+            self.files.retire(tracked)
+        return st
+
+    async def opendir(self, relpath: str) -> int:
+        """A source descriptor to read the directory from, counted against the budget."""
+        await self.files.claim_fds(1, share=self.files.dir_share)
+        try:
+            return await self.tasks.io(self.source.opendir, relpath)
+        except BaseException:
+            self.files.release_fds(1)
+            raise
+
+    async def readdir(self, fd: int, offset: int) -> list[tuple[str, int, os.stat_result]]:
+        return await self.tasks.io(self.source.readdir, fd, offset)
+
+    def closedir(self, fd: int) -> None:
+        self.files.release_fds(1)
+        self.tasks.spawn(os.close, fd)
+
+    async def fstat(self, handle: Handle) -> os.stat_result:
+        """Attributes of the file a handle has open (its size and mtime may have moved on
+        since: `handle.tracked.identity` has the version's). Referenced meanwhile, so a
+        concurrent release cannot close the fd under the call."""
+        self.files.ref(handle.tracked)
+        try:
+            return await self.tasks.io(os.fstat, handle.tracked.src_fd)
+        finally:
+            self.files.unref(handle.tracked)
+
+    async def check_access(self, relpath: str, want: int, uid: int, gid: int, pid: int) -> None:
+        """Refuse (EACCES) what the source's POSIX ACLs deny the requester: `want` (acl.R, X)
+        on relpath, search on every directory above it. The kernel checked the mode bits."""
+        if uid == 0 or not self.source.has_acls:
+            return
+        try:
+            chain = await self.tasks.io(self.source.acl_chain, relpath)
+        except acl.MalformedAcl as e:
+            log.warning("denying access below a malformed ACL (%s): %s", relpath, e)
+            raise OSError(errno.EACCES, "malformed ACL") from None
+        if all(entry_acl is None for _st, entry_acl in chain):
+            return
+        groups = await self.tasks.io(acl.requester_groups, pid, gid)
+        wants = [acl.X] * (len(chain) - 1) + [want]
+        if not all(acl.check(entry_acl, st, uid, groups, bits) for (st, entry_acl), bits in zip(chain, wants)):
+            raise OSError(errno.EACCES, f"denied by an ACL: {relpath}")
+
+    async def readlink(self, relpath: str) -> str:
+        return await self.tasks.io(self.source.readlink, relpath)
+
+    async def statvfs(self) -> os.statvfs_result:
+        return await self.tasks.io(self.source.statvfs)
+
+    # ---- data --------------------------------------------------------------------------
+
+    async def open(self, relpath: str) -> Handle:
+        """Open relpath, validating any cached copy against the source's current identity."""
+        handle = await self.files.open(relpath)
+        if handle.tracked.entry.cacheable:
+            self.streams.opened(relpath, handle.tracked.entry.size)
+        return handle
+
+    async def read(self, handle: Handle, offset: int, size: int) -> memoryview:
+        return await self.reader.read(handle, offset, size)
+
+    async def release(self, handle: Handle) -> None:
+        self.files.unref(handle.tracked)
+
+    # ---- cache control -----------------------------------------------------------------
+
+    @property
+    def pins(self) -> set[str]:
+        return self.evictor.pins
+
+    def is_pinned(self, relpath: str) -> bool:
+        return self.evictor.is_pinned(relpath)
+
+    async def set_pins(self, pins: set[str]) -> None:
+        await self.evictor.set_pins(pins)
+
+    async def evict(self, relpath: str) -> bool:
+        return await self.evictor.evict(relpath)
+
+    def prefetch(self, relpath: str) -> None:
+        self.streams.prefetch(relpath)
+
+    def stream_state(self, relpath: str) -> tuple[bool, str | None]:
+        return self.streams.state(relpath)
+
+    # ---- introspection -----------------------------------------------------------------
+
+    def cached_extent(self, relpath: str) -> tuple[int, int] | None:
+        """(cached bytes, size) of the version of relpath this daemon tracks; None if none."""
+        tracked = self.files.get(relpath)
+        return None if tracked is None else (tracked.entry.cached_bytes(), tracked.entry.size)
+
+    def activity(self) -> tuple[int, int]:
+        """(files in use, files streaming)."""
+        return sum(1 for t in self.files.all() if t.users), self.streams.running()
+
+    def open_files(self) -> list[dict]:
+        """Per-file state of the files this daemon currently tracks."""
+        return [
+            {"path": t.relpath, "size": t.entry.size, "cached": t.entry.cached_bytes(), "users": t.users,
+             "streaming": self.streams.is_running(t.relpath), "inflight_chunks": self.fetcher.inflight_chunks(t)}
+            for t in self.files.all()
+        ]

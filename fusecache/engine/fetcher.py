@@ -1,0 +1,251 @@
+"""Single-flight fetching: make chunks of a file verified in the cache, each fetched once.
+
+A *flight* fetches one run of contiguous chunks: it checks those an earlier daemon recorded
+against their checksums, reads the missing ones from the source in one sequential read, and
+stores them. While it runs its chunks are registered as in flight for their file, so whoever
+needs one of them (a reader, a stream) waits for that flight instead of fetching again.
+
+Flights run on *lanes*: a lane is a set of threads and a fixed pool of buffers (which bound the
+daemon's memory). Demand reads have their own lane here, so a reader never queues behind
+readahead; the stream scheduler brings its own. State changes only on the trio thread, with
+one exception: a worker thread owns the chunks of the flight it runs and flips their state
+when they are stored.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import time
+from collections.abc import Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import trio
+
+from ..budget import CacheBudget
+from ..config import MountConfig
+from ..metrics import Metrics
+from ..source import Source, SourceChanged
+from .errors import CacheFull, ReadError, error_kind
+from .evictor import Evictor
+from .files import OpenFiles, TrackedFile
+from .tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetcherConfig:
+    chunk_size: int
+    # demand fetches run on threads of their own, so they never queue behind readahead
+    fetch_threads: int
+
+    @classmethod
+    def from_mount(cls, cfg: MountConfig) -> FetcherConfig:
+        return cls(chunk_size=cfg.chunk_size, fetch_threads=cfg.fetch_threads)
+
+
+class Lane:
+    """Threads and reusable buffers for one kind of fetch; buffers bound the daemon's memory.
+    Buffers are anonymous mappings: their pages become resident only once a fetch uses them."""
+
+    def __init__(self, threads: int, buffer_size: int, chunk_size: int) -> None:
+        self.limiter = trio.CapacityLimiter(threads)
+        self.threads = threads
+        self.max_chunks = buffer_size // chunk_size
+        self.flights = 0  # started and not finished: each holds or awaits one buffer
+        self._send, self._receive = trio.open_memory_channel[memoryview](threads)
+        for _ in range(threads):
+            self._send.send_nowait(memoryview(mmap.mmap(-1, buffer_size)))
+
+    @property
+    def has_spare_thread(self) -> bool:
+        """Whether a flight could start now with one thread still left for another."""
+        return self.flights + 2 <= self.threads
+
+    @asynccontextmanager
+    async def buffer(self) -> AsyncIterator[memoryview]:
+        buf = await self._receive.receive()
+        try:
+            yield buf
+        finally:
+            self._send.send_nowait(buf)
+
+
+@dataclass(eq=False)
+class Flight:
+    """One fetch in progress for a run of chunks; waiters block on `done`."""
+
+    chunks: range
+    # fetched ahead of a sequential reader, not yet asked for: it yields to real demand (it
+    # never waits for a buffer or evicts; if it cannot run at once it gives up)
+    speculative: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+def contiguous_runs(indices: Iterable[int], max_len: int) -> list[range]:
+    """Group sorted chunk indices into ranges of consecutive indices, each at most max_len long."""
+    runs: list[range] = []
+    start = prev = None
+    for i in indices:
+        if start is not None and i == prev + 1 and i - start < max_len:
+            prev = i
+            continue
+        if start is not None:
+            runs.append(range(start, prev + 1))
+        start = prev = i
+    if start is not None:
+        runs.append(range(start, prev + 1))
+    return runs
+
+
+class Fetcher:
+    def __init__(self, config: FetcherConfig, source: Source, files: OpenFiles, evictor: Evictor,
+                 budget: CacheBudget, metrics: Metrics, tasks: Tasks) -> None:
+        self.config = config
+        self.source = source
+        self.files = files
+        self.evictor = evictor
+        self.budget = budget
+        self.metrics = metrics
+        self.tasks = tasks
+        self.demand = Lane(config.fetch_threads, 2 * config.chunk_size, config.chunk_size)
+        self._inflight: dict[TrackedFile, dict[int, Flight]] = {}
+
+    # ---- questions -------------------------------------------------------------------------
+
+    def unclaimed(self, tracked: TrackedFile, chunks: range) -> list[int]:
+        """The chunks that are neither verified nor being fetched by anyone."""
+        inflight = self._inflight.get(tracked, {})
+        return [i for i in tracked.entry.unverified(chunks) if i not in inflight]
+
+    def flights_of(self, tracked: TrackedFile) -> list[Flight]:
+        """The flights working on tracked's chunks now, each once."""
+        return list(dict.fromkeys(self._inflight.get(tracked, {}).values()))
+
+    def inflight_chunks(self, tracked: TrackedFile) -> int:
+        return len(self._inflight.get(tracked, {}))
+
+    # ---- fetching --------------------------------------------------------------------------
+
+    async def ensure(self, tracked: TrackedFile, chunks: range,
+                     then: Callable[[], None] | None = None) -> bool:
+        """Wait until every chunk is verified in the cache; True if none had to be waited for.
+        `then` is called once this call's own flights are started (fetching ahead goes after
+        them). Raises CacheFull, or ReadError(EIO) if a flight failed."""
+        waited = False
+        while True:
+            inflight = self._inflight.get(tracked, {})
+            flights: list[Flight] = []
+            todo: list[int] = []
+            for i in tracked.entry.unverified(chunks):
+                flight = inflight.get(i)
+                if flight is None:
+                    todo.append(i)
+                elif flight not in flights:
+                    flights.append(flight)
+            if (flights or todo) and not waited:
+                self.metrics.chunk_misses += len(flights) + len(todo)
+                waited = True
+            for run in contiguous_runs(todo, self.demand.max_chunks):
+                flights.append(self.start(tracked, run, self.demand))
+            if then is not None:
+                then()
+                then = None
+            if not flights:
+                break
+            for flight in flights:
+                await flight.done.wait()
+                if isinstance(flight.error, CacheFull):
+                    raise flight.error
+                if flight.error is not None:
+                    raise ReadError(errno.EIO, f"{tracked.relpath}: {flight.error}")
+        if not waited:
+            self.metrics.chunk_hits += len(chunks)
+        return not waited
+
+    def start(self, tracked: TrackedFile, chunks: range, lane: Lane, speculative: bool = False) -> Flight:
+        """Start a flight for chunks (none of them claimed) on lane; it runs in the background."""
+        flight = Flight(chunks, speculative)
+        lane.flights += 1
+        inflight = self._inflight.setdefault(tracked, {})
+        for i in chunks:
+            inflight[i] = flight
+        self.files.ref(tracked)
+        self.tasks.start_soon(self._fly, tracked, flight, lane)
+        return flight
+
+    async def _fly(self, tracked: TrackedFile, flight: Flight, lane: Lane) -> None:
+        entry = tracked.entry
+        room = entry.missing_bytes(flight.chunks)
+        reserved = 0
+        started = time.monotonic()
+        try:
+            async with lane.buffer() as buf:  # room is reserved only once the fetch can run
+                if flight.speculative and not self.budget.fits(room):
+                    return  # nobody asked for these chunks yet: never evict for them
+                await self.evictor.make_room(tracked.relpath, room)
+                self.budget.reserved += room
+                reserved = room
+                fetched, bad = await self.tasks.io(self._materialize, tracked, flight.chunks, buf,
+                                                   limiter=lane.limiter)
+            self.metrics.bytes_from_source += fetched
+            self.metrics.checksum_failures += bad
+            self.metrics.observe_fetch(time.monotonic() - started)
+        except CacheFull as e:
+            flight.error = e
+        except OSError as e:
+            flight.error = CacheFull(str(e)) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
+            if isinstance(flight.error, CacheFull):
+                await self.evictor.after_disk_full(tracked.relpath)
+            self.metrics.count_error(error_kind(e))
+            log.warning("fetching %s chunks %d-%d failed: %s", tracked.relpath,
+                        flight.chunks.start, flight.chunks.stop - 1, e)
+        except Exception as e:  # noqa: BLE001 - any failure becomes the readers' EIO, not a crash
+            flight.error = e
+            self.metrics.count_error(error_kind(e))
+            log.exception("fetching %s chunks %d-%d failed", tracked.relpath, flight.chunks.start, flight.chunks.stop - 1)
+        finally:
+            lane.flights -= 1
+            self.budget.reserved -= reserved
+            if self.files.is_current(tracked):
+                self.budget.set_cached(tracked.relpath, entry.cached_bytes())
+            inflight = self._inflight.get(tracked, {})
+            for i in flight.chunks:
+                if inflight.get(i) is flight:
+                    del inflight[i]
+            if not inflight:
+                self._inflight.pop(tracked, None)
+            flight.done.set()
+            self.files.unref(tracked)
+
+    def _materialize(self, tracked: TrackedFile, chunks: range, buf: memoryview) -> tuple[int, int]:
+        """Worker thread: make chunks verified. Chunks recorded by an earlier run are checked
+        against their checksum; the rest are read from the source in one sequential read per
+        contiguous run and stored. Returns (bytes read from source, checksum failures)."""
+        entry = tracked.entry
+        bad = entry.verify_recorded(chunks, buf)
+        fetched = 0
+        for run in contiguous_runs(entry.missing(chunks), len(chunks)):
+            start = entry.chunk_extent(run.start)[0]
+            last_offset, last_length = entry.chunk_extent(run.stop - 1)
+            view = buf[: last_offset + last_length - start]
+            self.source.read_exact(tracked.src_fd, view, start, entry.relpath, entry.identity)
+            for i in run:
+                offset, length = entry.chunk_extent(i)
+                entry.store_chunk(i, view[offset - start: offset - start + length])
+            fetched += len(view)
+        return fetched, bad
+
+
+async def await_flight(flight: Flight) -> None:
+    """Wait for a flight someone else started; its failure raised as what a stream reports."""
+    await flight.done.wait()
+    if isinstance(flight.error, SourceChanged):
+        raise flight.error
+    if flight.error is not None:
+        raise ReadError(errno.EIO, str(flight.error))

@@ -1,0 +1,264 @@
+"""The open-file table: the source files the daemon has open, one per current version of a path.
+
+A TrackedFile holds a version's cache entry and source descriptor. It is referenced by every
+handle open on it, and by the streams and flights working on it; at zero it stays open as
+*idle* (up to a bound), so a loader that reopens shards neither reopens nor re-verifies them.
+When the source shows a new version, the old one is *retired*: new opens get the new version,
+handles on the old one keep reading it until they close.
+
+Descriptors are budgeted: each tracked file holds three (source, cache data, cache index),
+each open directory one, and a reserve is kept for everything else (lookups, the control
+socket, the log). When files in use hold the whole budget, the open that asks for more fails
+with EMFILE, and only it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from ..budget import CacheBudget
+from ..metrics import Metrics
+from ..source import Identity, Source
+from ..store import CacheEntry, CacheStore
+from .errors import error_kind
+from .keyed_lock import KeyedLock
+from .tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+# Idle files (no handle open) whose fds and verified-chunk state are kept, so a loader that
+# opens and closes shards repeatedly does not re-verify them each time.
+MAX_IDLE_FILES = 256
+FDS_PER_FILE = 3
+# Descriptors never given to open files: lookups, directory reads, the control socket and the
+# log need some even while every file a user could open is open.
+FD_RESERVE = 128
+
+
+@dataclass(eq=False)
+class TrackedFile:
+    """One version of one file: its cache entry and source descriptor."""
+
+    relpath: str
+    entry: CacheEntry
+    src_fd: int
+    users: int = 0  # open handles, running streams and flights
+    closed: bool = False
+
+    @property
+    def identity(self) -> Identity:
+        return self.entry.identity
+
+    @property
+    def fds(self) -> int:
+        return FDS_PER_FILE if self.entry.cacheable else 1
+
+    def close_fds(self) -> None:
+        """Blocking: close the cache entry and the source fd."""
+        self.entry.close()
+        os.close(self.src_fd)
+
+
+@dataclass(eq=False)
+class Handle:
+    """One open() of a file through the mount."""
+
+    tracked: TrackedFile
+    keep_cache: bool
+    next_offset: int | None = None  # where the last read ended: a read near it is sequential
+
+
+class OpenFiles:
+    def __init__(self, source: Source, store: CacheStore, budget: CacheBudget, metrics: Metrics, tasks: Tasks,
+                 chunk_size: int, on_disk_full: Callable[[str], Awaitable[None]],
+                 on_version_gone: Callable[[str], None]) -> None:
+        """on_disk_full(relpath): called when the cache filesystem has no room for a new
+        entry of relpath, to make some (the evictor), before the one retry.
+        on_version_gone(relpath): the version of relpath the daemon knew is retired or
+        evicted (readahead done for it is then to be done again)."""
+        self.source = source
+        self.store = store
+        self.budget = budget
+        self.metrics = metrics
+        self.tasks = tasks
+        self.chunk_size = chunk_size
+        self.on_disk_full = on_disk_full
+        self.on_version_gone = on_version_gone
+        self.opening = KeyedLock()  # held while a path is opened, and while it is evicted
+        self._files: dict[str, TrackedFile] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()
+        self._served_identity: dict[str, Identity] = {}
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_budget = max(16, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - FD_RESERVE)
+        self._max_idle = min(MAX_IDLE_FILES, max(4, self._fd_budget // (4 * FDS_PER_FILE)))
+        self._fds = 0  # held by tracked files and open directories
+        # open directories may use half the reserve: files cannot starve them, nor they lookups
+        self.dir_share = FD_RESERVE // 2
+        tasks.on_out_of_fds = self._shed_idle
+
+    # ---- lookup ------------------------------------------------------------------------
+
+    def get(self, relpath: str) -> TrackedFile | None:
+        return self._files.get(relpath)
+
+    def is_current(self, tracked: TrackedFile) -> bool:
+        """Whether tracked is still the version new opens of its path get."""
+        return self._files.get(tracked.relpath) is tracked
+
+    def in_use(self, relpath: str) -> bool:
+        tracked = self._files.get(relpath)
+        return tracked is not None and tracked.users > 0
+
+    def all(self) -> list[TrackedFile]:
+        return list(self._files.values())
+
+    # ---- open, reference, close ------------------------------------------------------------
+
+    async def open(self, relpath: str) -> Handle:
+        """A handle on the current version of relpath (opened, validated, or replaced)."""
+        tracked = await self.acquire(relpath)
+        identity = tracked.identity
+        # The kernel may hold pages of an older version of this file: keep_cache only if the
+        # version it last saw through this mount is this one.
+        keep_cache = self._served_identity.get(relpath, identity) == identity
+        self._served_identity[relpath] = identity
+        now = time.time()
+        self.budget.touch(relpath, now)
+        if tracked.entry.cacheable:
+            self.tasks.spawn(self.store.touch, relpath, now)
+        return Handle(tracked, keep_cache)
+
+    async def acquire(self, relpath: str) -> TrackedFile:
+        """The current TrackedFile of relpath, with one more user; created or replaced as needed."""
+        async with self.opening.hold(relpath):
+            # claimed up front, for a file opened anew; given back if the file is tracked already
+            await self.claim_fds(FDS_PER_FILE)
+            try:
+                src_fd, identity = await self.tasks.io(self.source.open, relpath)
+            except BaseException:
+                self._fds -= FDS_PER_FILE
+                raise
+            tracked = self._files.get(relpath)
+            if tracked is not None and tracked.identity == identity:
+                # referenced before anything awaits: an idle file may otherwise be closed meanwhile
+                self.ref(tracked)
+                self._fds -= FDS_PER_FILE
+                self.tasks.spawn(os.close, src_fd)
+                return tracked
+            if tracked is not None:
+                log.info("%s changed in the source; its cached copy is dropped", relpath)
+                self.retire(tracked)
+            try:
+                entry = await self._open_entry(relpath, identity)
+            except BaseException:
+                self._fds -= FDS_PER_FILE
+                os.close(src_fd)
+                raise
+            tracked = TrackedFile(relpath, entry, src_fd)
+            self._fds -= FDS_PER_FILE - tracked.fds
+            if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
+                self._files[relpath] = tracked
+                self.budget.set_cached(relpath, entry.cached_bytes())
+            self.ref(tracked)
+            return tracked
+
+    async def _open_entry(self, relpath: str, identity: Identity) -> CacheEntry:
+        """The store's entry for this version; if the cache filesystem is full even after
+        evicting, an uncached stand-in whose reads go straight to the source."""
+        for attempt in range(2):
+            try:
+                return await self.tasks.io(self.store.open_entry, relpath, identity, self.chunk_size)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self.metrics.count_error(error_kind(e))
+                if attempt == 0:
+                    await self.on_disk_full(relpath)
+        log.warning("no space in the cache for %s; reading it straight from the source", relpath)
+        return CacheEntry.uncached(relpath, identity, self.chunk_size)
+
+    def ref(self, tracked: TrackedFile) -> None:
+        tracked.users += 1
+        if tracked.users == 1 and self.is_current(tracked):
+            self._idle.pop(tracked.relpath, None)
+
+    def unref(self, tracked: TrackedFile) -> None:
+        tracked.users -= 1
+        if tracked.users:
+            return
+        if self.is_current(tracked):
+            self._idle[tracked.relpath] = None
+            while len(self._idle) > self._max_idle:
+                relpath, _ = self._idle.popitem(last=False)
+                self._close(self._files.pop(relpath))
+        else:
+            self._close(tracked)
+
+    def retire(self, tracked: TrackedFile) -> None:
+        """Stop handing out this version; its open handles keep reading it until released."""
+        del self._files[tracked.relpath]
+        self.on_version_gone(tracked.relpath)
+        if tracked.users == 0:
+            self._idle.pop(tracked.relpath, None)
+            self._close(tracked)
+
+    def drop(self, relpath: str) -> None:
+        """Forget relpath's version, which nobody uses (the evictor removes its cache files)."""
+        self.on_version_gone(relpath)
+        tracked = self._files.pop(relpath, None)
+        if tracked is not None:
+            assert tracked.users == 0, relpath
+            self._idle.pop(relpath, None)
+            self._close(tracked)
+
+    def _close(self, tracked: TrackedFile) -> None:
+        """Close a version's cache entry and source fd, once, off the trio thread."""
+        if tracked.closed:
+            return
+        tracked.closed = True
+        self._fds -= tracked.fds
+        self.tasks.spawn(tracked.close_fds)
+
+    # ---- descriptors ---------------------------------------------------------------------
+
+    async def claim_fds(self, n: int, share: int = 0) -> None:
+        """Count n more descriptors as held, closing idle files to make room. When files in
+        use hold the whole budget, only the open asking fails (EMFILE), never other requests.
+        `share`: how much of the reserve this claim may use (dir_share for directories)."""
+        budget = self._fd_budget + share
+        excess = self._fds + n - budget
+        if excess > 0 and self._idle:
+            await self._close_idle(-(-excess // FDS_PER_FILE))
+        if self._fds + n > budget:
+            log.warning("%d descriptors are held by files open through the mount: refusing one more open",
+                        self._fds)
+            raise OSError(errno.EMFILE, "too many files open through the mount")
+        self._fds += n
+
+    def release_fds(self, n: int) -> None:
+        self._fds -= n
+
+    async def _shed_idle(self) -> bool:
+        count = len(self._idle)
+        await self._close_idle(count)
+        return count > 0
+
+    async def _close_idle(self, count: int) -> None:
+        """Close the count least recently used idle files now (not in the background: the
+        caller needs their descriptors)."""
+        victims = []
+        while self._idle and len(victims) < count:
+            relpath, _ = self._idle.popitem(last=False)
+            tracked = self._files.pop(relpath)
+            tracked.closed = True
+            self._fds -= tracked.fds
+            victims.append(tracked)
+        for tracked in victims:
+            await self.tasks.io(tracked.close_fds)

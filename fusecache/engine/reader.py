@@ -1,0 +1,107 @@
+"""Serving one read of an open file: make its chunks verified, then reply from the cache.
+
+With the cache on tmpfs the reply is a view of a read-only mapping of the cache file, copied
+by the FUSE library straight to the kernel: no thread round trip, no copy of our own. On disk
+a mapped page might have to be read back, which must never stall the event loop: what the
+page cache holds is copied inline (RWF_NOWAIT), only the rest on a worker thread. If the
+cache has no room for the read, it is served straight from the source (read-through).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from ..metrics import Metrics
+from ..source import Source
+from ..store import CacheEntry
+from .errors import CacheFull, ReadError, error_kind
+from .fetcher import Fetcher
+from .files import Handle, TrackedFile
+from .streams import StreamScheduler
+from .tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+REPLY_BUFFER_MIN = 1 << 20
+
+
+class Reader:
+    def __init__(self, source: Source, fetcher: Fetcher, streams: StreamScheduler, metrics: Metrics,
+                 tasks: Tasks, workers: int, serve_from_memory: bool) -> None:
+        self.source = source
+        self.fetcher = fetcher
+        self.streams = streams
+        self.metrics = metrics
+        self.tasks = tasks
+        self.serve_from_memory = serve_from_memory
+        self._serve_limiter = trio.CapacityLimiter(workers)
+        self._reply_buffers: dict[object, bytearray] = {}
+
+    async def read(self, handle: Handle, offset: int, size: int) -> memoryview:
+        tracked = handle.tracked
+        entry = tracked.entry
+        chunks = entry.chunks_for(offset, size)
+        if not chunks:
+            return memoryview(b"")
+        length = min(size, entry.size - offset)
+        ahead = self.streams.ahead_of(handle, offset, length)
+        buf = self._reply_buffer(length)[:length]
+        for _attempt in range(3):
+            generation = entry.generation
+            try:
+                if not entry.cacheable:
+                    raise CacheFull(entry.relpath)
+                all_cached = await self.fetcher.ensure(
+                    tracked, chunks, then=lambda: self.streams.fetch_ahead(tracked, chunks.stop, ahead))
+                ahead = 0
+            except CacheFull:
+                return await self._read_through(tracked, buf, offset)
+            reply = await self._from_cache(entry, buf, offset, generation)
+            if reply is not None:
+                self.metrics.bytes_served += len(reply)
+                if all_cached:
+                    self.metrics.bytes_served_from_cache += len(reply)
+                return reply
+        raise ReadError(errno.EIO, f"{entry.relpath}: its cache file keeps changing behind our back")
+
+    async def _from_cache(self, entry: CacheEntry, buf: memoryview, offset: int, generation: int) -> memoryview | None:
+        """The cached bytes of buf's range; None if the cache file changed behind our back."""
+        if self.serve_from_memory:
+            return entry.view(offset, len(buf), generation)
+        # what the page cache holds is copied here and now; only the rest costs a thread
+        n = entry.read_into(buf, offset, generation, nowait=True)
+        if n is not None and n < len(buf):
+            rest = await self.tasks.io(entry.read_into, buf[n:], offset + n, generation, limiter=self._serve_limiter)
+            n = None if rest is None else n + rest
+        return None if n is None else buf[:n]
+
+    async def _read_through(self, tracked: TrackedFile, buf: memoryview, offset: int) -> memoryview:
+        """Serve a read straight from the source when the cache has no room for it."""
+        entry = tracked.entry
+        try:
+            await self.tasks.io(self.source.read_exact, tracked.src_fd, buf, offset, entry.relpath, entry.identity,
+                                limiter=self.fetcher.demand.limiter)
+        except OSError as e:
+            self.metrics.count_error(error_kind(e))
+            raise ReadError(errno.EIO, f"{entry.relpath}: {e}") from None
+        self.metrics.bytes_from_source += len(buf)
+        self.metrics.bytes_read_through += len(buf)
+        self.metrics.bytes_served += len(buf)
+        return buf
+
+    def _reply_buffer(self, size: int) -> memoryview:
+        """A buffer owned by the calling FUSE worker task.
+
+        The FUSE library copies a read's reply to the kernel before the task that produced it
+        takes its next request, and the daemon runs a fixed set of worker tasks, so one buffer
+        per task can be reused for every reply: no allocation per request.
+        """
+        task = trio.lowlevel.current_task()
+        buf = self._reply_buffers.get(task)
+        if buf is None or len(buf) < size:
+            buf = bytearray(max(size, REPLY_BUFFER_MIN))
+            self._reply_buffers[task] = buf
+        return memoryview(buf)

@@ -1,0 +1,271 @@
+"""The stream scheduler: whole files streamed into the cache, and fetching ahead of readers.
+
+A *stream* walks one file block by block (`stream_read_size`) on the stream lane, fetching
+every chunk nobody has claimed, and ends only when the whole file is verified, or with an
+error: then a waiting `fusecache prefetch` reports success or that error, never hangs. Streams
+come from automatic readahead (the checkpoint policy says which files an open streams) and from
+`prefetch`; `streams` workers take files off one queue.
+
+*Fetching ahead* serves a sequential reader that runs ahead of its file's stream, which would
+otherwise stall once per chunk: a read that continues its handle's last one starts demand
+flights for the `sequential_window` bytes after it, without waiting for them. They are
+speculative and yield to real demand (see Fetcher.start).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from dataclasses import dataclass
+
+import trio
+
+from ..config import MountConfig
+from ..metrics import Metrics
+from ..source import SourceChanged
+from .errors import ReadError, VersionReplaced
+from .fetcher import Fetcher, Lane, await_flight, contiguous_runs
+from .files import Handle, OpenFiles, TrackedFile
+from .shards import CheckpointPolicy
+from .tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+# How often a prefetched file may change in the source under its stream before it is given up.
+MAX_STREAM_REPLACEMENTS = 3
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    chunk_size: int
+    streams: int  # files streamed at once
+    stream_read_size: int  # bytes of one sequential read of a stream
+    sequential_window: int  # bytes fetched ahead of a sequential reader (0: off)
+    readahead: str  # all, shards or off: what an open streams
+    readahead_min_size: int
+
+    @classmethod
+    def from_mount(cls, cfg: MountConfig) -> StreamConfig:
+        return cls(chunk_size=cfg.chunk_size, streams=cfg.streams, stream_read_size=cfg.stream_read_size,
+                   sequential_window=cfg.sequential_window, readahead=cfg.readahead,
+                   readahead_min_size=cfg.readahead_min_size)
+
+
+@dataclass
+class StreamRecord:
+    """Where one path stands with streaming."""
+
+    auto: bool = False  # automatic readahead queued its current version: opens do not queue it again
+    pending: bool = False  # a stream of it is queued or running
+    running: bool = False  # ... and running now
+    explicit: bool = False  # a prefetch asked for it: retried if the file changes, its outcome kept
+    replacements: int = 0  # times the file changed under the stream a prefetch asked for
+    error: str | None = None  # how the last stream a prefetch asked for ended, if it failed
+
+    @property
+    def idle(self) -> bool:
+        return not (self.auto or self.pending or self.explicit or self.error)
+
+
+class StreamScheduler:
+    def __init__(self, config: StreamConfig, files: OpenFiles, fetcher: Fetcher, policy: CheckpointPolicy,
+                 metrics: Metrics, tasks: Tasks) -> None:
+        self.config = config
+        self.files = files
+        self.fetcher = fetcher
+        self.policy = policy
+        self.metrics = metrics
+        self.tasks = tasks
+        self.lane = Lane(config.streams, config.stream_read_size, config.chunk_size)
+        self._send, self._receive = trio.open_memory_channel[str](math.inf)
+        self._records: dict[str, StreamRecord] = {}
+        # finding sibling shards lists directories and parses indexes: on threads of its own,
+        # so a slow listing never holds up lookups
+        self._planning = trio.CapacityLimiter(2)
+
+    def start_workers(self) -> None:
+        for _ in range(self.config.streams):
+            self.tasks.start_soon(self._worker)
+
+    def _record(self, relpath: str) -> StreamRecord:
+        return self._records.setdefault(relpath, StreamRecord())
+
+    def _tidy(self, relpath: str) -> None:
+        record = self._records.get(relpath)
+        if record is not None and record.idle:
+            del self._records[relpath]
+
+    # ---- what asks for streams ---------------------------------------------------------------
+
+    def opened(self, relpath: str, size: int) -> None:
+        """A file was opened: stream it (and its siblings) if the checkpoint policy says so."""
+        record = self._records.get(relpath)
+        if (record is None or not record.auto) and self.policy.streams_on_open(relpath, size):
+            self.tasks.start_soon(self._schedule_readahead, relpath)
+
+    def version_gone(self, relpath: str) -> None:
+        """relpath's version was retired or evicted: its next open streams it again."""
+        record = self._records.get(relpath)
+        if record is not None:
+            record.auto = False
+            self._tidy(relpath)
+
+    async def _schedule_readahead(self, relpath: str) -> None:
+        """Queue relpath and, if it is the first shard opened in its directory, all its sibling
+        shards (the directory is listed once per mount, not once per open)."""
+        self._enqueue_auto(relpath)
+        if not self.policy.first_in_directory(relpath):
+            return
+        try:
+            siblings = await self.tasks.io(self.policy.sibling_shards, relpath, limiter=self._planning)
+        except Exception as e:  # noqa: BLE001 - readahead is an optimisation: never fatal
+            log.warning("cannot list the siblings of %s: %s", relpath, e)
+            self.policy.rescan_later(relpath)
+            return
+        for path in siblings:
+            self._enqueue_auto(path)
+
+    def _enqueue_auto(self, relpath: str) -> None:
+        record = self._record(relpath)
+        if not record.auto:
+            record.auto = True
+            self._queue(relpath)
+
+    def prefetch(self, relpath: str) -> None:
+        """Stream a file whole into the cache, whatever the readahead settings; the outcome is
+        then told by state(). Cheap for a file already cached: its stream finds every chunk
+        verified."""
+        record = self._record(relpath)
+        record.explicit = True
+        record.error = None
+        record.replacements = 0
+        self._queue(relpath)
+
+    def state(self, relpath: str) -> tuple[bool, str | None]:
+        """(whether a stream of relpath is queued or running, the error the last one ended with)."""
+        record = self._records.get(relpath)
+        return (False, None) if record is None else (record.pending, record.error)
+
+    def running(self) -> int:
+        return sum(1 for record in self._records.values() if record.running)
+
+    def is_running(self, relpath: str) -> bool:
+        record = self._records.get(relpath)
+        return record is not None and record.running
+
+    def _queue(self, relpath: str) -> None:
+        record = self._record(relpath)
+        if not record.pending:
+            record.pending = True
+            self._send.send_nowait(relpath)
+
+    # ---- streaming --------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        async for relpath in self._receive:
+            record = self._record(relpath)
+            record.running = True
+            try:
+                await self._stream_file(relpath)
+            except VersionReplaced:
+                self._replaced(relpath, record)
+            except Exception as e:  # noqa: BLE001 - one file's failure must not stop the streams
+                self._failed(relpath, record, e)
+            else:
+                record.pending = record.explicit = False
+                record.replacements = 0
+            finally:
+                record.running = False
+                self._tidy(relpath)
+
+    def _replaced(self, relpath: str, record: StreamRecord) -> None:
+        """The file changed in the source while streaming. A prefetch wants the file as it is
+        now: stream the new version (a file that keeps changing ends in an error); automatic
+        readahead waits for the next open of the new version."""
+        record.pending = False
+        if not record.explicit:
+            log.info("%s changed in the source while being streamed", relpath)
+            return
+        record.replacements += 1
+        if record.replacements > MAX_STREAM_REPLACEMENTS:
+            self._failed(relpath, record, ReadError(errno.ESTALE, "it keeps changing in the source"))
+            return
+        log.info("%s changed in the source while being prefetched; fetching the new version", relpath)
+        self._queue(relpath)
+
+    def _failed(self, relpath: str, record: StreamRecord, error: Exception) -> None:
+        if not isinstance(error, (OSError, ReadError)):
+            log.error("readahead of %s failed", relpath, exc_info=error)
+        log.warning("readahead of %s stopped: %s", relpath, error)
+        record.pending = record.auto = False  # the next open tries again
+        record.replacements = 0
+        if record.explicit:
+            record.explicit = False
+            record.error = str(error)
+
+    async def _stream_file(self, relpath: str) -> None:
+        """Fetch every chunk of the file that is not verified, block by block, then wait for
+        the flights others started. Returns once the whole file is verified in the cache;
+        raises VersionReplaced if the file changed in the source meanwhile, or the error
+        that kept a chunk from being fetched."""
+        tracked = await self.files.acquire(relpath)
+        try:
+            if not tracked.entry.cacheable:
+                raise ReadError(errno.ENOSPC, "no space in the cache")
+            # two passes: a chunk demoted for re-verification behind the first is checked by the second
+            for _pass in range(2):
+                await self._stream_pass(tracked)
+                if tracked.entry.complete:
+                    self.metrics.files_streamed += 1
+                    return
+            raise ReadError(errno.EIO, f"{tracked.entry.unverified_count()} chunks could not be fetched")
+        except Exception as e:
+            replaced = not self.files.is_current(tracked) or isinstance(e, SourceChanged)
+            if tracked.entry.cacheable and replaced and not isinstance(e, VersionReplaced):
+                raise VersionReplaced(relpath) from e
+            raise
+        finally:
+            self.files.unref(tracked)
+
+    async def _stream_pass(self, tracked: TrackedFile) -> None:
+        per_block = self.lane.max_chunks
+        for block_start in range(0, tracked.entry.nchunks, per_block):
+            if not self.files.is_current(tracked):
+                raise VersionReplaced(tracked.relpath)
+            block = range(block_start, min(block_start + per_block, tracked.entry.nchunks))
+            # one flight per run of chunks nobody has fetched; looked at again after each
+            # flight, as demand reads may have started fetching some meanwhile
+            while todo := self.fetcher.unclaimed(tracked, block):
+                run = contiguous_runs(todo, per_block)[0]
+                await await_flight(self.fetcher.start(tracked, run, self.lane))
+        while flights := self.fetcher.flights_of(tracked):  # chunks that demand reads are fetching
+            await await_flight(flights[0])
+
+    # ---- fetching ahead of sequential readers ----------------------------------------------
+
+    def ahead_of(self, handle: Handle, offset: int, length: int) -> int:
+        """How many chunks to fetch ahead of this read, and remember where it ended: a read
+        that continues its handle's last one (within a chunk of it: the kernel's readahead has
+        several requests of one reader in flight, which may arrive out of order)."""
+        sequential = handle.next_offset is not None and abs(offset - handle.next_offset) <= self.config.chunk_size
+        handle.next_offset = offset + length
+        if not sequential or self.config.readahead == "off":
+            return 0
+        return -(-self.config.sequential_window // self.config.chunk_size)
+
+    def fetch_ahead(self, tracked: TrackedFile, first: int, count: int) -> None:
+        """Start fetching the `count` chunks from `first`, on the demand lane, without waiting
+        for them, as speculative flights: only with demand threads to spare (one is always
+        left for real demand) and room in the cache without evicting anything."""
+        if not count:
+            return
+        demand = self.fetcher.demand
+        window = range(first, min(first + count, tracked.entry.nchunks))
+        for run in contiguous_runs(self.fetcher.unclaimed(tracked, window), demand.max_chunks):
+            # room for the whole run, cached or not: chunks that only need checking wait too
+            end_offset, end_length = tracked.entry.chunk_extent(run.stop - 1)
+            room = end_offset + end_length - tracked.entry.chunk_extent(run.start)[0]
+            if not demand.has_spare_thread or not self.fetcher.budget.fits(room):
+                return
+            self.fetcher.start(tracked, run, demand, speculative=True)
