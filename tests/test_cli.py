@@ -314,6 +314,18 @@ def test_mount_fuse3_form_with_options(dirs):
 
 
 @pytest.mark.fuse
+def test_an_old_option_spelling_mounts_with_one_warning_line(dirs):
+    source, mountpoint, cache = dirs
+    try:
+        result = run_cli("mount", source, mountpoint, "--cache-dir", cache, "-o", "block_size=8M")
+        assert result.stderr.strip().splitlines() == [
+            "fusecache: warning: option 'block_size' is deprecated: use 'stream_read_size'"]
+        assert (mountpoint / "f").read_text() == "data"
+    finally:
+        run_cli("umount", mountpoint, check=False)
+
+
+@pytest.mark.fuse
 def test_mount_command_with_type_fuse_fusecache(dirs):
     # mount.fuse3 runs the helper through sh with the default PATH, not the caller's
     if shutil.which("fusecache", path=os.defpath + ":/usr/local/bin:/usr/sbin:/sbin") is None:

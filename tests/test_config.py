@@ -103,6 +103,14 @@ def test_options_apply_in_order_and_flags_win():
     assert cfg.cache_dir == Path("/c")
 
 
+def test_renamed_options_keep_their_old_spelling_with_a_warning():
+    cfg = build_config("/s", "/m", ["block_size=16M,fetch_ahead=2M"])
+    assert (cfg.stream_read_size, cfg.sequential_window) == (16 * MiB, 2 * MiB)
+    assert cfg.deprecations == ["option 'block_size' is deprecated: use 'stream_read_size'",
+                                "option 'fetch_ahead' is deprecated: use 'sequential_window'"]
+    assert build_config("/s", "/m", ["stream_read_size=16M"]).deprecations == []
+
+
 def test_parse_address():
     assert parse_address("9100", "a") == ("127.0.0.1", 9100)
     assert parse_address(":9100", "a") == ("127.0.0.1", 9100)
