@@ -1,0 +1,596 @@
+"""The engine driven through its facade, in process: no FUSE mount, no root.
+
+What it proves, judged by what a counting, fault-injecting Source saw being read:
+- the fetcher: concurrent reads of one range fetch each byte once (single-flight), also
+  while a prefetch streams the same file; one failed fetch fails every reader waiting on it
+  with EIO and the next read fetches again; bytes of a file modified during their fetch are
+  never cached; a cache file damaged behind the daemon's back is re-verified and only its bad
+  chunk fetched again, within a run and across a restart;
+- the evictor: a cache over its limit drops the least recently used idle file; open and
+  pinned files stay, and reads that find no room go straight to the source;
+- the stream scheduler: a prefetch ends with the whole file verified, or with an error; a file
+  modified during its prefetch is fetched again, a file that keeps changing is given up;
+- the checkpoint policy: opening one shard streams its siblings in the order of the
+  checkpoint index, and an index that is malformed, huge or a FIFO is ignored;
+- descriptors: an open past the daemon's descriptor budget fails alone; idle files give
+  theirs back.
+
+Through a mount each of these needs root, a second FUSE filesystem to count source reads
+(countingfs) and timing luck; here a gate holds a source read exactly where a race needs it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+
+import pytest
+import trio
+import trio.testing
+
+from fusecache import acl
+from fusecache.engine import ReadError
+from fusecache.store import CacheStore
+
+from .inprocess import CHUNK, CountingSource, harness, read_file, read_handle, settled, wait_for  # noqa: F401 - fixture
+
+
+def damage(store: CacheStore, relpath: str, offset: int) -> None:
+    """Another process flips bytes in the cache's copy of relpath."""
+    with open(store.paths(relpath)[0], "r+b") as f:
+        f.seek(offset)
+        old = f.read(16)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+# ---- the fetcher -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("serve_from_memory", [False, True], ids=["threads", "mapped"])
+async def test_a_read_fetches_its_chunks_once_and_then_serves_them(harness, serve_from_memory):
+    data = harness.write("dir/f", 5 * CHUNK + 77)
+    engine = await harness.start(serve_from_memory=serve_from_memory)
+    src = harness.source
+    assert await read_file(engine, "dir/f", step=CHUNK // 3) == data
+    assert src.counts("dir/f", len(data)).tolist() == [1] * len(data)
+    assert engine.cached_extent("dir/f") == (len(data), len(data))
+    assert harness.store.index_of("dir/f")["cached"] == len(data)
+    reads = src.calls("dir/f")
+    assert await read_file(engine, "dir/f", step=3 * CHUNK) == data  # now all from the cache
+    assert src.calls("dir/f") == reads
+    assert engine.metrics.bytes_served == 2 * len(data) and engine.metrics.bytes_from_source == len(data)
+    assert engine.metrics.chunk_hits > 0 and engine.metrics.chunk_misses > 0
+    handle = await engine.open("dir/f")
+    assert bytes(await engine.read(handle, len(data), 10)) == b""  # at and past the end
+    assert bytes(await engine.read(handle, len(data) - 5, 100)) == data[-5:]
+    st = await engine.fstat(handle)
+    assert st.st_size == len(data)
+    assert engine.activity() == (1, 0)
+    assert engine.open_files() == [{"path": "dir/f", "size": len(data), "cached": len(data), "users": 1,
+                                    "streaming": False, "inflight_chunks": 0}]
+    await engine.release(handle)
+    assert engine.activity() == (0, 0)
+
+
+async def test_concurrent_reads_of_one_range_fetch_each_byte_once(harness):
+    data = harness.write("f", 6 * CHUNK)
+    engine = await harness.start()
+    src = harness.source
+    gate = src.hold("f", offset=0)  # the first fetch stalls until every reader waits for it
+    handles = [await engine.open("f") for _ in range(3)]  # several opens share one fetch too
+    start, size = CHUNK // 2, 3 * CHUNK
+    results = []
+
+    async def reader(handle) -> None:
+        results.append(bytes(await engine.read(handle, start, size)))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(reader, handles[i % 3])
+            await gate.wait_entered()
+            await trio.testing.wait_all_tasks_blocked()
+            gate.open()
+    assert results == [data[start:start + size]] * 8
+    counts = src.counts("f", len(data))
+    assert counts[:4 * CHUNK].tolist() == [1] * (4 * CHUNK)  # chunks 0-3, each fetched once
+    assert not counts[4 * CHUNK:].any()
+    for handle in handles:
+        await engine.release(handle)
+
+
+async def test_demand_reads_during_a_prefetch_read_each_byte_once(harness):
+    data = harness.write("f", 12 * CHUNK)  # three stream blocks of four chunks
+    engine = await harness.start()
+    src = harness.source
+    stream_gate = src.hold("f", offset=0)
+    demand_gate = src.hold("f", offset=9 * CHUNK)
+    engine.prefetch("f")
+    await stream_gate.wait_entered()  # the stream is fetching block 0 and stalls there
+    handle = await engine.open("f")
+    replies = {}
+
+    async def read(chunk: int) -> None:
+        replies[chunk] = bytes(await engine.read(handle, chunk * CHUNK, CHUNK))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            # chunk 9, which nobody fetches yet: the demand lane does not queue behind the stream
+            nursery.start_soon(read, 9)
+            await demand_gate.wait_entered()
+            # chunk 1: the stream's flight has it; the reader waits for that one
+            nursery.start_soon(read, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not replies
+            stream_gate.open()
+            # the stream goes on past chunk 9 (in flight for the demand read) to the end
+            await wait_for(lambda: engine.cached_extent("f")[0] == 11 * CHUNK)
+            assert 1 in replies and 9 not in replies
+            demand_gate.open()
+        await settled(engine, "f")
+    assert replies == {1: data[CHUNK:2 * CHUNK], 9: data[9 * CHUNK:10 * CHUNK]}
+    assert engine.stream_state("f") == (False, None)
+    assert engine.cached_extent("f") == (len(data), len(data))
+    assert src.counts("f", len(data)).tolist() == [1] * len(data)
+    assert await read_handle(engine, handle) == data
+    await engine.release(handle)
+
+
+async def test_a_failed_fetch_fails_its_waiters_and_the_next_read_fetches_again(harness):
+    data = harness.write("f", 4 * CHUNK)
+    engine = await harness.start()
+    src = harness.source
+    handle = await engine.open("f")
+    src.fail("f", errno.EIO)
+    gate = src.hold("f")
+    errors = []
+
+    async def reader() -> None:
+        with pytest.raises(ReadError) as info:
+            await engine.read(handle, 0, CHUNK)
+        errors.append(info.value.errno)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(reader)
+            await gate.wait_entered()
+            await trio.testing.wait_all_tasks_blocked()
+            gate.open()
+    assert errors == [errno.EIO] * 3
+    assert src.calls("f") == 1  # one failed fetch, shared
+    assert engine.metrics.errors == {"EIO": 1}
+    assert engine.cached_extent("f") == (0, len(data))
+    src.clear("f")
+    assert bytes(await engine.read(handle, 0, CHUNK)) == data[:CHUNK]
+    assert await read_handle(engine, handle) == data
+    await engine.release(handle)
+
+
+@pytest.mark.parametrize("change", ["rewritten", "truncated"])
+async def test_bytes_of_a_file_modified_during_their_fetch_are_not_cached(harness, change):
+    data = harness.write("f", 4 * CHUNK)
+    engine = await harness.start()
+    src = harness.source
+    handle = await engine.open("f")
+    gate = src.hold("f")
+    new = os.urandom(len(data) if change == "rewritten" else CHUNK)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                with pytest.raises(ReadError) as info:
+                    await engine.read(handle, 0, 2 * CHUNK)
+                assert info.value.errno == errno.EIO
+
+            nursery.start_soon(reader)
+            await gate.wait_entered()
+            harness.rewrite("f", new)  # in place, under the fetch
+            gate.open()
+    assert engine.metrics.errors == {"ESTALE": 1}
+    assert engine.cached_extent("f") == (0, len(data))  # nothing of the mix of versions was kept
+    assert harness.store.index_of("f")["cached"] == 0
+    await engine.release(handle)
+    assert await read_file(engine, "f") == new  # a new open serves the new version
+    assert harness.store.index_of("f") | {"last_used": 0} == {"path": "f", "size": len(new), "cached": len(new),
+                                                              "last_used": 0}
+
+
+async def test_a_changed_file_is_dropped_and_its_open_handles_keep_their_version(harness):
+    old = harness.write("f", 3 * CHUNK)
+    engine = await harness.start()
+    first = await engine.open("f")
+    assert first.keep_cache
+    assert await read_handle(engine, first) == old
+    new = harness.replace("f", os.urandom(2 * CHUNK))
+    st = await engine.lstat("f")  # a lookup notices the change
+    assert st.st_size == len(new)
+    assert engine.cached_extent("f") is None  # no longer handed out
+    second = await engine.open("f")
+    assert not second.keep_cache  # the kernel may hold pages of the old version
+    assert await read_handle(engine, second) == new
+    assert await read_handle(engine, first) == old  # the old handle keeps reading its own bytes
+    await engine.release(first)
+    await engine.release(second)
+    third = await engine.open("f")
+    assert third.keep_cache
+    await engine.release(third)
+
+
+async def test_a_damaged_cache_file_is_reverified_and_only_its_bad_chunk_refetched(harness):
+    data = harness.write("f", 4 * CHUNK)
+    engine = await harness.start()
+    src = harness.source
+    handle = await engine.open("f")
+    assert await read_handle(engine, handle) == data
+    await trio.sleep(0.02)  # a new ctime even where timestamps are coarse
+    damage(harness.store, "f", 2 * CHUNK + 100)
+    assert await read_handle(engine, handle) == data
+    assert engine.metrics.checksum_failures == 1
+    counts = src.counts("f", len(data))
+    assert counts[2 * CHUNK:3 * CHUNK].tolist() == [2] * CHUNK
+    assert counts[:2 * CHUNK].max() == 1 and counts[3 * CHUNK:].max() == 1
+    await engine.release(handle)
+
+
+async def test_a_restart_reverifies_the_cache_and_refetches_only_damaged_chunks(harness):
+    data = harness.write("f", 4 * CHUNK)
+    harness.write("pinned/g", CHUNK)
+    first = await harness.start()
+    assert await read_file(first, "f") == data
+    await first.set_pins({"pinned"})
+    await harness.stop(first)
+    damage(harness.store, "f", CHUNK + 1)  # lost to a power cut, its record kept
+
+    second = await harness.start()  # a new store object and source over the same dirs
+    src = harness.source
+    assert second.budget.used == len(data)  # loaded from the store
+    assert second.pins == {"pinned"} and second.is_pinned("pinned/g") and not second.is_pinned("pinnedx")
+    assert await read_file(second, "f") == data
+    assert second.metrics.checksum_failures == 1
+    counts = src.counts("f", len(data))
+    assert counts[CHUNK:2 * CHUNK].tolist() == [1] * CHUNK and counts.sum() == CHUNK
+
+
+async def test_without_room_on_the_cache_filesystem_reads_go_to_the_source(harness):
+    class FullStore(CacheStore):
+        """A cache filesystem with no space left."""
+
+        def open_entry(self, relpath, identity, chunk_size):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    data = harness.write("f", 3 * CHUNK)
+    store = FullStore(harness.cache, os.path.realpath(harness.src))
+    store.prepare()
+    engine = await harness.start(store=store)
+    assert await read_file(engine, "f") == data
+    assert engine.metrics.bytes_read_through == len(data)
+    assert set(engine.metrics.errors) == {"ENOSPC"}
+    assert engine.cached_extent("f") is None  # the stand-in is not kept: the next open retries
+    engine.prefetch("f")
+    await settled(engine, "f")
+    assert engine.stream_state("f") == (False, "no space in the cache")
+
+
+async def test_sequential_reads_fetch_ahead_of_the_reader(harness):
+    data = harness.write("f.dat", 8 * CHUNK)  # not a shard: no stream with readahead=shards
+    engine = await harness.start(readahead="shards", fetch_ahead=2 * CHUNK)
+    src = harness.source
+    handle = await engine.open("f.dat")
+    assert bytes(await engine.read(handle, 0, CHUNK)) == data[:CHUNK]
+    assert bytes(await engine.read(handle, CHUNK, CHUNK)) == data[CHUNK:2 * CHUNK]  # sequential
+    await wait_for(lambda: engine.cached_extent("f.dat")[0] == 4 * CHUNK)  # chunks 2-3 fetched unasked
+    hits = engine.metrics.chunk_hits
+    assert bytes(await engine.read(handle, 2 * CHUNK, CHUNK)) == data[2 * CHUNK:3 * CHUNK]
+    assert engine.metrics.chunk_hits == hits + 1
+    assert src.counts("f.dat", len(data))[:4 * CHUNK].max() == 1
+    await engine.release(handle)
+
+
+# ---- the evictor -------------------------------------------------------------------------
+
+async def test_a_full_cache_evicts_the_least_recently_used_idle_file(harness):
+    files = {name: harness.write(name, 4 * CHUNK) for name in ("a", "b", "c")}
+    engine = await harness.start()
+    src = harness.source
+    for name in ("a", "b"):
+        assert await read_file(engine, name) == files[name]
+        await trio.sleep(0.002)  # distinct last-use times
+    engine.budget.limit = 10 * CHUNK  # room for a and b, not for c as well
+    assert await read_file(engine, "c") == files["c"]
+    assert engine.metrics.files_evicted == 1
+    assert engine.cached_extent("a") is None and harness.store.index_of("a") is None
+    assert harness.store.index_of("b")["cached"] == 4 * CHUNK
+    assert engine.cached_extent("c") == (4 * CHUNK, 4 * CHUNK)
+    assert engine.budget.used <= engine.budget.limit
+    assert engine.metrics.bytes_read_through == 0
+    assert await read_file(engine, "a") == files["a"]  # evicted: fetched again, b goes now
+    assert src.counts("a", 4 * CHUNK).tolist() == [2] * (4 * CHUNK)
+    assert harness.store.index_of("b") is None and engine.metrics.files_evicted == 2
+
+
+async def test_open_and_pinned_files_are_never_evicted_and_reads_go_through(harness):
+    files = {name: harness.write(name, 4 * CHUNK) for name in ("open", "pins/b", "d")}
+    engine = await harness.start()
+    src = harness.source
+    await engine.set_pins({"pins"})
+    assert await read_file(engine, "pins/b") == files["pins/b"]
+    held = await engine.open("open")
+    assert await read_handle(engine, held) == files["open"]
+    engine.budget.limit = 8 * CHUNK  # exactly full
+
+    assert await read_file(engine, "d") == files["d"]
+    assert engine.metrics.bytes_read_through == 4 * CHUNK
+    assert engine.metrics.files_evicted == 0
+    assert engine.cached_extent("open") == (4 * CHUNK, 4 * CHUNK)
+    assert engine.cached_extent("pins/b") == (4 * CHUNK, 4 * CHUNK)
+    assert engine.cached_extent("d") == (0, 4 * CHUNK)
+    assert await read_file(engine, "d") == files["d"]  # not cached: from the source again
+    assert src.counts("d", 4 * CHUNK).tolist() == [2] * (4 * CHUNK)
+
+    assert await engine.evict("open") is False
+    assert await engine.evict("pins/b") is False
+    assert harness.store.index_of("open")["cached"] == 4 * CHUNK
+    await engine.release(held)
+    assert await engine.evict("open") is True
+    assert harness.store.index_of("open") is None and engine.cached_extent("open") is None
+    await engine.set_pins(set())
+    assert harness.store.load_pins() == set()
+    assert await engine.evict("pins/b") is True
+    assert engine.budget.used == 0
+
+
+async def test_a_read_through_that_fails_is_eio(harness):
+    harness.write("kept", 4 * CHUNK)
+    harness.write("d", CHUNK)
+    engine = await harness.start()
+    held = await engine.open("kept")
+    await read_handle(engine, held)
+    engine.budget.limit = 4 * CHUNK  # full of an open file
+    harness.source.fail("d", errno.EIO)
+    handle = await engine.open("d")
+    with pytest.raises(ReadError) as info:
+        await engine.read(handle, 0, CHUNK)
+    assert info.value.errno == errno.EIO and engine.metrics.errors == {"EIO": 1}
+    harness.source.clear("d")
+    assert bytes(await engine.read(handle, 0, CHUNK)) == (harness.src / "d").read_bytes()
+    assert engine.metrics.bytes_read_through == CHUNK
+    await engine.release(handle)
+    await engine.release(held)
+
+
+async def test_a_file_being_streamed_is_not_evicted(harness):
+    harness.write("f", 8 * CHUNK)
+    engine = await harness.start()
+    gate = harness.source.hold("f")
+    engine.prefetch("f")
+    await gate.wait_entered()
+    assert await engine.evict("f") is False
+    gate.open()
+    await settled(engine, "f")
+    assert await engine.evict("f") is True
+
+
+# ---- the stream scheduler ----------------------------------------------------------------
+
+async def test_a_prefetch_leaves_the_whole_file_verified(harness):
+    data = harness.write("f", 10 * CHUNK + 123)
+    engine = await harness.start()
+    src = harness.source
+    engine.prefetch("f")
+    assert engine.stream_state("f") == (True, None)
+    await settled(engine, "f")
+    assert engine.stream_state("f") == (False, None)
+    assert engine.cached_extent("f") == (len(data), len(data))
+    assert engine.metrics.files_streamed == 1
+    assert src.counts("f", len(data)).tolist() == [1] * len(data)
+    calls = src.calls("f")
+    engine.prefetch("f")  # already cached: nothing to read
+    await settled(engine, "f")
+    assert engine.stream_state("f") == (False, None) and src.calls("f") == calls
+    assert await read_file(engine, "f") == data and src.calls("f") == calls
+
+
+async def test_a_prefetch_that_fails_ends_with_an_error(harness):
+    data = harness.write("bad", 6 * CHUNK)
+    os.mkfifo(harness.src / "pipe")
+    engine = await harness.start()
+    src = harness.source
+    src.fail("bad", errno.EIO)
+    for path in ("bad", "missing", "pipe"):
+        engine.prefetch(path)
+    await settled(engine, "bad", "missing", "pipe")
+    pending, error = engine.stream_state("bad")
+    assert not pending and "injected" in error
+    assert "No such file" in engine.stream_state("missing")[1]
+    assert "not a regular file" in engine.stream_state("pipe")[1]
+    src.clear("bad")
+    engine.prefetch("bad")  # a new prefetch forgets the old error
+    await settled(engine, "bad")
+    assert engine.stream_state("bad") == (False, None)
+    assert await read_file(engine, "bad") == data
+
+
+async def test_a_file_modified_during_its_prefetch_is_fetched_again(harness):
+    harness.write("f", 8 * CHUNK)
+    engine = await harness.start()
+    src = harness.source
+    gate = src.hold("f", offset=0)
+    engine.prefetch("f")
+    await gate.wait_entered()
+    new = harness.rewrite("f", os.urandom(9 * CHUNK))
+    gate.open()
+    await settled(engine, "f")
+    assert engine.stream_state("f") == (False, None)
+    assert engine.cached_extent("f") == (len(new), len(new))
+    calls = src.calls("f")
+    assert await read_file(engine, "f") == new and src.calls("f") == calls
+
+
+@pytest.mark.parametrize("blocks", [
+    2,
+    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=(
+        "a prefetch whose file is replaced (and looked up) during its last block ends as a "
+        "success, having cached only the retired version"))),
+])
+async def test_a_file_replaced_during_its_prefetch_is_fetched_again(harness, blocks):
+    harness.write("f", blocks * 4 * CHUNK)
+    engine = await harness.start()
+    gate = harness.source.hold("f", offset=0)
+    engine.prefetch("f")
+    await gate.wait_entered()
+    new = harness.replace("f", os.urandom(5 * CHUNK))  # renamed over: the old inode is intact
+    await engine.lstat("f")  # a lookup sees it: the version being streamed is retired
+    gate.open()
+    await settled(engine, "f")
+    assert engine.stream_state("f") == (False, None)
+    assert engine.cached_extent("f") == (len(new), len(new))
+    calls = harness.source.calls("f")
+    assert await read_file(engine, "f") == new and harness.source.calls("f") == calls
+
+
+async def test_a_file_that_keeps_changing_is_given_up(harness):
+    harness.write("f", 2 * CHUNK)
+    engine = await harness.start()
+    src = harness.source
+    src.hooks["f"] = lambda offset: harness.rewrite("f", os.urandom(2 * CHUNK))
+    engine.prefetch("f")
+    await settled(engine, "f")
+    pending, error = engine.stream_state("f")
+    assert not pending and "keeps changing" in error
+    assert 1 < src.calls("f") <= 10  # tried again, but not forever
+
+
+async def test_automatic_readahead_streams_what_is_opened(harness):
+    big = harness.write("big", 6 * CHUNK)
+    harness.write("small", CHUNK)
+    engine = await harness.start(readahead="all", readahead_min_size=2 * CHUNK)
+    for path in ("big", "small"):
+        await engine.release(await engine.open(path))
+    await wait_for(lambda: engine.cached_extent("big") == (len(big), len(big)))
+    await settled(engine, "big")
+    assert engine.cached_extent("small") == (0, CHUNK)  # below readahead_min_size
+
+
+async def test_automatic_readahead_of_a_file_modified_under_it_waits_for_the_next_open(harness):
+    harness.write("f", 8 * CHUNK)
+    engine = await harness.start(readahead="all")
+    gate = harness.source.hold("f", offset=0)
+    await engine.release(await engine.open("f"))
+    await gate.wait_entered()
+    new = harness.rewrite("f", os.urandom(6 * CHUNK))
+    gate.open()
+    await settled(engine, "f")
+    assert engine.stream_state("f") == (False, None)  # no error: nobody asked for this stream
+    assert engine.cached_extent("f") == (0, 8 * CHUNK)  # and no retry of its own
+    await engine.release(await engine.open("f"))  # the next open streams the new version
+    await wait_for(lambda: engine.cached_extent("f") == (len(new), len(new)))
+    calls = harness.source.calls("f")
+    assert await read_file(engine, "f") == new and harness.source.calls("f") == calls
+
+
+# ---- the checkpoint policy ---------------------------------------------------------------
+
+SHARDS = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+
+
+def checkpoint(harness, index: bytes | None) -> None:
+    """ckpt/: four shards, a shard not in any index, files that are not shards, and the index."""
+    for name in SHARDS + ["extra.safetensors", "config.json", "tokenizer.model"]:
+        harness.write(f"ckpt/{name}", 2 * CHUNK)
+    (harness.src / "ckpt" / "sub.safetensors").mkdir()  # not a regular file
+    if index is not None:
+        (harness.src / "ckpt" / "model.safetensors.index.json").write_bytes(index)
+
+
+async def stream_order(harness, opened: str) -> list[str]:
+    engine = await harness.start(readahead="shards", streams=1)
+    await engine.release(await engine.open(f"ckpt/{opened}"))
+    expected = {f"ckpt/{name}" for name in SHARDS + ["extra.safetensors"]}
+    await wait_for(lambda: all(engine.cached_extent(p) == (2 * CHUNK, 2 * CHUNK) for p in expected))
+    await settled(engine, *expected)
+    order = [p.removeprefix("ckpt/") for p in harness.source.first_read_order()]
+    assert set(order) == {p.removeprefix("ckpt/") for p in expected}  # shards only, each once
+    return order
+
+
+async def test_opening_a_shard_streams_its_siblings_in_index_order(harness):
+    weight_map = {"a": SHARDS[2], "b": SHARDS[0], "c": SHARDS[2], "d": SHARDS[3], "e": SHARDS[1],
+                  "f": "../elsewhere.safetensors", "g": "sub/x.safetensors", "h": 3}
+    checkpoint(harness, json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
+    order = await stream_order(harness, SHARDS[1])
+    assert order == [SHARDS[1], SHARDS[2], SHARDS[0], SHARDS[3], "extra.safetensors"]
+
+
+@pytest.mark.parametrize("index", ["malformed", "no-weight-map-object", "oversized", "fifo", "symlink"])
+async def test_an_unusable_index_is_ignored(harness, index):
+    checkpoint(harness, None)
+    path = harness.src / "ckpt" / "model.safetensors.index.json"
+    reverse = {"weight_map": {str(i): name for i, name in enumerate(reversed(SHARDS))}}
+    if index == "malformed":
+        path.write_bytes(b'{"weight_map": {')
+    elif index == "no-weight-map-object":
+        path.write_text(json.dumps({"weight_map": list(reversed(SHARDS))}))
+    elif index == "oversized":  # valid JSON, reversed order, but too large to be an index
+        body = json.dumps(reverse).encode()
+        path.write_bytes(body)
+        os.truncate(path, 1 << 30)  # sparse: costs nothing (real indexes are a few MiB)
+    elif index == "fifo":  # opening it must not hang the planner
+        os.mkfifo(path)
+    else:
+        (harness.tmp / "index.json").write_text(json.dumps(reverse))
+        path.symlink_to(harness.tmp / "index.json")
+    with trio.fail_after(10):
+        order = await stream_order(harness, SHARDS[2])
+    assert order == [SHARDS[2], "extra.safetensors", SHARDS[0], SHARDS[1], SHARDS[3]]  # by name
+
+
+async def test_a_malformed_acl_denies_all_but_root(harness):
+    class MalformedAcls(CountingSource):
+        """A source whose ACL xattrs cannot be parsed (the kernel refuses to store such, but
+        a network filesystem may hand one out)."""
+
+        def acl_chain(self, relpath):
+            raise acl.MalformedAcl("ACL version 9, expected 2")
+
+    harness.write("f", 10)
+    source = MalformedAcls(harness.src)
+    source.has_acls = True  # whatever tmp_path's filesystem supports
+    engine = await harness.start(source=source)
+    with pytest.raises(OSError) as info:
+        await engine.check_access("f", acl.R, 1000, 1000, os.getpid())
+    assert info.value.errno == errno.EACCES
+    await engine.check_access("f", acl.R, 0, 0, os.getpid())
+
+
+# ---- descriptors -------------------------------------------------------------------------
+
+async def test_an_open_past_the_descriptor_budget_fails_alone(harness):
+    """Open files hold descriptors; the engine sizes its budget from RLIMIT_NOFILE when it is
+    made (less a reserve for lookups and directories), so a low limit while it is made gives
+    it a small budget (the process itself gets its limit back at once)."""
+    for i in range(40):
+        harness.write(f"f{i}", CHUNK)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128 + 30, hard))  # today: a budget of 30, ten files
+    try:
+        engine = await harness.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    handles = []
+    with pytest.raises(OSError) as info:
+        for i in range(40):
+            handles.append(await engine.open(f"f{i}"))
+    assert info.value.errno == errno.EMFILE and 0 < len(handles) < 40
+    refused = f"f{len(handles)}"
+    fd = await engine.opendir("")  # directories have a share of the reserve
+    engine.closedir(fd)
+    assert await read_handle(engine, handles[0]) == (harness.src / "f0").read_bytes()  # others go on
+    await engine.release(handles.pop())
+    handles.append(await engine.open(refused))  # the idle file gave its descriptors back
+    assert await read_handle(engine, handles[-1]) == (harness.src / refused).read_bytes()
+    for handle in handles:
+        await engine.release(handle)
+    assert len(engine.open_files()) < len(handles)  # fewer idle files are kept open under a low limit

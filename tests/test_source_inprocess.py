@@ -1,0 +1,226 @@
+"""fusecache.source over real temp dirs, in process: no mount, no root.
+
+What it proves: paths resolve beneath the source root only, with no symlink followed in any
+component (with openat2, and with the one-openat-per-component fallback of older kernels);
+names that could escape are refused; only regular files are opened (a FIFO neither hangs nor
+opens); a directory is read in batches from any offset cookie; read_small refuses what is
+larger than its limit; read_exact refuses bytes of a file that changed under it;
+regular_files lists a tree without following links; acl_chain gives every level's ACL.
+Everything the engine trusts about the source rests on these; a mount only shows them
+indirectly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from fusecache import linux
+from fusecache.source import Identity, Source, SourceChanged, check_name, is_under, is_valid_name
+
+from .test_acl import encode, entries
+
+
+@pytest.fixture(params=["openat2", "per-component"])
+def tree(request, tmp_path, monkeypatch):
+    """A source tree with a file, a nested file, a symlink to a dir and one to a file outside,
+    and a FIFO; and a Source over it (resolving with openat2 or without)."""
+    if request.param == "per-component":
+        monkeypatch.setattr(linux, "has_openat2", lambda fd: False)  # as on kernels before 5.6
+    root = tmp_path / "src"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "f").write_bytes(b"top")
+    (root / "a" / "b" / "deep").write_bytes(b"deep")
+    (root / "dirlink").symlink_to("a")
+    (tmp_path / "secret").write_bytes(b"outside")
+    (root / "out").symlink_to(tmp_path / "secret")
+    os.mkfifo(root / "pipe")
+    source = Source(root)
+    yield source
+    source.close()
+
+
+def read(source: Source, relpath: str) -> bytes:
+    fd, identity = source.open(relpath)
+    try:
+        buf = bytearray(identity.size)
+        source.read_exact(fd, memoryview(buf), 0, relpath, identity)
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def test_paths_resolve_beneath_the_root_without_following_symlinks(tree):
+    assert read(tree, "f") == b"top"
+    assert read(tree, "a/b/deep") == b"deep"
+    assert stat.S_ISDIR(tree.lstat("").st_mode) and stat.S_ISDIR(tree.lstat("a/b").st_mode)
+    assert stat.S_ISLNK(tree.lstat("dirlink").st_mode)  # reported as a link
+    assert tree.readlink("out").endswith("secret")
+    for path in ("dirlink/b/deep", "out", "dirlink"):
+        with pytest.raises(OSError) as info:
+            tree.open(path)
+        assert info.value.errno in (errno.ELOOP, errno.ENOTDIR), path
+    with pytest.raises(OSError):
+        tree.lstat("dirlink/b")
+    for path in ("../secret", "a/../f", "a//f", "a/./b", "a/.."):
+        for call in (tree.lstat, tree.open, tree.readlink):
+            with pytest.raises(OSError) as info:
+                call(path)
+            assert info.value.errno == errno.EINVAL, (call, path)
+    with pytest.raises(FileNotFoundError):
+        tree.open("missing")
+
+
+def test_only_regular_files_are_opened(tree):
+    for path in ("pipe", "a"):
+        with pytest.raises(OSError, match="not a regular file") as info:
+            tree.open(path)  # O_NONBLOCK: a FIFO without a writer does not hang the thread
+        assert info.value.errno == errno.EINVAL
+    with pytest.raises(OSError, match="not a regular file"):
+        tree.read_small("pipe", 100)
+
+
+def test_names(tree):
+    assert tree.child("", "x") == "x" and tree.child("a/b", "x") == "a/b/x"
+    for name in ("", ".", "..", "a/b", "a\0"):
+        assert not is_valid_name(name)
+        with pytest.raises(OSError):
+            check_name(name)
+    assert is_under("a/b", "a") and is_under("a", "a") and is_under("x", "") and not is_under("ab", "a")
+
+
+def test_a_directory_is_read_in_batches_from_any_offset(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    names = [f"file-{i:04d}-" + "x" * 100 for i in range(800)]  # more than one getdents64 buffer
+    for name in names:
+        (root / name).touch()
+    source = Source(root)
+    fd = source.opendir("")
+    try:
+        listed, offset, batches = [], 0, 0
+        while batch := source.readdir(fd, offset):
+            batches += 1
+            listed += batch
+            offset = batch[-1][1]
+        assert batches > 1
+        assert sorted(name for name, _, _ in listed) == names
+        assert all(stat.S_ISREG(st.st_mode) for _, _, st in listed)
+        # resuming from the cookie of any entry gives exactly the entries after it
+        k = 500
+        resumed = []
+        offset = listed[k][1]
+        while batch := source.readdir(fd, offset):
+            resumed += batch
+            offset = batch[-1][1]
+        assert [name for name, _, _ in resumed] == [name for name, _, _ in listed[k + 1:]]
+        assert source.readdir(fd, 0)[0][0] == listed[0][0]  # and back to the start
+    finally:
+        os.close(fd)
+    assert [name for name, _ in source.listdir("")] == names
+    source.close()
+
+
+def test_read_small_refuses_what_is_larger_than_its_limit(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "index.json").write_bytes(b"x" * 1000)
+    source = Source(root)
+    assert source.read_small("index.json", 1000) == b"x" * 1000
+    with pytest.raises(OSError) as info:
+        source.read_small("index.json", 999)
+    assert info.value.errno == errno.EFBIG
+
+    class Growing(Source):  # a file that grows between the fstat and the read
+        def open(self, relpath):
+            fd, identity = super().open(relpath)
+            with open(root / relpath, "ab") as f:
+                f.write(b"y" * 10)
+            return fd, identity
+
+    with pytest.raises(OSError) as info:
+        Growing(root).read_small("index.json", 1005)
+    assert info.value.errno == errno.EFBIG
+    source.close()
+
+
+@pytest.mark.parametrize("change", ["shrunk", "rewritten"])
+def test_read_exact_refuses_bytes_of_another_version(tmp_path, change):
+    root = tmp_path / "src"
+    root.mkdir()
+    path = root / "f"
+    path.write_bytes(b"a" * 4096)
+    source = Source(root)
+    fd, identity = source.open("f")
+    try:
+        if change == "shrunk":
+            os.truncate(path, 100)
+        else:
+            with open(path, "r+b") as f:
+                f.write(b"b" * 10)
+            os.utime(path, ns=(0, identity.mtime_ns + 1))
+        with pytest.raises(SourceChanged) as info:
+            source.read_exact(fd, memoryview(bytearray(4096)), 0, "f", identity)
+        assert info.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    source.close()
+
+
+def test_identity(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    st = os.stat(root)
+    assert Source(root).identity(st) == Identity(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    unstable = Source(root, stable_inodes=False).identity(st)
+    assert unstable.ino == 0
+    moved = Identity(st.st_size, st.st_mtime_ns, 0, st.st_ctime_ns + 1)
+    assert unstable.same_content(moved) and unstable != moved  # ctime: not content, but a version
+
+
+def test_regular_files_walks_a_tree_without_following_links(tree):
+    assert tree.regular_files("") == [("f", 3), ("a/b/deep", 4)]  # top-down, by name in each directory
+    assert tree.regular_files("a") == [("a/b/deep", 4)]
+    assert tree.regular_files("f") == [("f", 3)]
+    with pytest.raises(OSError) as info:
+        tree.regular_files("pipe")
+    assert info.value.errno == errno.EINVAL
+    with pytest.raises(OSError):
+        tree.regular_files("dirlink")
+
+
+def test_statvfs(tree):
+    assert tree.statvfs().f_bsize == os.statvfs(tree.root).f_bsize
+
+
+def test_acl_chain_gives_every_level(tmp_path):
+    root = tmp_path / "src"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "f").touch()
+    try:
+        os.setxattr(root / "a" / "f", "system.posix_acl_access",
+                    encode(entries("u::rw-,u:65534:---,g::r--,m::r--,o::r--")))
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            pytest.skip("no POSIX ACLs on tmp_path's filesystem")
+        raise
+    source = Source(root)
+    assert source.has_acls
+    chain = source.acl_chain("a/f")
+    assert len(chain) == 3
+    assert [st.st_ino for st, _ in chain] == [os.stat(p).st_ino for p in (root, root / "a", root / "a" / "f")]
+    assert [acl is None for _, acl in chain] == [True, True, False]
+    assert [e.id for e in chain[2][1].entries if e.id is not None] == [65534]
+    assert len(source.acl_chain("")) == 1
+    source.close()
+
+
+def test_no_acls_on_a_filesystem_without_them():
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc")
+    source = Source("/proc/self")  # procfs has no POSIX ACLs
+    assert not source.has_acls
+    source.close()

@@ -1,0 +1,294 @@
+"""The cache store on its own (fusecache.store), in process: no mount, no root.
+
+What it proves: a chunk's bytes and checksum round-trip through a restart; a chunk damaged on
+disk fails its checksum and is missing again; an index of another version or chunk size is
+never served (a fresh entry replaces it, while an open copy of the old one keeps its bytes);
+pruning at start removes only damaged or old-format entries; a write into a data file by
+anyone else demotes every verified chunk (reads at the old generation get None); files
+planted in the store are not trusted; pins survive a restart and a malformed pins.json is
+ignored. Through a mount these take a daemon restart or a kill each; here they are plain
+calls on temp dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+
+import pytest
+
+from fusecache.store import (INDEX_MAGIC, MISSING, ON_DISK, VERIFIED, CacheEntry, CacheStore, StoreError,
+                             summarize_index)
+from fusecache.source import Identity
+
+CHUNK = 64 * 1024
+SIZE = 3 * CHUNK + 1000  # the last chunk is short
+V1 = Identity(SIZE, mtime_ns=1_000, ino=7, ctime_ns=2_000)
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = CacheStore(tmp_path / "cache", "/source/root")
+    store.prepare()
+    return store
+
+
+def fill(entry: CacheEntry, data: bytes) -> None:
+    for i in range(entry.nchunks):
+        offset, length = entry.chunk_extent(i)
+        entry.store_chunk(i, memoryview(data)[offset:offset + length])
+
+
+def cached(entry: CacheEntry, offset: int = 0, length: int | None = None, generation: int | None = None):
+    """The bytes read_into gives for [offset, offset+length), or None."""
+    buf = bytearray(entry.size - offset if length is None else length)
+    n = entry.read_into(memoryview(buf), offset, entry.generation if generation is None else generation)
+    return None if n is None else bytes(buf[:n])
+
+
+def verify_all(entry: CacheEntry) -> list[bool]:
+    scratch = memoryview(bytearray(CHUNK))
+    return [entry.verify_chunk(i, scratch) for i in range(entry.nchunks)]
+
+
+def damage(store: CacheStore, relpath: str, offset: int) -> None:
+    """Another process flips bytes in a cache data file."""
+    with open(store.paths(relpath)[0], "r+b") as f:
+        f.seek(offset)
+        old = f.read(16)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+def test_chunks_round_trip_and_are_verified_after_a_restart(store):
+    data = os.urandom(SIZE)
+    entry = store.open_entry("dir/f", V1, CHUNK)
+    assert entry.cacheable and entry.nchunks == 4 and list(entry.state) == [MISSING] * 4
+    assert entry.chunk_extent(3) == (3 * CHUNK, 1000)
+    fill(entry, data)
+    assert list(entry.state) == [VERIFIED] * 4 and entry.cached_bytes() == SIZE
+    assert cached(entry) == data
+    assert cached(entry, CHUNK + 5, 100) == data[CHUNK + 5:CHUNK + 105]
+    assert store.index_of("dir/f") | {"last_used": 0} == {"path": "dir/f", "size": SIZE, "cached": SIZE,
+                                                          "last_used": 0}
+    entry.close()
+    entry.close()  # idempotent
+
+    again = store.open_entry("dir/f", V1, CHUNK)  # the next daemon's
+    assert list(again.state) == [ON_DISK] * 4  # recorded, not yet trusted in this lifetime
+    assert again.cached_bytes() == SIZE
+    assert verify_all(again) == [True] * 4
+    assert list(again.state) == [VERIFIED] * 4
+    assert cached(again) == data
+    view = again.view(0, SIZE, again.generation)  # the tmpfs path: a mapping, no copy
+    assert bytes(view) == data
+    view.release()
+    again.close()
+
+
+def test_a_damaged_chunk_fails_verification_and_is_missing_from_then_on(store):
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    fill(entry, data)
+    entry.close()
+    damage(store, "f", CHUNK + 100)  # a power cut lost some of chunk 1's pages
+
+    again = store.open_entry("f", V1, CHUNK)
+    assert verify_all(again) == [True, False, True, True]
+    assert list(again.state) == [VERIFIED, MISSING, VERIFIED, VERIFIED]
+    assert store.index_of("f")["cached"] == SIZE - CHUNK  # its record is gone from the index too
+    again.close()
+    third = store.open_entry("f", V1, CHUNK)
+    assert list(third.state) == [ON_DISK, MISSING, ON_DISK, ON_DISK]
+    third.close()
+
+
+def test_a_data_file_of_the_wrong_size_is_not_trusted(store):
+    entry = store.open_entry("f", V1, CHUNK)
+    fill(entry, os.urandom(SIZE))
+    entry.close()
+    os.truncate(store.paths("f")[0], CHUNK)
+    again = store.open_entry("f", V1, CHUNK)
+    assert list(again.state) == [MISSING] * 4
+    again.close()
+
+
+@pytest.mark.parametrize("identity, chunk_size", [
+    (Identity(SIZE, 1_001, 7, 2_000), CHUNK),  # modified: another mtime
+    (Identity(SIZE, 1_000, 8, 2_000), CHUNK),  # replaced: another source inode
+    (Identity(SIZE, 1_000, 7, 2_001), CHUNK),  # rewritten in place, mtime put back: only the ctime
+    (Identity(SIZE + 1, 1_000, 7, 2_000), CHUNK),
+    (V1, 2 * CHUNK),  # a mount with another chunk size
+])
+def test_an_index_of_another_version_or_chunk_size_is_stale(store, identity, chunk_size):
+    data = os.urandom(SIZE)
+    old = store.open_entry("f", V1, CHUNK)
+    fill(old, data)
+    fresh = store.open_entry("f", identity, chunk_size)
+    assert fresh.cached_bytes() == 0 and set(fresh.state) == {MISSING}
+    assert store.index_of("f")["cached"] == 0 and store.index_of("f")["size"] == identity.size
+    # the old version's files were unlinked, not truncated: a reader of it keeps its bytes
+    # (the unlink moves the old data file's ctime: see the xfail test below)
+    cached(old)
+    assert verify_all(old) == [True] * 4
+    assert cached(old) == data
+    old.close()
+    fresh.close()
+    assert set(store.open_entry("f", V1, CHUNK).state) == {MISSING}  # and V1 is gone for good
+
+
+@pytest.mark.xfail(strict=True, reason="replacing an entry unlinks the old data file, which moves its "
+                   "ctime: the old version's reader takes it for a foreign write (false warning, "
+                   "every chunk re-verified)")
+def test_replacing_an_entry_is_not_a_foreign_write_to_the_old_one(store):
+    data = os.urandom(SIZE)
+    old = store.open_entry("f", V1, CHUNK)
+    fill(old, data)
+    generation = old.generation
+    store.open_entry("f", Identity(SIZE, 1_001, 7, 2_000), CHUNK).close()
+    assert cached(old, generation=generation) == data
+
+
+def _index_bytes(relpath: str, size: int, chunk_size: int, checksum: str) -> bytes:
+    """An index in the documented layout (magic, header length, JSON header, padding to a
+    page, 16-byte records), with the checksum algorithm of our choice."""
+    header = {"path": relpath, "size": size, "mtime_ns": 1, "ino": 2, "ctime_ns": 3,
+              "chunk_size": chunk_size, "checksum": checksum}
+    body = json.dumps(header, sort_keys=True).encode()
+    raw = struct.pack("<8sI", INDEX_MAGIC, len(body)) + body
+    return raw + bytes(-len(raw) % 4096) + bytes(16 * -(-size // chunk_size))
+
+
+def test_prune_removes_damaged_and_old_format_entries_only(store):
+    def plant(relpath: str, index: bytes) -> tuple:
+        data_path, index_path = store.paths(relpath)
+        index_path.parent.mkdir(exist_ok=True)
+        index_path.write_bytes(index)
+        data_path.write_bytes(bytes(SIZE))
+        return data_path, index_path
+
+    good = store.open_entry("good", V1, CHUNK)
+    fill(good, os.urandom(SIZE))
+    good.close()
+    # the same layout with today's checksum is usable: it stays (its stale header is for open_entry)
+    other_version = plant("other", _index_bytes("other", SIZE, CHUNK, "xxh3_64"))
+    garbage = plant("garbage", b"\x00garbage" * 100)
+    old_format = plant("old", _index_bytes("old", SIZE, CHUNK, "crc32"))
+    cut_short = plant("short", _index_bytes("short", SIZE, CHUNK, "xxh3_64")[:-16])
+    unreadable = store.paths("unreadable")[1]  # unreadable now (a directory): no proof of damage
+    unreadable.parent.mkdir(exist_ok=True)
+    unreadable.mkdir()
+
+    store.prune_unusable()
+
+    for data_path, index_path in (garbage, old_format, cut_short):
+        assert not index_path.exists() and not data_path.exists()
+    assert all(p.exists() for p in (*other_version, *store.paths("good"), unreadable))
+    assert sorted(e["path"] for e in store.entries()) == ["good", "other"]
+    assert summarize_index(store.paths("garbage")[1]) is None  # vanished: None, not an error
+
+
+def test_a_foreign_write_to_a_data_file_demotes_its_verified_chunks(store):
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    fill(entry, data)
+    before = entry.generation
+    assert cached(entry, generation=before) == data  # our own writes are not foreign
+    time.sleep(0.02)  # a new ctime even where timestamps are coarse
+    damage(store, "f", 2 * CHUNK)
+
+    assert cached(entry, generation=before) is None  # a read that checked its chunks before
+    assert entry.view(0, SIZE, before) is None
+    assert entry.generation == before + 1
+    assert list(entry.state) == [ON_DISK] * 4  # every chunk must pass its checksum again
+    assert verify_all(entry) == [True, True, False, True]
+    assert cached(entry, 0, CHUNK) == data[:CHUNK]  # at the new generation, good chunks serve
+    entry.close()
+
+
+def test_an_uncached_stand_in_has_no_files():
+    entry = CacheEntry.uncached("f", V1, CHUNK)
+    assert not entry.cacheable and entry.nchunks == 4 and entry.size == SIZE
+    assert entry.cached_bytes() == 0
+    assert entry.chunks_for(CHUNK - 1, 2) == range(0, 2)
+    assert entry.chunks_for(SIZE, 10) == range(0) and entry.chunks_for(SIZE - 1, 100) == range(3, 4)
+    entry.close()  # nothing to close
+
+
+def test_pins_survive_a_restart_and_a_malformed_file_is_ignored(store, tmp_path):
+    assert store.load_pins() == set()
+    store.save_pins({"models/llama", "f"})
+    assert CacheStore(tmp_path / "cache", "/source/root").load_pins() == {"models/llama", "f"}
+    pins = store.root / "pins.json"
+    assert pins.stat().st_mode & 0o777 == 0o600
+    for content, expected in ((b"{not json", set()), (b'{"a": 1}', set()), (b'["a", 3, null]', {"a"}),
+                              (b"\xff\xfe", set())):
+        pins.write_bytes(content)
+        assert store.load_pins() == expected, content
+    pins.unlink()
+    (tmp_path / "elsewhere.json").write_text('["planted"]')
+    pins.symlink_to(tmp_path / "elsewhere.json")
+    assert store.load_pins() == set()  # never read through a symlink
+
+
+def test_files_planted_in_the_store_are_not_trusted(store, tmp_path):
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    fill(entry, data)
+    entry.close()
+    data_path, index_path = store.paths("f")
+    # a second name for the data file (someone kept a link to write through later)
+    os.link(data_path, tmp_path / "kept-link")
+    fresh = store.open_entry("f", V1, CHUNK)
+    assert fresh.cached_bytes() == 0
+    fresh.close()
+    assert (tmp_path / "kept-link").read_bytes() == data  # replaced, never written through
+    # an index that is a symlink to a valid one elsewhere
+    valid = store.open_entry("g", V1, CHUNK)
+    fill(valid, data)
+    valid.close()
+    store.paths("f")[1].unlink()
+    store.paths("f")[1].symlink_to(store.paths("g")[1])
+    assert store.open_entry("f", V1, CHUNK).cached_bytes() == 0
+    assert store.paths("g")[1].exists() and not store.paths("f")[1].is_symlink()
+
+
+def test_remove_and_entries(store):
+    for name in ("a", "b"):
+        entry = store.open_entry(name, V1, CHUNK)
+        fill(entry, os.urandom(SIZE))
+        entry.close()
+    store.touch("a", 1_000_000.0)
+    store.touch("missing", 1.0)  # nothing to touch: no error
+    listing = {e["path"]: e for e in store.entries()}
+    assert listing["a"]["last_used"] == 1_000_000.0 and listing["b"]["cached"] == SIZE
+    store.remove("a")
+    store.remove("never-cached")
+    assert [e["path"] for e in store.entries()] == ["b"] and store.index_of("a") is None
+    assert not any(p.exists() for p in store.paths("a"))
+
+
+def test_one_store_one_daemon(store, tmp_path):
+    store.lock()
+    assert (store.root / "lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(StoreError, match=rf"in use by another fusecache mount of /source/root \(pid {os.getpid()}\)"):
+        CacheStore(tmp_path / "cache", "/source/root").lock()
+    store.record_owner(4242)  # the daemon detached
+    assert (store.root / "lock").read_text() == "4242\n"
+
+
+def test_a_cache_dir_others_can_write_or_planted_links_are_refused(tmp_path):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        CacheStore(open_dir, "/src").prepare()
+    cache = tmp_path / "cache"
+    store = CacheStore(cache, "/src")
+    store.prepare()
+    assert (store.root / "source").read_text() == "/src\n"
+    (store.objects / "ab").symlink_to(tmp_path)
+    with pytest.raises(StoreError, match="is a symlink"):
+        store.prepare()
