@@ -145,8 +145,9 @@ class Source:
     @contextmanager
     def _parent(self, relpath: str) -> Iterator[tuple[int, str]]:
         """(descriptor of relpath's directory, relpath's last name), for the *at calls."""
+        for part in relpath.split("/"):
+            check_name(part)
         parent, _, name = relpath.rpartition("/")
-        check_name(name)
         if not parent:
             yield self._root_fd, name
             return

@@ -31,6 +31,7 @@ import stat as stat_mod
 import struct
 import threading
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
@@ -222,7 +223,8 @@ class CacheEntry:
         """Called with _lock held and none of our writes in progress: if the data file's
         stamp moved, someone else wrote it, and every verified chunk must pass its checksum again."""
         stamp = _stamp(self.data_fd)
-        if stamp == self._stamp:
+        if _same_content(stamp, self._stamp):
+            self._stamp = stamp
             return
         log.warning("cache file of %s was modified behind fusecache's back; re-verifying it", self.relpath)
         self._stamp = stamp
@@ -253,9 +255,31 @@ def _is_own_file(fd: int) -> bool:
     return own
 
 
-def _stamp(fd: int) -> tuple[int, int]:
+@dataclass(frozen=True)
+class _Stamp:
+    """What a write into a data file moves: its size and ctime (which no one can set back),
+    and its mtime, for once the file has no name."""
+
+    size: int
+    ctime_ns: int
+    mtime_ns: int
+    nlink: int
+
+
+def _stamp(fd: int) -> _Stamp:
     st = os.fstat(fd)
-    return st.st_size, st.st_ctime_ns
+    return _Stamp(st.st_size, st.st_ctime_ns, st.st_mtime_ns, st.st_nlink)
+
+
+def _same_content(now: _Stamp, before: _Stamp | None) -> bool:
+    """Whether nobody wrote the data file between two stamps. Replacing or evicting an entry
+    unlinks its data file, which moves the ctime too; the store is the daemon user's alone
+    (private.py), so a file that lost its last name lost it to us: then size and mtime tell."""
+    if before is None:
+        return False
+    if now.nlink == 0 and before.nlink > 0:
+        return (now.size, now.mtime_ns) == (before.size, before.mtime_ns)
+    return (now.size, now.ctime_ns) == (before.size, before.ctime_ns)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

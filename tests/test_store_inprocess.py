@@ -130,7 +130,6 @@ def test_an_index_of_another_version_or_chunk_size_is_stale(store, identity, chu
     assert fresh.cached_bytes() == 0 and set(fresh.state) == {MISSING}
     assert store.index_of("f")["cached"] == 0 and store.index_of("f")["size"] == identity.size
     # the old version's files were unlinked, not truncated: a reader of it keeps its bytes
-    # (the unlink moves the old data file's ctime: see the xfail test below)
     cached(old)
     assert verify_all(old) == [True] * 4
     assert cached(old) == data
@@ -139,9 +138,6 @@ def test_an_index_of_another_version_or_chunk_size_is_stale(store, identity, chu
     assert set(store.open_entry("f", V1, CHUNK).state) == {MISSING}  # and V1 is gone for good
 
 
-@pytest.mark.xfail(strict=True, reason="replacing an entry unlinks the old data file, which moves its "
-                   "ctime: the old version's reader takes it for a foreign write (false warning, "
-                   "every chunk re-verified)")
 def test_replacing_an_entry_is_not_a_foreign_write_to_the_old_one(store):
     data = os.urandom(SIZE)
     old = store.open_entry("f", V1, CHUNK)

@@ -270,10 +270,10 @@ def test_getdents64_errors():
 
 @pytest.mark.parametrize("options, message", [
     (["chunk_size=96K"], "must be a power of two"),
-    (["chunk_size=512M", "block_size=1G"], "must be <= 256M"),
-    (["block_size=6M"], "must be a multiple of chunk_size"),
-    (["block_size=2G"], "must be <= 1G"),
-    (["fetch_ahead=2G"], "must be <= 1G"),
+    (["chunk_size=512M", "stream_read_size=1G"], "must be <= 256M"),
+    (["stream_read_size=6M"], "must be a multiple of chunk_size"),
+    (["stream_read_size=2G"], "must be <= 1G"),
+    (["sequential_window=2G"], "must be <= 1G"),
     (["cache_size=100K"], "must be at least 1M"),
     (["cache_size=200%"], "between 0.1 and 100.0"),
     (["readahead=maybe"], "expected one of all, shards, off"),

@@ -217,6 +217,8 @@ class StreamScheduler:
             for _pass in range(2):
                 await self._stream_pass(tracked)
                 if tracked.entry.complete:
+                    if not self.files.is_current(tracked):  # a retired version, complete: not the file
+                        raise VersionReplaced(relpath)
                     self.metrics.files_streamed += 1
                     return
             raise ReadError(errno.EIO, f"{tracked.entry.unverified_count()} chunks could not be fetched")
