@@ -27,6 +27,9 @@ from . import acl, linux
 log = logging.getLogger(__name__)
 
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+# getdents64 buffer of one readdir batch: about a hundred entries, the order of what one
+# FUSE readdir reply holds
+READDIR_BATCH_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ class Source:
         open directory costs one descriptor, whatever its size."""
         os.lseek(fd, offset, os.SEEK_SET)
         while True:
-            batch = linux.getdents64(fd)
+            # small batches: what does not fit the kernel's reply is read and stat'ed again
+            batch = linux.getdents64(fd, READDIR_BATCH_BYTES)
             if not batch:
                 return []
             entries = []
