@@ -163,8 +163,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
                            foreground=args.foreground, log_level=args.log_level)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    for message in cfg.deprecations:
-        say(f"warning: {message}")
+    if not cfg.foreground:  # in the foreground the daemon logs them to stderr itself
+        for message in cfg.deprecations:
+            say(f"warning: {message}")
     setup_logging(cfg.log_level)
     store = daemon.check_request(cfg)
     if cfg.foreground:

@@ -98,9 +98,14 @@ def fstype_of(path: str) -> str | None:
 
 
 def is_stale(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon died: the kernel answers ENOTCONN to everything."""
+    """A FUSE mount whose daemon died: the kernel answers ENOTCONN to every request. Asked
+    with statfs, which always reaches the daemon: a stat may be answered from attributes the
+    kernel cached (attr_timeout), dead connection or not."""
+    info = find_mount(os.path.abspath(mountpoint))
+    if info is None or not info.fstype.startswith("fuse"):
+        return False
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False

@@ -113,6 +113,12 @@ class CacheEntry:
         offset = index * self.chunk_size
         return offset, min(self.chunk_size, self.size - offset)
 
+    def run_extent(self, chunks: range) -> tuple[int, int]:
+        """(offset, length) of a run of contiguous chunks."""
+        offset = self.chunk_extent(chunks.start)[0]
+        last_offset, last_length = self.chunk_extent(chunks.stop - 1)
+        return offset, last_offset + last_length - offset
+
     def chunks_for(self, offset: int, length: int) -> range:
         """Indices of the chunks that hold bytes [offset, offset+length), clamped to the file."""
         end = min(offset + length, self.size)
@@ -125,9 +131,6 @@ class CacheEntry:
 
     # The questions the fetcher asks; the chunk state machine (MISSING -> VERIFIED, ON_DISK ->
     # VERIFIED or MISSING, VERIFIED -> ON_DISK on a foreign write) stays in this class.
-
-    def is_verified(self, index: int) -> bool:
-        return self.state[index] == VERIFIED
 
     def unverified(self, chunks: range) -> list[int]:
         """The chunks of the range that must be fetched or checked before they are served."""

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvictorConfig:
+    """How much a full cache filesystem makes the evictor free."""
+
     # what a full cache filesystem makes room for at once: one stream read's worth
     disk_full_evict_bytes: int
 
@@ -38,6 +40,8 @@ class EvictorConfig:
 
 
 class Evictor:
+    """Decides what leaves the cache and removes it (see the module docstring)."""
+
     def __init__(self, config: EvictorConfig, store: CacheStore, budget: CacheBudget, metrics: Metrics,
                  files: OpenFiles, tasks: Tasks) -> None:
         self.config = config

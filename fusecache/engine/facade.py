@@ -31,7 +31,6 @@ class Engine:
     def __init__(self, config: MountConfig, source: Source, store: CacheStore, metrics: Metrics,
                  budget: CacheBudget, serve_from_memory: bool = False) -> None:
         self.source = source
-        self.store = store
         self.metrics = metrics
         self.budget = budget
         self.tasks = Tasks()
@@ -65,7 +64,6 @@ class Engine:
         # ctime alone is not enough: a network filesystem's cached attributes may lag the
         # open file's, and a full re-validation on the next open catches a real change anyway
         if tracked is not None and not self.source.identity(st).same_content(tracked.identity):
-            log.info("%s changed in the source; its cached copy is dropped", relpath)
             self.files.retire(tracked)
         return st
 
@@ -169,6 +167,6 @@ class Engine:
         """Per-file state of the files this daemon currently tracks."""
         return [
             {"path": t.relpath, "size": t.entry.size, "cached": t.entry.cached_bytes(), "users": t.users,
-             "streaming": self.streams.is_running(t.relpath), "inflight_chunks": self.fetcher.inflight_chunks(t)}
+             "streaming": self.streams.is_streaming(t), "inflight_chunks": self.fetcher.inflight_chunks(t)}
             for t in self.files.all()
         ]

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FetcherConfig:
+    """The demand lane's shape."""
+
     chunk_size: int
     # demand fetches run on threads of their own, so they never queue behind readahead
     fetch_threads: int
@@ -104,9 +106,11 @@ def contiguous_runs(indices: Iterable[int], max_len: int) -> list[range]:
 
 
 class Fetcher:
+    """Flights for whoever needs chunks verified: readers (the demand lane, here), streams
+    (their own lane), and speculative flights ahead of sequential readers."""
+
     def __init__(self, config: FetcherConfig, source: Source, files: OpenFiles, evictor: Evictor,
                  budget: CacheBudget, metrics: Metrics, tasks: Tasks) -> None:
-        self.config = config
         self.source = source
         self.files = files
         self.evictor = evictor
@@ -129,6 +133,11 @@ class Fetcher:
 
     def inflight_chunks(self, tracked: TrackedFile) -> int:
         return len(self._inflight.get(tracked, {}))
+
+    @property
+    def demand_limiter(self) -> trio.CapacityLimiter:
+        """The demand lane's threads, which reads straight from the source use too."""
+        return self.demand.limiter
 
     # ---- fetching --------------------------------------------------------------------------
 
@@ -167,6 +176,16 @@ class Fetcher:
         if not waited:
             self.metrics.chunk_hits += len(chunks)
         return not waited
+
+    def start_ahead(self, tracked: TrackedFile, window: range) -> None:
+        """Start fetching the window's unclaimed chunks on the demand lane without waiting for
+        them, as speculative flights: only with demand threads to spare (one is always left
+        for real demand) and room in the cache without evicting anything (room for whole
+        runs, cached or not: chunks that only need checking wait for a thread too)."""
+        for run in contiguous_runs(self.unclaimed(tracked, window), self.demand.max_chunks):
+            if not self.demand.has_spare_thread or not self.budget.fits(tracked.entry.run_extent(run)[1]):
+                return
+            self.start(tracked, run, self.demand, speculative=True)
 
     def start(self, tracked: TrackedFile, chunks: range, lane: Lane, speculative: bool = False) -> Flight:
         """Start a flight for chunks (none of them claimed) on lane; it runs in the background."""
@@ -231,9 +250,8 @@ class Fetcher:
         bad = entry.verify_recorded(chunks, buf)
         fetched = 0
         for run in contiguous_runs(entry.missing(chunks), len(chunks)):
-            start = entry.chunk_extent(run.start)[0]
-            last_offset, last_length = entry.chunk_extent(run.stop - 1)
-            view = buf[: last_offset + last_length - start]
+            start, length = entry.run_extent(run)
+            view = buf[:length]
             self.source.read_exact(tracked.src_fd, view, start, entry.relpath, entry.identity)
             for i in run:
                 offset, length = entry.chunk_extent(i)

@@ -23,6 +23,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+import trio
+
 from ..budget import CacheBudget
 from ..metrics import Metrics
 from ..source import Identity, Source
@@ -76,6 +78,8 @@ class Handle:
 
 
 class OpenFiles:
+    """The table of TrackedFiles by path (see the module docstring)."""
+
     def __init__(self, source: Source, store: CacheStore, budget: CacheBudget, metrics: Metrics, tasks: Tasks,
                  chunk_size: int, on_disk_full: Callable[[str], Awaitable[None]],
                  on_version_gone: Callable[[str], None]) -> None:
@@ -153,7 +157,6 @@ class OpenFiles:
                 self.tasks.spawn(os.close, src_fd)
                 return tracked
             if tracked is not None:
-                log.info("%s changed in the source; its cached copy is dropped", relpath)
                 self.retire(tracked)
             try:
                 entry = await self._open_entry(relpath, identity)
@@ -202,7 +205,9 @@ class OpenFiles:
             self._close(tracked)
 
     def retire(self, tracked: TrackedFile) -> None:
-        """Stop handing out this version; its open handles keep reading it until released."""
+        """The source holds another version now: stop handing this one out; its open handles
+        keep reading it until released."""
+        log.info("%s changed in the source; its cached copy is dropped", tracked.relpath)
         del self._files[tracked.relpath]
         self.on_version_gone(tracked.relpath)
         if tracked.users == 0:
@@ -260,5 +265,13 @@ class OpenFiles:
             tracked.closed = True
             self._fds -= tracked.fds
             victims.append(tracked)
-        for tracked in victims:
-            await self.tasks.io(tracked.close_fds)
+
+        def close_all() -> None:
+            for tracked in victims:
+                try:
+                    tracked.close_fds()
+                except OSError as e:
+                    log.warning("closing %s failed: %s", tracked.relpath, e)
+
+        with trio.CancelScope(shield=True):  # counted as closed: they must be
+            await trio.to_thread.run_sync(close_all)

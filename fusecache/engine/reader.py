@@ -29,6 +29,8 @@ REPLY_BUFFER_MIN = 1 << 20
 
 
 class Reader:
+    """Answers the reads of open handles."""
+
     def __init__(self, source: Source, fetcher: Fetcher, streams: StreamScheduler, metrics: Metrics,
                  tasks: Tasks, workers: int, serve_from_memory: bool) -> None:
         self.source = source
@@ -47,7 +49,8 @@ class Reader:
         if not chunks:
             return memoryview(b"")
         length = min(size, entry.size - offset)
-        ahead = self.streams.ahead_of(handle, offset, length)
+        ahead = self.streams.note_read(handle, offset, length)
+        window = range(chunks.stop, min(chunks.stop + ahead, entry.nchunks))
         buf = self._reply_buffer(length)[:length]
         for _attempt in range(3):
             generation = entry.generation
@@ -55,8 +58,8 @@ class Reader:
                 if not entry.cacheable:
                     raise CacheFull(entry.relpath)
                 all_cached = await self.fetcher.ensure(
-                    tracked, chunks, then=lambda: self.streams.fetch_ahead(tracked, chunks.stop, ahead))
-                ahead = 0
+                    tracked, chunks, then=lambda: self.fetcher.start_ahead(tracked, window))
+                window = range(0)
             except CacheFull:
                 return await self._read_through(tracked, buf, offset)
             reply = await self._from_cache(entry, buf, offset, generation)
@@ -83,7 +86,7 @@ class Reader:
         entry = tracked.entry
         try:
             await self.tasks.io(self.source.read_exact, tracked.src_fd, buf, offset, entry.relpath, entry.identity,
-                                limiter=self.fetcher.demand.limiter)
+                                limiter=self.fetcher.demand_limiter)
         except OSError as e:
             self.metrics.count_error(error_kind(e))
             raise ReadError(errno.EIO, f"{entry.relpath}: {e}") from None

@@ -31,6 +31,8 @@ def is_shard(relpath: str) -> bool:
 
 
 class CheckpointPolicy:
+    """Which files an open streams, and the sibling shards of a first shard in index order."""
+
     def __init__(self, source: Source, readahead: str, min_size: int) -> None:
         """readahead: 'shards' (checkpoint shards and their siblings), 'all' (any file) or
         'off'; files smaller than min_size are never streamed automatically."""

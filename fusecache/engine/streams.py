@@ -38,6 +38,8 @@ MAX_STREAM_REPLACEMENTS = 3
 
 @dataclass(frozen=True)
 class StreamConfig:
+    """What to stream, in what reads, how many at once, and how far to fetch ahead."""
+
     chunk_size: int
     streams: int  # files streamed at once
     stream_read_size: int  # bytes of one sequential read of a stream
@@ -58,7 +60,6 @@ class StreamRecord:
 
     auto: bool = False  # automatic readahead queued its current version: opens do not queue it again
     pending: bool = False  # a stream of it is queued or running
-    running: bool = False  # ... and running now
     explicit: bool = False  # a prefetch asked for it: retried if the file changes, its outcome kept
     replacements: int = 0  # times the file changed under the stream a prefetch asked for
     error: str | None = None  # how the last stream a prefetch asked for ended, if it failed
@@ -69,6 +70,9 @@ class StreamRecord:
 
 
 class StreamScheduler:
+    """Queues files to stream, runs `streams` workers over the queue, and tells how each
+    path's streams went; decides how far to fetch ahead of a sequential reader."""
+
     def __init__(self, config: StreamConfig, files: OpenFiles, fetcher: Fetcher, policy: CheckpointPolicy,
                  metrics: Metrics, tasks: Tasks) -> None:
         self.config = config
@@ -80,6 +84,7 @@ class StreamScheduler:
         self.lane = Lane(config.streams, config.stream_read_size, config.chunk_size)
         self._send, self._receive = trio.open_memory_channel[str](math.inf)
         self._records: dict[str, StreamRecord] = {}
+        self._streaming: set[TrackedFile] = set()  # the versions being streamed now
         # finding sibling shards lists directories and parses indexes: on threads of its own,
         # so a slow listing never holds up lookups
         self._planning = trio.CapacityLimiter(2)
@@ -148,11 +153,10 @@ class StreamScheduler:
         return (False, None) if record is None else (record.pending, record.error)
 
     def running(self) -> int:
-        return sum(1 for record in self._records.values() if record.running)
+        return len(self._streaming)
 
-    def is_running(self, relpath: str) -> bool:
-        record = self._records.get(relpath)
-        return record is not None and record.running
+    def is_streaming(self, tracked: TrackedFile) -> bool:
+        return tracked in self._streaming
 
     def _queue(self, relpath: str) -> None:
         record = self._record(relpath)
@@ -165,7 +169,6 @@ class StreamScheduler:
     async def _worker(self) -> None:
         async for relpath in self._receive:
             record = self._record(relpath)
-            record.running = True
             try:
                 await self._stream_file(relpath)
             except VersionReplaced:
@@ -176,7 +179,6 @@ class StreamScheduler:
                 record.pending = record.explicit = False
                 record.replacements = 0
             finally:
-                record.running = False
                 self._tidy(relpath)
 
     def _replaced(self, relpath: str, record: StreamRecord) -> None:
@@ -210,6 +212,7 @@ class StreamScheduler:
         raises VersionReplaced if the file changed in the source meanwhile, or the error
         that kept a chunk from being fetched."""
         tracked = await self.files.acquire(relpath)
+        self._streaming.add(tracked)
         try:
             if not tracked.entry.cacheable:
                 raise ReadError(errno.ENOSPC, "no space in the cache")
@@ -228,6 +231,7 @@ class StreamScheduler:
                 raise VersionReplaced(relpath) from e
             raise
         finally:
+            self._streaming.discard(tracked)
             self.files.unref(tracked)
 
     async def _stream_pass(self, tracked: TrackedFile) -> None:
@@ -246,28 +250,13 @@ class StreamScheduler:
 
     # ---- fetching ahead of sequential readers ----------------------------------------------
 
-    def ahead_of(self, handle: Handle, offset: int, length: int) -> int:
-        """How many chunks to fetch ahead of this read, and remember where it ended: a read
-        that continues its handle's last one (within a chunk of it: the kernel's readahead has
-        several requests of one reader in flight, which may arrive out of order)."""
+    def note_read(self, handle: Handle, offset: int, length: int) -> int:
+        """Record where this read of handle ends; return how many chunks after it to fetch
+        ahead: the `sequential_window` if it continues the handle's last read (within a chunk
+        of it: the kernel's readahead has several requests of one reader in flight, which may
+        arrive out of order), else none. Nothing is fetched ahead with readahead=off."""
         sequential = handle.next_offset is not None and abs(offset - handle.next_offset) <= self.config.chunk_size
         handle.next_offset = offset + length
         if not sequential or self.config.readahead == "off":
             return 0
         return -(-self.config.sequential_window // self.config.chunk_size)
-
-    def fetch_ahead(self, tracked: TrackedFile, first: int, count: int) -> None:
-        """Start fetching the `count` chunks from `first`, on the demand lane, without waiting
-        for them, as speculative flights: only with demand threads to spare (one is always
-        left for real demand) and room in the cache without evicting anything."""
-        if not count:
-            return
-        demand = self.fetcher.demand
-        window = range(first, min(first + count, tracked.entry.nchunks))
-        for run in contiguous_runs(self.fetcher.unclaimed(tracked, window), demand.max_chunks):
-            # room for the whole run, cached or not: chunks that only need checking wait too
-            end_offset, end_length = tracked.entry.chunk_extent(run.stop - 1)
-            room = end_offset + end_length - tracked.entry.chunk_extent(run.start)[0]
-            if not demand.has_spare_thread or not self.fetcher.budget.fits(room):
-                return
-            self.fetcher.start(tracked, run, demand, speculative=True)

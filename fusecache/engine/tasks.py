@@ -21,6 +21,8 @@ METADATA_THREADS = 16
 
 
 class Tasks:
+    """The nursery the engine's background work runs in, and its worker threads."""
+
     def __init__(self) -> None:
         self.nursery: trio.Nursery | None = None
         self.metadata = trio.CapacityLimiter(METADATA_THREADS)
