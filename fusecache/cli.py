@@ -288,6 +288,8 @@ def _print_status(report: dict) -> None:
     print(f"  from source:  {human(m['bytes_from_source'])}  now {human(m['source_rate'])}/s")
     print(f"  served:       {human(m['bytes_served'])} ({human(m['bytes_served_from_cache'])} from cache)")
     print(f"  hit ratio:    {hit}  errors: {m['fetch_errors']}  checksum failures: {m['checksum_failures']}")
+    print(f"  filling:      {m['fill_reads']} of {m['fill_reads_limit']} stream reads in flight, "
+          f"{human(m['fill_buffer_bytes'])} of buffers")
     for f in report["files"]:
         fraction = f["cached"] / f["size"] if f["size"] else 1.0
         flag = " streaming" if f.get("streaming") else ""

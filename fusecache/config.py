@@ -165,6 +165,9 @@ class MountConfig:
     readahead_min_size: int = 0
     stream_read_size: int = 32 * MiB  # was block_size
     streams: int = 2
+    # Stream reads in flight node-wide at most: from `streams` up, grown while the source
+    # delivers more for it (engine/fill.py). Each holds a buffer of stream_read_size.
+    fill_reads_max: int = 16
     # A sequential reader's next bytes, fetched on the demand lane while its current ones are
     # served, so it does not stall once per chunk where it runs ahead of its file's stream.
     # 0: off (as is everything ahead with readahead=off). Was fetch_ahead.
@@ -195,10 +198,15 @@ class MountConfig:
 
     def buffer_bytes(self) -> int:
         """The memory the daemon's buffers take at most (engine.fetcher.Lane, engine.reader.Reader):
-        each stream holds a block, each demand fetch thread a run of two chunks, each worker
-        a reply."""
-        return (self.streams * self.stream_read_size + self.fetch_threads * 2 * self.chunk_size
+        each stream read in flight holds one stream_read_size, each demand fetch thread a run
+        of two chunks, each worker a reply."""
+        return (self.stream_reads * self.stream_read_size + self.fetch_threads * 2 * self.chunk_size
                 + self.workers * MAX_REQUEST)
+
+    @property
+    def stream_reads(self) -> int:
+        """Stream reads in flight at most: fill_reads_max, and at least one per stream."""
+        return max(self.streams, self.fill_reads_max)
 
     def validate(self, memory: Callable[[], int] = memory_limit) -> None:
         """Refuse settings the daemon cannot work with. `memory` says how much memory there
@@ -223,7 +231,8 @@ class MountConfig:
             raise ConfigError(
                 f"the daemon's buffers would take {human(total)}, more than half of the memory "
                 f"({human(available)}): "
-                f"lower streams x stream_read_size ({self.streams} x {human(self.stream_read_size)}), "
+                f"lower max(streams, fill_reads_max) x stream_read_size ({self.stream_reads} x "
+                f"{human(self.stream_read_size)}), "
                 f"fetch_threads x 2 x chunk_size ({self.fetch_threads} x 2 x {human(self.chunk_size)}) "
                 f"or workers x {human(MAX_REQUEST)} ({self.workers})")
 
@@ -264,6 +273,7 @@ _OPTION_SETTERS = {
     "sequential_window": lambda c, k, v: setattr(c, k, parse_size(v, k)),
     "fetch_threads": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 256)),
     "streams": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 64)),
+    "fill_reads_max": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 256)),
     "workers": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 1024)),
     "attr_timeout": lambda c, k, v: setattr(c, k, parse_float(v, k, 0.0, 86400.0)),
     "read_ahead_kb": lambda c, k, v: setattr(c, k, parse_int(v, k, 0, 1 << 20)),

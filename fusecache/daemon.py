@@ -217,6 +217,7 @@ async def _sample(engine: Engine, metrics: Metrics) -> None:
         metrics.sample()
         metrics.cache_bytes, metrics.cache_limit_bytes = engine.budget.used, engine.budget.limit
         metrics.files_open, metrics.files_streaming = engine.activity()
+        metrics.fill_reads, metrics.fill_reads_limit, metrics.fill_buffer_bytes = engine.fill()
         await trio.sleep(1.0)
 
 

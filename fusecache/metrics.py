@@ -43,6 +43,9 @@ class Metrics:
     cache_limit_bytes: int = 0
     files_open: int = 0
     files_streaming: int = 0
+    fill_reads: int = 0  # stream reads in flight
+    fill_reads_limit: int = 0  # ... allowed now by the fill controller
+    fill_buffer_bytes: int = 0  # memory their buffers hold
     started_at: float = field(default_factory=time.time)
     # (time, bytes_from_source) once a second over the last few seconds, for the current rate
     _samples: deque = field(default_factory=lambda: deque(maxlen=6), repr=False)
@@ -112,6 +115,9 @@ class PrometheusCollector:
             ("fusecache_cache_limit_bytes", "Cache size limit.", m.cache_limit_bytes),
             ("fusecache_files_open", "Files open or being fetched.", m.files_open),
             ("fusecache_files_streaming", "Files being streamed by readahead.", m.files_streaming),
+            ("fusecache_fill_reads", "Stream reads in flight.", m.fill_reads),
+            ("fusecache_fill_reads_limit", "Stream reads in flight allowed now.", m.fill_reads_limit),
+            ("fusecache_fill_buffer_bytes", "Memory held by stream reads in flight.", m.fill_buffer_bytes),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
 

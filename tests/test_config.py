@@ -130,18 +130,18 @@ def test_malformed_command_lines(args):
 
 
 def test_buffers_beyond_half_the_memory_are_refused():
-    """streams x stream_read_size + fetch_threads x 2 x chunk_size + workers x 1M must fit in half
-    of the memory: the defaults take 160 MiB."""
+    """max(streams, fill_reads_max) x stream_read_size + fetch_threads x 2 x chunk_size +
+    workers x 1M must fit in half of the memory: the defaults take 608 MiB."""
     defaults = MountConfig(source=Path("/s"), mountpoint=Path("/m"))
-    assert defaults.buffer_bytes() == 160 * MiB
-    defaults.validate(memory=lambda: 320 * MiB)
-    with pytest.raises(ConfigError, match=r"buffers would take 160\.0 MiB, more than half of the memory"):
-        defaults.validate(memory=lambda: 320 * MiB - 1)
+    assert defaults.buffer_bytes() == 608 * MiB
+    defaults.validate(memory=lambda: 1216 * MiB)
+    with pytest.raises(ConfigError, match=r"buffers would take 608\.0 MiB, more than half of the memory"):
+        defaults.validate(memory=lambda: 1216 * MiB - 1)
     big = MountConfig(source=Path("/s"), mountpoint=Path("/m"), streams=64, stream_read_size=1 * GiB)
     with pytest.raises(ConfigError) as info:
         big.validate(memory=lambda: 64 * GiB)
     message = str(info.value)
-    assert "64.1 GiB" in message and "(64.0 GiB)" in message and "streams x stream_read_size (64 x 1.0 GiB)" in message
+    assert "64.1 GiB" in message and "(64.0 GiB)" in message and "max(streams, fill_reads_max) x stream_read_size (64 x 1.0 GiB)" in message
     assert "fetch_threads x 2 x chunk_size (8 x 2 x 4.0 MiB)" in message and "workers" in message
 
 

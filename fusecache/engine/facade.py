@@ -159,6 +159,10 @@ class Engine:
         tracked = self.files.get(relpath)
         return None if tracked is None else (tracked.entry.cached_bytes(), tracked.entry.size)
 
+    def fill(self) -> tuple[int, int, int]:
+        """(stream reads in flight, how many are allowed now, bytes their buffers hold)."""
+        return self.streams.fill_state()
+
     def activity(self) -> tuple[int, int]:
         """(files in use, files streaming)."""
         return sum(1 for t in self.files.all() if t.users), self.streams.running()

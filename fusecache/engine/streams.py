@@ -1,8 +1,9 @@
 """The stream scheduler: whole files streamed into the cache, and fetching ahead of readers.
 
 A *stream* walks one file block by block (`stream_read_size`) on the stream lane, fetching
-every chunk nobody has claimed, and ends only when the whole file is verified, or with an
-error: then a waiting `fusecache prefetch` reports success or that error, never hangs. Streams
+every chunk nobody has claimed, with as many reads in flight as the fill controller allows
+(fill.py: node-wide, tuned to what the source delivers), and ends only when the whole file is
+verified, or with an error: then a waiting `fusecache prefetch` reports success or that error, never hangs. Streams
 come from automatic readahead (the checkpoint policy says which files an open streams) and from
 `prefetch`; `streams` workers take files off one queue.
 
@@ -25,7 +26,8 @@ from ..config import MountConfig
 from ..metrics import Metrics
 from ..source import SourceChanged
 from .errors import ReadError, VersionReplaced
-from .fetcher import Fetcher, Lane, await_flight, contiguous_runs
+from .fetcher import Fetcher, Flight, Lane, await_flight, contiguous_runs
+from .fill import FillController
 from .files import Handle, OpenFiles, TrackedFile
 from .shards import CheckpointPolicy
 from .tasks import Tasks
@@ -46,12 +48,13 @@ class StreamConfig:
     sequential_window: int  # bytes fetched ahead of a sequential reader (0: off)
     readahead: str  # all, shards or off: what an open streams
     readahead_min_size: int
+    fill_reads_max: int  # most stream reads in flight node-wide
 
     @classmethod
     def from_mount(cls, cfg: MountConfig) -> StreamConfig:
         return cls(chunk_size=cfg.chunk_size, streams=cfg.streams, stream_read_size=cfg.stream_read_size,
                    sequential_window=cfg.sequential_window, readahead=cfg.readahead,
-                   readahead_min_size=cfg.readahead_min_size)
+                   readahead_min_size=cfg.readahead_min_size, fill_reads_max=cfg.stream_reads)
 
 
 @dataclass
@@ -81,7 +84,8 @@ class StreamScheduler:
         self.policy = policy
         self.metrics = metrics
         self.tasks = tasks
-        self.lane = Lane(config.streams, config.stream_read_size, config.chunk_size)
+        self.lane = Lane(config.fill_reads_max, config.stream_read_size, config.chunk_size)
+        self.fill = FillController(config.streams, config.fill_reads_max, lambda: metrics.bytes_from_source)
         self._send, self._receive = trio.open_memory_channel[str](math.inf)
         self._records: dict[str, StreamRecord] = {}
         self._streaming: set[TrackedFile] = set()  # the versions being streamed now
@@ -92,6 +96,7 @@ class StreamScheduler:
     def start_workers(self) -> None:
         for _ in range(self.config.streams):
             self.tasks.start_soon(self._worker)
+        self.tasks.start_soon(self.fill.run)
 
     def _record(self, relpath: str) -> StreamRecord:
         return self._records.setdefault(relpath, StreamRecord())
@@ -154,6 +159,10 @@ class StreamScheduler:
 
     def running(self) -> int:
         return len(self._streaming)
+
+    def fill_state(self) -> tuple[int, int, int]:
+        in_flight = self.fill.in_flight
+        return in_flight, self.fill.state.limit, in_flight * self.config.stream_read_size
 
     def is_streaming(self, tracked: TrackedFile) -> bool:
         return tracked in self._streaming
@@ -235,18 +244,39 @@ class StreamScheduler:
             self.files.unref(tracked)
 
     async def _stream_pass(self, tracked: TrackedFile) -> None:
+        """Start a flight for every run of chunks nobody has fetched, each once a fill slot is
+        free, in file order; then wait for all of them, and for the flights demand reads
+        started. The first failure stops new flights and is raised once the others landed."""
         per_block = self.lane.max_chunks
-        for block_start in range(0, tracked.entry.nchunks, per_block):
-            if not self.files.is_current(tracked):
-                raise VersionReplaced(tracked.relpath)
-            block = range(block_start, min(block_start + per_block, tracked.entry.nchunks))
-            # one flight per run of chunks nobody has fetched; looked at again after each
-            # flight, as demand reads may have started fetching some meanwhile
-            while todo := self.fetcher.unclaimed(tracked, block):
-                run = contiguous_runs(todo, per_block)[0]
-                await await_flight(self.fetcher.start(tracked, run, self.lane))
+        failures: list[BaseException] = []
+        async with trio.open_nursery() as landing:
+            for block_start in range(0, tracked.entry.nchunks, per_block):
+                if not self.files.is_current(tracked):
+                    failures.append(VersionReplaced(tracked.relpath))
+                block = range(block_start, min(block_start + per_block, tracked.entry.nchunks))
+                # looked at again before each flight: demand reads may have started some meanwhile
+                while not failures and (todo := self.fetcher.unclaimed(tracked, block)):
+                    slot = object()
+                    await self.fill.slots.acquire_on_behalf_of(slot)
+                    run = contiguous_runs(self.fetcher.unclaimed(tracked, block), per_block)
+                    if not run:  # fetched by someone else while this waited for a slot
+                        self.fill.slots.release_on_behalf_of(slot)
+                        continue
+                    landing.start_soon(self._land, self.fetcher.start(tracked, run[0], self.lane), slot, failures)
+                if failures:
+                    break
+        if failures:
+            raise failures[0]
         while flights := self.fetcher.flights_of(tracked):  # chunks that demand reads are fetching
             await await_flight(flights[0])
+
+    async def _land(self, flight: Flight, slot: object, failures: list[BaseException]) -> None:
+        try:
+            await await_flight(flight)
+        except Exception as e:  # noqa: BLE001 - told to the stream, which raises the first
+            failures.append(e)
+        finally:
+            self.fill.slots.release_on_behalf_of(slot)
 
     # ---- fetching ahead of sequential readers ----------------------------------------------
 

@@ -1,7 +1,7 @@
 """How fast the cache fills from a latency-bound source: the engine in process, no FUSE.
 
     python3 -m tests.bench.fillbench [--size-gb 4] [--files 8] [--rtt-ms 1] [--stream-rate 2G]
-        [--node-cap 10G] [--request 1M] [--streams 1,2,4,8] [--rounds 2]
+        [--node-cap 10G] [--request 1M] [--variants "streams=2,fill_reads_max=2;streams=2"] [--rounds 2]
 
 A Lustre or NFS client gives one sequential reader a fraction of what the node can pull:
 each request costs a round trip plus its bytes at the stream's rate, and all streams share
@@ -10,12 +10,14 @@ every read of the source is split into requests of `--request` bytes, each takin
 plus its bytes at `--stream-rate`, and all of them together never faster than `--node-cap`.
 The engine prefetches every file (as `fusecache prefetch` does) and the fill rate is reported
 against the node cap, with the bytes read from the source against the data (each byte once).
-Configurations run in alternation, `--rounds` times, medians reported: the machine is shared.
+Each variant is a set of mount options (`;` between variants); they run in alternation,
+`--rounds` times, medians reported: the machine is shared.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import statistics
@@ -82,6 +84,10 @@ async def _fill(source_dir: Path, names: list[str], cache: Path, link_shape: tup
                 request: int, options: dict) -> tuple[float, int]:
     """Prefetch every file into an empty cache; (seconds, bytes read from the source)."""
     link = Link(*link_shape)
+    logging.basicConfig(level=logging.DEBUG if os.environ.get("FILLBENCH_DEBUG") else logging.WARNING,
+                        format="    %(relativeCreated)6.0f ms %(name)s: %(message)s")
+    logging.getLogger("fusecache.engine.fill").setLevel(logging.DEBUG if os.environ.get("FILLBENCH_DEBUG")
+                                                        else logging.WARNING)
     shutil.rmtree(cache, ignore_errors=True)
     cfg = MountConfig(source=source_dir, mountpoint=Path("/nonexistent"), cache_dir=cache, readahead="off",
                       **options)
@@ -113,7 +119,8 @@ def main() -> int:
     parser.add_argument("--stream-rate", default="2G", help="bytes/s one stream moves")
     parser.add_argument("--node-cap", default="10G", help="bytes/s all streams move together")
     parser.add_argument("--request", default="1M", help="bytes of one request to the source")
-    parser.add_argument("--streams", default="1,2,4,8", help="values of the streams option to compare")
+    parser.add_argument("--variants", default="streams=2,fill_reads_max=2;streams=2",
+                        help="mount options of each variant, variants separated by ';'")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--source-dir", type=Path, default=Path("/dev/shm/fill-src"))
     parser.add_argument("--cache-dir", type=Path, default=Path("/dev/shm/fill-cache"))
@@ -123,23 +130,24 @@ def main() -> int:
     names = [p.name for p in paths]
     link_shape = (args.rtt_ms / 1000, parse_size(args.stream_rate), parse_size(args.node_cap))
     request = parse_size(args.request)
-    variants = [int(s) for s in args.streams.split(",")]
-    samples: dict[int, list[tuple[float, int]]] = {s: [] for s in variants}
+    variants = args.variants.split(";")
+    samples: dict[str, list[tuple[float, int]]] = {v: [] for v in variants}
     for _round in range(args.rounds):
-        for streams in variants:
-            sample = fill_once(args.source_dir, names, args.cache_dir, link_shape, request, {"streams": streams})
-            samples[streams].append(sample)
-            print(f"  streams={streams}: {size / sample[0] / 1e9:.2f} GB/s", flush=True)
+        for variant in variants:
+            options = {key: int(value) for key, _, value in (o.partition("=") for o in variant.split(","))}
+            sample = fill_once(args.source_dir, names, args.cache_dir, link_shape, request, options)
+            samples[variant].append(sample)
+            print(f"  {variant}: {size / sample[0] / 1e9:.2f} GB/s", flush=True)
     shutil.rmtree(args.cache_dir, ignore_errors=True)
     print(f"{args.size_gb:g} GiB in {args.files} files from a source of {args.rtt_ms:g} ms a "
           f"{args.request} request, {args.stream_rate}/s a stream, {args.node_cap}/s a node; "
           f"{os.cpu_count()} CPUs; median of {args.rounds} alternating rounds")
-    for streams in variants:
-        seconds = statistics.median(s for s, _ in samples[streams])
-        pulled = max(b for _, b in samples[streams])
+    for variant in variants:
+        seconds = statistics.median(s for s, _ in samples[variant])
+        pulled = max(b for _, b in samples[variant])
         rate = size / seconds
-        print(f"  streams={streams:<3} {rate / 1e9:6.2f} GB/s  {rate / link_shape[2]:6.1%} of the node cap  "
-              f"source bytes {pulled / size:.3f}x  [{', '.join(f'{size / s / 1e9:.2f}' for s, _ in samples[streams])}]")
+        print(f"  {variant:<32} {rate / 1e9:6.2f} GB/s  {rate / link_shape[2]:6.1%} of the node cap  "
+              f"source bytes {pulled / size:.3f}x  [{', '.join(f'{size / s / 1e9:.2f}' for s, _ in samples[variant])}]")
     return 0
 
 
