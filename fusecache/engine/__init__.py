@@ -6,6 +6,7 @@ Its parts, each with one job, dependencies pointing down this list:
 - `reader.Reader`: one read: chunks verified, then the reply from the cache (or the source).
 - `streams.StreamScheduler`: whole files streamed in (readahead, prefetch), and fetching ahead
   of sequential readers; one `StreamRecord` per path says where it stands.
+- `fill.FillController`: how many stream reads run at once node-wide, by what the source delivers.
 - `shards.CheckpointPolicy`: which files an open streams, siblings in checkpoint index order.
 - `fetcher.Fetcher`: single-flight fetches on lanes (threads + a fixed pool of buffers).
 - `evictor.Evictor`: the size limit (LRU), pins, a full cache filesystem.
