@@ -278,3 +278,12 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 async def settled(engine: Engine, *relpaths: str, timeout: float = 5.0) -> None:
     """Until no stream of relpaths is queued or running."""
     await wait_for(lambda: not any(engine.stream_state(p)[0] for p in relpaths), timeout)
+
+
+def damage(store: CacheStore, relpath: str, offset: int) -> None:
+    """Another process flips bytes in the cache's copy of relpath."""
+    with open(store.paths(relpath)[0], "r+b") as f:
+        f.seek(offset)
+        old = f.read(16)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))

@@ -34,16 +34,9 @@ from fusecache import acl
 from fusecache.engine import ReadError
 from fusecache.store import CacheStore
 
-from .inprocess import CHUNK, CountingSource, harness, read_file, read_handle, settled, wait_for  # noqa: F401 - fixture
+from .inprocess import CHUNK, CountingSource, damage, harness, read_file, read_handle, settled, wait_for  # noqa: F401 - fixture
 
 
-def damage(store: CacheStore, relpath: str, offset: int) -> None:
-    """Another process flips bytes in the cache's copy of relpath."""
-    with open(store.paths(relpath)[0], "r+b") as f:
-        f.seek(offset)
-        old = f.read(16)
-        f.seek(offset)
-        f.write(bytes(b ^ 0xFF for b in old))
 
 
 # ---- the fetcher -------------------------------------------------------------------------

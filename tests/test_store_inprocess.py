@@ -23,6 +23,8 @@ from fusecache.store import (INDEX_MAGIC, MISSING, ON_DISK, VERIFIED, CacheEntry
                              summarize_index)
 from fusecache.source import Identity
 
+from .inprocess import damage
+
 CHUNK = 64 * 1024
 SIZE = 3 * CHUNK + 1000  # the last chunk is short
 V1 = Identity(SIZE, mtime_ns=1_000, ino=7, ctime_ns=2_000)
@@ -53,13 +55,6 @@ def verify_all(entry: CacheEntry) -> list[bool]:
     return [entry.verify_chunk(i, scratch) for i in range(entry.nchunks)]
 
 
-def damage(store: CacheStore, relpath: str, offset: int) -> None:
-    """Another process flips bytes in a cache data file."""
-    with open(store.paths(relpath)[0], "r+b") as f:
-        f.seek(offset)
-        old = f.read(16)
-        f.seek(offset)
-        f.write(bytes(b ^ 0xFF for b in old))
 
 
 def test_chunks_round_trip_and_are_verified_after_a_restart(store):
