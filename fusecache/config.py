@@ -26,7 +26,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 MAX_SIZE = 2**63 - 1  # the largest file size or offset the kernel handles
 # The largest FUSE read the kernel sends (libfuse asks for 256 pages): each worker keeps one
-# reply buffer of this size (engine.REPLY_BUFFER_MIN), so it is what a worker costs.
+# reply buffer of this size (engine.reader), so it is what a worker costs.
 MAX_REQUEST = 1 * MiB
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -258,7 +258,10 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
 def _set_path(cfg: MountConfig, key: str, value: str) -> None:
     if not value:
         raise ConfigError(f"invalid {key}: empty path")
-    setattr(cfg, key, Path(value).expanduser())
+    try:
+        setattr(cfg, key, Path(value).expanduser())
+    except RuntimeError:  # ~name of a user who does not exist
+        raise ConfigError(f"invalid {key} {value!r}: no such user's home") from None
 
 
 # key -> how to apply its value; flags (no '=') are handled as value None.

@@ -103,6 +103,11 @@ def test_options_apply_in_order_and_flags_win():
     assert cfg.cache_dir == Path("/c")
 
 
+def test_a_home_of_no_user_is_a_config_error():
+    with pytest.raises(ConfigError, match="no such user's home"):
+        build_config("/s", "/m", ["cache_dir=~no-such-user-here/cache"])
+
+
 def test_renamed_options_keep_their_old_spelling_with_a_warning():
     cfg = build_config("/s", "/m", ["block_size=16M,fetch_ahead=2M"])
     assert (cfg.stream_read_size, cfg.sequential_window) == (16 * MiB, 2 * MiB)

@@ -14,6 +14,7 @@ import logging
 
 import trio
 
+from ..config import MAX_REQUEST
 from ..metrics import Metrics
 from ..source import Source
 from ..store import CacheEntry
@@ -25,7 +26,6 @@ from .tasks import Tasks
 
 log = logging.getLogger(__name__)
 
-REPLY_BUFFER_MIN = 1 << 20
 
 
 class Reader:
@@ -105,6 +105,6 @@ class Reader:
         task = trio.lowlevel.current_task()
         buf = self._reply_buffers.get(task)
         if buf is None or len(buf) < size:
-            buf = bytearray(max(size, REPLY_BUFFER_MIN))
+            buf = bytearray(max(size, MAX_REQUEST))
             self._reply_buffers[task] = buf
         return memoryview(buf)
