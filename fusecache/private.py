@@ -28,15 +28,16 @@ class UntrustedPath(Exception):
     """A path the daemon must not use; the message is the one-line error shown to the user."""
 
 
-def refusal(path: Path, st: os.stat_result, owner_ok: tuple[int, ...]) -> str | None:
-    """Why a directory cannot be trusted, or None."""
+def refusal(path: Path, st: os.stat_result, owner_ok: tuple[int, ...], sticky_ok: bool = True) -> str | None:
+    """Why a directory cannot be trusted, or None. sticky_ok: a sticky directory others can
+    write is trusted (they cannot rename or remove what is ours in it)."""
     if stat_mod.S_ISLNK(st.st_mode):
         return f"{path} is a symlink"
     if not stat_mod.S_ISDIR(st.st_mode):
         return f"{path} is not a directory"
     if st.st_uid not in owner_ok:
         return f"{path} is owned by uid {st.st_uid}, not {' or '.join(map(str, owner_ok))}"
-    if st.st_mode & 0o022 and not st.st_mode & stat_mod.S_ISVTX:
+    if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat_mod.S_ISVTX):
         return f"{path} is writable by group or others"
     return None
 
@@ -67,9 +68,7 @@ def ensure_dir(path: Path) -> None:
     except FileExistsError:
         pass
     st = os.lstat(path)
-    reason = refusal(path, st, (os.geteuid(),))
-    if reason is None and st.st_mode & stat_mod.S_ISVTX and st.st_mode & 0o022:
-        reason = f"{path} is writable by group or others"
+    reason = refusal(path, st, (os.geteuid(),), sticky_ok=False)
     if reason:
         raise UntrustedPath(f"refusing to use {path}: {reason} (it must belong to uid {os.geteuid()}"
                             " and be writable by nobody else)")

@@ -71,20 +71,32 @@ class Evictor:
     def _evictable(self, relpath: str) -> bool:
         return not self.files.in_use(relpath) and not self.is_pinned(relpath)
 
-    async def make_room(self, relpath: str, nbytes: int) -> None:
-        """Evict least recently used files until nbytes more fit under the cache limit."""
-        if self.budget.fits(nbytes):
-            return
-        victims = self.budget.victims(nbytes, lambda p: p != relpath and self._evictable(p))
-        if victims is None:
-            raise CacheFull(f"cache is full ({self.budget.used} of {self.budget.limit} bytes) "
-                            "and everything in it is open or pinned")
+    def _victims(self, nbytes: int, sparing: str) -> list[str] | None:
+        """Least recently used evictable files (never `sparing`) that free nbytes; None if
+        even all of them would not."""
+        return self.budget.victims(nbytes, lambda p: p != sparing and self._evictable(p))
+
+    async def _evict_all(self, victims: list[str]) -> OSError | None:
+        """Evict each victim; the error that stopped it (counted), if any."""
         try:
             for victim in victims:
                 await self.evict(victim)
         except OSError as e:
             self.metrics.count_error(error_kind(e))
-            raise CacheFull(f"evicting from the cache failed: {e}") from e
+            return e
+        return None
+
+    async def make_room(self, relpath: str, nbytes: int) -> None:
+        """Evict least recently used files until nbytes more fit under the cache limit."""
+        if self.budget.fits(nbytes):
+            return
+        victims = self._victims(nbytes, sparing=relpath)
+        if victims is None:
+            raise CacheFull(f"cache is full ({self.budget.used} of {self.budget.limit} bytes) "
+                            "and everything in it is open or pinned")
+        error = await self._evict_all(victims)
+        if error is not None:
+            raise CacheFull(f"evicting from the cache failed: {error}") from error
         if not self.budget.fits(nbytes):
             raise CacheFull("cache is full")
 
@@ -94,14 +106,9 @@ class Evictor:
         filesystem makes its callers read through."""
         self.budget.limit = min(self.budget.limit, max(self.budget.used, 0))
         log.warning("cache filesystem is full; cache limit lowered to %d bytes", self.budget.limit)
-        victims = self.budget.victims(self.config.disk_full_evict_bytes,
-                                      lambda p: p != relpath and self._evictable(p)) or []
-        try:
-            for victim in victims:
-                await self.evict(victim)
-        except OSError as e:
-            self.metrics.count_error(error_kind(e))
-            log.warning("evicting from the full cache failed: %s", e)
+        error = await self._evict_all(self._victims(self.config.disk_full_evict_bytes, sparing=relpath) or [])
+        if error is not None:
+            log.warning("evicting from the full cache failed: %s", error)
 
     async def evict(self, relpath: str) -> bool:
         """Drop relpath from the cache unless it is in use, being opened or pinned."""

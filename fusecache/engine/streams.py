@@ -255,7 +255,7 @@ class StreamScheduler:
                     failures.append(VersionReplaced(tracked.relpath))
                 block = range(block_start, min(block_start + per_block, tracked.entry.nchunks))
                 # looked at again before each flight: demand reads may have started some meanwhile
-                while not failures and (todo := self.fetcher.unclaimed(tracked, block)):
+                while not failures and self.fetcher.unclaimed(tracked, block):
                     slot = object()
                     await self.fill.slots.acquire_on_behalf_of(slot)
                     run = contiguous_runs(self.fetcher.unclaimed(tracked, block), per_block)
