@@ -290,9 +290,13 @@ def _print_status(report: dict) -> None:
     print(f"  hit ratio:    {hit}  errors: {m['fetch_errors']}  checksum failures: {m['checksum_failures']}")
     print(f"  filling:      {m['fill_reads']} of {m['fill_reads_limit']} stream reads in flight, "
           f"{human(m['fill_buffer_bytes'])} of buffers")
+    print(f"  passthrough:  {report['passthrough']}  ({m['passthrough_opens']} opens served by the kernel)")
+    if report["pending_bytes"]:
+        print(f"  pending:      {human(report['pending_bytes'])} of replaced files still open, freed at their last close")
     for f in report["files"]:
         fraction = f["cached"] / f["size"] if f["size"] else 1.0
         flag = " streaming" if f.get("streaming") else ""
+        flag += f" passthrough x{f['passthrough']}" if f.get("passthrough") else ""
         print(f"  {100 * fraction:5.1f}%  {human(f['size']):>10}  {printable(f['path'])}{flag}")
 
 

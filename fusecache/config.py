@@ -40,6 +40,11 @@ _GENERIC_MOUNT_FLAGS = frozenset(
 _GENERIC_MOUNT_PREFIXES = ("x-", "comment=", "x-systemd.")
 
 READAHEAD_MODES = ("all", "shards", "off")
+SESSIONS = ("kernel", "pyfuse3")
+# Threads that check a cached file's chunks before its first passthrough open (CPU and memory
+# bound: as wide as the machine), each with a buffer of VERIFY_RUN_CHUNKS chunks.
+VERIFY_THREADS = min(16, os.cpu_count() or 1)
+VERIFY_RUN_CHUNKS = 2
 SOURCE_INODES = ("auto", "stable", "unstable")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -190,6 +195,14 @@ class MountConfig:
     metrics_textfile: Path | None = None
     # Whether the source's inode numbers identify its files for good; auto: all but FUSE sources.
     source_inodes: str = "auto"
+    # Who speaks to the kernel: our own session ("kernel", which can do passthrough) or
+    # libfuse through pyfuse3 (the fallback for platforms where ours cannot run).
+    session: str = "kernel"
+    # Let the kernel read complete, verified cache files itself (needs Linux >= 6.9 and root).
+    passthrough: bool = True
+    # How long an open of a file being streamed waits for it to complete, to get passthrough
+    # instead of being served through the daemon (docs/benchmarks.md).
+    passthrough_wait: float = 60.0
     allow_other: bool = False
     foreground: bool = False
     # one line each about options spelled the old way, shown once the mount starts
@@ -199,9 +212,9 @@ class MountConfig:
     def buffer_bytes(self) -> int:
         """The memory the daemon's buffers take at most (engine.fetcher.Lane, engine.reader.Reader):
         each stream read in flight holds one stream_read_size, each demand fetch thread a run
-        of two chunks, each worker a reply."""
+        of two chunks, each verifying thread a run of VERIFY_RUN_CHUNKS, each worker a reply."""
         return (self.stream_reads * self.stream_read_size + self.fetch_threads * 2 * self.chunk_size
-                + self.workers * MAX_REQUEST)
+                + VERIFY_THREADS * VERIFY_RUN_CHUNKS * self.chunk_size + self.workers * MAX_REQUEST)
 
     @property
     def stream_reads(self) -> int:
@@ -283,6 +296,9 @@ _OPTION_SETTERS = {
     "max_background": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 65535)),
     "readahead": lambda c, k, v: setattr(c, k, parse_choice(v, k, READAHEAD_MODES)),
     "source_inodes": lambda c, k, v: setattr(c, k, parse_choice(v, k, SOURCE_INODES)),
+    "session": lambda c, k, v: setattr(c, k, parse_choice(v, k, SESSIONS)),
+    "passthrough": lambda c, k, v: setattr(c, k, parse_bool(v, k)),
+    "passthrough_wait": lambda c, k, v: setattr(c, k, parse_float(v, k, 0.0, 86400.0)),
     "log_level": lambda c, k, v: setattr(c, k, parse_choice(v, k, LOG_LEVELS)),
     "allow_other": lambda c, k, v: setattr(c, k, parse_bool(v, k)),
     "foreground": lambda c, k, v: setattr(c, k, parse_bool(v, k)),

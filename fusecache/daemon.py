@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import prometheus_client
-import pyfuse3
 import trio
 from prometheus_client import CollectorRegistry
 
@@ -27,6 +26,9 @@ from .config import MountConfig
 from .control import ControlError, ControlServer, socket_path
 from .engine import Engine
 from .fs import FuseOperations
+from .passthrough import probe
+from .session.kernel import KernelSession, SessionConfig, SessionError
+from .session.mount import MountSpec
 from .budget import CacheBudget
 from .metrics import Metrics, prometheus_registry
 from .source import Source, is_under, is_valid_name
@@ -112,12 +114,24 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {path} is not empty")
 
 
-def fuse_options(cfg: MountConfig, source_root: str) -> set[str]:
-    fsname = source_root.replace("\\", "\\\\").replace(",", "\\,")
-    options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=fusecache"}
-    if cfg.allow_other:
-        options.add("allow_other")
-    return options
+def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str):
+    """The FUSE session cfg asks for: ours (kernel protocol), or pyfuse3's."""
+    spec = MountSpec(mountpoint=mountpoint, fsname=source_root, allow_other=cfg.allow_other)
+    if cfg.session == "pyfuse3":
+        from .session.pyfuse3_session import Pyfuse3Session  # libfuse only where asked for
+        return Pyfuse3Session(operations, spec, cfg.workers)
+    return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough))
+
+
+def passthrough_state(cfg: MountConfig, session, store: CacheStore) -> str | None:
+    """None if passthrough can be used on this mount, else why not (probed once)."""
+    if not cfg.passthrough:
+        return "turned off (passthrough=off)"
+    if cfg.session != "kernel":
+        return f"the {cfg.session} session has none (session=kernel has)"
+    if session.backing is None:
+        return "the kernel does not offer it (Linux 6.9 or newer with CONFIG_FUSE_PASSTHROUGH needed)"
+    return probe(session.backing, store.lock_fd)
 
 
 def run(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
@@ -161,16 +175,17 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
     operations = FuseOperations(engine, cfg.attr_timeout)
     mountpoint = os.path.realpath(cfg.mountpoint)
     control = ControlServer(socket_path(mountpoint, os.getuid()),
-                            control_handlers(engine, store, metrics, mountpoint), owner_uid=os.getuid())
+                            control_handlers(engine, operations, store, metrics, mountpoint), owner_uid=os.getuid())
     registry = prometheus_registry(metrics)
     try:
         control.prepare()
     except private.UntrustedPath as e:
         raise MountError(str(e)) from None
     _serve_metrics(cfg, registry)
+    session = make_session(cfg, operations, mountpoint, source.root)
     try:
-        pyfuse3.init(operations, mountpoint, fuse_options(cfg, source.root))
-    except RuntimeError as e:
+        session.mount()
+    except OSError as e:
         raise MountError(f"cannot mount {mountpoint}: {e}") from None
     try:
         async with trio.open_nursery() as nursery:
@@ -178,43 +193,58 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
             budget.limit = cache_limit(cfg, store, budget.used)
             log.info("cache limit %d bytes, %d in use", budget.limit, budget.used)
             await nursery.start(control.serve)
-            nursery.start_soon(_terminate_on_signal)
-            nursery.start_soon(_sample, engine, metrics)
+            nursery.start_soon(_terminate_on_signal, session)
+            nursery.start_soon(_sample, engine, operations, metrics)
             if cfg.metrics_textfile is not None:
                 nursery.start_soon(_write_textfile, cfg.metrics_textfile, registry)
-            nursery.start_soon(_announce_when_live, cfg, mountpoint, ready)
-            log.info("serving %s at %s (cache %s)", source.root, mountpoint, store.root)
-            await pyfuse3.main(min_tasks=cfg.workers, max_tasks=cfg.workers)
+            nursery.start_soon(_announce_when_live, cfg, mountpoint, ready, session, operations, store)
+            log.info("serving %s at %s (cache %s, %s session)", source.root, mountpoint, store.root, cfg.session)
+            try:
+                await session.serve()
+            except SessionError as e:
+                log.error("%s", e)
             nursery.cancel_scope.cancel()
     finally:
-        pyfuse3.close(unmount=True)
+        session.close()
         log.info("unmounted %s", mountpoint)
 
 
-async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready) -> None:
-    """Tune the mount and report it live once the kernel has finished the FUSE handshake.
+async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready, session,
+                              operations: FuseOperations, store: CacheStore) -> None:
+    """Tune the mount, turn passthrough on if it can be, and report the mount live once the
+    kernel has finished the FUSE handshake.
 
     A stat of the mountpoint returns only after INIT was answered; tuning earlier is undone,
-    since the kernel sets the mount's readahead from the INIT reply.
+    since the kernel sets the mount's readahead from the INIT reply. Passthrough is probed
+    after INIT too: the kernel accepts backing files only once it negotiated passthrough.
     """
     await trio.to_thread.run_sync(os.stat, mountpoint)
     mounts.tune_fuse_mount(mountpoint, cfg.read_ahead_kb, cfg.max_background)
+    why_not = passthrough_state(cfg, session, store)
+    if why_not is None:
+        operations.passthrough.enable(session.backing, cfg.passthrough_wait)
+        log.info("passthrough on: complete cache files are read by the kernel directly")
+    else:
+        operations.passthrough.off_reason = why_not
+        log.info("passthrough off: %s", why_not)
     ready()
     _notify_systemd()
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(session) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            session.terminate()
             return
 
 
-async def _sample(engine: Engine, metrics: Metrics) -> None:
+async def _sample(engine: Engine, operations: FuseOperations, metrics: Metrics) -> None:
     """Once a second: the source rate window and the gauges the exporters read."""
     while True:
         metrics.sample()
+        metrics.passthrough_files = len(operations.passthrough_opens())
+        metrics.pending_bytes = engine.files.pending_bytes()
         metrics.cache_bytes, metrics.cache_limit_bytes = engine.budget.used, engine.budget.limit
         metrics.files_open, metrics.files_streaming = engine.activity()
         metrics.fill_reads, metrics.fill_reads_limit, metrics.fill_buffer_bytes = engine.fill()
@@ -269,20 +299,25 @@ def _notify_systemd() -> None:
         log.warning("could not notify systemd: %s", e)
 
 
-def control_handlers(engine: Engine, store: CacheStore, metrics: Metrics, mountpoint: str) -> dict:
+def control_handlers(engine: Engine, operations: FuseOperations, store: CacheStore, metrics: Metrics,
+                     mountpoint: str) -> dict:
     """The commands of the control channel, bound to this daemon's parts."""
 
     async def files_report() -> list[dict]:
         files = {f["path"]: f for f in await trio.to_thread.run_sync(store.entries)}
         for live in engine.open_files():
             files[live["path"]] = {**files.get(live["path"], {}), **live}
+        passthrough = operations.passthrough_opens()
         for f in files.values():
             f["pinned"] = engine.is_pinned(f["path"])
+            f["passthrough"] = passthrough.get(f["path"], 0)
         return sorted(files.values(), key=lambda f: f["path"])
 
     async def status(request: dict) -> dict:
         return {"mountpoint": mountpoint, "source": engine.source.root, "cache": str(store.root),
                 "pid": os.getpid(), "cache_bytes": engine.budget.used, "cache_limit": engine.budget.limit,
+                "pending_bytes": engine.files.pending_bytes(),
+                "passthrough": operations.passthrough.off_reason or "on",
                 "pins": sorted(engine.pins), "metrics": metrics.snapshot(), "files": await files_report()}
 
     async def cache_ls(request: dict) -> dict:

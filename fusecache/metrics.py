@@ -34,6 +34,7 @@ class Metrics:
     checksum_failures: int = 0
     files_streamed: int = 0
     files_evicted: int = 0
+    passthrough_opens: int = 0  # opens the kernel serves from the cache file itself
     errors: dict[str, int] = field(default_factory=dict)  # fetch errors by kind (errno name)
     # fetch latency histogram: counts per upper bound in seconds (the last bucket is +Inf)
     fetch_seconds_buckets: list[int] = field(default_factory=lambda: [0] * (len(FETCH_BUCKETS) + 1))
@@ -46,6 +47,8 @@ class Metrics:
     fill_reads: int = 0  # stream reads in flight
     fill_reads_limit: int = 0  # ... allowed now by the fill controller
     fill_buffer_bytes: int = 0  # memory their buffers hold
+    passthrough_files: int = 0  # files with passthrough opens now
+    pending_bytes: int = 0  # cache files unlinked while still open: freed at their last close
     started_at: float = field(default_factory=time.time)
     # (time, bytes_from_source) once a second over the last few seconds, for the current rate
     _samples: deque = field(default_factory=lambda: deque(maxlen=6), repr=False)
@@ -103,6 +106,8 @@ class PrometheusCollector:
         yield CounterMetricFamily("fusecache_checksum_failures", "Cached chunks that failed their checksum.",
                                   value=m.checksum_failures)
         yield CounterMetricFamily("fusecache_evicted_files", "Files evicted from the cache.", value=m.files_evicted)
+        yield CounterMetricFamily("fusecache_passthrough_opens", "Opens served by the kernel from the cache file.",
+                                  value=m.passthrough_opens)
         counts = list(m.fetch_seconds_buckets)
         cumulative, buckets = 0, []
         for bound, count in zip([*map(str, FETCH_BUCKETS), "+Inf"], counts):
@@ -118,6 +123,8 @@ class PrometheusCollector:
             ("fusecache_fill_reads", "Stream reads in flight.", m.fill_reads),
             ("fusecache_fill_reads_limit", "Stream reads in flight allowed now.", m.fill_reads_limit),
             ("fusecache_fill_buffer_bytes", "Memory held by stream reads in flight.", m.fill_buffer_bytes),
+            ("fusecache_passthrough_files", "Files with passthrough opens now.", m.passthrough_files),
+            ("fusecache_pending_bytes", "Cache bytes unlinked but still open.", m.pending_bytes),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
 

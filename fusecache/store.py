@@ -216,6 +216,13 @@ class CacheEntry:
             self._map = mmap.mmap(self.data_fd, self.size, prot=mmap.PROT_READ)
         return memoryview(self._map)[offset:offset + length]
 
+    def recheck(self) -> None:
+        """Notice writes into the data file by anyone else now (demoting its chunks), before
+        the kernel is let read it directly."""
+        with self._lock:
+            if not self._writing:
+                self._notice_foreign_writes()
+
     def _unchanged_since(self, generation: int) -> bool:
         with self._lock:
             if not self._writing:
@@ -339,6 +346,12 @@ class CacheStore:
             ) from None
         self._lock_fd = fd
         self.record_owner(os.getpid())
+
+    @property
+    def lock_fd(self) -> int:
+        """A descriptor of a regular file of ours on the cache filesystem (the lock file)."""
+        assert self._lock_fd is not None
+        return self._lock_fd
 
     def record_owner(self, pid: int) -> None:
         """Write the pid of the daemon holding the lock (it changes when the daemon detaches)."""

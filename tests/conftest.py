@@ -18,6 +18,13 @@ import pytest
 from fusecache import mounts
 
 HERE = Path(__file__).parent
+# The FUSE session the real-mount tier runs on: ours by default; CI runs the tier again with
+# FUSECACHE_TEST_SESSION=pyfuse3 for the fallback.
+SESSION = os.environ.get("FUSECACHE_TEST_SESSION", "kernel")
+# Mounts serve every byte through the daemon unless a test asks for passthrough=on: what most
+# tests check (bytes served, reads, eviction) happens there; tests/test_passthrough.py covers
+# the kernel's own path.
+DEFAULT_OPTIONS = [f"session={SESSION}", "passthrough=off"]
 FUSE_AVAILABLE = os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
 
@@ -67,7 +74,7 @@ class Mount:
 
     def mount(self, *extra: str) -> "Mount":
         args = ["mount", self.source, self.mountpoint, "--cache-dir", self.cache_dir]
-        for option in self.options + list(extra):
+        for option in DEFAULT_OPTIONS + self.options + list(extra):
             args += ["-o", option]
         run_cli(*args)
         self.pid = self.status()["pid"]

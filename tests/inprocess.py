@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -32,6 +31,7 @@ from fusecache.budget import CacheBudget
 from fusecache.config import MountConfig
 from fusecache.engine import Engine
 from fusecache.metrics import Metrics
+from fusecache.session.types import Context
 from fusecache.source import Identity, Source
 from fusecache.store import CacheStore
 
@@ -248,9 +248,14 @@ async def harness(tmp_path):
 
 # -- helpers for tests --
 
-def ctx(uid: int = 0, gid: int = 0, pid: int | None = None) -> SimpleNamespace:
-    """What pyfuse3 hands an operation about the requester."""
-    return SimpleNamespace(uid=uid, gid=gid, pid=os.getpid() if pid is None else pid, umask=0o022)
+def ctx(uid: int = 0, gid: int = 0, pid: int | None = None) -> Context:
+    """What a FUSE session hands an operation about the requester."""
+    return Context(uid=uid, gid=gid, pid=os.getpid() if pid is None else pid)
+
+
+def buffer(size: int) -> memoryview:
+    """A reply buffer of the caller's, as a FUSE session passes to every read."""
+    return memoryview(bytearray(size))
 
 
 async def read_file(engine: Engine, relpath: str, step: int = CHUNK) -> bytes:
@@ -263,8 +268,11 @@ async def read_file(engine: Engine, relpath: str, step: int = CHUNK) -> bytes:
 
 
 async def read_handle(engine: Engine, handle, step: int = CHUNK) -> bytes:
+    """Read a handle to its end in `step`-sized requests, all into one reused reply buffer
+    (as a session's worker does), each reply copied out before the next read."""
     out = bytearray()
-    while reply := await engine.read(handle, len(out), step):
+    buf = buffer(step)
+    while reply := await engine.read(handle, len(out), step, buf):
         out += reply
     return bytes(out)
 

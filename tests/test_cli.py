@@ -186,7 +186,8 @@ def test_buffers_beyond_half_the_memory_are_refused(dirs):
         pytest.skip("this machine has the memory for the largest settings")
     source, mountpoint, cache = dirs
     assert_refused(["mount", source, mountpoint, "--cache-dir", cache, "-o", options],
-                   "the daemon's buffers would take 193.0 GiB, more than half of the memory", mountpoint, 2)
+                   f"the daemon's buffers would take {cfg.buffer_bytes() / GiB:.1f} GiB, more than half of the memory",
+                   mountpoint, 2)
 
 
 @pytest.mark.fuse

@@ -34,9 +34,8 @@ from fusecache import acl
 from fusecache.engine import ReadError
 from fusecache.store import CacheStore
 
-from .inprocess import CHUNK, CountingSource, damage, harness, read_file, read_handle, settled, wait_for  # noqa: F401 - fixture
-
-
+from .inprocess import (CHUNK, CountingSource, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
+                        settled, wait_for)
 
 
 # ---- the fetcher -------------------------------------------------------------------------
@@ -56,8 +55,8 @@ async def test_a_read_fetches_its_chunks_once_and_then_serves_them(harness, serv
     assert engine.metrics.bytes_served == 2 * len(data) and engine.metrics.bytes_from_source == len(data)
     assert engine.metrics.chunk_hits > 0 and engine.metrics.chunk_misses > 0
     handle = await engine.open("dir/f")
-    assert bytes(await engine.read(handle, len(data), 10)) == b""  # at and past the end
-    assert bytes(await engine.read(handle, len(data) - 5, 100)) == data[-5:]
+    assert bytes(await engine.read(handle, len(data), 10, buffer(10))) == b""  # at and past the end
+    assert bytes(await engine.read(handle, len(data) - 5, 100, buffer(100))) == data[-5:]
     st = await engine.fstat(handle)
     assert st.st_size == len(data)
     assert engine.activity() == (1, 0)
@@ -77,7 +76,7 @@ async def test_concurrent_reads_of_one_range_fetch_each_byte_once(harness):
     results = []
 
     async def reader(handle) -> None:
-        results.append(bytes(await engine.read(handle, start, size)))
+        results.append(bytes(await engine.read(handle, start, size, buffer(size))))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -106,7 +105,7 @@ async def test_demand_reads_during_a_prefetch_read_each_byte_once(harness):
     replies = {}
 
     async def read(chunk: int) -> None:
-        replies[chunk] = bytes(await engine.read(handle, chunk * CHUNK, CHUNK))
+        replies[chunk] = bytes(await engine.read(handle, chunk * CHUNK, CHUNK, buffer(CHUNK)))
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
@@ -142,7 +141,7 @@ async def test_a_failed_fetch_fails_its_waiters_and_the_next_read_fetches_again(
 
     async def reader() -> None:
         with pytest.raises(ReadError) as info:
-            await engine.read(handle, 0, CHUNK)
+            await engine.read(handle, 0, CHUNK, buffer(CHUNK))
         errors.append(info.value.errno)
 
     with trio.fail_after(5):
@@ -157,7 +156,7 @@ async def test_a_failed_fetch_fails_its_waiters_and_the_next_read_fetches_again(
     assert engine.metrics.errors == {"EIO": 1}
     assert engine.cached_extent("f") == (0, len(data))
     src.clear("f")
-    assert bytes(await engine.read(handle, 0, CHUNK)) == data[:CHUNK]
+    assert bytes(await engine.read(handle, 0, CHUNK, buffer(CHUNK))) == data[:CHUNK]
     assert await read_handle(engine, handle) == data
     await engine.release(handle)
 
@@ -175,7 +174,7 @@ async def test_bytes_of_a_file_modified_during_their_fetch_are_not_cached(harnes
 
             async def reader() -> None:
                 with pytest.raises(ReadError) as info:
-                    await engine.read(handle, 0, 2 * CHUNK)
+                    await engine.read(handle, 0, 2 * CHUNK, buffer(2 * CHUNK))
                 assert info.value.errno == errno.EIO
 
             nursery.start_soon(reader)
@@ -272,11 +271,11 @@ async def test_sequential_reads_fetch_ahead_of_the_reader(harness):
     engine = await harness.start(readahead="shards", sequential_window=2 * CHUNK)
     src = harness.source
     handle = await engine.open("f.dat")
-    assert bytes(await engine.read(handle, 0, CHUNK)) == data[:CHUNK]
-    assert bytes(await engine.read(handle, CHUNK, CHUNK)) == data[CHUNK:2 * CHUNK]  # sequential
+    assert bytes(await engine.read(handle, 0, CHUNK, buffer(CHUNK))) == data[:CHUNK]
+    assert bytes(await engine.read(handle, CHUNK, CHUNK, buffer(CHUNK))) == data[CHUNK:2 * CHUNK]  # sequential
     await wait_for(lambda: engine.cached_extent("f.dat")[0] == 4 * CHUNK)  # chunks 2-3 fetched unasked
     hits = engine.metrics.chunk_hits
-    assert bytes(await engine.read(handle, 2 * CHUNK, CHUNK)) == data[2 * CHUNK:3 * CHUNK]
+    assert bytes(await engine.read(handle, 2 * CHUNK, CHUNK, buffer(CHUNK))) == data[2 * CHUNK:3 * CHUNK]
     assert engine.metrics.chunk_hits == hits + 1
     assert src.counts("f.dat", len(data))[:4 * CHUNK].max() == 1
     await engine.release(handle)
@@ -345,10 +344,10 @@ async def test_a_read_through_that_fails_is_eio(harness):
     harness.source.fail("d", errno.EIO)
     handle = await engine.open("d")
     with pytest.raises(ReadError) as info:
-        await engine.read(handle, 0, CHUNK)
+        await engine.read(handle, 0, CHUNK, buffer(CHUNK))
     assert info.value.errno == errno.EIO and engine.metrics.errors == {"EIO": 1}
     harness.source.clear("d")
-    assert bytes(await engine.read(handle, 0, CHUNK)) == (harness.src / "d").read_bytes()
+    assert bytes(await engine.read(handle, 0, CHUNK, buffer(CHUNK))) == (harness.src / "d").read_bytes()
     assert engine.metrics.bytes_read_through == CHUNK
     await engine.release(handle)
     await engine.release(held)

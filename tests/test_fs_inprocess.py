@@ -1,31 +1,38 @@
-"""The FUSE adapter (fusecache.fs.FuseOperations) called directly, as pyfuse3 would call it,
+"""The FUSE adapter (fusecache.fs.FuseOperations) called directly, as a FUSE session would call it,
 over a running engine: no mount, no root.
 
 What it proves: lookup, getattr, open, read and release serve the source's bytes; each
 version of a file gets its own inode number (a rewrite in place that keeps size and mtime
 included) and the latest keeps its number; an open of an outdated inode is ESTALE (the kernel
 then looks the path up again); an open handle's attributes stay those of the version it has
-open; everything that writes is EROFS; a POSIX ACL of the source that denies a user is
-enforced (EACCES) on open, lookup below a directory, opendir, access and readlink.
-readdir is left out: it needs a libfuse token, only a real mount hands one out.
+open; everything that writes is EROFS (the adapter has no operation that writes: both sessions
+answer those requests EROFS themselves); readdir lists a directory from any offset, stops where
+the reply is full and counts what it gave as lookups only for READDIRPLUS; a POSIX ACL of the
+source that denies a user is enforced (EACCES) on open, lookup below a directory, opendir,
+access and readlink.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 
-import pyfuse3
 import pytest
+import trio
 
 from fusecache import acl
-from fusecache.fs import FuseOperations
+from fusecache.fs import ROOT_INODE, FuseOperations
+from fusecache.session import protocol
+from fusecache.session.kernel import KernelSession, SessionConfig
+from fusecache.session.mount import MountSpec
+from fusecache.session.types import FuseError
 
-from .inprocess import CHUNK, ctx, harness  # noqa: F401 - fixture
+from .inprocess import CHUNK, buffer, ctx, harness  # noqa: F401 - fixture
 from .test_acl import acl_dir, set_acl  # noqa: F401 - fixture
 
-ROOT = pyfuse3.ROOT_INODE
+ROOT = ROOT_INODE
 DENIED = 54321  # a uid the ACLs name, never the owner of the files (the user running the test)
 
 
@@ -34,14 +41,16 @@ async def operations(harness, **config) -> FuseOperations:
 
 
 async def fuse_errno(call) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as info:
+    with pytest.raises(FuseError) as info:
         await call
     return info.value.errno
 
 
 async def read_all(ops: FuseOperations, fh: int) -> bytes:
+    """Read fh to its end into one reused reply buffer, as a session's worker does."""
     out = bytearray()
-    while reply := await ops.read(fh, len(out), CHUNK):
+    buf = buffer(CHUNK)
+    while reply := await ops.read(fh, len(out), CHUNK, buf):
         out += reply
     return bytes(out)
 
@@ -51,30 +60,30 @@ async def test_lookup_getattr_open_read_release(harness):
     (harness.src / "link").symlink_to("dir/f")
     ops = await operations(harness)
     d = await ops.lookup(ROOT, b"dir", ctx())
-    assert stat.S_ISDIR(d.st_mode) and d.entry_timeout == 2.5 and d.attr_timeout == 2.5
-    f = await ops.lookup(d.st_ino, b"f", ctx())
-    assert stat.S_ISREG(f.st_mode) and f.st_size == len(data) and f.st_ino not in (ROOT, d.st_ino)
-    assert (await ops.lookup(d.st_ino, b"f", ctx())).st_ino == f.st_ino  # unchanged: same number
-    attr = await ops.getattr(f.st_ino, ctx())
-    assert attr.st_ino == f.st_ino and attr.st_size == len(data)
-    assert (await ops.getattr(ROOT, ctx())).st_ino == ROOT
-    info = await ops.open(f.st_ino, os.O_RDONLY, ctx())
+    assert stat.S_ISDIR(d.mode) and d.entry_timeout == 2.5 and d.attr_timeout == 2.5
+    f = await ops.lookup(d.ino, b"f", ctx())
+    assert stat.S_ISREG(f.mode) and f.size == len(data) and f.ino not in (ROOT, d.ino)
+    assert (await ops.lookup(d.ino, b"f", ctx())).ino == f.ino  # unchanged: same number
+    attr = await ops.getattr(f.ino, ctx())
+    assert attr.ino == f.ino and attr.size == len(data)
+    assert (await ops.getattr(ROOT, ctx())).ino == ROOT
+    info = await ops.open(f.ino, os.O_RDONLY, ctx())
     assert info.keep_cache
     assert await read_all(ops, info.fh) == data
     await ops.release(info.fh)
     await ops.release(info.fh)  # twice: ignored
     link = await ops.lookup(ROOT, b"link", ctx())
-    assert stat.S_ISLNK(link.st_mode)
-    assert await ops.readlink(link.st_ino, ctx()) == b"dir/f"
-    assert await fuse_errno(ops.open(link.st_ino, os.O_RDONLY, ctx())) == errno.ELOOP  # never followed
-    assert await ops.access(f.st_ino, os.R_OK, ctx()) is True
-    fh = await ops.opendir(d.st_ino, ctx())
+    assert stat.S_ISLNK(link.mode)
+    assert await ops.readlink(link.ino, ctx()) == b"dir/f"
+    assert await fuse_errno(ops.open(link.ino, os.O_RDONLY, ctx())) == errno.ELOOP  # never followed
+    assert await ops.access(f.ino, os.R_OK, ctx()) is None
+    fh = await ops.opendir(d.ino, ctx())
     await ops.releasedir(fh)
     await ops.releasedir(fh)
     vfs = await ops.statfs(ctx())
     assert vfs.f_bsize == os.statvfs(harness.src).f_bsize
-    assert await fuse_errno(ops.getxattr(f.st_ino, b"user.x", ctx())) == pyfuse3.ENOATTR
-    assert await ops.listxattr(f.st_ino, ctx()) == []
+    assert await fuse_errno(ops.getxattr(f.ino, b"user.x", ctx())) == errno.ENODATA
+    assert await ops.listxattr(f.ino, ctx()) == []
 
 
 async def test_lookup_errors(harness):
@@ -83,7 +92,7 @@ async def test_lookup_errors(harness):
     assert await fuse_errno(ops.lookup(ROOT, b"missing", ctx())) == errno.ENOENT
     assert await fuse_errno(ops.lookup(ROOT, b"..", ctx())) == errno.EINVAL  # never leaves the tree
     f = await ops.lookup(ROOT, b"f", ctx())
-    assert await fuse_errno(ops.lookup(f.st_ino, b"x", ctx())) == errno.ENOTDIR
+    assert await fuse_errno(ops.lookup(f.ino, b"x", ctx())) == errno.ENOTDIR
     assert await fuse_errno(ops.getattr(10_000, ctx())) == errno.ESTALE  # a number never handed out
 
 
@@ -93,55 +102,159 @@ async def test_each_version_gets_its_own_inode_and_an_outdated_one_is_estale(har
     first = await ops.lookup(ROOT, b"f", ctx())
     new = harness.rewrite("f", os.urandom(len(old)), keep_mtime=True)  # only the ctime tells
     second = await ops.lookup(ROOT, b"f", ctx())
-    assert second.st_ino != first.st_ino and second.st_mtime_ns == first.st_mtime_ns
-    assert (await ops.lookup(ROOT, b"f", ctx())).st_ino == second.st_ino  # the latest keeps it
+    assert second.ino != first.ino and second.mtime_ns == first.mtime_ns
+    assert (await ops.lookup(ROOT, b"f", ctx())).ino == second.ino  # the latest keeps it
     # the kernel's dentry still names the old version: ESTALE makes it look the path up again
-    assert await fuse_errno(ops.open(first.st_ino, os.O_RDONLY, ctx())) == errno.ESTALE
-    info = await ops.open(second.st_ino, os.O_RDONLY, ctx())
+    assert await fuse_errno(ops.open(first.ino, os.O_RDONLY, ctx())) == errno.ESTALE
+    info = await ops.open(second.ino, os.O_RDONLY, ctx())
     assert await read_all(ops, info.fh) == new
     await ops.release(info.fh)
-    await ops.forget([(first.st_ino, 1)])  # the kernel forgot the old version: its number goes
-    assert await fuse_errno(ops.getattr(first.st_ino, ctx())) == errno.ESTALE
-    await ops.forget([(second.st_ino, 2)])  # the latest version keeps its number anyway
-    assert (await ops.getattr(second.st_ino, ctx())).st_ino == second.st_ino
+    ops.forget([(first.ino, 1)])  # the kernel forgot the old version: its number goes
+    assert await fuse_errno(ops.getattr(first.ino, ctx())) == errno.ESTALE
+    ops.forget([(second.ino, 2)])  # the latest version keeps its number anyway
+    assert (await ops.getattr(second.ino, ctx())).ino == second.ino
     third = await ops.lookup(ROOT, b"f", ctx())
-    assert third.st_ino == second.st_ino
+    assert third.ino == second.ino
 
 
 async def test_an_open_handle_keeps_the_attributes_and_bytes_of_its_version(harness):
     old = harness.write("f", 2 * CHUNK)
     ops = await operations(harness)
     first = await ops.lookup(ROOT, b"f", ctx())
-    info = await ops.open(first.st_ino, os.O_RDONLY, ctx())
+    info = await ops.open(first.ino, os.O_RDONLY, ctx())
     assert await read_all(ops, info.fh) == old  # cached whole
     harness.rewrite("f", os.urandom(3 * CHUNK))  # in place, larger
-    attr = await ops.getattr(first.st_ino, ctx())  # an fstat of the open file
-    assert attr.st_ino == first.st_ino and attr.st_size == len(old) and attr.st_mtime_ns == first.st_mtime_ns
+    attr = await ops.getattr(first.ino, ctx())  # an fstat of the open file
+    assert attr.ino == first.ino and attr.size == len(old) and attr.mtime_ns == first.mtime_ns
     assert await read_all(ops, info.fh) == old
     second = await ops.lookup(ROOT, b"f", ctx())
-    assert second.st_ino != first.st_ino and second.st_size == 3 * CHUNK
-    reopened = await ops.open(second.st_ino, os.O_RDONLY, ctx())
+    assert second.ino != first.ino and second.size == 3 * CHUNK
+    reopened = await ops.open(second.ino, os.O_RDONLY, ctx())
     assert not reopened.keep_cache  # the kernel's pages of the path may be the old version's
     await ops.release(reopened.fh)
     (harness.src / "f").unlink()
-    assert (await ops.getattr(first.st_ino, ctx())).st_size == len(old)  # still open
+    assert (await ops.getattr(first.ino, ctx())).size == len(old)  # still open
     await ops.release(info.fh)
-    assert await fuse_errno(ops.getattr(second.st_ino, ctx())) == errno.ENOENT
+    assert await fuse_errno(ops.getattr(second.ino, ctx())) == errno.ENOENT
+
+
+async def test_readdir_lists_from_any_offset_and_stops_where_the_reply_is_full(harness):
+    names = [f"f{i:03d}" for i in range(300)]  # more than one batch of the source's getdents
+    for name in names:
+        harness.write(f"d/{name}", 1)
+    (harness.src / "d" / "sub").mkdir()
+    ops = await operations(harness)
+    d = await ops.lookup(ROOT, b"d", ctx())
+    fh = await ops.opendir(d.ino, ctx())
+    listed: list[tuple[bytes, object]] = []
+    offset, replies = 0, 0
+    while True:  # replies of at most 7 entries, each call resuming at the last offset given
+        reply: list[tuple[bytes, object, int]] = []
+
+        def add(name: bytes, attr, next_offset: int) -> bool:
+            if len(reply) == 7:
+                return False
+            reply.append((name, attr, next_offset))
+            return True
+
+        await ops.readdir(fh, offset, add, counts_lookups=False)
+        if not reply:
+            break
+        replies += 1
+        listed += [(name, attr) for name, attr, _ in reply]
+        offset = reply[-1][2]
+    await ops.releasedir(fh)
+    assert sorted(name for name, _ in listed) == sorted(os.fsencode(n) for n in names + ["sub"])  # each once
+    assert replies == -(-len(listed) // 7)
+    for name, attr in listed:  # the inode numbers and attributes a lookup gives
+        looked_up = await ops.lookup(d.ino, name, ctx())
+        assert (attr.ino, attr.mode, attr.size) == (looked_up.ino, looked_up.mode, looked_up.size)
+        assert stat.S_ISDIR(attr.mode) == (name == b"sub")
+
+
+@pytest.mark.parametrize("how", ["readdirplus", "readdir", "refused"])
+async def test_readdir_entries_count_as_lookups_only_for_readdirplus(harness, how):
+    """An outdated version's number is kept while the kernel holds it: entries a READDIRPLUS
+    reply carried count as lookups; READDIR entries, and an entry that did not fit, do not."""
+    harness.write("d/f", 10)
+    ops = await operations(harness)
+    d = await ops.lookup(ROOT, b"d", ctx())
+    fh = await ops.opendir(d.ino, ctx())
+    given = []
+
+    def add(name: bytes, attr, next_offset: int) -> bool:
+        given.append(attr.ino)
+        return how != "refused"
+
+    await ops.readdir(fh, 0, add, counts_lookups=how != "readdir")
+    await ops.releasedir(fh)
+    assert len(given) == 1
+    old = given[0]
+    harness.rewrite("d/f", os.urandom(10))
+    new = await ops.lookup(d.ino, b"f", ctx())
+    assert new.ino != old
+    if how == "readdirplus":
+        assert (await ops.getattr(old, ctx())).ino == old  # the kernel still holds it
+        ops.forget([(old, 1)])
+    assert await fuse_errno(ops.getattr(old, ctx())) == errno.ESTALE
 
 
 WRITES = ["setattr", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "create", "write",
           "setxattr", "removexattr"]
 
 
+async def kernel_session_replies(ops: FuseOperations, requests: list[tuple[int, int, bytes]]) -> list[tuple[int, int]]:
+    """Serve (opcode, nodeid, arguments) requests with a KernelSession over ops, the kernel's
+    side of /dev/fuse being a SOCK_SEQPACKET socket (one read or write is one message, as on
+    the device); (unique, error) of each reply, in request order."""
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    session = KernelSession(ops, MountSpec(mountpoint="/nonexistent", fsname="test"),
+                            SessionConfig(workers=2, max_background=4, passthrough=False))
+    os.set_blocking(ours.fileno(), False)
+    session.fd = ours.detach()
+    requests = [*requests, (protocol.Op.DESTROY, 0, b"")]
+    replies = []
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.serve)
+                for unique, (opcode, nodeid, args) in enumerate(requests, start=1):
+                    header = protocol.IN_HEADER.pack(protocol.IN_HEADER.size + len(args), opcode, unique, nodeid,
+                                                     os.getuid(), os.getgid(), os.getpid(), 0, 0)
+                    await trio.to_thread.run_sync(kernel.sendall, header + args)
+                    reply = await trio.to_thread.run_sync(kernel.recv, 1 << 16)
+                    length, error, got = protocol.OUT_HEADER.unpack_from(reply)
+                    assert length == len(reply)
+                    replies.append((got, error))
+    finally:
+        session.close()
+        kernel.close()
+    assert replies[-1] == (len(requests), 0)  # DESTROY answered, and serve() returned
+    return replies[:-1]
+
+
 async def test_everything_that_writes_is_erofs(harness):
     harness.write("f", 10)
     ops = await operations(harness)
     f = await ops.lookup(ROOT, b"f", ctx())
-    for name in WRITES:
-        assert await fuse_errno(getattr(ops, name)(f.st_ino, b"x", ctx())) == errno.EROFS, name
+    # The adapter has no operation that writes: the session answers those requests itself.
+    assert not [name for name in WRITES if hasattr(ops, name)]
     for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
-        assert await fuse_errno(ops.open(f.st_ino, flags, ctx())) == errno.EROFS
-    assert await fuse_errno(ops.access(f.st_ino, os.W_OK, ctx())) == errno.EROFS
+        assert await fuse_errno(ops.open(f.ino, flags, ctx())) == errno.EROFS
+    assert await fuse_errno(ops.access(f.ino, os.W_OK, ctx())) == errno.EROFS
+    # our own session: every request that changes the filesystem, answered EROFS
+    writes = sorted(protocol.WRITE_OPS)
+    replies = await kernel_session_replies(ops, [(op, f.ino, bytes(64) + b"x\0") for op in writes])
+    assert replies == [(unique, -errno.EROFS) for unique in range(1, len(writes) + 1)]
+    # pyfuse3's session
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    from fusecache.session.pyfuse3_session import _Operations
+
+    wrapped = _Operations(ops)
+    for name in WRITES:
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await getattr(wrapped, name)(f.ino, b"x", ctx())
+        assert info.value.errno == errno.EROFS, name
     assert (harness.src / "f").stat().st_size == 10
 
 
@@ -161,20 +274,20 @@ async def test_acls_of_the_source_are_enforced(harness, acl_dir):
     denied_user, someone = ctx(DENIED, DENIED), ctx(12345, 12345)
 
     denied = await ops.lookup(ROOT, b"denied", denied_user)  # the root may be searched
-    assert await fuse_errno(ops.open(denied.st_ino, os.O_RDONLY, denied_user)) == errno.EACCES
-    assert await fuse_errno(ops.access(denied.st_ino, os.R_OK, denied_user)) == errno.EACCES
+    assert await fuse_errno(ops.open(denied.ino, os.O_RDONLY, denied_user)) == errno.EACCES
+    assert await fuse_errno(ops.access(denied.ino, os.R_OK, denied_user)) == errno.EACCES
     for who in (someone, ctx()):  # a user the ACL does not name, and root
-        info = await ops.open(denied.st_ino, os.O_RDONLY, who)
+        info = await ops.open(denied.ino, os.O_RDONLY, who)
         assert await read_all(ops, info.fh) == data
         await ops.release(info.fh)
 
     private = await ops.lookup(ROOT, b"private", denied_user)
-    assert await fuse_errno(ops.lookup(private.st_ino, b"inside", denied_user)) == errno.EACCES
-    assert await fuse_errno(ops.opendir(private.st_ino, denied_user)) == errno.EACCES
-    inside = await ops.lookup(private.st_ino, b"inside", someone)
-    link = await ops.lookup(private.st_ino, b"link", someone)
-    assert await fuse_errno(ops.open(inside.st_ino, os.O_RDONLY, denied_user)) == errno.EACCES  # search on the way
-    assert await fuse_errno(ops.readlink(link.st_ino, denied_user)) == errno.EACCES
-    assert await ops.readlink(link.st_ino, someone) == b"inside"
-    await ops.releasedir(await ops.opendir(private.st_ino, someone))
+    assert await fuse_errno(ops.lookup(private.ino, b"inside", denied_user)) == errno.EACCES
+    assert await fuse_errno(ops.opendir(private.ino, denied_user)) == errno.EACCES
+    inside = await ops.lookup(private.ino, b"inside", someone)
+    link = await ops.lookup(private.ino, b"link", someone)
+    assert await fuse_errno(ops.open(inside.ino, os.O_RDONLY, denied_user)) == errno.EACCES  # search on the way
+    assert await fuse_errno(ops.readlink(link.ino, denied_user)) == errno.EACCES
+    assert await ops.readlink(link.ino, someone) == b"inside"
+    await ops.releasedir(await ops.opendir(private.ino, someone))
     assert acl.read_access_acl(str(harness.src / "denied")) is not None

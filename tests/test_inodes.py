@@ -7,10 +7,10 @@ from __future__ import annotations
 import errno
 import os
 
-import pyfuse3
 import pytest
 
-from fusecache.fs import InodeTable, version_of
+from fusecache.fs import ROOT_INODE, InodeTable, version_of
+from fusecache.session.types import FuseError
 from fusecache.source import Identity
 
 
@@ -37,7 +37,7 @@ def test_each_version_gets_its_own_number_and_the_latest_keeps_it(tmp_path):
     # rewritten in place with the same size and the mtime put back: only the ctime tells
     v3 = table.inode("f", rewrite(f, b"TWO", 2000))
     assert v3 not in (v1, v2)
-    assert table.inode("", version(os.lstat(tmp_path))) == pyfuse3.ROOT_INODE
+    assert table.inode("", version(os.lstat(tmp_path))) == ROOT_INODE
 
 
 def test_outdated_versions_are_dropped_once_forgotten(tmp_path):
@@ -51,7 +51,7 @@ def test_outdated_versions_are_dropped_once_forgotten(tmp_path):
     table.forget(old, 1)
     assert table.version(old)[0] == "f"
     table.forget(old, 1)
-    with pytest.raises(pyfuse3.FUSEError) as e:
+    with pytest.raises(FuseError) as e:
         table.version(old)
     assert e.value.errno == errno.ESTALE
     table.looked_up(new)

@@ -1,7 +1,8 @@
 """A checkpoint loaded through the mount as the major loaders open it: safetensors `safe_open`
 (mmap, what vLLM and SGLang use), plain `read()`, `O_DIRECT` reads into aligned buffers (what
 fastsafetensors does) and safetensors' `load_file` of each shard; with the cache on disk and
-on tmpfs. Each must see exactly the source's bytes. (Torch's `load_file` reads the file as
+on tmpfs; served by the daemon and by the kernel's passthrough. Each must see exactly the
+source's bytes. (Torch's `load_file` reads the file as
 numpy's does: torch is not a dependency here.)"""
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from fusecache.checkpoint import load_digest, shard_paths, write_checkpoint
+
+from .conftest import SESSION
 
 pytestmark = pytest.mark.fuse
 
@@ -55,9 +58,10 @@ def checkpoint(tmp_path):
     return source
 
 
+@pytest.mark.parametrize("passthrough", ["off", "on"])
 @pytest.mark.parametrize("loader", ["safe_open", "read", "o_direct", "load_file"])
-def test_every_loader_gets_the_sources_bytes(checkpoint, make_mount, cache_location, loader):
-    m = make_mount(checkpoint, cache_dir=cache_location)
+def test_every_loader_gets_the_sources_bytes(checkpoint, make_mount, cache_location, loader, passthrough):
+    m = make_mount(checkpoint, cache_dir=cache_location, options=[f"passthrough={passthrough}"])
     source_dir, mounted_dir = checkpoint / "model", m.mountpoint / "model"
     if loader == "safe_open":
         assert load_digest(mounted_dir, order_seed=3) == load_digest(source_dir)
@@ -74,5 +78,7 @@ def test_every_loader_gets_the_sources_bytes(checkpoint, make_mount, cache_locat
             assert all(ours[k].tobytes() == theirs[k].tobytes() for k in theirs)  # random bits: NaNs too
     # each byte came from the source once, whatever the open mode
     metrics = m.metrics()
+    if passthrough == "on" and SESSION == "kernel":  # opens wait for their shard's stream
+        assert metrics["passthrough_opens"] >= 1, metrics
     assert metrics["bytes_from_source"] <= sum(p.stat().st_size for p in shard_paths(source_dir)) + \
         (checkpoint / "model" / "model.safetensors.index.json").stat().st_size

@@ -14,15 +14,19 @@ from ..config import MountConfig
 from ..metrics import Metrics
 from ..source import Source
 from ..store import CacheStore
+from .errors import CacheFull, ReadError
 from .evictor import Evictor, EvictorConfig
 from .fetcher import Fetcher, FetcherConfig
-from .files import Handle, OpenFiles
+from .files import Handle, OpenFiles, TrackedFile
 from .reader import Reader
 from .shards import CheckpointPolicy
 from .streams import StreamConfig, StreamScheduler
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
+
+PASSTHROUGH_POLL = 0.02  # how often an open waiting for its file checks whether it is complete
+STREAM_START_GRACE = 0.5  # how long a queued stream may take to start for the open that queued it
 
 
 class Engine:
@@ -125,11 +129,42 @@ class Engine:
             self.streams.opened(relpath, handle.tracked.entry.size)
         return handle
 
-    async def read(self, handle: Handle, offset: int, size: int) -> memoryview:
-        return await self.reader.read(handle, offset, size)
+    async def read(self, handle: Handle, offset: int, size: int, buf: memoryview) -> memoryview:
+        """The bytes at offset; buf (the caller's, size bytes) may be where they are put."""
+        return await self.reader.read(handle, offset, size, buf)
+
+    async def ready_for_passthrough(self, handle: Handle, wait: float) -> bool:
+        """Whether handle's file is complete and verified in this daemon's life, so that the
+        kernel may read its cache file directly. A file a stream is filling is waited for, up
+        to `wait` seconds; chunks an earlier daemon recorded are checked (in parallel flights)."""
+        tracked = handle.tracked
+        entry = tracked.entry
+        everything = range(entry.nchunks)
+        await self.tasks.io(entry.recheck)
+        started = trio.current_time()
+        with trio.move_on_after(wait):
+            while (entry.missing_bytes(everything) and self.files.is_current(tracked)
+                   and self._filling(tracked, started)):
+                await trio.sleep(PASSTHROUGH_POLL)
+        if entry.complete:
+            return True
+        if entry.missing_bytes(everything):
+            return False  # not all here: served by us, demand reads first
+        try:  # all here, some recorded by an earlier daemon: checked on every core (with any stream)
+            await self.fetcher.ensure(tracked, everything, lane=self.fetcher.verify)
+        except (CacheFull, ReadError) as e:
+            log.info("%s is not served by passthrough: %s", tracked.relpath, e)
+            return False
+        return entry.complete
 
     async def release(self, handle: Handle) -> None:
         self.files.unref(handle.tracked)
+
+    def _filling(self, tracked: TrackedFile, since: float) -> bool:
+        """Whether a stream is filling tracked now; one queued counts for a moment after the
+        open (the open itself queues it), not while it waits behind other files."""
+        queued = self.streams.state(tracked.relpath)[0]
+        return self.streams.is_streaming(tracked) or (queued and trio.current_time() - since < STREAM_START_GRACE)
 
     # ---- cache control -----------------------------------------------------------------
 

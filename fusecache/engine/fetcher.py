@@ -26,7 +26,7 @@ from typing import AsyncIterator, Callable
 import trio
 
 from ..budget import CacheBudget
-from ..config import MountConfig
+from ..config import VERIFY_RUN_CHUNKS, VERIFY_THREADS, MountConfig
 from ..metrics import Metrics
 from ..source import Source, SourceChanged
 from .errors import CacheFull, ReadError, error_kind
@@ -118,6 +118,9 @@ class Fetcher:
         self.metrics = metrics
         self.tasks = tasks
         self.demand = Lane(config.fetch_threads, 2 * config.chunk_size, config.chunk_size)
+        # Checking a whole file recorded by an earlier daemon before the kernel may read it
+        # directly: CPU and memory bound (no source reads), so as wide as the machine.
+        self.verify = Lane(VERIFY_THREADS, VERIFY_RUN_CHUNKS * config.chunk_size, config.chunk_size)
         self._inflight: dict[TrackedFile, dict[int, Flight]] = {}
 
     # ---- questions -------------------------------------------------------------------------
@@ -142,10 +145,12 @@ class Fetcher:
     # ---- fetching --------------------------------------------------------------------------
 
     async def ensure(self, tracked: TrackedFile, chunks: range,
-                     then: Callable[[], None] | None = None) -> bool:
+                     then: Callable[[], None] | None = None, lane: Lane | None = None) -> bool:
         """Wait until every chunk is verified in the cache; True if none had to be waited for.
         `then` is called once this call's own flights are started (fetching ahead goes after
-        them). Raises CacheFull, or ReadError(EIO) if a flight failed."""
+        them); they run on `lane` (the demand lane unless given). Raises CacheFull, or
+        ReadError(EIO) if a flight failed."""
+        lane = lane or self.demand
         waited = False
         while True:
             inflight = self._inflight.get(tracked, {})
@@ -160,8 +165,8 @@ class Fetcher:
             if (flights or todo) and not waited:
                 self.metrics.chunk_misses += len(flights) + len(todo)
                 waited = True
-            for run in contiguous_runs(todo, self.demand.max_chunks):
-                flights.append(self.start(tracked, run, self.demand))
+            for run in contiguous_runs(todo, lane.max_chunks):
+                flights.append(self.start(tracked, run, lane))
             if then is not None:
                 then()
                 then = None

@@ -98,6 +98,8 @@ class OpenFiles:
         self.opening = KeyedLock()  # held while a path is opened, and while it is evicted
         self._files: dict[str, TrackedFile] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
+        # retired versions still open: their cache files are unlinked, their space not yet free
+        self._retired: set[TrackedFile] = set()
         self._served_identity: dict[str, Identity] = {}
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_budget = max(16, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - FD_RESERVE)
@@ -213,6 +215,12 @@ class OpenFiles:
         if tracked.users == 0:
             self._idle.pop(tracked.relpath, None)
             self._close(tracked)
+        elif tracked.entry.cacheable:
+            self._retired.add(tracked)
+
+    def pending_bytes(self) -> int:
+        """Cache bytes of retired versions still open (unlinked; freed at their last close)."""
+        return sum(t.entry.cached_bytes() for t in self._retired)
 
     def drop(self, relpath: str) -> None:
         """Forget relpath's version, which nobody uses (the evictor removes its cache files)."""
@@ -228,6 +236,7 @@ class OpenFiles:
         if tracked.closed:
             return
         tracked.closed = True
+        self._retired.discard(tracked)
         self._fds -= tracked.fds
         self.tasks.spawn(tracked.close_fds)
 

@@ -14,7 +14,6 @@ import logging
 
 import trio
 
-from ..config import MAX_REQUEST
 from ..metrics import Metrics
 from ..source import Source
 from ..store import CacheEntry
@@ -40,9 +39,10 @@ class Reader:
         self.tasks = tasks
         self.serve_from_memory = serve_from_memory
         self._serve_limiter = trio.CapacityLimiter(workers)
-        self._reply_buffers: dict[object, bytearray] = {}
 
-    async def read(self, handle: Handle, offset: int, size: int) -> memoryview:
+    async def read(self, handle: Handle, offset: int, size: int, buf: memoryview) -> memoryview:
+        """Serve a read; buf (size bytes, the caller's) holds the reply unless it is a view of
+        the cache's mapping."""
         tracked = handle.tracked
         entry = tracked.entry
         chunks = entry.chunks_for(offset, size)
@@ -51,7 +51,7 @@ class Reader:
         length = min(size, entry.size - offset)
         ahead = self.streams.note_read(handle, offset, length)
         window = range(chunks.stop, min(chunks.stop + ahead, entry.nchunks))
-        buf = self._reply_buffer(length)[:length]
+        buf = buf[:length]
         for _attempt in range(3):
             generation = entry.generation
             try:
@@ -94,17 +94,3 @@ class Reader:
         self.metrics.bytes_read_through += len(buf)
         self.metrics.bytes_served += len(buf)
         return buf
-
-    def _reply_buffer(self, size: int) -> memoryview:
-        """A buffer owned by the calling FUSE worker task.
-
-        The FUSE library copies a read's reply to the kernel before the task that produced it
-        takes its next request, and the daemon runs a fixed set of worker tasks, so one buffer
-        per task can be reused for every reply: no allocation per request.
-        """
-        task = trio.lowlevel.current_task()
-        buf = self._reply_buffers.get(task)
-        if buf is None or len(buf) < size:
-            buf = bytearray(max(size, MAX_REQUEST))
-            self._reply_buffers[task] = buf
-        return memoryview(buf)

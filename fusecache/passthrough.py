@@ -1,0 +1,152 @@
+"""Which opens the kernel serves itself from the cache file (passthrough), and which come to us.
+
+Once a file is complete and verified in the cache, an open answered FOPEN_PASSTHROUGH with the
+cache file as backing file makes the kernel read (and mmap) that file directly: no request
+reaches the daemon, and with a tmpfs cache the mount's pages are the cache file's own pages.
+
+The kernel's rule (fs/fuse/iomode.c): an inode is either in cached mode (opens served by us)
+or in passthrough mode, never both; a passthrough open while a cached one exists fails with
+ETXTBSY, and every open while a passthrough one exists must be passthrough on the same backing
+file. So per inode we count both kinds and keep one backing id while passthrough opens exist.
+A file that completes while cached opens hold its inode asks the adapter for a new inode
+(NEW_INODE): the open is answered ESTALE, the kernel looks the path up again and opens the new
+inode in passthrough mode; the old opens keep theirs.
+
+An open of a file being filled (a stream or prefetch) waits for it up to `wait` seconds:
+reading it through the FUSE path would go no faster than the fill, and afterwards the kernel
+serves it at memory speed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Final
+
+from .engine import Engine, Handle
+from .engine.files import TrackedFile
+from .session.types import BackingFiles
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InodeIO:
+    """The opens of one inode the kernel holds, by I/O mode."""
+
+    cached: int = 0
+    passthrough: int = 0
+    waiting: int = 0  # opens deciding, while they wait for the file to complete
+    backing_id: int = 0
+
+
+class Passthrough:
+    """Chooses each open's I/O mode (see the module docstring)."""
+
+    NEW_INODE: Final = -1
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.backing: BackingFiles | None = None
+        self.wait = 0.0
+        self.off_reason = "not enabled"
+        self._inodes: dict[int, InodeIO] = {}
+        # versions the kernel would not take as backing: never moved to a new inode for it
+        self._refused: weakref.WeakSet[TrackedFile] = weakref.WeakSet()
+
+    def enable(self, backing: BackingFiles, wait: float) -> None:
+        self.backing = backing
+        self.wait = wait
+        self.off_reason = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.backing is not None
+
+    async def choose(self, inode: int, handle: Handle, latest: bool) -> int | None:
+        """The backing id to answer this open of inode with, None for the FUSE path, or
+        NEW_INODE. latest: inode is what a lookup of its path gives now."""
+        io = self._inodes.setdefault(inode, InodeIO())
+        io.waiting += 1
+        try:
+            backing_id = await self._choose(io, handle, latest)
+        finally:
+            io.waiting -= 1
+        if backing_id is None:
+            io.cached += 1
+        elif backing_id != self.NEW_INODE:
+            io.passthrough += 1
+            self.engine.metrics.passthrough_opens += 1
+        self._tidy(inode, io)
+        return backing_id
+
+    async def _choose(self, io: InodeIO, handle: Handle, latest: bool) -> int | None:
+        if io.passthrough:  # the kernel wants every open of the inode on its backing file
+            return io.backing_id
+        if self.backing is None or not handle.tracked.entry.cacheable:
+            return None
+        if io.cached:
+            usable = handle.tracked.entry.complete and handle.tracked not in self._refused
+            return self.NEW_INODE if usable and latest else None
+        if not await self.engine.ready_for_passthrough(handle, self.wait):
+            return None
+        if io.passthrough:  # another open of the inode registered it while we waited
+            return io.backing_id
+        if io.cached:
+            return None
+        try:
+            io.backing_id = self._register(handle)
+        except OSError as e:
+            log.warning("passthrough refused for %s, served by fusecache: %s", handle.tracked.relpath, e)
+            self._refused.add(handle.tracked)
+            return None
+        return io.backing_id
+
+    def _register(self, handle: Handle) -> int:
+        """A backing id for the cache file, given to the kernel read-only."""
+        assert self.backing is not None
+        fd = os.open(f"/proc/self/fd/{handle.tracked.entry.data_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return self.backing.open(fd)
+        finally:
+            os.close(fd)
+
+    def released(self, inode: int, passthrough: bool) -> None:
+        io = self._inodes.get(inode)
+        if io is None:
+            return
+        if not passthrough:
+            io.cached -= 1
+        else:
+            io.passthrough -= 1
+            if io.passthrough == 0 and self.backing is not None:
+                try:
+                    self.backing.close(io.backing_id)
+                except OSError as e:
+                    log.warning("closing backing id %d failed: %s", io.backing_id, e)
+                io.backing_id = 0
+        self._tidy(inode, io)
+
+    def _tidy(self, inode: int, io: InodeIO) -> None:
+        if not io.cached and not io.passthrough and not io.waiting:
+            self._inodes.pop(inode, None)
+
+
+def probe(backing: BackingFiles, cache_fd: int) -> str | None:
+    """Register a file of the cache filesystem as a backing file and let it go: None if the
+    kernel takes it, else why passthrough stays off."""
+    fd = os.open(f"/proc/self/fd/{cache_fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        backing.close(backing.open(fd))
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            return "registering backing files needs CAP_SYS_ADMIN (run the daemon as root)"
+        if e.errno == errno.ELOOP:
+            return "the cache filesystem is itself stacked (overlayfs or FUSE); the kernel refuses it as backing"
+        return f"the kernel refuses the cache filesystem as backing: {e.strerror or e}"
+    finally:
+        os.close(fd)
+    return None

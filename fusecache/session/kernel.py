@@ -1,0 +1,345 @@
+"""A FUSE session of our own: reads requests from /dev/fuse, answers them through the adapter.
+
+Why not libfuse: passthrough needs libfuse >= 3.16 and a binding that exposes backing ids,
+which pyfuse3 does not; the kernel protocol itself is stable and small for a read-only server.
+
+Concurrency: the trio thread reads requests (nonblocking descriptor, woken by poll) and runs
+one task per request, so all state changes stay on that thread. Data replies are written from
+worker threads: the kernel copies a reply into the reader's pages inside that write, and 1 MiB
+copies in parallel are what lets several readers go faster than one core's memcpy. Reads are
+limited to `workers` at a time, which bounds the reply buffers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from ..config import MAX_REQUEST
+from . import protocol as p
+from .mount import MountSpec, mount, unmount
+from .types import Attributes, Context, FuseError
+
+log = logging.getLogger(__name__)
+
+# Requests an INTERRUPT cancels: those that may wait long (for the source, or for a file to be
+# filled); their handlers release what they hold when cancelled.
+INTERRUPTIBLE = frozenset({p.Op.READ, p.Op.OPEN})
+# Replies this long or longer are written from a worker thread; shorter ones inline.
+THREAD_REPLY_BYTES = 64 * 1024
+MAX_WRITE = 128 * 1024  # we refuse writes; the kernel still wants a size, and reads need room for it
+MAX_PAGES = MAX_REQUEST // 4096
+READ_BUFFER = MAX_WRITE + 4096
+
+
+class SessionError(Exception):
+    """The kernel and we cannot talk (no common protocol version)."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    workers: int  # reads served at once
+    max_background: int
+    passthrough: bool  # ask the kernel for passthrough if it offers it
+
+
+class DeviceBacking:
+    """Backing files registered on the /dev/fuse descriptor (needs CAP_SYS_ADMIN)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def open(self, fd: int) -> int:
+        return fcntl.ioctl(self._fd, p.DEV_IOC_BACKING_OPEN, bytearray(p.BACKING_MAP.pack(fd, 0, 0)))
+
+    def close(self, backing_id: int) -> None:
+        fcntl.ioctl(self._fd, p.DEV_IOC_BACKING_CLOSE, bytearray(backing_id.to_bytes(4, "little")))
+
+
+class KernelSession:
+    """One mount, served over the kernel protocol (see the module docstring)."""
+
+    def __init__(self, operations, spec: MountSpec, config: SessionConfig) -> None:
+        self.operations = operations
+        self.spec = spec
+        self.config = config
+        self.fd = -1
+        self.minor = 0
+        self.passthrough = False  # negotiated in INIT
+        self.backing: DeviceBacking | None = None
+        self._mounted = False
+        self._interruptible: dict[int, trio.CancelScope] = {}
+        self._reads = trio.CapacityLimiter(config.workers)
+        self._buffers: list[bytearray] = []
+        self._cancel: trio.CancelScope | None = None
+        self._handlers: dict[int, Callable[[p.InHeader, memoryview], Awaitable[None]]] = {
+            p.Op.LOOKUP: self._lookup, p.Op.GETATTR: self._getattr, p.Op.READLINK: self._readlink,
+            p.Op.OPEN: self._open, p.Op.READ: self._read, p.Op.RELEASE: self._release,
+            p.Op.STATFS: self._statfs, p.Op.OPENDIR: self._opendir, p.Op.READDIR: self._readdir,
+            p.Op.READDIRPLUS: self._readdir, p.Op.RELEASEDIR: self._releasedir,
+            p.Op.GETXATTR: self._getxattr, p.Op.LISTXATTR: self._listxattr, p.Op.ACCESS: self._access,
+            p.Op.FLUSH: self._ok, p.Op.FSYNC: self._ok, p.Op.FSYNCDIR: self._ok,
+        }
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    def mount(self) -> None:
+        self.fd = mount(self.spec)
+        self._mounted = True
+
+    def terminate(self) -> None:
+        """Stop serving (a signal): serve() returns; close() unmounts."""
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def close(self) -> None:
+        """Unmount if still mounted and let go of the device."""
+        if self._mounted:
+            self._mounted = False
+            try:
+                unmount(self.spec.mountpoint)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOENT):  # already gone
+                    log.warning("unmounting %s failed: %s", self.spec.mountpoint, e)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    async def serve(self) -> None:
+        """Answer requests until the filesystem is unmounted, the connection aborted, or terminate()."""
+        buf = bytearray(READ_BUFFER)
+        view = memoryview(buf)
+        with trio.CancelScope() as self._cancel:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        n = os.readv(self.fd, [buf])
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(self.fd)
+                        continue
+                    except OSError as e:
+                        if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we read it
+                            continue
+                        if e.errno == errno.ENODEV:  # unmounted, or the connection was aborted
+                            log.info("the kernel closed the connection")
+                            break
+                        raise
+                    if not self._dispatch(nursery, view[:n]):
+                        break
+                    await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def _dispatch(self, nursery: trio.Nursery, data: memoryview) -> bool:
+        """Start answering one request; False once the session is over (DESTROY)."""
+        header = p.InHeader.parse(data)
+        args = memoryview(bytes(data[p.IN_HEADER.size:header.length - header.extlen]))
+        op = header.opcode
+        if op == p.Op.INIT:
+            self._init(header, args)
+        elif op == p.Op.FORGET:
+            self.operations.forget([(header.nodeid, p.FORGET_IN.unpack_from(args)[0])])
+        elif op == p.Op.BATCH_FORGET:
+            count = p.BATCH_FORGET_IN.unpack_from(args)[0]
+            self.operations.forget([p.FORGET_ONE.unpack_from(args, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
+                                    for i in range(count)])
+        elif op == p.Op.INTERRUPT:
+            scope = self._interruptible.get(p.INTERRUPT_IN.unpack_from(args)[0])
+            if scope is not None:
+                scope.cancel()
+        elif op == p.Op.DESTROY:
+            self._send(header.unique, 0)
+            return False
+        elif op == p.Op.NOTIFY_REPLY:
+            pass  # we never ask the kernel for its pages
+        elif op in p.WRITE_OPS:
+            self._send(header.unique, errno.EROFS)
+        elif op in self._handlers:
+            nursery.start_soon(self._answer, self._handlers[op], header, args)
+        else:
+            self._send(header.unique, errno.ENOSYS)
+        return True
+
+    async def _answer(self, handler, header: p.InHeader, args: memoryview) -> None:
+        """Run one handler; its errors become the reply, an INTERRUPT of a read becomes EINTR."""
+        interruptible = header.opcode in INTERRUPTIBLE
+        with trio.CancelScope() as scope:
+            if interruptible:
+                self._interruptible[header.unique] = scope
+            try:
+                await handler(header, args)
+                return
+            except FuseError as e:
+                error = e.errno
+            except Exception:
+                log.exception("unexpected error answering %s", _op_name(header.opcode))
+                error = errno.EIO
+            finally:
+                if interruptible:
+                    del self._interruptible[header.unique]
+        self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
+
+    def _send(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
+        """Write one reply; False if nobody waits for it any more (the request was interrupted
+        or the connection aborted: ENOENT, ENODEV)."""
+        parts = [p.pack_out_header(sum(len(part) for part in payload), error, unique), *payload]
+        try:
+            os.writev(self.fd, parts)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENODEV):
+                return False
+            log.error("the kernel refused a reply (%s): answering EIO instead", e)
+            if payload:  # a malformed reply must not leave the requester waiting forever
+                self._send(unique, errno.EIO)
+            return False
+        return True
+
+    def _init(self, header: p.InHeader, args: memoryview) -> None:
+        init = p.InitIn.parse(args)
+        if init.major > p.KERNEL_VERSION:  # the kernel asks again with our major
+            self._send(header.unique, 0, p.InitOut(p.KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0).pack()[:8])
+            return
+        if init.major < p.KERNEL_VERSION or init.minor < p.MIN_MINOR:
+            self._send(header.unique, errno.EPROTO)
+            raise SessionError(f"the kernel speaks FUSE {init.major}.{init.minor}; "
+                               f"fusecache needs {p.KERNEL_VERSION}.{p.MIN_MINOR} or newer (or session=pyfuse3)")
+        self.minor = min(init.minor, p.KERNEL_MINOR_VERSION)
+        wanted = (p.ASYNC_READ | p.PARALLEL_DIROPS | p.DO_READDIRPLUS | p.MAX_PAGES | p.ASYNC_DIO
+                  | p.ATOMIC_O_TRUNC | p.BIG_WRITES)
+        if self.config.passthrough:
+            wanted |= p.PASSTHROUGH | p.INIT_EXT
+        flags = wanted & init.flags
+        self.passthrough = bool(flags & p.PASSTHROUGH)
+        if self.passthrough:
+            self.backing = DeviceBacking(self.fd)
+        reply = p.InitOut(minor=self.minor, max_readahead=init.max_readahead, flags=flags,
+                          max_background=self.config.max_background,
+                          congestion_threshold=self.config.max_background * 3 // 4,
+                          max_write=MAX_WRITE, max_pages=MAX_PAGES,
+                          max_stack_depth=1 if self.passthrough else 0)
+        self._send(header.unique, 0, reply.pack())
+        log.info("FUSE protocol %d.%d (kernel %d.%d), passthrough %s", p.KERNEL_VERSION, self.minor,
+                 init.major, init.minor, "offered" if init.flags & p.PASSTHROUGH else "not offered")
+
+    # ---- handlers: each replies, or raises FuseError -----------------------------------------
+
+    @staticmethod
+    def _context(header: p.InHeader) -> Context:
+        return Context(header.uid, header.gid, header.pid)
+
+    async def _lookup(self, header: p.InHeader, args: memoryview) -> None:
+        attr = await self.operations.lookup(header.nodeid, _name(args), self._context(header))
+        self._send(header.unique, 0, p.pack_entry(attr))
+
+    async def _getattr(self, header: p.InHeader, args: memoryview) -> None:
+        attr = await self.operations.getattr(header.nodeid, self._context(header))
+        self._send(header.unique, 0, p.pack_attr_out(attr))
+
+    async def _readlink(self, header: p.InHeader, args: memoryview) -> None:
+        self._send(header.unique, 0, await self.operations.readlink(header.nodeid, self._context(header)))
+
+    async def _open(self, header: p.InHeader, args: memoryview) -> None:
+        flags, _open_flags = p.OPEN_IN.unpack_from(args)
+        reply = await self.operations.open(header.nodeid, flags, self._context(header))
+        # NOFLUSH: nothing is ever written, so a close need not ask us anything
+        if reply.backing_id is not None:  # the kernel refuses KEEP_CACHE beside it (EIO)
+            open_flags = p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH
+        else:
+            open_flags = p.FOPEN_NOFLUSH | (p.FOPEN_KEEP_CACHE if reply.keep_cache else 0)
+        if not self._send(header.unique, 0, p.OPEN_OUT.pack(reply.fh, open_flags, reply.backing_id or 0)):
+            await self.operations.release(reply.fh)  # interrupted: nobody will ever release it
+
+    async def _read(self, header: p.InHeader, args: memoryview) -> None:
+        fh, offset, size = p.READ_IN.unpack_from(args)[:3]
+        async with self._reads:
+            buf = self._buffers.pop() if self._buffers else bytearray(MAX_REQUEST)
+            try:
+                data = await self.operations.read(fh, offset, size, memoryview(buf)[:size])
+                if len(data) >= THREAD_REPLY_BYTES:
+                    await trio.to_thread.run_sync(self._send, header.unique, 0, data)
+                else:
+                    self._send(header.unique, 0, data)
+                del data  # a view of buf or of a cache mapping: released before buf is reused
+            finally:
+                self._buffers.append(buf)
+
+    async def _release(self, header: p.InHeader, args: memoryview) -> None:
+        await self.operations.release(p.RELEASE_IN.unpack_from(args)[0])
+        self._send(header.unique, 0)
+
+    async def _statfs(self, header: p.InHeader, args: memoryview) -> None:
+        self._send(header.unique, 0, p.pack_statfs(await self.operations.statfs(self._context(header))))
+
+    async def _opendir(self, header: p.InHeader, args: memoryview) -> None:
+        fh = await self.operations.opendir(header.nodeid, self._context(header))
+        self._send(header.unique, 0, p.OPEN_OUT.pack(fh, 0, 0))
+
+    async def _readdir(self, header: p.InHeader, args: memoryview) -> None:
+        fh, offset, size = p.READ_IN.unpack_from(args)[:3]
+        plus = header.opcode == p.Op.READDIRPLUS
+        records: list[bytes] = []
+        used = 0
+
+        def add(name: bytes, attr: Attributes, next_offset: int) -> bool:
+            nonlocal used
+            if used + p.dirent_size(name, plus) > size:
+                return False
+            record = p.pack_dirent(name, attr, next_offset, plus)
+            records.append(record)
+            used += len(record)
+            return True
+
+        await self.operations.readdir(fh, offset, add, counts_lookups=plus)
+        self._send(header.unique, 0, b"".join(records))  # one buffer: writev takes 1024 at most
+
+    async def _releasedir(self, header: p.InHeader, args: memoryview) -> None:
+        await self.operations.releasedir(p.RELEASE_IN.unpack_from(args)[0])
+        self._send(header.unique, 0)
+
+    async def _getxattr(self, header: p.InHeader, args: memoryview) -> None:
+        size = p.GETXATTR_IN.unpack_from(args)[0]
+        value = await self.operations.getxattr(header.nodeid, _name(args[p.GETXATTR_IN.size:]),
+                                               self._context(header))
+        self._send_sized(header.unique, size, value)
+
+    async def _listxattr(self, header: p.InHeader, args: memoryview) -> None:
+        size = p.GETXATTR_IN.unpack_from(args)[0]
+        names = await self.operations.listxattr(header.nodeid, self._context(header))
+        self._send_sized(header.unique, size, b"".join(name + b"\0" for name in names))
+
+    def _send_sized(self, unique: int, size: int, value: bytes) -> None:
+        """An xattr reply: the length when asked with size 0, else the value if it fits."""
+        if size == 0:
+            self._send(unique, 0, p.GETXATTR_OUT.pack(len(value), 0))
+        elif len(value) > size:
+            self._send(unique, errno.ERANGE)
+        else:
+            self._send(unique, 0, value)
+
+    async def _access(self, header: p.InHeader, args: memoryview) -> None:
+        await self.operations.access(header.nodeid, p.ACCESS_IN.unpack_from(args)[0], self._context(header))
+        self._send(header.unique, 0)
+
+    async def _ok(self, header: p.InHeader, args: memoryview) -> None:
+        self._send(header.unique, 0)
+
+
+def _name(args: memoryview) -> bytes:
+    """A NUL-terminated name at the start of args."""
+    data = bytes(args)
+    end = data.find(b"\0")
+    return data if end < 0 else data[:end]
+
+
+def _op_name(opcode: int) -> str:
+    try:
+        return p.Op(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
