@@ -524,6 +524,38 @@ def test_remount_right_after_kill9_cleans_the_stale_mount(tmp_path, make_mount):
     assert result.returncode == 0, result.stderr
 
 
+def abort_connection(mountpoint: Path) -> None:
+    """What an operator does to a hung FUSE mount: abort its connection through fusectl."""
+    connections = Path("/sys/fs/fuse/connections")
+    if not os.path.ismount(connections):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", connections], check=True)
+    (connections / str(os.minor(os.stat(mountpoint).st_dev)) / "abort").write_text("1")
+
+
+def test_an_aborted_connection_ends_the_daemon_and_frees_the_mountpoint(tmp_path, make_mount):
+    source = tmp_path / "src"
+    data = fill(source, {"a.bin": 8 * MiB}, seed=16)["a.bin"]
+    m = make_mount(source, ["readahead=off"])
+    held = open(m.mountpoint / "a.bin", "rb", buffering=0)
+    assert held.read(4096) == data[:4096]
+    abort_connection(m.mountpoint)
+    with pytest.raises(OSError) as info:
+        os.pread(held.fileno(), 4096, 7 * MiB)  # beyond the kernel's readahead of the first read
+    assert info.value.errno == errno.ENOTCONN
+    with pytest.raises(OSError) as info:
+        os.listdir(m.mountpoint)
+    assert info.value.errno == errno.ENOTCONN
+    try:
+        held.close()
+    except OSError:
+        pass
+    mounts.wait_for_exit(m.pid, 15)  # the daemon saw its device closed, unmounted and exited
+    m.pid = None
+    assert mounts.find_mount(str(m.mountpoint)) is None
+    m.mount()
+    assert hashlib.sha256(file_bytes(m.mountpoint / "a.bin")).digest() == hashlib.sha256(data).digest()
+
+
 def test_readers_of_a_stopped_daemon_wait_and_resume(tmp_path, make_mount):
     source = tmp_path / "src"
     data = fill(source, {"s.bin": 16 * MiB}, seed=15)["s.bin"]

@@ -14,7 +14,8 @@ import pyfuse3
 import trio
 
 from ..config import MAX_REQUEST
-from .mount import MountSpec, _escape
+from ..mounts import find_mount
+from .mount import MountSpec, _escape, unmount
 from .types import Attributes, Context, FuseError
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class Pyfuse3Session:
         self.spec = spec
         self.workers = workers
         self._initialized = False
+        self._device: tuple[int, int] | None = None  # the mount's st_dev, from the mount table
 
     def mount(self) -> None:
         options = set(self.spec.options) | {"ro", f"fsname={_escape(self.spec.fsname)}", f"subtype={self.spec.subtype}"}
@@ -153,6 +155,8 @@ class Pyfuse3Session:
         except RuntimeError as e:
             raise OSError(str(e)) from None
         self._initialized = True
+        info = find_mount(self.spec.mountpoint)  # the table, not a stat: nobody serves the mount yet
+        self._device = (info.major, info.minor) if info is not None else None
 
     async def serve(self) -> None:
         await pyfuse3.main(min_tasks=self.workers, max_tasks=self.workers)
@@ -164,3 +168,11 @@ class Pyfuse3Session:
         if self._initialized:
             self._initialized = False
             pyfuse3.close(unmount=True)
+            # libfuse leaves a mount whose connection was aborted in place (its device reports an
+            # error, and it takes that for "already unmounted"): detach it, as our session does.
+            info = find_mount(self.spec.mountpoint)
+            if info is not None and (info.major, info.minor) == self._device:
+                try:
+                    unmount(self.spec.mountpoint)
+                except OSError as e:
+                    log.warning("unmounting %s failed: %s", self.spec.mountpoint, e)

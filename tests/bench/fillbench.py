@@ -11,7 +11,10 @@ plus its bytes at `--stream-rate`, and all of them together never faster than `-
 The engine prefetches every file (as `fusecache prefetch` does) and the fill rate is reported
 against the node cap, with the bytes read from the source against the data (each byte once).
 Each variant is a set of mount options (`;` between variants); they run in alternation,
-`--rounds` times, medians reported: the machine is shared.
+`--rounds` times, medians reported: the machine is shared. A variant `copy:N` is no fusecache
+at all: N threads copy whole files from the same source in reads of 32 MiB into the cache's
+filesystem (pwrite, no checksum), the most a simple parallel copy gets from this source into
+this machine: the ceiling to hold the engine's fill against.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from pathlib import Path
 import trio
 
 from fusecache.budget import CacheBudget
-from fusecache.config import MountConfig, parse_size
+from fusecache.config import build_config, parse_size
 from fusecache.engine import Engine
 from fusecache.metrics import Metrics
 from fusecache.source import Identity, Source
 from fusecache.store import CacheStore
 
-from .throughput import GiB, make_source
+from .throughput import GiB, MiB, make_source
 
 
 class Link:
@@ -62,8 +65,8 @@ class Link:
 class LatencySource(Source):
     """A Source whose reads cost what they would over `link`, in requests of request_size."""
 
-    def __init__(self, root: Path, link: Link, request_size: int) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, link: Link, request_size: int, **source_options: bool) -> None:
+        super().__init__(root, **source_options)
         self.link = link
         self.request_size = request_size
 
@@ -71,6 +74,48 @@ class LatencySource(Source):
         for start in range(0, len(buf), self.request_size):
             self.link.transfer(min(self.request_size, len(buf) - start))
         super().read_exact(fd, buf, offset, relpath, identity)
+
+
+def copy_once(source_dir: Path, names: list[str], cache: Path, link_shape: tuple[float, float, float],
+              request: int, threads: int) -> tuple[float, int]:
+    """The copy:N baseline: (seconds, bytes read from the source). The threads take the files'
+    32 MiB blocks in file order from one queue, so one file is read by several at once."""
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    source = LatencySource(source_dir, Link(*link_shape), request)
+    block = 32 * MiB
+    files = {}
+    for name in names:
+        src = os.open(source_dir / name, os.O_RDONLY)
+        files[name] = (src, os.open(cache / name, os.O_WRONLY | os.O_CREAT, 0o600), source.identity(os.fstat(src)))
+    todo = [(name, offset) for name in names for offset in range(0, (source_dir / name).stat().st_size, block)]
+    todo.reverse()
+    lock = threading.Lock()
+
+    def copy_blocks() -> None:
+        buf = memoryview(bytearray(block))
+        while True:
+            with lock:
+                if not todo:
+                    return
+                name, offset = todo.pop()
+            src, dst, identity = files[name]
+            view = buf[:min(block, identity.size - offset)]
+            source.read_exact(src, view, offset, name, identity)
+            os.pwrite(dst, view, offset)
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=copy_blocks) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    seconds = time.monotonic() - started
+    for src, dst, _identity in files.values():
+        os.close(src)
+        os.close(dst)
+    shutil.rmtree(cache)
+    return seconds, sum((source_dir / name).stat().st_size for name in names)
 
 
 def fill_once(*args: object) -> tuple[float, int]:
@@ -81,7 +126,7 @@ def fill_once(*args: object) -> tuple[float, int]:
 
 
 async def _fill(source_dir: Path, names: list[str], cache: Path, link_shape: tuple[float, float, float],
-                request: int, options: dict) -> tuple[float, int]:
+                request: int, options: list[str]) -> tuple[float, int]:
     """Prefetch every file into an empty cache; (seconds, bytes read from the source)."""
     link = Link(*link_shape)
     logging.basicConfig(level=logging.DEBUG if os.environ.get("FILLBENCH_DEBUG") else logging.WARNING,
@@ -89,8 +134,7 @@ async def _fill(source_dir: Path, names: list[str], cache: Path, link_shape: tup
     logging.getLogger("fusecache.engine.fill").setLevel(logging.DEBUG if os.environ.get("FILLBENCH_DEBUG")
                                                         else logging.WARNING)
     shutil.rmtree(cache, ignore_errors=True)
-    cfg = MountConfig(source=source_dir, mountpoint=Path("/nonexistent"), cache_dir=cache, readahead="off",
-                      **options)
+    cfg = build_config(str(source_dir), "/nonexistent", ["readahead=off", *options], cache_dir=cache)
     store = CacheStore(cache, str(source_dir.resolve()))
     store.prepare()
     store.lock()
@@ -134,8 +178,12 @@ def main() -> int:
     samples: dict[str, list[tuple[float, int]]] = {v: [] for v in variants}
     for _round in range(args.rounds):
         for variant in variants:
-            options = {key: int(value) for key, _, value in (o.partition("=") for o in variant.split(","))}
-            sample = fill_once(args.source_dir, names, args.cache_dir, link_shape, request, options)
+            if variant.startswith("copy:"):
+                sample = copy_once(args.source_dir, names, args.cache_dir, link_shape, request,
+                                   int(variant.removeprefix("copy:")))
+            else:
+                sample = fill_once(args.source_dir, names, args.cache_dir, link_shape, request,
+                                   [variant] if variant else [])
             samples[variant].append(sample)
             print(f"  {variant}: {size / sample[0] / 1e9:.2f} GB/s", flush=True)
     shutil.rmtree(args.cache_dir, ignore_errors=True)
