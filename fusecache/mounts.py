@@ -128,11 +128,28 @@ def wait_for_exit(pid: int, timeout: float) -> bool:
     """Wait until process pid has exited; False if it is still running after timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not is_running(pid):
             return True
         time.sleep(0.02)
+    return False
+
+
+def is_running(pid: int) -> bool:
+    """Whether any thread of process pid has yet to exit. An exited daemon stays a zombie until
+    its parent (init, once `fusecache mount` has returned) reaps it, which may take a second or
+    more; once every thread has exited, its descriptors (the /dev/fuse connection, the cache
+    dir's lock) are closed. The main thread alone turns zombie while others still run."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in threads:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+            return True
     return False
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fusecache import mounts
+from fusecache import control, mounts
 
 HERE = Path(__file__).parent
 # The FUSE session the real-mount tier runs on: ours by default; CI runs the tier again with
@@ -81,7 +81,9 @@ class Mount:
         return self
 
     def status(self) -> dict:
-        return json.loads(run_cli("status", self.mountpoint, "--json").stdout)
+        """The daemon's status report, asked in process (what `fusecache status --json` prints;
+        a CLI process per question would cost the suite minutes)."""
+        return control.call(str(self.mountpoint), {"command": "status"})
 
     def metrics(self) -> dict:
         return self.status()["metrics"]

@@ -20,7 +20,7 @@ from fusecache import mounts
 from fusecache.cli import printable
 from fusecache.config import GiB, MountConfig, memory_limit
 
-from .conftest import is_mounted, run_cli, wait_gone
+from .conftest import SESSION, is_mounted, run_cli, wait_gone
 
 MiB = 1 << 20
 
@@ -205,6 +205,7 @@ def test_metrics_address_in_use_is_refused(dirs):
 
 
 @pytest.mark.fuse
+@pytest.mark.skipif(SESSION != "kernel", reason="the CLI's timeouts: the same whichever session the daemon runs")
 def test_status_and_umount_of_a_stopped_daemon(dirs, make_mount):
     """status and umount used to hang forever: resolving the mountpoint is a request to the
     stopped daemon. status now gives up after 10 s of silence; umount unmounts anyway. The

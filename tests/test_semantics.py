@@ -542,9 +542,6 @@ def test_an_aborted_connection_ends_the_daemon_and_frees_the_mountpoint(tmp_path
     with pytest.raises(OSError) as info:
         os.pread(held.fileno(), 4096, 7 * MiB)  # beyond the kernel's readahead of the first read
     assert info.value.errno == errno.ENOTCONN
-    with pytest.raises(OSError) as info:
-        os.listdir(m.mountpoint)
-    assert info.value.errno == errno.ENOTCONN
     try:
         held.close()
     except OSError:

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,22 @@ def test_socket_paths_and_unmounted_paths(tmp_path):
 
 
 # ---- private dirs and files --------------------------------------------------------------
+
+def test_an_exited_process_not_yet_reaped_counts_as_gone():
+    """umount waits for the daemon to exit; once exited it is a zombie until init reaps it,
+    which must not keep umount waiting."""
+    child = subprocess.Popen([sys.executable, "-c", "import ctypes, threading, time; "
+                              "threading.Thread(target=time.sleep, args=(1.0,)).start(); "
+                              "ctypes.CDLL(None).pthread_exit(None)"])
+    time.sleep(0.5)  # its main thread has exited (a zombie), another still runs: descriptors still open
+    assert Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert mounts.is_running(child.pid)
+    assert mounts.wait_for_exit(child.pid, 10)
+    assert Path(f"/proc/{child.pid}").exists()  # a zombie: exited, not reaped (we never waited)
+    assert not mounts.wait_for_exit(os.getpid(), 0.05)
+    child.wait()
+    assert not mounts.is_running(child.pid)
+
 
 def test_private_dirs_refuse_what_others_could_plant_or_write(tmp_path):
     mine = tmp_path / "mine"
