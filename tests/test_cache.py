@@ -86,7 +86,7 @@ def test_kill9_then_remount_serves_correct_bytes_and_keeps_what_was_cached(count
     assert 8 * MiB <= cached_at_crash <= before_crash
     # the dead daemon left a stale mount ("Transport endpoint is not connected"); mount cleans it
     with pytest.raises(OSError) as info:
-        os.listdir(m.mountpoint)  # a listing always asks the daemon (a stat may be answered from cached attributes)
+        os.listdir(m.mountpoint)  # a listing asks the daemon; a stat may be answered from cached attributes
     assert info.value.errno == errno.ENOTCONN
     m.mount()
     assert file_bytes(m.mountpoint / "big.bin") == contents["big.bin"]

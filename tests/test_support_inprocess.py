@@ -98,8 +98,6 @@ def test_socket_paths_and_unmounted_paths(tmp_path):
         call(str(tmp_path), {"command": "status"})
 
 
-# ---- private dirs and files --------------------------------------------------------------
-
 def test_an_exited_process_not_yet_reaped_counts_as_gone():
     """umount waits for the daemon to exit; once exited it is a zombie until init reaps it,
     which must not keep umount waiting."""
@@ -115,6 +113,8 @@ def test_an_exited_process_not_yet_reaped_counts_as_gone():
     child.wait()
     assert not mounts.is_running(child.pid)
 
+
+# ---- private dirs and files --------------------------------------------------------------
 
 def test_private_dirs_refuse_what_others_could_plant_or_write(tmp_path):
     mine = tmp_path / "mine"

@@ -31,21 +31,16 @@ from pathlib import Path
 
 from fusecache.config import parse_size
 
-from .throughput import GiB, drop_caches, make_source, read_all
+from .throughput import GiB, cli, drop_caches, make_source, read_all
 
 MOUNTPOINT = Path("/tmp/coldload-mnt")
-
-
-def fusecache(*args: object) -> str:
-    return subprocess.run([sys.executable, "-m", "fusecache", *map(str, args)], check=True,
-                          capture_output=True, text=True).stdout
 
 
 def load(files: list[Path], args: argparse.Namespace) -> float:
     """Seconds the ranks take to load the files, the page cache dropped first."""
     drop_caches()
     started = time.monotonic()
-    read_all(files, args.ranks, "split" if args.pattern == "split" else "rotate", use_mmap=not args.read)
+    read_all(files, args.ranks, args.pattern, use_mmap=not args.read)  # "all": each rank from its own file on
     return time.monotonic() - started
 
 
@@ -63,10 +58,10 @@ def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -
     try:
         mounted = [MOUNTPOINT / f.name for f in files]
         seconds = load(mounted, args)
-        metrics = json.loads(fusecache("status", MOUNTPOINT, "--json"))["metrics"]
+        metrics = json.loads(cli("status", MOUNTPOINT, "--json"))["metrics"]
         warm = load(mounted, args)
     finally:
-        fusecache("umount", MOUNTPOINT)
+        cli("umount", MOUNTPOINT)
     return seconds, warm, metrics
 
 

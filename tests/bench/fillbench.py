@@ -12,9 +12,9 @@ The engine prefetches every file (as `fusecache prefetch` does) and the fill rat
 against the node cap, with the bytes read from the source against the data (each byte once).
 Each variant is a set of mount options (`;` between variants); they run in alternation,
 `--rounds` times, medians reported: the machine is shared. A variant `copy:N` is no fusecache
-at all: N threads copy whole files from the same source in reads of 32 MiB into the cache's
-filesystem (pwrite, no checksum), the most a simple parallel copy gets from this source into
-this machine: the ceiling to hold the engine's fill against.
+at all: N threads take the files' 32 MiB blocks in file order from one queue, read each from the
+same source and pwrite it into the cache's filesystem (no checksum): what a naive parallel copy
+gets from this source into this machine, to hold the engine's fill against.
 """
 
 from __future__ import annotations

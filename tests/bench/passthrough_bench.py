@@ -22,19 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.bench.throughput import GiB, drop_caches, make_source, read_all
+from tests.bench.throughput import GiB, cli, drop_caches, make_source, read_all
 
 MOUNTPOINT = Path("/tmp/ptbench-mnt")
-
-
-def cli(*args: object) -> str:
-    return subprocess.run([sys.executable, "-m", "fusecache", *map(str, args)], check=True,
-                          capture_output=True, text=True).stdout
 
 
 def meminfo() -> dict[str, int]:
