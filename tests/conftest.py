@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+import fusecache
 from fusecache import control, mounts
 
 HERE = Path(__file__).parent
+CHECKOUT = HERE.parent
 # The FUSE session the real-mount tier runs on: ours by default; CI runs the tier again with
 # FUSECACHE_TEST_SESSION=pyfuse3 for the fallback.
 SESSION = os.environ.get("FUSECACHE_TEST_SESSION", "kernel")
@@ -26,6 +28,19 @@ SESSION = os.environ.get("FUSECACHE_TEST_SESSION", "kernel")
 # the kernel's own path.
 DEFAULT_OPTIONS = [f"session={SESSION}", "passthrough=off"]
 FUSE_AVAILABLE = os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+def pytest_report_header(config) -> str:
+    return f"fusecache {fusecache.__version__} from {Path(fusecache.__file__).parent}"
+
+
+def pytest_configure(config) -> None:
+    """CI tests the package pip installed (a wheel), not the checkout's sources: a module
+    missing from the wheel must fail there, as it would for a user."""
+    installed = Path(fusecache.__file__).resolve()
+    if os.environ.get("CI") == "true" and installed.is_relative_to(CHECKOUT.resolve()):
+        raise pytest.UsageError(f"CI=true but fusecache is imported from the checkout ({installed}), "
+                                "not from an installed wheel: run .ci/setup")
 
 
 def pytest_collection_modifyitems(config, items):

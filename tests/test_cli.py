@@ -205,6 +205,21 @@ def test_metrics_address_in_use_is_refused(dirs):
 
 
 @pytest.mark.fuse
+def test_an_unusable_metrics_textfile_is_refused(dirs, tmp_path):
+    """A textfile in a missing directory used to mount and log a warning every 5 s; one in a
+    directory others can write let them steer the root daemon's writes (audit 2, items 1, 17)."""
+    source, mountpoint, cache = dirs
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    for textfile, reason in ((tmp_path / "nowhere" / "f.prom", f"directory {tmp_path / 'nowhere'} does not exist"),
+                             (shared / "f.prom", f"{shared} is writable by group or others")):
+        with no_leftovers(source.parent, mountpoint):
+            assert_refused(["mount", source, mountpoint, "--cache-dir", cache, "-o", f"metrics_textfile={textfile}"],
+                           reason, mountpoint)
+
+
+@pytest.mark.fuse
 @pytest.mark.skipif(SESSION != "kernel", reason="the CLI's timeouts: the same whichever session the daemon runs")
 def test_status_and_umount_of_a_stopped_daemon(dirs, make_mount):
     """status and umount used to hang forever: resolving the mountpoint is a request to the

@@ -54,6 +54,25 @@ def test_a_complete_file_is_read_by_the_kernel(tmp_path, make_mount):
     assert "passthrough:  on" in table
 
 
+def test_a_reload_from_the_cache_counts_as_hits(tmp_path, make_mount):
+    """The kernel's reads never reach the daemon: status used to say "hit ratio 0.0%" after a
+    load served entirely from the cache. Each passthrough open counts its file's size."""
+    src = tmp_path / "src"
+    data = write(src / "w.bin", 6 * MiB, seed=3)
+    m = make_mount(src, options=ON)
+    assert file_bytes(m.mountpoint / "w.bin") == data  # fills the cache
+    m.unmount()
+    m.mount()
+    for _ in range(2):
+        assert file_bytes(m.mountpoint / "w.bin") == data
+    metrics = m.metrics()
+    assert metrics["bytes_served"] == 0 and metrics["bytes_from_source"] == 0
+    assert metrics["passthrough_opens"] == 2 and metrics["passthrough_bytes"] == 2 * len(data)
+    assert metrics["hit_ratio"] == 1.0
+    table = run_cli("status", m.mountpoint).stdout
+    assert "hit ratio:    100.0%" in table and "12.0 MiB opened through passthrough" in table
+
+
 def test_kill9_and_a_corrupted_cache_file_serve_no_wrong_byte(counting_source, make_mount):
     data = write(counting_source.real / "w.bin", 12 * MiB, seed=2)
     counting_source.start()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -157,6 +158,13 @@ def test_a_private_dir_of_another_user_is_refused(tmp_path):
         private.check_ancestors(theirs / "cache")
 
 
+def test_a_refusal_names_each_allowed_owner_once():
+    """A root daemon allows root and itself: uid 0 twice used to read "not 0 or 0" (audit 2, item 18)."""
+    st = os.stat_result((stat.S_IFDIR | 0o700, 0, 0, 1, 65534, 65534, 0, 0, 0, 0))
+    assert private.refusal(Path("/x"), st, (0, 0)) == "/x is owned by uid 65534, not 0"
+    assert private.refusal(Path("/x"), st, (1000, 0)) == "/x is owned by uid 65534, not 0 or 1000"
+
+
 def test_private_files(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"old")
@@ -192,7 +200,7 @@ def test_metrics_snapshot_and_prometheus_agree():
     m.observe_fetch(100.0)
     m.cache_bytes, m.cache_limit_bytes = 5, 10
     snap = m.snapshot()
-    assert snap["hit_ratio"] == 0.75 and snap["errors"] == {"EIO": 2, "ESTALE": 1} and snap["fetch_errors"] == 3
+    assert snap["hit_ratio"] == 400 / 700 and snap["errors"] == {"EIO": 2, "ESTALE": 1} and snap["fetch_errors"] == 3
     assert snap["fetch_seconds_buckets"][FETCH_BUCKETS.index(0.005)] == 1 and snap["fetch_seconds_buckets"][-1] == 1
     json.dumps(snap)  # what the control channel sends
 
@@ -203,6 +211,9 @@ def test_metrics_snapshot_and_prometheus_agree():
     assert value("fusecache_served_bytes_total", {"origin": "fetched"}) == 200
     assert value("fusecache_served_bytes_total", {"origin": "read_through"}) == 100
     assert value("fusecache_chunk_lookups_total", {"result": "miss"}) == 1
+    m.passthrough_opens, m.passthrough_bytes = 2, 2000  # a 1000-byte file opened twice by the kernel
+    assert m.snapshot()["hit_ratio"] == (400 + 2000) / (700 + 2000)
+    assert registry.get_sample_value("fusecache_passthrough_bytes_total") == 2000
     assert value("fusecache_errors_total", {"kind": "EIO"}) == 2
     assert value("fusecache_fetch_seconds_bucket", {"le": "0.001"}) == 0
     assert value("fusecache_fetch_seconds_bucket", {"le": "0.005"}) == 1

@@ -373,8 +373,8 @@ def environment() -> dict:
         """The commit the fusecache code under test comes from, flagged if it has local edits."""
         git = ["git", "-C", str(REPO)]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        edited = subprocess.run([*git, "status", "--porcelain", "fusecache"], capture_output=True, text=True).stdout
-        return f"{commit or '?'}{' with uncommitted changes in fusecache/' if edited.strip() else ''}"
+        edited = subprocess.run([*git, "status", "--porcelain", "src/fusecache"], capture_output=True, text=True).stdout
+        return f"{commit or '?'}{' with uncommitted changes in src/fusecache/' if edited.strip() else ''}"
 
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "kernel": platform.release(),

@@ -10,7 +10,7 @@ SIZE=${1:-24}
 CONFIGS=" ${CONFIGS:-tmpfs-8 tmpfs-1 disk-8 profile passthrough} "
 OUT=${OUT:-node-bench}; mkdir -p "$OUT"
 bash tests/bench/node_setup.sh > "$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; exit 1; }
-export PATH=/tmp/fuse-root/bin:/tmp/fuse-root/sbin:/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PATH=/tmp/fuse-root/bin:/tmp/fuse-root/sbin:/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1
 OPTS=(-o workers=64 -o fetch_threads=16 -o streams=4)
 python3 -c "from pathlib import Path; from tests.bench.throughput import GiB, make_source; make_source(Path('/dev/shm/src'), int($SIZE * GiB), 16)"
 bench() { python3 -m tests.bench.throughput --size-gb "$SIZE" --files 16 --source-dir /dev/shm/src "${OPTS[@]}" "$@"; }

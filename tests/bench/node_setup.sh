@@ -26,6 +26,6 @@ PC
 chmod +x "$PREFIX/bin/pkg-config"
 export PATH="$PREFIX/bin:$PREFIX/sbin:$PATH"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$CARRY"/*.whl
-export PYTHONPATH="/tmp/site:$PWD"
+export PYTHONPATH="/tmp/site:$PWD/src:$PWD"
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site "$CARRY"/pyfuse3-*.tar.gz
 python3 -c "import pyfuse3, trio; print('pyfuse3', pyfuse3.__version__, 'trio', trio.__version__)"

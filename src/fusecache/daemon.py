@@ -21,7 +21,7 @@ import prometheus_client
 import trio
 from prometheus_client import CollectorRegistry
 
-from . import mounts, private
+from . import mounts, private, textfile
 from .config import MountConfig
 from .control import ControlError, ControlServer, socket_path
 from .engine import Engine
@@ -63,6 +63,11 @@ def check_request(cfg: MountConfig) -> CacheStore:
         raise MountError(f"source {source} is not readable")
     _check_overlap(cfg)
     _check_mountpoint(cfg.mountpoint)
+    if cfg.metrics_textfile is not None:
+        try:
+            textfile.check(cfg.metrics_textfile)
+        except textfile.TextfileError as e:
+            raise MountError(str(e)) from None
     store = CacheStore(cfg.cache_dir, os.path.realpath(source))
     try:
         store.prepare()
@@ -276,12 +281,19 @@ def _serve_metrics(cfg: MountConfig, registry: CollectorRegistry) -> None:
 
 
 async def _write_textfile(path: Path, registry: CollectorRegistry) -> None:
-    """Rewrite a node-exporter textfile every few seconds (atomically: write, then rename)."""
+    """Rewrite a node-exporter textfile every few seconds (textfile.write: atomically, and
+    never through a link another user planted). A failure is logged once, not every time."""
+    failing = None
     while True:
         try:
-            await trio.to_thread.run_sync(prometheus_client.write_to_textfile, str(path), registry)
-        except OSError as e:
-            log.warning("cannot write metrics to %s: %s", path, e.strerror)
+            data = prometheus_client.generate_latest(registry)
+            await trio.to_thread.run_sync(textfile.write, path, data)
+            failing = None
+        except (OSError, textfile.TextfileError) as e:
+            reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
+            if reason != failing:
+                log.warning("cannot write metrics to %s: %s", path, reason)
+            failing = reason
         await trio.sleep(TEXTFILE_INTERVAL)
 
 

@@ -35,6 +35,9 @@ class Metrics:
     files_streamed: int = 0
     files_evicted: int = 0
     passthrough_opens: int = 0  # opens the kernel serves from the cache file itself
+    # the size of each file opened through passthrough, per open: the bytes those opens may
+    # read from the cache without asking the daemon (the kernel's reads are not seen one by one)
+    passthrough_bytes: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # fetch errors by kind (errno name)
     # fetch latency histogram: counts per upper bound in seconds (the last bucket is +Inf)
     fetch_seconds_buckets: list[int] = field(default_factory=lambda: [0] * (len(FETCH_BUCKETS) + 1))
@@ -71,11 +74,17 @@ class Metrics:
         (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
         return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
 
+    def hit_ratio(self) -> float | None:
+        """The share of what readers got that the cache held when asked: bytes the daemon
+        served from the cache, and the files opened through passthrough (a complete cache file
+        the kernel reads itself: all of it from the cache), over both; None before any."""
+        asked = self.bytes_served + self.passthrough_bytes
+        return (self.bytes_served_from_cache + self.passthrough_bytes) / asked if asked else None
+
     def snapshot(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
         data["source_rate"] = self.source_rate()
-        lookups = self.chunk_hits + self.chunk_misses
-        data["hit_ratio"] = self.chunk_hits / lookups if lookups else None
+        data["hit_ratio"] = self.hit_ratio()
         data["uptime_s"] = time.time() - self.started_at
         return data
 
@@ -108,6 +117,9 @@ class PrometheusCollector:
         yield CounterMetricFamily("fusecache_evicted_files", "Files evicted from the cache.", value=m.files_evicted)
         yield CounterMetricFamily("fusecache_passthrough_opens", "Opens served by the kernel from the cache file.",
                                   value=m.passthrough_opens)
+        yield CounterMetricFamily("fusecache_passthrough_bytes",
+                                  "Size of each file opened through passthrough, per open (read by the kernel).",
+                                  value=m.passthrough_bytes)
         counts = list(m.fetch_seconds_buckets)
         cumulative, buckets = 0, []
         for bound, count in zip([*map(str, FETCH_BUCKETS), "+Inf"], counts):

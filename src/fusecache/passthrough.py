@@ -80,6 +80,7 @@ class Passthrough:
         elif backing_id != self.NEW_INODE:
             io.passthrough += 1
             self.engine.metrics.passthrough_opens += 1
+            self.engine.metrics.passthrough_bytes += handle.tracked.identity.size
         self._tidy(inode, io)
         return backing_id
 

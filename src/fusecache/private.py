@@ -36,7 +36,7 @@ def refusal(path: Path, st: os.stat_result, owner_ok: tuple[int, ...], sticky_ok
     if not stat_mod.S_ISDIR(st.st_mode):
         return f"{path} is not a directory"
     if st.st_uid not in owner_ok:
-        return f"{path} is owned by uid {st.st_uid}, not {' or '.join(map(str, owner_ok))}"
+        return f"{path} is owned by uid {st.st_uid}, not {' or '.join(map(str, sorted(set(owner_ok))))}"
     if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat_mod.S_ISVTX):
         return f"{path} is writable by group or others"
     return None
