@@ -172,3 +172,37 @@ def test_without_passthrough_the_daemon_serves_and_says_why(tmp_path, make_mount
     assert state["metrics"]["bytes_served"] >= len(data)
     log = next(m.cache_dir.rglob("daemon.log")).read_text()
     assert sum("passthrough off:" in line for line in log.splitlines()) == 1, log
+
+
+def _sealed(cache: Path) -> bool:
+    from fusecache.store import SEAL_MAGIC  # the seal's own marker, at the end of the index
+    return any(index.read_bytes()[-48:].startswith(SEAL_MAGIC) for index in cache.rglob("*.idx"))
+
+
+def _daemon_read_bytes(pid: int) -> int:
+    """Bytes the daemon has read with read/pread since it started (page cache hits included)."""
+    fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
+@pytest.mark.parametrize("verify, reads_the_file", [("sealed", False), ("always", True)])
+def test_a_restart_serves_a_sealed_file_without_reading_it(tmp_path, make_mount, verify, reads_the_file):
+    """Issue 20: a complete file is sealed; after a restart the kernel is given it at once,
+    where it used to be read and hashed whole first (verify=always still does that)."""
+    src = tmp_path / "src"
+    data = write(src / "w.bin", 24 * MiB, seed=4)
+    m = make_mount(src, options=ON + [f"verify={verify}"])
+    assert file_bytes(m.mountpoint / "w.bin") == data
+    deadline = time.monotonic() + 30
+    while not _sealed(m.cache_dir):
+        assert time.monotonic() < deadline, "the complete file was never sealed"
+        time.sleep(0.05)
+    m.unmount()
+    m.mount()
+    before = _daemon_read_bytes(m.pid)
+    with open(m.mountpoint / "w.bin", "rb") as f:
+        assert f.read() == data
+    read = _daemon_read_bytes(m.pid) - before
+    metrics = m.metrics()
+    assert metrics["passthrough_opens"] == 1 and metrics["bytes_served"] == 0, metrics
+    assert (read >= len(data)) == reads_the_file, read

@@ -41,6 +41,7 @@ _GENERIC_MOUNT_PREFIXES = ("x-", "comment=", "x-systemd.")
 
 READAHEAD_MODES = ("all", "shards", "off")
 SESSIONS = ("kernel", "pyfuse3")
+VERIFY_MODES = ("sealed", "always")
 # Threads that check a cached file's chunks before its first passthrough open (CPU and memory
 # bound: as wide as the machine), each with a buffer of VERIFY_RUN_CHUNKS chunks.
 VERIFY_THREADS = min(16, os.cpu_count() or 1)
@@ -208,6 +209,9 @@ class MountConfig:
     # How long an open of a file being streamed waits for it to complete, to get passthrough
     # instead of being served through the daemon (docs/benchmarks.md).
     passthrough_wait: float = 60.0
+    # What a restart trusts of a complete cache file: "sealed" serves a file whose seal still
+    # matches its data file without reading it; "always" checks every chunk again first.
+    verify: str = "sealed"
     allow_other: bool = False
     foreground: bool = False
     # one line each about options spelled the old way, shown once the mount starts
@@ -302,6 +306,7 @@ _OPTION_SETTERS = {
     "readahead": lambda c, k, v: setattr(c, k, parse_choice(v, k, READAHEAD_MODES)),
     "source_inodes": lambda c, k, v: setattr(c, k, parse_choice(v, k, SOURCE_INODES)),
     "session": lambda c, k, v: setattr(c, k, parse_choice(v, k, SESSIONS)),
+    "verify": lambda c, k, v: setattr(c, k, parse_choice(v, k, VERIFY_MODES)),
     "passthrough": lambda c, k, v: setattr(c, k, parse_bool(v, k)),
     "passthrough_wait": lambda c, k, v: setattr(c, k, parse_float(v, k, 0.0, 86400.0)),
     "log_level": lambda c, k, v: setattr(c, k, parse_choice(v, k, LOG_LEVELS)),

@@ -68,7 +68,7 @@ def check_request(cfg: MountConfig) -> CacheStore:
             textfile.check(cfg.metrics_textfile)
         except textfile.TextfileError as e:
             raise MountError(str(e)) from None
-    store = CacheStore(cfg.cache_dir, os.path.realpath(source))
+    store = CacheStore(cfg.cache_dir, os.path.realpath(source), trust_seals=cfg.verify == "sealed")
     try:
         store.prepare()
         store.lock()

@@ -11,7 +11,17 @@ A chunk's index record (checksum of its bytes, PRESENT marker) is written only a
 were written to the data file, by the same thread. A crash (kill -9) therefore leaves either
 no record or a record for bytes that are in the file; a power loss that loses data pages but
 keeps the record is caught by the checksum, which is checked before a chunk is first served in
-each daemon lifetime. All methods block: call them from worker threads.
+each daemon lifetime, unless the entry is sealed.
+
+A *seal* is what lets a restart serve a complete file without reading it. Once every chunk of
+an entry is verified, its data file and records are made durable (fdatasync), and then a seal
+is appended to the index: the data file's inode number, size, mtime and ctime (any write to
+the file moves its ctime, which no one can set back) and a checksum of the records. A later
+daemon that finds the seal matching the data file's fstat and the records trusts the chunks
+as verified (`verify=sealed`, the default); anything else, or `verify=always`, checks them
+chunk by chunk as before. A write of ours into a sealed entry removes the seal first (the
+index is truncated back to its records), so a crash never leaves a seal over bytes that are
+not those it describes. All methods block: call them from worker threads.
 
 Every directory of the store must be the daemon user's and writable by nobody else (see
 private.py), and no file in it is opened through a symlink: what the store holds is served to
@@ -49,6 +59,10 @@ _HEADER_PREFIX = struct.Struct("<8sI")  # magic, length of the JSON header that 
 CHECKSUM = "xxh3_64"
 _RECORD = struct.Struct("<QI4x")  # checksum, marker; 16 bytes, so no record straddles a page
 _PRESENT = 0x43484B31  # "CHK1": anything else (zeros from a hole, garbage) means missing
+# After the records, only in a sealed index: magic, the data file's inode, size, mtime_ns and
+# ctime_ns once durable, and the xxh3-64 of the records it vouches for.
+_SEAL = struct.Struct("<8sQQqqQ")
+SEAL_MAGIC = b"FCSEAL01"
 _PAGE = 4096
 MAX_PINS_FILE = 16 << 20
 
@@ -70,7 +84,7 @@ class CacheEntry:
     """The cached copy of one version (Identity) of one source file."""
 
     def __init__(self, relpath: str, identity: Identity, chunk_size: int, data_fd: int,
-                 index_fd: int, records_offset: int, state: bytearray, sums: array) -> None:
+                 index_fd: int, records_offset: int, state: bytearray, sums: array, sealed: bool = False) -> None:
         self.relpath = relpath
         self.identity = identity
         self.chunk_size = chunk_size
@@ -89,6 +103,7 @@ class CacheEntry:
         # their chunks before that cannot serve from them
         self.generation = 0
         self._map: mmap.mmap | None = None
+        self.sealed = sealed  # the index ends with a seal (see the module docstring)
 
     @classmethod
     def uncached(cls, relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
@@ -164,6 +179,7 @@ class CacheEntry:
         with self._lock:
             if not self._writing:
                 self._notice_foreign_writes()  # before our write's stamp would hide them
+            self._unseal()
             self._writing += 1
         try:
             _pwrite_all(self.data_fd, data, offset)
@@ -185,9 +201,36 @@ class CacheEntry:
             self.state[index] = VERIFIED
         else:
             log.warning("cached chunk %d of %s failed its checksum; fetching it again", index, self.relpath)
+            with self._lock:
+                self._unseal()
             os.pwrite(self.index_fd, _RECORD.pack(0, 0), self.records_offset + index * _RECORD.size)
             self.state[index] = MISSING
         return ok
+
+    def seal(self) -> bool:
+        """Seal a complete entry (see the module docstring): its bytes and records made
+        durable first, then the seal appended. Returns whether it is sealed now."""
+        with self._lock:
+            if self.sealed or self._writing or not self.cacheable or not self.complete:
+                return self.sealed
+            os.fdatasync(self.data_fd)
+            records = os.pread(self.index_fd, self.nchunks * _RECORD.size, self.records_offset)
+            os.fdatasync(self.index_fd)
+            st = os.fstat(self.data_fd)
+            if not _same_content(_stamp(self.data_fd), self._stamp):
+                return False  # written by someone else meanwhile: left to the checksums
+            seal = _SEAL.pack(SEAL_MAGIC, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                              xxhash.xxh3_64_intdigest(records))
+            os.pwrite(self.index_fd, seal, self.records_offset + len(records))
+            self.sealed = True
+            return True
+
+    def _unseal(self) -> None:
+        """Called with _lock held, before any write of ours into the entry: the seal goes
+        first, so it never outlives the bytes it describes."""
+        if self.sealed:
+            os.ftruncate(self.index_fd, self.records_offset + self.nchunks * _RECORD.size)
+            self.sealed = False
 
     def read_into(self, buf: memoryview, offset: int, generation: int, nowait: bool = False) -> int | None:
         """Read cached bytes whose chunks were verified at `generation`. None if the data file
@@ -311,9 +354,11 @@ def _pread_all(fd: int, buf: memoryview, offset: int) -> int:
 class CacheStore:
     """The part of a cache dir that belongs to one source tree."""
 
-    def __init__(self, cache_dir: Path, source_root: str) -> None:
+    def __init__(self, cache_dir: Path, source_root: str, trust_seals: bool = True) -> None:
+        """trust_seals: serve sealed entries without checking their chunks (verify=sealed)."""
         self.cache_dir = Path(cache_dir)
         self.source_root = source_root
+        self.trust_seals = trust_seals
         self.root = self.cache_dir / LAYOUT / _key(source_root)[:16]
         self.objects = self.root / "objects"
         self._lock_fd: int | None = None
@@ -401,18 +446,24 @@ class CacheStore:
         header = _expected_header(relpath, identity, chunk_size)
         records_offset = _records_offset(header)
         nchunks = -(-identity.size // chunk_size)
-        raw = os.pread(index_fd, records_offset + nchunks * _RECORD.size, 0)
-        if raw[:records_offset] != _encode_header(header) or len(raw) != records_offset + nchunks * _RECORD.size:
+        records_end = records_offset + nchunks * _RECORD.size
+        raw = os.pread(index_fd, records_end + _SEAL.size + 1, 0)
+        if raw[:records_offset] != _encode_header(header) or len(raw) not in (records_end, records_end + _SEAL.size):
             return None
-        if os.fstat(data_fd).st_size != identity.size:
+        data = os.fstat(data_fd)
+        if data.st_size != identity.size:
             return None
+        records = raw[records_offset:records_end]
         state = bytearray(nchunks)
         sums = _no_sums(nchunks)
-        for i, (checksum, marker) in enumerate(_RECORD.iter_unpack(raw[records_offset:])):
+        for i, (checksum, marker) in enumerate(_RECORD.iter_unpack(records)):
             if marker == _PRESENT:
                 state[i] = ON_DISK
                 sums[i] = checksum
-        return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset, state, sums)
+        sealed = _seal_holds(raw[records_end:], data, records) and all(state)
+        if sealed and self.trust_seals:
+            state = bytearray([VERIFIED]) * nchunks
+        return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset, state, sums, sealed)
 
     def _create(self, relpath: str, identity: Identity, chunk_size: int,
                 data_path: Path, index_path: Path) -> CacheEntry:
@@ -503,6 +554,17 @@ class CacheStore:
         private.write_file(self.root / "pins.json", json.dumps(sorted(pins)).encode())
 
 
+def _seal_holds(seal: bytes, data: os.stat_result, records: bytes) -> bool:
+    """Whether the seal after an index's records still describes its data file as it is now
+    (the same inode, never written since) and these very records."""
+    if len(seal) != _SEAL.size:
+        return False
+    magic, ino, size, mtime_ns, ctime_ns, records_sum = _SEAL.unpack(seal)
+    return (magic == SEAL_MAGIC and (ino, size, mtime_ns, ctime_ns) == (data.st_ino, data.st_size,
+                                                                       data.st_mtime_ns, data.st_ctime_ns)
+            and records_sum == xxhash.xxh3_64_intdigest(records))
+
+
 def _no_sums(nchunks: int) -> array:
     return array("Q", bytes(8 * nchunks))
 
@@ -545,6 +607,8 @@ def _read_summary(index_path: Path) -> dict | None:
         path, chunk_size, size = header["path"], header["chunk_size"], header["size"]
         nchunks = -(-size // chunk_size)
         records = raw[len(_encode_header(header)):]
+        if len(records) == nchunks * _RECORD.size + _SEAL.size:
+            records = records[:nchunks * _RECORD.size]
         if (magic != INDEX_MAGIC or header.get("checksum") != CHECKSUM or not isinstance(path, str)
                 or len(records) != nchunks * _RECORD.size):
             return None

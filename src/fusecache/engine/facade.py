@@ -17,7 +17,7 @@ from ..store import CacheStore
 from .errors import CacheFull, ReadError
 from .evictor import Evictor, EvictorConfig
 from .fetcher import Fetcher, FetcherConfig
-from .files import Handle, OpenFiles, TrackedFile
+from .files import Handle, OpenFiles, TrackedFile, seal
 from .reader import Reader
 from .shards import CheckpointPolicy
 from .streams import StreamConfig, StreamScheduler
@@ -147,6 +147,7 @@ class Engine:
                    and self._filling(tracked, started)):
                 await trio.sleep(PASSTHROUGH_POLL)
         if entry.complete:
+            await seal(self.tasks, tracked)  # filled by reads, not a stream: sealed on its first passthrough open
             return True
         if entry.missing_bytes(everything):
             return False  # not all here: served by us, demand reads first
@@ -155,6 +156,7 @@ class Engine:
         except (CacheFull, ReadError) as e:
             log.info("%s is not served by passthrough: %s", tracked.relpath, e)
             return False
+        await seal(self.tasks, tracked)  # checked whole: the next restart need not check it again
         return entry.complete
 
     async def release(self, handle: Handle) -> None:

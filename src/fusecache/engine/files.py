@@ -68,6 +68,18 @@ class TrackedFile:
         os.close(self.src_fd)
 
 
+async def seal(tasks: Tasks, tracked: TrackedFile) -> None:
+    """Seal a complete file (CacheEntry.seal: made durable, then marked), so that a restart
+    serves it without reading it. The caller holds a reference to tracked, which keeps its
+    descriptors open meanwhile. A failure only costs the next restart a check of its chunks."""
+    if tracked.entry.sealed or not tracked.entry.cacheable:
+        return
+    try:
+        await tasks.io(tracked.entry.seal)
+    except OSError as e:
+        log.warning("sealing the cache file of %s failed (a restart checks it instead): %s", tracked.relpath, e)
+
+
 @dataclass(eq=False)
 class Handle:
     """One open() of a file through the mount."""

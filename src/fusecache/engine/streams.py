@@ -28,7 +28,7 @@ from ..source import SourceChanged
 from .errors import ReadError, VersionReplaced
 from .fetcher import Fetcher, Flight, Lane, await_flight, contiguous_runs
 from .fill import FillController
-from .files import Handle, OpenFiles, TrackedFile
+from .files import Handle, OpenFiles, TrackedFile, seal
 from .shards import CheckpointPolicy
 from .tasks import Tasks
 
@@ -232,6 +232,7 @@ class StreamScheduler:
                     if not self.files.is_current(tracked):  # a retired version, complete: not the file
                         raise VersionReplaced(relpath)
                     self.metrics.files_streamed += 1
+                    await seal(self.tasks, tracked)
                     return
             raise ReadError(errno.EIO, f"{tracked.entry.unverified_count()} chunks could not be fetched")
         except Exception as e:
