@@ -22,7 +22,7 @@ from fusecache.engine import Engine
 from fusecache.handlers import ControlHandlers, DaemonParts
 from fusecache.source import Source
 
-from .inprocess import CHUNK, harness, read_file, wait_for  # noqa: F401 - fixture
+from .inprocess import CHUNK, harness, read_file  # noqa: F401 - fixture
 
 MOUNTPOINT = "/mnt/models"
 
