@@ -1,6 +1,7 @@
 """The checks before mounting (fusecache.precheck.check_request), in process: each refusal is a
 one-line MountError, given before anything is mounted; a request that passes leaves the store
-prepared and locked. No mount, no root (a machine without a usable /dev/fuse skips)."""
+prepared and locked. No mount, no root: /dev/fuse is only checked to be a character device
+this user may open, so a user without it checks against /dev/null."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from pathlib import Path
 import pytest
 
 from fusecache.config import build_config
+from fusecache import precheck
 from fusecache.precheck import MountError, check_request
 from fusecache.store import CacheStore
 
-pytestmark = pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK), reason="no usable /dev/fuse")
-
 
 @pytest.fixture
-def paths(tmp_path):
+def paths(tmp_path, monkeypatch):
+    if not os.access(precheck.FUSE_DEVICE, os.R_OK | os.W_OK):
+        monkeypatch.setattr(precheck, "FUSE_DEVICE", "/dev/null")
     source, mountpoint = tmp_path / "src", tmp_path / "mnt"
     (source / "sub").mkdir(parents=True)
     mountpoint.mkdir()
@@ -56,8 +58,9 @@ def test_a_request_that_passes_gets_the_store_locked(paths):
     ("cache-in-source-by-symlink", "must be outside the source"),
     ("cache-dir-unwritable", "is not writable"),
     ("textfile-nowhere", "does not exist"),
+    ("no-fuse-device", "is missing or not accessible: load the fuse module"),
 ])
-def test_refusals(paths, case, message):
+def test_refusals(paths, monkeypatch, case, message):
     source, mountpoint, cache = paths
     tmp = source.parent
     options = []
@@ -84,6 +87,8 @@ def test_refusals(paths, case, message):
         cache = tmp / "link" / "cache"
     elif case == "cache-dir-unwritable":
         cache = tmp / "file" / "cache"
+    elif case == "no-fuse-device":
+        monkeypatch.setattr(precheck, "FUSE_DEVICE", str(tmp / "no-fuse"))
     elif case == "textfile-nowhere":
         options = [f"metrics_textfile={tmp / 'nowhere' / 'f.prom'}"]
     assert message in refusal(source, mountpoint, cache, *options)

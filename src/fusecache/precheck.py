@@ -18,6 +18,7 @@ from .store import CacheStore
 log = logging.getLogger(__name__)
 
 FUSECACHE_FSTYPE = "fuse.fusecache"
+FUSE_DEVICE = "/dev/fuse"
 
 
 class MountError(Exception):
@@ -28,11 +29,11 @@ def check_request(cfg: MountConfig) -> CacheStore:
     """Everything that can be checked before mounting, with a clear message for each failure.
     Returns the store, locked for this process."""
     try:
-        fuse_device = os.stat("/dev/fuse")
+        fuse_device = os.stat(FUSE_DEVICE)
     except OSError:
         fuse_device = None
-    if fuse_device is None or not stat_mod.S_ISCHR(fuse_device.st_mode) or not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise MountError("/dev/fuse is missing or not accessible: load the fuse module (modprobe fuse)")
+    if fuse_device is None or not stat_mod.S_ISCHR(fuse_device.st_mode) or not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        raise MountError(f"{FUSE_DEVICE} is missing or not accessible: load the fuse module (modprobe fuse)")
     source = cfg.source
     if not source.exists():
         raise MountError(f"source {source} does not exist")
