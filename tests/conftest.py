@@ -18,6 +18,8 @@ import pytest
 import fusecache
 from fusecache import control, mounts
 
+from .helpers import supports_acls
+
 HERE = Path(__file__).parent
 CHECKOUT = HERE.parent
 # The FUSE session the real-mount tier runs on: ours by default; CI runs the tier again with
@@ -207,3 +209,44 @@ def counting_source(tmp_path):
 def file_bytes(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+@pytest.fixture
+def acl_dir(tmp_path):
+    """A directory that everyone may search, on a filesystem with POSIX ACLs."""
+    if supports_acls(tmp_path):
+        tmp_path.chmod(0o755)
+        yield tmp_path
+        return
+    if os.path.isdir("/dev/shm"):
+        shm = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="fusecache-acl-"))
+        try:
+            if supports_acls(shm):
+                shm.chmod(0o755)
+                yield shm
+                return
+        finally:
+            shutil.rmtree(shm)
+    pytest.skip("neither tmp_path's filesystem nor /dev/shm supports POSIX ACLs")
+
+
+@pytest.fixture
+def world():
+    """A directory every user can reach (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="fusecache-hostile-", dir="/tmp"))
+    path.chmod(0o755)
+    made: list[Mount] = []
+    yield path, made
+    for m in made:
+        m.cleanup()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def mount_in(world, source: Path, options: list[str] | None = None, cache_dir: Path | None = None) -> Mount:
+    """A root allow_other mount whose mountpoint other users can reach."""
+    base, made = world
+    mountpoint = base / f"mnt{len(made)}"
+    mountpoint.mkdir()
+    m = Mount(source, mountpoint, cache_dir or base / "cache", ["allow_other", *(options or [])])
+    made.append(m)
+    return m.mount()

@@ -30,8 +30,9 @@ import trio.testing
 from fusecache.budget import CacheBudget
 from fusecache.config import MountConfig
 from fusecache.engine import Engine
+from fusecache.fs import FuseOperations
 from fusecache.metrics import Metrics
-from fusecache.session.types import Context
+from fusecache.session.types import Context, FuseError
 from fusecache.source import Identity, Source
 from fusecache.store import CacheStore
 
@@ -295,3 +296,25 @@ def damage(store: CacheStore, relpath: str, offset: int) -> None:
         old = f.read(16)
         f.seek(offset)
         f.write(bytes(b ^ 0xFF for b in old))
+
+
+# -- helpers for tests of the FUSE adapter --
+
+async def operations(harness: Harness, **config: object) -> FuseOperations:
+    """The FUSE adapter over a new engine of the harness."""
+    return FuseOperations(await harness.start(**config), attr_timeout=2.5)
+
+
+async def fuse_errno(call) -> int:
+    with pytest.raises(FuseError) as info:
+        await call
+    return info.value.errno
+
+
+async def read_all(ops: FuseOperations, fh: int) -> bytes:
+    """Read fh to its end into one reused reply buffer, as a session's worker does."""
+    out = bytearray()
+    buf = buffer(CHUNK)
+    while reply := await ops.read(fh, len(out), CHUNK, buf):
+        out += reply
+    return bytes(out)

@@ -10,9 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
-import struct
-import tempfile
 import threading
 from pathlib import Path
 
@@ -21,67 +18,12 @@ import pytest
 from fusecache import acl
 from fusecache.acl import R, X, Acl, AclEntry, MalformedAcl, Tag, check
 
-NOBODY = 65534
+from .helpers import NOBODY, encode, entries, set_acl
+
 OWNER = 1000
 OWNING_GROUP = 1000
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setuid)")
-
-_TAGS = {"u": (Tag.USER_OBJ, Tag.USER), "g": (Tag.GROUP_OBJ, Tag.GROUP),
-         "m": (Tag.MASK, Tag.MASK), "o": (Tag.OTHER, Tag.OTHER)}
-
-
-def entries(text: str) -> list[tuple[int, int, int | None]]:
-    """'u::rw-,u:65534:---,g::r--,m::r--,o::r--' (getfacl's short form) as (tag, perm, id)."""
-    result = []
-    for item in text.split(","):
-        kind, qualifier, perms = item.split(":")
-        tag = _TAGS[kind][1 if qualifier else 0]
-        perm = sum(bit for bit, char in zip((4, 2, 1), perms) if char != "-")
-        result.append((tag, perm, int(qualifier) if qualifier else None))
-    return result
-
-
-def encode(items: list[tuple[int, int, int | None]], version: int = 2) -> bytes:
-    return struct.pack("<I", version) + b"".join(
-        struct.pack("<HHI", tag, perm, 0xFFFFFFFF if id_ is None else id_) for tag, perm, id_ in items)
-
-
-def set_acl(path: Path, text: str) -> None:
-    os.setxattr(path, acl.XATTR_ACCESS, encode(entries(text)))
-
-
-def _supports_acls(directory: Path) -> bool:
-    probe = directory / ".acl-probe"
-    probe.touch()
-    try:
-        set_acl(probe, "u::rw-,u:1:r--,g::r--,m::r--,o::r--")
-        return acl.read_access_acl(str(probe)) is not None
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
-            return False
-        raise
-    finally:
-        probe.unlink()
-
-
-@pytest.fixture
-def acl_dir(tmp_path):
-    """A directory that everyone may search, on a filesystem with POSIX ACLs."""
-    if _supports_acls(tmp_path):
-        tmp_path.chmod(0o755)
-        yield tmp_path
-        return
-    if os.path.isdir("/dev/shm"):
-        shm = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="fusecache-acl-"))
-        try:
-            if _supports_acls(shm):
-                shm.chmod(0o755)
-                yield shm
-                return
-        finally:
-            shutil.rmtree(shm)
-    pytest.skip("neither tmp_path's filesystem nor /dev/shm supports POSIX ACLs")
 
 
 def make(directory: Path, name: str, text: str | None = None, *, is_dir: bool = False,

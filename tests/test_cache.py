@@ -7,28 +7,17 @@ import errno
 import os
 import random
 import time
-from pathlib import Path
 
 import pytest
 
 from fusecache.store import summarize_index
 
 from .conftest import file_bytes, run_cli
+from .helpers import fill
 
 pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
-
-
-def fill(root: Path, files: dict[str, int], seed: int = 0) -> dict[str, bytes]:
-    rng = random.Random(seed)
-    contents = {}
-    for name, size in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        contents[name] = rng.randbytes(size)
-        path.write_bytes(contents[name])
-    return contents
 
 
 def test_each_byte_read_once_and_remount_reads_nothing(counting_source, make_mount):

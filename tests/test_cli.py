@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from fusecache import mounts
+from fusecache import control, mounts
 from fusecache.cli import printable
 from fusecache.config import GiB, MountConfig, memory_limit
 
@@ -70,7 +70,7 @@ def assert_refused(args, message: str, mountpoint: Path, status: int = 1) -> Non
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("fusecache: ") and message in lines[0], lines[0]
     assert not is_mounted(mountpoint)
-    assert daemons() <= before
+    assert daemons(mountpoint) <= before  # others' daemons may come and go meanwhile
 
 
 @pytest.mark.fuse
@@ -299,6 +299,44 @@ def test_already_mounted_mountpoint_is_refused(dirs, make_mount):
     assert result.returncode == 1
     assert "already mounted" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert (m.mountpoint / "f").read_text() == "data"
+
+
+@pytest.mark.fuse
+def test_mount_over_a_stopped_daemon_says_already_mounted(dirs, make_mount):
+    """The stale-mount check asked the mountpoint (statfs), a request to its daemon: over a
+    stopped or hung one, `fusecache mount` blocked instead of refusing. The timeout below is
+    far beyond the answer's milliseconds; hitting it is the failure."""
+    source, _mountpoint, cache = dirs
+    m = make_mount(source)
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        result = run_cli("mount", source, m.mountpoint, "--cache-dir", cache.parent / "cache2", check=False, timeout=60)
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"fusecache: mountpoint {m.mountpoint} is already mounted"]
+    assert (m.mountpoint / "f").read_text() == "data"
+
+
+@pytest.mark.fuse
+def test_prefetch_of_more_paths_than_a_request_holds(dirs, make_mount):
+    """`fusecache prefetch DIR` asked for progress by listing every file: past the 1 MiB
+    request limit it failed ("cannot talk to the daemon: Broken pipe", exit 1) while the daemon
+    went on fetching. Long names make 1300 files list well over 1 MiB."""
+    source, _mountpoint, _cache = dirs
+    deep = source / "many" / ("d" * 250) / ("e" * 250) / ("f" * 250)
+    deep.mkdir(parents=True)
+    names = [f"{i:04d}".ljust(250, "x") for i in range(1300)]
+    for name in names:
+        (deep / name).write_bytes(name[:4].encode())
+    listed = sum(len(str((deep / name).relative_to(source))) + 4 for name in names)
+    assert listed > control.MAX_REQUEST
+    m = make_mount(source, ["readahead=off"])
+    result = run_cli("prefetch", m.mountpoint / "many", "--json", check=False, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report[0]["files"] == 1300 and report[0]["cached"] == report[0]["bytes"] == 4 * 1300
+    assert (m.mountpoint / deep.relative_to(source) / names[-1]).read_bytes() == b"1299"
 
 
 @pytest.mark.fuse

@@ -173,3 +173,32 @@ def test_memory_limit_is_the_lowest_cgroup_v2_limit(tmp_path):
 def test_memory_limit_of_this_process():
     meminfo = Path("/proc/meminfo").read_text().split("\n")[0].split()
     assert 0 < memory_limit() <= int(meminfo[1]) * 1024
+
+
+@pytest.mark.parametrize("options, message", [
+    (["chunk_size=96K"], "must be a power of two"),
+    (["chunk_size=512M", "stream_read_size=1G"], "must be <= 256M"),
+    (["stream_read_size=6M"], "must be a multiple of chunk_size"),
+    (["stream_read_size=2G"], "must be <= 1G"),
+    (["sequential_window=2G"], "must be <= 1G"),
+    (["cache_size=100K"], "must be at least 1M"),
+    (["cache_size=200%"], "between 0.1 and 100.0"),
+    (["readahead=maybe"], "expected one of all, shards, off"),
+    (["allow_other=perhaps"], "expected on/off"),
+    (["streams"], "needs a value"),
+    (["attr_timeout=soon"], "expected a number"),
+    (["cache_dir="], "empty path"),
+])
+def test_invalid_settings_are_one_line_errors(options, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        build_config("/src", "/mnt", options)
+    assert "\n" not in str(info.value)
+
+
+def test_buffers_must_fit_in_half_the_memory():
+    cfg = MountConfig(source=Path("/src"), mountpoint=Path("/mnt"))
+    cfg.validate(memory=lambda: 64 << 30)
+    with pytest.raises(ConfigError, match="the daemon's buffers would take"):
+        cfg.validate(memory=lambda: cfg.buffer_bytes())
+    cfg = build_config("/src", "/mnt", ["cache_size=50%,allow_other,noatime,x-systemd.automount"])
+    assert cfg.cache_size_percent == 50.0 and cfg.cache_size is None and cfg.allow_other

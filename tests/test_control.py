@@ -1,18 +1,25 @@
-"""The control channel in process (no mount, no root): a long request is kept alive by
-heartbeats, a silent daemon is a one-line ControlError, never a TimeoutError."""
+"""The control channel (fusecache.control) in process, no mount, no root: a long request is
+kept alive by heartbeats, a silent daemon is a one-line ControlError, never a TimeoutError;
+unknown, malformed, oversized and failing requests get a one-line error and the server keeps
+serving; only root and the user who mounted may use it; a daemon that died is told from a
+stopped one by its socket alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
 from pathlib import Path
 
+import outcome
 import pytest
 import trio
 
-from fusecache.control import ControlError, ControlServer, ControlTimeout, send_request
+from fusecache.config import runtime_dir
+from fusecache.control import (MAX_REQUEST, ControlError, ControlServer, ControlTimeout, call, is_listening,
+                               send_request, socket_path)
 
 
 async def slow(request: dict) -> dict:
@@ -23,16 +30,17 @@ async def slow(request: dict) -> dict:
 def exchange(path: Path, request: dict, heartbeat: float, timeout: float) -> dict:
     """Serve the control socket at path in this process while a thread sends one request."""
 
-    async def main() -> dict:
+    async def main() -> outcome.Outcome:
         server = ControlServer(path, {"slow": slow}, owner_uid=os.getuid(), heartbeat=heartbeat)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
-            try:
-                return await trio.to_thread.run_sync(send_request, path, request, timeout, "/mnt")
-            finally:
-                nursery.cancel_scope.cancel()
+            result = await trio.to_thread.run_sync(outcome.capture, send_request, path, request, timeout, "/mnt")
+            nursery.cancel_scope.cancel()
+        return result
 
-    return trio.run(main)
+    # the client's error is raised here, as itself: raised inside the nursery, a trio with
+    # strict exception groups would hand it on wrapped in an ExceptionGroup
+    return trio.run(main).unwrap()
 
 
 def test_a_long_request_outlives_the_timeout(tmp_path):
@@ -99,3 +107,87 @@ def test_a_runtime_dir_others_made_or_can_write_is_refused(tmp_path):
         os.chown(theirs, 65534, 65534)
         with pytest.raises(UntrustedPath, match="owned by uid 65534"):
             ControlServer(theirs / "c.sock", {}, owner_uid=0).prepare()
+
+
+async def test_the_control_channel_answers_bad_requests_with_one_line_errors(tmp_path):
+    async def echo(request: dict) -> dict:
+        return {"echo": request["value"]}
+
+    async def broken(request: dict) -> dict:
+        raise RuntimeError("boom")
+
+    async def refuses(request: dict) -> dict:
+        raise ControlError("no such file in the cache")
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, {"echo": echo, "broken": broken, "refuses": refuses}, owner_uid=os.getuid())
+
+    def exchange(request) -> dict:
+        return send_request(path, request, 5.0, "/mnt")
+
+    def raw(data: bytes) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(path))
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            return json.loads(sock.makefile("rb").read())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert await trio.to_thread.run_sync(exchange, {"command": "echo", "value": [1, "x"]}) == {"echo": [1, "x"]}
+        for request, message in (({"command": "nope"}, "unknown command 'nope'"),
+                                 ({"command": "broken"}, "internal error: boom"),
+                                 ({"command": "refuses"}, "no such file in the cache")):
+            with pytest.raises(ControlError) as info:
+                await trio.to_thread.run_sync(exchange, request)
+            assert str(info.value) == message
+        for data in (b"not json\n", b'{"no": "command"}\n', b"[1, 2]\n", b""):
+            assert await trio.to_thread.run_sync(raw, data) == {"error": "malformed request"}
+        assert await trio.to_thread.run_sync(raw, b"x" * (MAX_REQUEST + 10)) == {"error": "request too large"}
+        # still serving after all that
+        assert await trio.to_thread.run_sync(exchange, {"command": "echo", "value": 1}) == {"echo": 1}
+        nursery.cancel_scope.cancel()
+    assert not path.exists()  # the socket goes with the server
+
+
+async def test_only_root_and_the_owner_may_use_the_control_channel(tmp_path):
+    async def status(request: dict) -> dict:
+        return {"ok": True}
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, {"status": status}, owner_uid=os.getuid() + 1)  # mounted by someone else
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        if os.getuid() == 0:  # root may control every mount
+            assert await trio.to_thread.run_sync(send_request, path, {"command": "status"}, 5.0, "/mnt") == {"ok": True}
+        else:
+            with pytest.raises(ControlError, match="^permission denied: only root or the user who mounted"):
+                await trio.to_thread.run_sync(send_request, path, {"command": "status"}, 5.0, "/mnt")
+        nursery.cancel_scope.cancel()
+
+
+def test_socket_paths_and_unmounted_paths(tmp_path):
+    a = socket_path("/mnt/a", 0)
+    assert a == socket_path("/mnt/a", 0) != socket_path("/mnt/b", 0)
+    assert a.parent == runtime_dir(0) == Path("/run/fusecache") and a.suffix == ".sock"
+    assert socket_path("/mnt/a", 4242).parent == runtime_dir(4242)
+    with pytest.raises(ControlError, match="is not served by a running fusecache daemon"):
+        call(str(tmp_path), {"command": "status"})
+
+
+def test_a_dead_daemon_is_told_from_a_stopped_one_by_its_socket(tmp_path, monkeypatch):
+    """`fusecache mount` over a mount must not touch the mountpoint (a stopped daemon never
+    answers): a socket still listening is a live daemon, answering or not; one that refuses
+    connections, or is gone, is a dead one's."""
+    monkeypatch.setattr("fusecache.control.runtime_dir", lambda uid: tmp_path)
+    path = socket_path("/mnt/x", os.getuid())
+    assert not is_listening("/mnt/x", os.getuid())  # no socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        assert not is_listening("/mnt/x", os.getuid())  # bound, not listening: refused
+        listener.listen(1)
+        assert is_listening("/mnt/x", os.getuid())  # nobody accepts: a stopped daemon
+        assert is_listening("/mnt/x", os.getuid())
+        assert is_listening("/mnt/x", os.getuid())  # its queue is full: still listening
+    assert path.exists() and not is_listening("/mnt/x", os.getuid())  # closed by a dead daemon

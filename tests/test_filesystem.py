@@ -111,16 +111,12 @@ def test_safetensors_checkpoint_loads_identically(tmp_path, make_mount):
     assert load_digest(m.mountpoint / "ckpt", order_seed=5) == load_digest(source)
 
 
-def _reader(path: str, seed: int) -> None:
-    print(load_digest(Path(path), order_seed=seed))
-
-
 def test_eight_concurrent_reader_processes(tmp_path, make_mount, cache_location):
     source = tmp_path / "src" / "ckpt"
     write_checkpoint(source, 32 * MiB, shards=4, seed=4)
     expected = load_digest(source)
     m = make_mount(tmp_path / "src", cache_dir=cache_location)
-    code = "import sys; from tests.test_filesystem import _reader; _reader(sys.argv[1], int(sys.argv[2]))"
+    code = "import sys; from tests.helpers import print_load_digest; print_load_digest(sys.argv[1], int(sys.argv[2]))"
     root = Path(__file__).parent.parent
     procs = [subprocess.Popen([sys.executable, "-c", code, str(m.mountpoint / "ckpt"), str(rank)],
                               stdout=subprocess.PIPE, text=True, cwd=root) for rank in range(8)]

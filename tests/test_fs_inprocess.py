@@ -27,32 +27,12 @@ from fusecache.fs import ROOT_INODE, FuseOperations
 from fusecache.session import protocol
 from fusecache.session.kernel import KernelSession, SessionConfig
 from fusecache.session.mount import MountSpec
-from fusecache.session.types import FuseError
 
-from .inprocess import CHUNK, buffer, ctx, harness  # noqa: F401 - fixture
-from .test_acl import acl_dir, set_acl  # noqa: F401 - fixture
+from .helpers import set_acl
+from .inprocess import CHUNK, ctx, fuse_errno, harness, operations, read_all  # noqa: F401 - fixture
 
 ROOT = ROOT_INODE
 DENIED = 54321  # a uid the ACLs name, never the owner of the files (the user running the test)
-
-
-async def operations(harness, **config) -> FuseOperations:
-    return FuseOperations(await harness.start(**config), attr_timeout=2.5)
-
-
-async def fuse_errno(call) -> int:
-    with pytest.raises(FuseError) as info:
-        await call
-    return info.value.errno
-
-
-async def read_all(ops: FuseOperations, fh: int) -> bytes:
-    """Read fh to its end into one reused reply buffer, as a session's worker does."""
-    out = bytearray()
-    buf = buffer(CHUNK)
-    while reply := await ops.read(fh, len(out), CHUNK, buf):
-        out += reply
-    return bytes(out)
 
 
 async def test_lookup_getattr_open_read_release(harness):

@@ -8,61 +8,20 @@ import errno
 import os
 import random
 import resource
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import Mount, file_bytes, run_cli
-from .test_acl import encode, entries
-from .test_cache import fill
+from .conftest import Mount, file_bytes, mount_in, run_cli
+from .helpers import NOBODY, as_user, encode, entries, fill
 
 pytestmark = pytest.mark.fuse
 
 MiB = 1 << 20
-NOBODY = 65534
-
-
-@pytest.fixture
-def world():
-    """A directory every user can reach (pytest's tmp_path is root's alone)."""
-    path = Path(tempfile.mkdtemp(prefix="fusecache-hostile-", dir="/tmp"))
-    path.chmod(0o755)
-    made: list[Mount] = []
-    yield path, made
-    for m in made:
-        m.cleanup()
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def mount_in(world, source: Path, options: list[str] | None = None, cache_dir: Path | None = None) -> Mount:
-    """A root allow_other mount whose mountpoint other users can reach."""
-    base, made = world
-    mountpoint = base / f"mnt{len(made)}"
-    mountpoint.mkdir()
-    m = Mount(source, mountpoint, cache_dir or base / "cache", ["allow_other", *(options or [])])
-    made.append(m)
-    return m.mount()
-
-
-# The test's own interpreter may live where other users cannot reach (/root/.pyenv); the
-# probes only need the standard library.
-OTHER_USERS_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
-                           if os.access(p, os.X_OK)), sys.executable)
-
-
-def as_user(code: str, uid: int = NOBODY, timeout: float = 30) -> str:
-    """Run Python code as another user (no supplementary groups); its stdout."""
-    result = subprocess.run([OTHER_USERS_PYTHON, "-c", textwrap.dedent(code)], user=uid, group=uid,
-                            extra_groups=[], capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def daemon_rss(pid: int) -> int:

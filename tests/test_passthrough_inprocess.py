@@ -26,7 +26,7 @@ import trio
 from fusecache.fs import ROOT_INODE, FuseOperations
 
 from .inprocess import CHUNK, ctx, harness, read_file, settled  # noqa: F401 - fixture
-from .test_fs_inprocess import fuse_errno, operations, read_all
+from .inprocess import fuse_errno, operations, read_all
 
 WAIT = 30.0  # the passthrough wait of these tests: far longer than any of them may take
 

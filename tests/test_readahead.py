@@ -51,7 +51,7 @@ def test_concurrent_ranks_in_different_orders_read_each_byte_once(counting_sourc
     expected = load_digest(counting_source.real / "model")
     counting_source.start()
     m = make_mount(counting_source.path, ["stream_read_size=8M", "streams=2"])
-    code = "import sys; from tests.test_filesystem import _reader; _reader(sys.argv[1], int(sys.argv[2]))"
+    code = "import sys; from tests.helpers import print_load_digest; print_load_digest(sys.argv[1], int(sys.argv[2]))"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(m.mountpoint / "model"), str(rank)],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT) for rank in range(6)]
     digests = [p.communicate(timeout=180)[0].strip() for p in procs]

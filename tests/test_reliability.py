@@ -22,7 +22,7 @@ from fusecache.control import socket_path
 from fusecache.store import summarize_index
 
 from .conftest import Mount, file_bytes, run_cli
-from .test_cache import fill
+from .helpers import fill
 
 pytestmark = pytest.mark.fuse
 

@@ -21,9 +21,8 @@ import pytest
 from fusecache import linux, mounts
 
 from .conftest import HERE, file_bytes, run_cli
-from .test_acl import encode, entries
-from .test_cache import fill
-from .test_hostile import NOBODY, as_user, mount_in, world  # noqa: F401 - world is a fixture
+from .conftest import mount_in
+from .helpers import NOBODY, as_user, encode, entries, fill
 
 pytestmark = pytest.mark.fuse
 

@@ -21,7 +21,7 @@ import pytest
 from fusecache import linux
 from fusecache.source import Identity, Source, SourceChanged, check_name, is_under, is_valid_name
 
-from .test_acl import encode, entries
+from .helpers import encode, entries
 
 
 @pytest.fixture(params=["openat2", "per-component"])

@@ -172,12 +172,13 @@ def test_prune_removes_damaged_and_old_format_entries_only(store):
     unreadable.parent.mkdir(exist_ok=True)
     unreadable.mkdir()
 
-    store.prune_unusable()
+    loaded = store.load()
 
     for data_path, index_path in (garbage, old_format, cut_short):
         assert not index_path.exists() and not data_path.exists()
     assert all(p.exists() for p in (*other_version, *store.paths("good"), unreadable))
-    assert sorted(e["path"] for e in store.entries()) == ["good", "other"]
+    assert sorted(e["path"] for e in loaded) == ["good", "other"]
+    assert store.sizes() == {"good": SIZE, "other": SIZE}
     assert summarize_index(store.paths("garbage")[1]) is None  # vanished: None, not an error
 
 
@@ -246,18 +247,20 @@ def test_files_planted_in_the_store_are_not_trusted(store, tmp_path):
     assert store.paths("g")[1].exists() and not store.paths("f")[1].is_symlink()
 
 
-def test_remove_and_entries(store):
+def test_remove_load_and_the_catalogue(store):
     for name in ("a", "b"):
         entry = store.open_entry(name, V1, CHUNK)
         fill(entry, os.urandom(SIZE))
         entry.close()
+    assert store.sizes() == {"a": SIZE, "b": SIZE} and store.size_of("a") == SIZE  # kept as made
     store.touch("a", 1_000_000.0)
     store.touch("missing", 1.0)  # nothing to touch: no error
-    listing = {e["path"]: e for e in store.entries()}
+    listing = {e["path"]: e for e in store.load()}
     assert listing["a"]["last_used"] == 1_000_000.0 and listing["b"]["cached"] == SIZE
     store.remove("a")
     store.remove("never-cached")
-    assert [e["path"] for e in store.entries()] == ["b"] and store.index_of("a") is None
+    assert store.sizes() == {"b": SIZE} and store.size_of("a") is None
+    assert [e["path"] for e in store.load()] == ["b"] and store.index_of("a") is None
     assert not any(p.exists() for p in store.paths("a"))
 
 

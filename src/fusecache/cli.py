@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, control, daemon, mounts, private
+from . import __version__, control, daemon, mounts, precheck, private
 from .config import LOG_LEVELS, ConfigError, build_config, human
 
 log = logging.getLogger(__name__)
 
 COMMANDS = ("mount", "umount", "unmount", "status", "prefetch", "pin", "unpin", "cache", "demo")
-FSTYPE = "fuse.fusecache"
+FSTYPE = precheck.FUSECACHE_FSTYPE
 UMOUNT_WAIT = 30.0
 STATUS_TIMEOUT = 10.0  # a status answer takes milliseconds; silence this long is a hung daemon
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         say(str(e))
         return 2
-    except (Failure, ConfigError, daemon.MountError, control.ControlError) as e:
+    except (Failure, ConfigError, precheck.MountError, control.ControlError) as e:
         say(str(e))
         return 1
     except KeyboardInterrupt:
@@ -167,7 +167,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         for message in cfg.deprecations:
             say(f"warning: {message}")
     setup_logging(cfg.log_level)
-    store = daemon.check_request(cfg)
+    store = precheck.check_request(cfg)
     if cfg.foreground:
         daemon.run(cfg, store, ready=lambda: None)
         return 0
@@ -227,7 +227,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
     silent: control.ControlTimeout | None = None
     try:
-        pid = control.call(mountpoint, {"command": "status"}, timeout=STATUS_TIMEOUT)["pid"]
+        pid = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT)["pid"]
     except control.ControlTimeout as e:
         pid, silent = None, e  # a stopped or hung daemon: unmounting needs nothing from it
     except control.ControlError:
@@ -306,11 +306,11 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     results = []
     for mountpoint, relpaths in _by_mount(args.paths).items():
         queued = control.call(mountpoint, {"command": "prefetch", "paths": relpaths})
-        files = [f["path"] for f in queued["files"]]
-        total = sum(f["size"] for f in queued["files"])
-        result = {"mountpoint": mountpoint, "files": len(files), "bytes": total}
+        if "job" not in queued:
+            raise control.ControlError(f"the daemon of {mountpoint} runs an older fusecache: remount it")
+        result = {"mountpoint": mountpoint, "files": queued["files"], "bytes": queued["bytes"]}
         if not args.no_wait:
-            result.update(_wait_for(mountpoint, files, total, show=not args.json))
+            result.update(_wait_for(mountpoint, queued["job"], queued["bytes"], show=not args.json))
         results.append(result)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -321,14 +321,14 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _wait_for(mountpoint: str, files: list[str], total: int, show: bool) -> dict:
-    """Poll the daemon until no file is still being fetched, drawing a progress bar. `total`
-    (the listed size) stands in until every file's current version is known."""
+def _wait_for(mountpoint: str, job: int, total: int, show: bool) -> dict:
+    """Poll the daemon until no file of the prefetch job is still being fetched, drawing a
+    progress bar. `total` (the listed size) stands in until every file's current version is
+    known. The job is asked for by its id: a request listing its paths would outgrow the
+    request limit with a large tree."""
     started = time.monotonic()
     while True:
-        progress = control.call(mountpoint, {"command": "progress", "paths": files})
-        if "pending" not in progress:
-            raise control.ControlError(f"the daemon of {mountpoint} runs an older fusecache: remount it")
+        progress = control.call(mountpoint, {"command": "progress", "job": job})
         done, rate = progress["cached"], progress["rate"]
         if not progress["unknown"]:
             total = progress["size"]
@@ -357,7 +357,7 @@ def _by_mount(paths: list[str]) -> dict[str, list[str]]:
 def cmd_pin(args: argparse.Namespace) -> int:
     for mountpoint, relpaths in _by_mount(args.paths).items():
         queued = control.call(mountpoint, {"command": "pin", "paths": relpaths})
-        print(f"pinned {len(relpaths)} path(s) in {printable(mountpoint)}; fetching {len(queued['files'])} file(s)")
+        print(f"pinned {len(relpaths)} path(s) in {printable(mountpoint)}; fetching {queued['files']} file(s)")
     return 0
 
 

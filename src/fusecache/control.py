@@ -157,6 +157,22 @@ def call(mountpoint: str, request: dict, timeout: float = TIMEOUT) -> dict:
     return send_request(sock_path, request, timeout, mountpoint)
 
 
+def is_listening(mountpoint: str, owner_uid: int) -> bool:
+    """Whether a daemon still listens on the control socket of the mount at mountpoint,
+    answering or not: a stopped or hung daemon's socket still takes connections (the kernel
+    queues them), a dead daemon's refuses them or is gone. Asks nothing, so it never waits
+    for the daemon; a socket this user may not reach counts as listening."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        try:
+            sock.connect(str(socket_path(mountpoint, owner_uid)))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:  # EAGAIN (its queue is full), EACCES (another user's)
+            return True
+    return True
+
+
 def send_request(path: Path, request: dict, timeout: float, mountpoint: str) -> dict:
     """One exchange over the control socket at path; `mountpoint` names the mount in messages."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -362,6 +362,9 @@ class CacheStore:
         self.root = self.cache_dir / LAYOUT / _key(source_root)[:16]
         self.objects = self.root / "objects"
         self._lock_fd: int | None = None
+        # relpath -> size of every entry with an index; written by worker threads
+        self._sizes: dict[str, int] = {}
+        self._catalogue_lock = threading.Lock()
 
     def prepare(self) -> None:
         """Create the layout, or check that the one there is ours alone, and that we can write
@@ -416,6 +419,8 @@ class CacheStore:
         entry = self._load(relpath, identity, chunk_size, data_path, index_path)
         if entry is None:
             entry = self._create(relpath, identity, chunk_size, data_path, index_path)
+        else:
+            self._catalogue(relpath, identity.size)
         return entry
 
     def _load(self, relpath: str, identity: Identity, chunk_size: int,
@@ -475,6 +480,7 @@ class CacheStore:
         """
         if not data_path.parent.is_dir():  # new, or recreated if the cache dir was removed
             private.ensure_tree(self.cache_dir, data_path.parent)
+        self._catalogue(relpath, None)
         index_path.unlink(missing_ok=True)
         header = _expected_header(relpath, identity, chunk_size)
         records_offset = _records_offset(header)
@@ -495,6 +501,7 @@ class CacheStore:
             # No fsync: an index lost or emptied by a power cut fails to parse and the entry
             # is recreated; records that outlive their data are caught by the checksum.
             os.replace(tmp_index, index_path)
+            self._catalogue(relpath, identity.size)
         except BaseException:
             os.close(data_fd)
             if index_fd >= 0:
@@ -508,24 +515,45 @@ class CacheStore:
         """Size and cached bytes of relpath as last recorded, without validating it."""
         return summarize_index(self.paths(relpath)[1])
 
-    def entries(self) -> list[dict]:
-        """Every file the store holds, with its size and cached bytes."""
-        summaries = (summarize_index(index_path) for index_path in sorted(self.objects.glob("*/*.idx")))
-        return [summary for summary in summaries if summary is not None]
-
-    def prune_unusable(self) -> None:
-        """Remove entries whose index is damaged or of an older format: they can never be
-        served, and would hold their disk space forever. Only at start, before any entry is
-        opened (entries being created or replaced are briefly without an index)."""
+    def load(self) -> list[dict]:
+        """Every file the store holds, with its size, cached bytes and last use, each index
+        read once; and the catalogue (`sizes`) filled from them. Removes entries whose index
+        is damaged or of an older format on the way: they can never be served, and would hold
+        their disk space forever. Only at start, before any entry is opened (entries being
+        created or replaced are briefly without an index)."""
+        summaries = []
         for index_path in sorted(self.objects.glob("*/*.idx")):
             try:
-                usable = _read_summary(index_path) is not None
+                summary = _read_summary(index_path)
             except OSError:
                 continue  # unreadable now is not proof of damage
-            if not usable:
+            if summary is None:
                 log.info("removing unusable cache entry %s", index_path.stem)
                 index_path.unlink(missing_ok=True)
                 index_path.with_suffix(".data").unlink(missing_ok=True)
+            else:
+                summaries.append(summary)
+        with self._catalogue_lock:
+            self._sizes = {summary["path"]: summary["size"] for summary in summaries}
+        return summaries
+
+    def sizes(self) -> dict[str, int]:
+        """Size of each file the store holds (the catalogue): kept in memory from `load` on, so
+        that listing a store of any size reads no file."""
+        with self._catalogue_lock:
+            return dict(self._sizes)
+
+    def size_of(self, relpath: str) -> int | None:
+        """The size of relpath's cached version, if the store holds one (from the catalogue)."""
+        with self._catalogue_lock:
+            return self._sizes.get(relpath)
+
+    def _catalogue(self, relpath: str, size: int | None) -> None:
+        with self._catalogue_lock:
+            if size is None:
+                self._sizes.pop(relpath, None)
+            else:
+                self._sizes[relpath] = size
 
     def touch(self, relpath: str, when: float) -> None:
         """Record a use of relpath (the index's mtime orders eviction across restarts)."""
@@ -537,6 +565,7 @@ class CacheStore:
     def remove(self, relpath: str) -> None:
         """Evict relpath: index first, so a crash half-way leaves no index over missing data."""
         data_path, index_path = self.paths(relpath)
+        self._catalogue(relpath, None)
         index_path.unlink(missing_ok=True)
         data_path.unlink(missing_ok=True)
 

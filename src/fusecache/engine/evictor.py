@@ -54,8 +54,7 @@ class Evictor:
 
     async def load(self) -> None:
         """What the store holds and which paths are pinned, at start."""
-        await self.tasks.io(self.store.prune_unusable)
-        for entry in await self.tasks.io(self.store.entries):
+        for entry in await self.tasks.io(self.store.load):
             self.budget.set_cached(entry["path"], entry["cached"], entry["last_used"])
         self.pins = await self.tasks.io(self.store.load_pins)
         log.info("cache holds %d files, %d bytes (limit %d)", len(self.budget.files()),

@@ -1,0 +1,178 @@
+"""The commands of the control channel (`fusecache status`, `prefetch`, `pin`, `cache ...`),
+answered from the daemon's parts.
+
+Every answer comes from memory (the engine, its budget, the store's catalogue), never from
+reading the store's files: with a few hundred thousand cached files a status must still take
+milliseconds, and a `umount` asks only for the pid. A prefetch is a job with an id: its
+progress is asked by id, so that neither side sends the paths of a large tree again (a
+request is limited to control.MAX_REQUEST).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import trio
+
+from .control import ControlError, Handler
+from .engine import Engine
+from .metrics import Metrics
+from .source import Source, is_under, is_valid_name
+from .store import CacheStore
+
+
+MAX_JOBS = 256  # unfinished prefetch jobs kept (those no client waits for are dropped oldest first)
+
+
+@dataclass(frozen=True)
+class DaemonParts:
+    """What the handlers answer from. The passthrough figures come as functions so that the
+    handlers need not know the FUSE adapter."""
+
+    mountpoint: str
+    engine: Engine
+    store: CacheStore
+    metrics: Metrics
+    passthrough_opens: Callable[[], dict[str, int]]  # relpath -> opens the kernel serves
+    passthrough_state: Callable[[], str]  # "on", or why it is off
+
+
+class ControlHandlers:
+    """One method per command; `table()` is what the ControlServer dispatches on."""
+
+    def __init__(self, parts: DaemonParts) -> None:
+        self.parts = parts
+        self.engine = parts.engine
+        self._jobs: OrderedDict[int, list[str]] = OrderedDict()
+        self._job_ids = itertools.count(1)
+
+    def table(self) -> dict[str, Handler]:
+        return {"status": self.status, "pid": self.pid, "prefetch": self.prefetch, "progress": self.progress,
+                "pin": self.pin, "unpin": self.unpin, "cache_ls": self.cache_ls, "cache_clear": self.cache_clear}
+
+    async def pid(self, request: dict) -> dict:
+        """The daemon's pid alone: what `umount` waits on."""
+        return {"pid": os.getpid()}
+
+    async def status(self, request: dict) -> dict:
+        engine = self.engine
+        return {"mountpoint": self.parts.mountpoint, "source": engine.source.root, "cache": str(self.parts.store.root),
+                "pid": os.getpid(), "cache_bytes": engine.budget.used, "cache_limit": engine.budget.limit,
+                "pending_bytes": engine.files.pending_bytes(), "passthrough": self.parts.passthrough_state(),
+                "pins": sorted(engine.pins), "metrics": self.parts.metrics.snapshot(), "files": self._files_report()}
+
+    async def cache_ls(self, request: dict) -> dict:
+        return {"cache_bytes": self.engine.budget.used, "cache_limit": self.engine.budget.limit,
+                "files": self._files_report()}
+
+    async def cache_clear(self, request: dict) -> dict:
+        prefixes = _relpaths(request)
+        evicted, kept = [], []
+        for relpath in sorted(self.engine.budget.files()):
+            if any(is_under(relpath, prefix) for prefix in prefixes):
+                (evicted if await self.engine.evict(relpath) else kept).append(relpath)
+        return {"evicted": evicted, "kept": kept}
+
+    async def prefetch(self, request: dict) -> dict:
+        """Queue every regular file under the paths; the reply names the job to ask about."""
+        files = await trio.to_thread.run_sync(_regular_files, self.engine.source, _relpaths(request))
+        for relpath, _size in files:
+            self.engine.prefetch(relpath)
+        job = next(self._job_ids)
+        self._jobs[job] = [relpath for relpath, _size in files]
+        while len(self._jobs) > MAX_JOBS:
+            self._jobs.popitem(last=False)
+        return {"job": job, "files": len(files), "bytes": sum(size for _relpath, size in files)}
+
+    async def pin(self, request: dict) -> dict:
+        paths = _relpaths(request)
+        await trio.to_thread.run_sync(_regular_files, self.engine.source, paths)  # they must exist
+        await self.engine.set_pins(self.engine.pins | set(paths))
+        return await self.prefetch(request)
+
+    async def unpin(self, request: dict) -> dict:
+        paths = set(_relpaths(request))
+        unknown = paths - self.engine.pins
+        if unknown:
+            raise ControlError(f"not pinned: {', '.join(sorted(unknown))}")
+        await self.engine.set_pins(self.engine.pins - paths)
+        return {"pins": sorted(self.engine.pins)}
+
+    async def progress(self, request: dict) -> dict:
+        """Where a prefetch job stands. Sizes are those of the versions being fetched, which
+        differ from what `prefetch` counted if a file changed since; `unknown` counts files
+        not opened yet (their size is not in the sum). A job reported finished is forgotten."""
+        job = request.get("job")
+        relpaths = self._jobs.get(job) if isinstance(job, int) else None
+        if relpaths is None:
+            raise ControlError(f"no prefetch job {job!r} in this daemon")
+        cached = size = unknown = pending = 0
+        errors = {}
+        usage = self.engine.budget.files()
+        for relpath in relpaths:
+            # the state first: a stream ending while the extent is read leaves it pending here
+            streaming, error = self.engine.stream_state(relpath)
+            extent = self._extent(relpath, usage)
+            if extent is None:
+                unknown += 1
+            else:
+                cached, size = cached + extent[0], size + extent[1]
+            if streaming:
+                pending += 1
+            elif error is not None:
+                errors[relpath] = error
+            elif extent is None or extent[0] < extent[1]:
+                errors[relpath] = "not in the cache once fetched (evicted: is the cache too small?)"
+        if not pending:
+            del self._jobs[job]
+        return {"cached": cached, "size": size, "unknown": unknown, "pending": pending,
+                "rate": self.parts.metrics.source_rate(), "errors": errors}
+
+    def _extent(self, relpath: str, usage: dict[str, tuple[int, float]]) -> tuple[int, int] | None:
+        """(cached, size) of relpath's current version, else as the store last recorded it."""
+        extent = self.engine.cached_extent(relpath)
+        if extent is None:
+            size = self.parts.store.size_of(relpath)
+            extent = None if size is None else (usage.get(relpath, (0, 0.0))[0], size)
+        return extent
+
+    def _files_report(self) -> list[dict]:
+        """Every file the store holds, with what this daemon knows of the open ones."""
+        usage = self.engine.budget.files()
+        files = {}
+        for relpath, size in self.parts.store.sizes().items():
+            cached, last_used = usage.get(relpath, (0, 0.0))
+            files[relpath] = {"path": relpath, "size": size, "cached": cached, "last_used": last_used or None}
+        for live in self.engine.open_files():
+            files[live["path"]] = {**files.get(live["path"], {}), **live}
+        passthrough = self.parts.passthrough_opens()
+        for f in files.values():
+            f["pinned"] = self.engine.is_pinned(f["path"])
+            f["passthrough"] = passthrough.get(f["path"], 0)
+        return sorted(files.values(), key=lambda f: f["path"])
+
+
+def _relpaths(request: dict) -> list[str]:
+    paths = request.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ControlError("'paths' must be a list of paths")
+    for relpath in paths:
+        # the canonical form the engine keys files by: '' or names joined by single slashes
+        if relpath and not all(is_valid_name(part) for part in relpath.split("/")):
+            raise ControlError(f"invalid path {relpath!r}")
+    return paths
+
+
+def _regular_files(source: Source, relpaths: list[str]) -> list[tuple[str, int]]:
+    """Worker thread: expand directories (without following symlinks) into regular files."""
+    found: list[tuple[str, int]] = []
+    for relpath in relpaths:
+        try:
+            found += source.regular_files(relpath)
+        except OSError as e:
+            raise ControlError(f"{relpath or '.'}: {e.strerror}") from None
+    return found

@@ -1,0 +1,122 @@
+"""What a mount request must pass before anything is mounted, each failure a one-line reason.
+
+Run by `fusecache mount` in the foreground process, before the daemon detaches, so that the
+user sees why a mount cannot be made instead of finding it in daemon.log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat as stat_mod
+from pathlib import Path
+
+from . import control, mounts, textfile
+from .config import MountConfig
+from .store import CacheStore
+
+log = logging.getLogger(__name__)
+
+FUSECACHE_FSTYPE = "fuse.fusecache"
+FUSE_DEVICE = "/dev/fuse"
+
+
+class MountError(Exception):
+    """The mount cannot be made; the message is the one-line error shown to the user."""
+
+
+def check_request(cfg: MountConfig) -> CacheStore:
+    """Everything that can be checked before mounting, with a clear message for each failure.
+    Returns the store, locked for this process."""
+    try:
+        fuse_device = os.stat(FUSE_DEVICE)
+    except OSError:
+        fuse_device = None
+    if fuse_device is None or not stat_mod.S_ISCHR(fuse_device.st_mode) or not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        raise MountError(f"{FUSE_DEVICE} is missing or not accessible: load the fuse module (modprobe fuse)")
+    source = cfg.source
+    if not source.exists():
+        raise MountError(f"source {source} does not exist")
+    if not source.is_dir():
+        raise MountError(f"source {source} is not a directory")
+    if not os.access(source, os.R_OK | os.X_OK):
+        raise MountError(f"source {source} is not readable")
+    _refuse_a_live_mount(cfg.mountpoint)  # first: the other checks touch the mountpoint
+    _check_overlap(cfg)
+    _check_mountpoint(cfg.mountpoint)
+    if cfg.metrics_textfile is not None:
+        try:
+            textfile.check(cfg.metrics_textfile)
+        except textfile.TextfileError as e:
+            raise MountError(str(e)) from None
+    store = CacheStore(cfg.cache_dir, os.path.realpath(source), trust_seals=cfg.verify == "sealed")
+    try:
+        store.prepare()
+        store.lock()
+    except Exception as e:  # StoreError carries the one-line message
+        raise MountError(str(e)) from None
+    return store
+
+
+def _check_overlap(cfg: MountConfig) -> None:
+    """Source, mountpoint and cache dir must not contain one another. A mountpoint inside the
+    source makes the daemon read its own mount (it deadlocks on its own requests); a source
+    inside the mountpoint is hidden by the mount; a cache dir inside the mountpoint too (the
+    daemon blocks on its own mount and never comes up); a cache dir inside the source is shown
+    through the mount. Compared as real paths (the cache dir may not exist yet: realpath()
+    resolves what exists of it) by whole components: /a/bc is not inside /a/b."""
+    source, mountpoint, cache = (Path(os.path.realpath(p)) for p in (cfg.source, cfg.mountpoint, cfg.cache_dir))
+    if mountpoint == source:
+        raise MountError("source and mountpoint must differ")
+    if mountpoint.is_relative_to(source):
+        raise MountError(f"mountpoint {cfg.mountpoint} must be outside the source {cfg.source}")
+    if source.is_relative_to(mountpoint):
+        raise MountError(f"source {cfg.source} must be outside the mountpoint {cfg.mountpoint}")
+    if cache.is_relative_to(mountpoint):
+        raise MountError(f"cache dir {cfg.cache_dir} must be outside the mountpoint {cfg.mountpoint}")
+    if cache.is_relative_to(source):
+        raise MountError(f"cache dir {cfg.cache_dir} must be outside the source {cfg.source}")
+
+
+def _refuse_a_live_mount(mountpoint: Path) -> None:
+    """Refuse a mountpoint the mount table lists, or clean it away if its daemon died. Such a
+    path is never touched itself (stat, statfs, realpath): that is a request to its daemon,
+    which never returns while the daemon is stopped or hung, and the mount must then fail
+    with "already mounted", not block."""
+    path = mounts.resolve_mountpoint(str(mountpoint))
+    info = mounts.find_mount(path)
+    if info is None:
+        return
+    if not _is_stale(path, info):
+        raise MountError(f"mountpoint {mountpoint} is already mounted")
+    log.warning("%s is a stale mount left by a crashed daemon; unmounting it", path)
+    try:
+        mounts.unmount(path, lazy=True)
+    except OSError as e:
+        raise MountError(f"mountpoint {mountpoint} is a stale mount and could not be cleaned: {e.strerror}") from None
+
+
+def _check_mountpoint(mountpoint: Path) -> None:
+    """An existing, empty directory with nothing mounted on it."""
+    path = str(mountpoint)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as e:
+        raise MountError(f"mountpoint {mountpoint} cannot be used: {e.strerror}") from None
+    if not stat_mod.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if mounts.find_mount(os.path.realpath(path)) is not None:  # reached through a symlink
+        raise MountError(f"mountpoint {mountpoint} is already mounted")
+    if os.listdir(path):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+
+
+def _is_stale(path: str, info: mounts.MountInfo) -> bool:
+    """Whether the mount at path is a FUSE mount whose daemon is gone. For a fusecache mount
+    that is asked of its control socket (a dead daemon's refuses connections, a stopped one's
+    still queues them), never of the mountpoint; other FUSE mounts are asked with statfs."""
+    if info.fstype == FUSECACHE_FSTYPE and info.owner_uid is not None:
+        return not control.is_listening(path, info.owner_uid)
+    return mounts.is_stale(path)

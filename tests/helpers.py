@@ -1,0 +1,94 @@
+"""Helpers shared by test files (no test file imports another): source trees, POSIX ACLs
+written as bytes, code run as another user, and what reader processes run."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from fusecache import acl
+from fusecache.acl import Tag
+from fusecache.checkpoint import load_digest
+
+NOBODY = 65534
+
+
+# ---- source trees ---------------------------------------------------------------------------
+
+def fill(root: Path, files: dict[str, int], seed: int = 0) -> dict[str, bytes]:
+    """Write files of the given sizes under root (random bytes, reproducible from seed)."""
+    rng = random.Random(seed)
+    contents = {}
+    for name, size in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        contents[name] = rng.randbytes(size)
+        path.write_bytes(contents[name])
+    return contents
+
+
+# ---- POSIX ACLs -----------------------------------------------------------------------------
+
+_TAGS = {"u": (Tag.USER_OBJ, Tag.USER), "g": (Tag.GROUP_OBJ, Tag.GROUP),
+         "m": (Tag.MASK, Tag.MASK), "o": (Tag.OTHER, Tag.OTHER)}
+
+
+def entries(text: str) -> list[tuple[int, int, int | None]]:
+    """'u::rw-,u:65534:---,g::r--,m::r--,o::r--' (getfacl's short form) as (tag, perm, id)."""
+    result = []
+    for item in text.split(","):
+        kind, qualifier, perms = item.split(":")
+        tag = _TAGS[kind][1 if qualifier else 0]
+        perm = sum(bit for bit, char in zip((4, 2, 1), perms) if char != "-")
+        result.append((tag, perm, int(qualifier) if qualifier else None))
+    return result
+
+
+def encode(items: list[tuple[int, int, int | None]], version: int = 2) -> bytes:
+    return struct.pack("<I", version) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF if id_ is None else id_) for tag, perm, id_ in items)
+
+
+def set_acl(path: Path, text: str) -> None:
+    os.setxattr(path, acl.XATTR_ACCESS, encode(entries(text)))
+
+
+def supports_acls(directory: Path) -> bool:
+    probe = directory / ".acl-probe"
+    probe.touch()
+    try:
+        set_acl(probe, "u::rw-,u:1:r--,g::r--,m::r--,o::r--")
+        return acl.read_access_acl(str(probe)) is not None
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            return False
+        raise
+    finally:
+        probe.unlink()
+
+
+# ---- other users and processes --------------------------------------------------------------
+
+# The test's own interpreter may live where other users cannot reach (/root/.pyenv); the
+# probes only need the standard library.
+OTHER_USERS_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                           if os.access(p, os.X_OK)), sys.executable)
+
+
+def as_user(code: str, uid: int = NOBODY, timeout: float = 30) -> str:
+    """Run Python code as another user (no supplementary groups); its stdout."""
+    result = subprocess.run([OTHER_USERS_PYTHON, "-c", textwrap.dedent(code)], user=uid, group=uid,
+                            extra_groups=[], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def print_load_digest(path: str, seed: int) -> None:
+    """What a reader process runs (`python -c`): load a checkpoint in a seeded order, print its digest."""
+    print(load_digest(Path(path), order_seed=seed))

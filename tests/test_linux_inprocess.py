@@ -1,0 +1,36 @@
+"""The system calls Python lacks (fusecache.linux): openat2 refuses symlinks and escapes,
+getdents64 reports errors as OSError."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from fusecache import linux
+
+
+def test_openat2_refuses_symlinks_and_escapes(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").touch()
+    (tmp_path / "link").symlink_to("d")
+    top = os.open(tmp_path, os.O_PATH)
+    try:
+        if not linux.has_openat2(top):
+            pytest.skip("no openat2 on this kernel")
+        os.close(linux.openat2(top, "d/f", os.O_RDONLY))
+        for path, err in (("link/f", errno.ELOOP), ("../x", errno.EXDEV), ("/etc", errno.EXDEV),
+                          ("missing", errno.ENOENT)):
+            with pytest.raises(OSError) as info:
+                linux.openat2(top, path, os.O_RDONLY)
+            assert info.value.errno == err, path
+    finally:
+        os.close(top)
+    assert not linux.has_openat2(-1)  # a failure of the probe means: resolve per component
+
+
+def test_getdents64_errors():
+    with pytest.raises(OSError) as info:
+        linux.getdents64(-1)
+    assert info.value.errno == errno.EBADF

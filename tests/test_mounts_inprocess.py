@@ -1,0 +1,61 @@
+"""The mount table and processes (fusecache.mounts), in process: mountinfo is parsed into the
+mounts this process sees, a path that is no mount is told apart without touching it, and a
+process counts as gone once every thread of it has exited."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fusecache import mounts
+
+
+def test_mountinfo_lists_the_mounts_this_process_sees(tmp_path):
+    table = mounts.mount_table()
+    root = mounts.find_mount("/")
+    assert root is not None and root in table and root.fstype
+    if os.path.ismount("/proc"):
+        assert mounts.find_mount("/proc").fstype == "proc"
+        assert mounts.fstype_of("/proc/self/status") == "proc"
+    assert mounts.find_mount(str(tmp_path)) is None
+    assert mounts.fstype_of(str(tmp_path)) == mounts.fstype_of(str(tmp_path.parent))
+    # a path that is no mount is resolved through its parent only
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    assert mounts.resolve_mountpoint(str(tmp_path / "alias" / "mnt")) == os.path.realpath(tmp_path / "real") + "/mnt"
+    assert mounts.resolve_mountpoint("/") == "/"
+    assert not mounts.is_stale(str(tmp_path)) and not mounts.is_stale(str(tmp_path / "missing"))
+    info = mounts.MountInfo(0, 42, "/mnt", "fuse.fusecache", "/src", "rw,user_id=1000,group_id=1000")
+    assert info.owner_uid == 1000
+    assert mounts.MountInfo(0, 42, "/mnt", "ext4", "/dev/x", "rw").owner_uid is None
+    mounts.tune_fuse_mount(str(tmp_path), 4096, 64)  # not mounted: a warning, nothing written
+    with pytest.raises(OSError):
+        mounts.unmount(str(tmp_path))  # not mounted: a one-line error
+
+
+def test_wait_for_exit():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert mounts.wait_for_exit(child.pid, 5.0)
+    assert not mounts.wait_for_exit(os.getpid(), 0.05)
+
+
+def test_an_exited_process_not_yet_reaped_counts_as_gone():
+    """umount waits for the daemon to exit; once exited it is a zombie until init reaps it,
+    which must not keep umount waiting."""
+    child = subprocess.Popen([sys.executable, "-c", "import ctypes, threading, time; "
+                              "threading.Thread(target=time.sleep, args=(1.0,)).start(); "
+                              "ctypes.CDLL(None).pthread_exit(None)"])
+    time.sleep(0.5)  # its main thread has exited (a zombie), another still runs: descriptors still open
+    assert Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert mounts.is_running(child.pid)
+    assert mounts.wait_for_exit(child.pid, 10)
+    assert Path(f"/proc/{child.pid}").exists()  # a zombie: exited, not reaped (we never waited)
+    assert not mounts.wait_for_exit(os.getpid(), 0.05)
+    child.wait()
+    assert not mounts.is_running(child.pid)

@@ -1,0 +1,81 @@
+"""Private dirs and files (fusecache.private), in process: what others could have planted or
+can write is refused, and files are made readable by their owner only. The one step that
+needs root, a directory owned by someone else, skips without it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from fusecache import private
+
+
+def test_private_dirs_refuse_what_others_could_plant_or_write(tmp_path):
+    mine = tmp_path / "mine"
+    private.ensure_dir(mine)
+    assert mine.stat().st_mode & 0o777 == 0o700
+    private.ensure_dir(mine)  # already ours: fine
+    cases = {}
+    cases["open"] = tmp_path / "open"
+    cases["open"].mkdir()
+    cases["open"].chmod(0o777)
+    cases["sticky"] = tmp_path / "sticky"  # sticky protects what is in it, not the dir itself
+    cases["sticky"].mkdir()
+    cases["sticky"].chmod(0o1777)
+    cases["link"] = tmp_path / "link"
+    cases["link"].symlink_to(mine)
+    cases["file"] = tmp_path / "file"
+    cases["file"].touch()
+    reasons = {"open": "writable by group or others", "sticky": "writable by group or others",
+               "link": "is a symlink", "file": "is not a directory"}
+    for name, path in cases.items():
+        with pytest.raises(private.UntrustedPath, match=reasons[name]):
+            private.ensure_dir(path)
+    # check_ancestors: a dir anyone may write above the cache dir is refused, a sticky one is fine
+    with pytest.raises(private.UntrustedPath, match="writable by group or others"):
+        private.ensure_tree(cases["open"] / "cache", cases["open"] / "cache" / "x")
+    private.ensure_tree(cases["sticky"] / "cache", cases["sticky"] / "cache" / "x" / "y")
+    assert (cases["sticky"] / "cache" / "x" / "y").is_dir()
+    private.check_ancestors(tmp_path / "does" / "not" / "exist")
+
+
+def test_a_private_dir_of_another_user_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown)")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(private.UntrustedPath, match="owned by uid 65534"):
+        private.ensure_dir(theirs)
+    with pytest.raises(private.UntrustedPath, match="owned by uid 65534"):
+        private.check_ancestors(theirs / "cache")
+
+
+def test_a_refusal_names_each_allowed_owner_once():
+    """A root daemon allows root and itself: uid 0 twice used to read "not 0 or 0" (audit 2, item 18)."""
+    st = os.stat_result((stat.S_IFDIR | 0o700, 0, 0, 1, 65534, 65534, 0, 0, 0, 0))
+    assert private.refusal(Path("/x"), st, (0, 0)) == "/x is owned by uid 65534, not 0"
+    assert private.refusal(Path("/x"), st, (1000, 0)) == "/x is owned by uid 65534, not 0 or 1000"
+
+
+def test_private_files(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+    path.chmod(0o644)
+    os.close(private.open_file(path, os.O_RDONLY))
+    assert path.stat().st_mode & 0o777 == 0o600  # older versions made some 0644
+    (tmp_path / "f.tmp").write_bytes(b"left by a crash")
+    private.write_file(path, b"new content")
+    assert path.read_bytes() == b"new content" and not (tmp_path / "f.tmp").exists()
+    assert private.read_file(path, 3) == b"new"
+    (tmp_path / "link").symlink_to(path)
+    with pytest.raises(OSError) as info:
+        private.read_file(tmp_path / "link", 100)
+    assert info.value.errno == errno.ELOOP
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError, match="is not a regular file"):
+        private.read_file(tmp_path / "pipe", 100)
