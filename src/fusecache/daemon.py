@@ -29,6 +29,7 @@ from .fs import FuseOperations
 from .passthrough import probe
 from .session.kernel import KernelSession, SessionConfig, SessionError
 from .session.mount import MountSpec
+from .session.types import Session
 from .budget import CacheBudget
 from .metrics import Metrics, prometheus_registry
 from .source import Source, is_under, is_valid_name
@@ -119,7 +120,7 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {path} is not empty")
 
 
-def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str):
+def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str) -> Session:
     """The FUSE session cfg asks for: ours (kernel protocol), or pyfuse3's."""
     spec = MountSpec(mountpoint=mountpoint, fsname=source_root, allow_other=cfg.allow_other)
     if cfg.session == "pyfuse3":
