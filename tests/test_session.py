@@ -3,7 +3,8 @@ to the kernel. The in-process side (crafted requests) is in test_session_inproce
 
 What it proves:
 - a reader using O_DIRECT whose read waits on a source that does not answer dies at once
-  when killed (the kernel sends INTERRUPT for its read: no FUSE_ASYNC_DIO);
+  when killed (the kernel sends INTERRUPT for its read: no FUSE_ASYNC_DIO; our session only,
+  libfuse asks for async direct I/O);
 - a daemon that exits late (stopped while `fusecache umount` unmounted it, then resumed once
   another daemon mounted the same path) leaves the new mount alone, on both sessions.
 """
@@ -53,7 +54,7 @@ def test_a_killed_o_direct_reader_dies_while_the_source_does_not_answer(tmp_path
     (counting_source.real / "big").write_bytes(os.urandom(4 << 20))
     counting_source.start()
     counting_source.set_faults({"big": {"delay": 3600}})  # the source answers no read of it
-    m = make_mount(counting_source.path)
+    m = make_mount(counting_source.path, ["session=kernel"])  # pyfuse3's cannot: docs/semantics.md
     reader = subprocess.Popen([sys.executable, "-c", DIRECT_READER, str(m.mountpoint / "big")],
                               stdout=subprocess.PIPE, text=True)
     try:
