@@ -20,7 +20,6 @@ import errno
 import fcntl
 import os
 
-import pytest
 import trio
 
 from fusecache.fs import ROOT_INODE, FuseOperations

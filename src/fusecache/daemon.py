@@ -30,6 +30,7 @@ from .passthrough import probe
 from .precheck import MountError
 from .session.kernel import KernelSession, SessionConfig, SessionError
 from .session.mount import MountSpec
+from .session.types import Session
 from .source import Source
 from .store import CacheStore
 
@@ -39,7 +40,7 @@ Ready = Callable[[], None]
 DEFAULT_CACHE_FRACTION = 0.8
 
 
-def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str):
+def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str) -> Session:
     """The FUSE session cfg asks for: ours (kernel protocol), or pyfuse3's."""
     spec = MountSpec(mountpoint=mountpoint, fsname=source_root, allow_other=cfg.allow_other)
     if cfg.session == "pyfuse3":

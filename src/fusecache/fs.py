@@ -6,8 +6,8 @@ A version is the relative path plus the source's inode number and, for a regular
 size, mtime and ctime: a file replaced in the source (new source inode) or modified in place
 gets a new number, even when the rewrite kept its size and restored its mtime. The kernel keeps one page cache per inode, so handles opened on the old version keep
 their own pages and never see bytes of the new one, and new opens never see the old pages.
-Errors become FuseError with the source's errno; a failure in one request never escapes to
-the main loop. Which session delivers the requests (session/kernel.py or pyfuse3's) is not
+Errors are raised as they come (OSError, the engine's ReadError, or FuseError for an answer of
+its own): the session turns them into the reply's errno (session/types.py). Which session delivers the requests (session/kernel.py or pyfuse3's) is not
 this module's business: it speaks session/types.py.
 
 A file's version also carries an *epoch*: a file that becomes complete in the cache while
@@ -19,44 +19,19 @@ inode, whose opens do (see passthrough.py).
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import stat as stat_mod
-from typing import Awaitable, Callable, TypeVar
 
 import trio
 
 from . import acl
-from .engine import Engine, Handle, ReadError
+from .engine import Engine, Handle
 from .passthrough import Passthrough
 from .session.types import Attributes, Context, DirentSink, FuseError, OpenReply
 from .source import Identity
 
 log = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Awaitable])
-
-
-def fuse_errors(fn: F) -> F:
-    """Map OSError/ReadError to FuseError; log and answer EIO for anything unexpected."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await fn(*args, **kwargs)
-        except FuseError:
-            raise
-        except ReadError as e:
-            raise FuseError(e.errno) from None
-        except OSError as e:
-            raise FuseError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise FuseError(errno.EIO) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 Version = tuple[int, ...]
 ROOT_INODE = 1
@@ -183,7 +158,6 @@ class FuseOperations:
         """The source's POSIX ACLs, which default_permissions leaves unchecked."""
         await self.engine.check_access(relpath, want, ctx.uid, ctx.gid, ctx.pid)
 
-    @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Context) -> Attributes:
         parent = self.inodes.path(parent_inode)
         await self._check_access(parent, acl.X, ctx)
@@ -192,7 +166,6 @@ class FuseOperations:
         self.inodes.looked_up(attr.ino)
         return attr
 
-    @fuse_errors
     async def getattr(self, inode: int, ctx: Context) -> Attributes:
         relpath, version = self.inodes.version(inode)
         try:
@@ -213,13 +186,11 @@ class FuseOperations:
         attr.mtime_ns = handle.tracked.identity.mtime_ns
         return attr
 
-    @fuse_errors
     async def readlink(self, inode: int, ctx: Context) -> bytes:
         relpath = self.inodes.path(inode)
         await self._check_access(relpath.rpartition("/")[0], acl.X, ctx)
         return os.fsencode(await self.engine.readlink(relpath))
 
-    @fuse_errors
     async def opendir(self, inode: int, ctx: Context) -> int:
         relpath = self.inodes.path(inode)
         await self._check_access(relpath, acl.R, ctx)
@@ -228,7 +199,6 @@ class FuseOperations:
         self._dirs[fh] = (relpath, fd)
         return fh
 
-    @fuse_errors
     async def readdir(self, fh: int, offset: int, add: DirentSink, counts_lookups: bool = True) -> None:
         """Entries from offset on, given to add() until it is full. Streamed from the source
         directory: offsets are the source's own position cookies, so nothing of the listing
@@ -249,7 +219,6 @@ class FuseOperations:
         if entry is not None:
             self.engine.closedir(entry[1])
 
-    @fuse_errors
     async def statfs(self, ctx: Context) -> os.statvfs_result:
         return await self.engine.statvfs()
 
@@ -259,7 +228,6 @@ class FuseOperations:
     async def listxattr(self, inode: int, ctx: Context) -> list[bytes]:
         return []
 
-    @fuse_errors
     async def access(self, inode: int, mode: int, ctx: Context) -> None:
         # With default_permissions the kernel answers access(2) from the mode bits itself and
         # never asks; answered anyway for a kernel that does: no writing, and the ACLs.
@@ -273,7 +241,6 @@ class FuseOperations:
 
     # ---- data --------------------------------------------------------------------------
 
-    @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Context) -> OpenReply:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise FuseError(errno.EROFS)
@@ -297,7 +264,6 @@ class FuseOperations:
         self._handles[fh] = (inode, handle, backing_id is not None)
         return OpenReply(fh=fh, keep_cache=handle.keep_cache, backing_id=backing_id)
 
-    @fuse_errors
     async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply."""
         return await self.engine.read(self._handles[fh][1], offset, size, buf)

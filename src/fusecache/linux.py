@@ -1,4 +1,5 @@
-"""Linux system calls that Python's os module lacks: openat2 and getdents64.
+"""Linux system calls that Python's os module lacks: openat2, getdents64, and the mount calls
+(mount, umount2, statx for a mount's id). The one place that loads libc.
 
 openat2 resolves a whole relative path beneath a directory fd in one call while refusing
 every symlink on the way (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): the kernel does what would
@@ -95,3 +96,47 @@ def getdents64(fd: int, size: int = 64 * 1024) -> list[tuple[bytes, int, int]]:
         entries.append((name, d_off, d_type))
         pos += reclen
     return entries
+
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2). Raises OSError."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode()) != 0:
+        _raise(target)
+
+
+def umount2(target: str, flags: int) -> None:
+    """umount2(2). Raises OSError."""
+    if _libc.umount2(os.fsencode(target), flags) != 0:
+        _raise(target)
+
+
+_AT_EMPTY_PATH = 0x1000
+_AT_STATX_DONT_SYNC = 0x4000
+_STATX_MNT_ID_UNIQUE = 0x4000
+# stx_mask, then stx_dev_major/minor at 136 and stx_mnt_id at 144; 256 bytes in all
+_STATX = struct.Struct("=I132xIIQ104x")
+_statx = getattr(_libc, "statx", None)
+
+
+def mount_of(fd: int) -> tuple[int, int | None]:
+    """(st_dev, never-reused mount id or None before Linux 6.8) of the mount fd lies on, asked
+    without a request to its filesystem (AT_STATX_DONT_SYNC: FUSE answers from what the kernel
+    holds, so this works on a mount whose daemon does not answer, our own included).
+    Raises OSError (ENOSYS without statx)."""
+    if _statx is None:
+        raise OSError(errno.ENOSYS, "statx is not available")
+    buf = ctypes.create_string_buffer(_STATX.size)
+    if _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_MNT_ID_UNIQUE, buf) != 0:
+        _raise()
+    mask, major, minor, mount_id = _STATX.unpack(buf.raw)
+    return os.makedev(major, minor), mount_id if mask & _STATX_MNT_ID_UNIQUE else None

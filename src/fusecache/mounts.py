@@ -1,4 +1,5 @@
-"""Facts about mounts from /proc and /sys, and the kernel knobs fusecache turns after mounting.
+"""Facts about mounts from /proc and /sys, the kernel knobs fusecache turns after mounting, and
+unmounting (for the CLI, the stale-mount cleanup and the sessions: session/mount.py).
 
 Nothing here may stat the mountpoint of our own filesystem from inside the daemon before its
 main loop runs: that would send a request to ourselves and hang. Everything is therefore read
@@ -15,6 +16,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import linux
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +115,19 @@ def is_stale(mountpoint: str) -> bool:
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
-    """Unmount a FUSE mount, with fusermount3 (works unprivileged) or umount as a fallback."""
+    """Unmount what is mounted at mountpoint: umount2(2) as root, else fusermount3 (setuid),
+    which lets a user unmount the FUSE mounts they made. lazy: detach it at once, while
+    processes inside keep what they hold (otherwise a busy mount fails with EBUSY)."""
+    if os.geteuid() == 0:
+        linux.umount2(mountpoint, linux.UMOUNT_NOFOLLOW | (linux.MNT_DETACH if lazy else 0))
+        return
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool:
-        cmd = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
-    else:
-        cmd = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    if tool is None:
+        raise OSError(errno.ENOENT, "fusermount3 not found: install the fuse3 package")
+    result = subprocess.run([tool, "-u", *(["-z"] if lazy else []), "--", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         message = (result.stderr or result.stdout).strip().splitlines()
-        raise OSError(errno.EINVAL, message[-1] if message else f"{cmd[0]} failed")
+        raise OSError(errno.EINVAL, message[-1] if message else f"{tool} -u failed")
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -23,19 +24,26 @@ import trio
 
 from ..config import MAX_REQUEST
 from . import protocol as p
-from .mount import MountSpec, mount, unmount
-from .types import Attributes, Context, FuseError
+from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
+from .types import Attributes, Context, Operations, reply_errno
 
 log = logging.getLogger(__name__)
 
 # Requests an INTERRUPT cancels: those that may wait long (for the source, or for a file to be
-# filled); their handlers release what they hold when cancelled.
+# filled); their handlers release what they hold when cancelled. The kernel sends INTERRUPT
+# only for requests a task waits on itself, never for background ones: hence no FUSE_ASYNC_DIO
+# in INIT, which would turn an O_DIRECT read into background requests its reader waits for
+# unkillably (see docs/semantics.md, "Interrupted and killed readers").
 INTERRUPTIBLE = frozenset({p.Op.READ, p.Op.OPEN})
 # Replies this long or longer are written from a worker thread; shorter ones inline.
 THREAD_REPLY_BYTES = 64 * 1024
 MAX_WRITE = 128 * 1024  # we refuse writes; the kernel still wants a size, and reads need room for it
 MAX_PAGES = MAX_REQUEST // 4096
 READ_BUFFER = MAX_WRITE + 4096
+
+
+# A request's handler: replies, or raises what reply_errno turns into the reply.
+Handler = Callable[[p.InHeader, memoryview], Awaitable[None]]
 
 
 class SessionError(Exception):
@@ -65,20 +73,20 @@ class DeviceBacking:
 class KernelSession:
     """One mount, served over the kernel protocol (see the module docstring)."""
 
-    def __init__(self, operations, spec: MountSpec, config: SessionConfig) -> None:
+    def __init__(self, operations: Operations, spec: MountSpec, config: SessionConfig) -> None:
         self.operations = operations
         self.spec = spec
         self.config = config
         self.fd = -1
         self.minor = 0
-        self.passthrough = False  # negotiated in INIT
-        self.backing: DeviceBacking | None = None
+        self.backing: DeviceBacking | None = None  # once passthrough was negotiated in INIT
         self._mounted = False
+        self._made: MountIdentity | None = None  # which mount is ours, for close()
         self._interruptible: dict[int, trio.CancelScope] = {}
         self._reads = trio.CapacityLimiter(config.workers)
         self._buffers: list[bytearray] = []
         self._cancel: trio.CancelScope | None = None
-        self._handlers: dict[int, Callable[[p.InHeader, memoryview], Awaitable[None]]] = {
+        self._handlers: dict[int, Handler] = {
             p.Op.LOOKUP: self._lookup, p.Op.GETATTR: self._getattr, p.Op.READLINK: self._readlink,
             p.Op.OPEN: self._open, p.Op.READ: self._read, p.Op.RELEASE: self._release,
             p.Op.STATFS: self._statfs, p.Op.OPENDIR: self._opendir, p.Op.READDIR: self._readdir,
@@ -92,6 +100,7 @@ class KernelSession:
     def mount(self) -> None:
         self.fd = mount(self.spec)
         self._mounted = True
+        self._made = identify(self.spec.mountpoint)
 
     def terminate(self) -> None:
         """Stop serving (a signal): serve() returns; close() unmounts."""
@@ -99,17 +108,21 @@ class KernelSession:
             self._cancel.cancel()
 
     def close(self) -> None:
-        """Unmount if still mounted and let go of the device."""
+        """Unmount our mount if it is still there (not one made at the path since) and let go
+        of the device."""
         if self._mounted:
             self._mounted = False
-            try:
-                unmount(self.spec.mountpoint)
-            except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.ENOENT):  # already gone
-                    log.warning("unmounting %s failed: %s", self.spec.mountpoint, e)
+            unmount_own(self.spec.mountpoint, self._made, connected=self._connected())
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def _connected(self) -> bool:
+        """Whether the kernel still holds our connection open (POLLERR once it closed it:
+        the mount was unmounted, or the connection aborted)."""
+        poller = select.poll()
+        poller.register(self.fd, 0)
+        return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
 
     async def serve(self) -> None:
         """Answer requests until the filesystem is unmounted, the connection aborted, or terminate()."""
@@ -145,11 +158,11 @@ class KernelSession:
         if op == p.Op.INIT:
             self._init(header, args)
         elif op == p.Op.FORGET:
-            self.operations.forget([(header.nodeid, p.FORGET_IN.unpack_from(args)[0])])
+            self._forget([(header.nodeid, p.FORGET_IN.unpack_from(args)[0])])
         elif op == p.Op.BATCH_FORGET:
             count = p.BATCH_FORGET_IN.unpack_from(args)[0]
-            self.operations.forget([p.FORGET_ONE.unpack_from(args, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
-                                    for i in range(count)])
+            self._forget([p.FORGET_ONE.unpack_from(args, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
+                          for i in range(count)])
         elif op == p.Op.INTERRUPT:
             scope = self._interruptible.get(p.INTERRUPT_IN.unpack_from(args)[0])
             if scope is not None:
@@ -162,28 +175,33 @@ class KernelSession:
         elif op in p.WRITE_OPS:
             self._send(header.unique, errno.EROFS)
         elif op in self._handlers:
-            nursery.start_soon(self._answer, self._handlers[op], header, args)
+            scope = trio.CancelScope()
+            if op in INTERRUPTIBLE:  # now, not once its task runs: the INTERRUPT may be next in line
+                self._interruptible[header.unique] = scope
+            nursery.start_soon(self._answer, self._handlers[op], header, args, scope)
         else:
             self._send(header.unique, errno.ENOSYS)
         return True
 
-    async def _answer(self, handler, header: p.InHeader, args: memoryview) -> None:
-        """Run one handler; its errors become the reply, an INTERRUPT of a read becomes EINTR."""
-        interruptible = header.opcode in INTERRUPTIBLE
-        with trio.CancelScope() as scope:
-            if interruptible:
-                self._interruptible[header.unique] = scope
-            try:
-                await handler(header, args)
-                return
-            except FuseError as e:
-                error = e.errno
-            except Exception:
-                log.exception("unexpected error answering %s", _op_name(header.opcode))
-                error = errno.EIO
-            finally:
-                if interruptible:
-                    del self._interruptible[header.unique]
+    def _forget(self, items: list[tuple[int, int]]) -> None:
+        """FORGET has no reply: a failure is only logged, and never ends the loop."""
+        try:
+            self.operations.forget(items)
+        except Exception as e:
+            reply_errno(e, "FORGET")
+
+    async def _answer(self, handler: Handler, header: p.InHeader, args: memoryview, scope: trio.CancelScope) -> None:
+        """Run one handler in scope; its error becomes the reply (reply_errno), an INTERRUPT
+        (scope cancelled) EINTR."""
+        try:
+            with scope:
+                try:
+                    await handler(header, args)
+                    return
+                except Exception as e:
+                    error = reply_errno(e, _op_name(header.opcode))
+        finally:
+            self._interruptible.pop(header.unique, None)
         self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
 
     def _send(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
@@ -211,24 +229,23 @@ class KernelSession:
             raise SessionError(f"the kernel speaks FUSE {init.major}.{init.minor}; "
                                f"fusecache needs {p.KERNEL_VERSION}.{p.MIN_MINOR} or newer (or session=pyfuse3)")
         self.minor = min(init.minor, p.KERNEL_MINOR_VERSION)
-        wanted = (p.ASYNC_READ | p.PARALLEL_DIROPS | p.DO_READDIRPLUS | p.MAX_PAGES | p.ASYNC_DIO
-                  | p.ATOMIC_O_TRUNC | p.BIG_WRITES)
+        wanted = p.ASYNC_READ | p.PARALLEL_DIROPS | p.DO_READDIRPLUS | p.MAX_PAGES | p.ATOMIC_O_TRUNC | p.BIG_WRITES
         if self.config.passthrough:
             wanted |= p.PASSTHROUGH | p.INIT_EXT
         flags = wanted & init.flags
-        self.passthrough = bool(flags & p.PASSTHROUGH)
-        if self.passthrough:
+        passthrough = bool(flags & p.PASSTHROUGH)
+        if passthrough:
             self.backing = DeviceBacking(self.fd)
         reply = p.InitOut(minor=self.minor, max_readahead=init.max_readahead, flags=flags,
                           max_background=self.config.max_background,
                           congestion_threshold=self.config.max_background * 3 // 4,
                           max_write=MAX_WRITE, max_pages=MAX_PAGES,
-                          max_stack_depth=1 if self.passthrough else 0)
+                          max_stack_depth=1 if passthrough else 0)
         self._send(header.unique, 0, reply.pack())
         log.info("FUSE protocol %d.%d (kernel %d.%d), passthrough %s", p.KERNEL_VERSION, self.minor,
                  init.major, init.minor, "offered" if init.flags & p.PASSTHROUGH else "not offered")
 
-    # ---- handlers: each replies, or raises FuseError -----------------------------------------
+    # ---- handlers: each replies, or raises (see reply_errno) ------------------------------------
 
     @staticmethod
     def _context(header: p.InHeader) -> Context:

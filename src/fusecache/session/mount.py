@@ -1,14 +1,19 @@
-"""Getting a /dev/fuse descriptor connected to a mountpoint, and letting it go.
+"""Getting a /dev/fuse descriptor connected to a mountpoint, and letting go of that mount only.
 
 As root the daemon opens /dev/fuse and calls mount(2) itself. Otherwise fusermount3 (setuid
 root, from the fuse3 package) mounts for it and hands the descriptor back over a socketpair
-(SCM_RIGHTS; the protocol is libfuse's: the socket's fd number in _FUSE_COMMFD).
+(SCM_RIGHTS; the protocol is libfuse's: the socket's fd number in _FUSE_COMMFD). pyfuse3's
+session mounts through libfuse with the same options (mount_options).
+
+A session unmounts only the mount it made (MountIdentity, unmount_own): a daemon that exits
+late, after `fusecache umount` and a new mount at the same path, must leave that new mount
+alone. Device numbers and mount ids are handed out again once a mount is gone, so only the
+never-reused mount id of Linux 6.8+ names a mount for good; without it, the device number
+names our mount only while our connection is open (our superblock then still holds it).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -17,16 +22,12 @@ import stat as stat_mod
 import subprocess
 from dataclasses import dataclass, field
 
+from .. import linux, mounts
+
 log = logging.getLogger(__name__)
 
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+# The mount flags every fusecache mount gets, under the names fusermount3 and libfuse know.
+MOUNT_FLAGS = {"ro": linux.MS_RDONLY, "nosuid": linux.MS_NOSUID, "nodev": linux.MS_NODEV}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,16 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
+def _filesystem_options(spec: MountSpec) -> list[str]:
+    """The options the FUSE filesystem itself takes (mount(2)'s data)."""
+    return [*spec.options, *(["allow_other"] if spec.allow_other else [])]
+
+
+def mount_options(spec: MountSpec) -> list[str]:
+    """Every option of a mount of spec, as fusermount3 and libfuse take them."""
+    return [*MOUNT_FLAGS, f"fsname={_escape(spec.fsname)}", f"subtype={spec.subtype}", *_filesystem_options(spec)]
+
+
 def mount(spec: MountSpec) -> int:
     """A /dev/fuse descriptor for a new mount of spec (nonblocking, close-on-exec)."""
     fd = _mount_as_root(spec) if os.geteuid() == 0 else _mount_with_fusermount(spec)
@@ -57,14 +68,14 @@ def _mount_as_root(spec: MountSpec) -> int:
     try:
         st = os.stat(spec.mountpoint)
         options = [f"fd={fd}", f"rootmode={stat_mod.S_IFMT(st.st_mode):o}", f"user_id={os.getuid()}",
-                   f"group_id={os.getgid()}", *spec.options]
-        if spec.allow_other:
-            options.append("allow_other")
-        flags = MS_RDONLY | MS_NOSUID | MS_NODEV
-        if _libc.mount(os.fsencode(spec.fsname), os.fsencode(spec.mountpoint),
-                       f"fuse.{spec.subtype}".encode(), flags, ",".join(options).encode()) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mount: {os.strerror(err)}", spec.mountpoint)
+                   f"group_id={os.getgid()}", *_filesystem_options(spec)]
+        flags = 0
+        for flag in MOUNT_FLAGS.values():
+            flags |= flag
+        try:
+            linux.mount(spec.fsname, spec.mountpoint, f"fuse.{spec.subtype}", flags, ",".join(options))
+        except OSError as e:
+            raise OSError(e.errno, f"mount: {e.strerror}", spec.mountpoint) from None
     except BaseException:
         os.close(fd)
         raise
@@ -74,13 +85,10 @@ def _mount_as_root(spec: MountSpec) -> int:
 def _mount_with_fusermount(spec: MountSpec) -> int:
     tool = shutil.which("fusermount3")
     if tool is None:
-        raise OSError(f"fusermount3 not found: install the fuse3 package to mount as a user")
-    options = ["ro", "nosuid", "nodev", f"fsname={_escape(spec.fsname)}", f"subtype={spec.subtype}", *spec.options]
-    if spec.allow_other:
-        options.append("allow_other")
+        raise OSError("fusermount3 not found: install the fuse3 package to mount as a user")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, theirs:
-        result = subprocess.run([tool, "-o", ",".join(options), "--", spec.mountpoint],
+        result = subprocess.run([tool, "-o", ",".join(mount_options(spec)), "--", spec.mountpoint],
                                 env={**os.environ, "_FUSE_COMMFD": str(theirs.fileno())},
                                 pass_fds=(theirs.fileno(),), capture_output=True, text=True)
         if result.returncode != 0:
@@ -93,13 +101,63 @@ def _mount_with_fusermount(spec: MountSpec) -> int:
     return fds[0]
 
 
-def unmount(mountpoint: str) -> None:
-    """Detach the mount (lazily: a process still inside it keeps what it has)."""
-    if os.geteuid() == 0:
-        if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), mountpoint)
+@dataclass(frozen=True)
+class MountIdentity:
+    """Which mount sits at a path: its device number and, on Linux 6.8+, its mount id."""
+
+    device: int
+    unique_id: int | None
+
+    def is_ours(self, now: MountIdentity, connected: bool) -> bool:
+        """Whether `now` (what the path holds) is the mount self was taken of. Without ids, the
+        device decides only while our connection is open: once the kernel closed it (the mount
+        was unmounted), the device number may already belong to the next mount there."""
+        if self.unique_id is not None and now.unique_id is not None:
+            return self.unique_id == now.unique_id
+        return connected and self.device == now.device
+
+
+def _open_mount_root(mountpoint: str) -> int:
+    """An O_PATH descriptor of what the path holds: reaching a mount's root sends no request
+    to its daemon (which may be ourselves, not serving, or one that does not answer)."""
+    return os.open(mountpoint, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def identify(mountpoint: str) -> MountIdentity | None:
+    """The identity of the mount at mountpoint (taken right after mounting); None if the kernel
+    cannot say, and then nothing is ever unmounted by unmount_own."""
+    try:
+        fd = _open_mount_root(mountpoint)
+        try:
+            return MountIdentity(*linux.mount_of(fd))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("cannot tell which mount %s is (%s): it will not be unmounted on exit", mountpoint, e.strerror)
+        return None
+
+
+def unmount_own(mountpoint: str, made: MountIdentity | None, connected: bool) -> None:
+    """Detach (lazily) the mount at mountpoint if it is the one `made` identifies; leave any
+    other alone. connected: our connection is still open (see MountIdentity.is_ours). As root,
+    the mount unmounted is the very one checked (through its descriptor); fusermount3 takes a
+    path, and a mount made at it between the check and the call would be detached instead."""
+    if made is None:
         return
-    result = subprocess.run(["fusermount3", "-u", "-z", "--", mountpoint], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise OSError(result.stderr.strip() or f"fusermount3 -u failed with status {result.returncode}")
+    try:
+        fd = _open_mount_root(mountpoint)
+    except OSError:
+        return  # the mountpoint is gone: nothing of ours is there
+    try:
+        now = MountIdentity(*linux.mount_of(fd))
+        if not made.is_ours(now, connected):
+            log.info("%s holds another mount now (ours was unmounted); left alone", mountpoint)
+            return
+        if os.geteuid() == 0:
+            linux.umount2(f"/proc/self/fd/{fd}", linux.MNT_DETACH)
+        else:
+            mounts.unmount(mountpoint, lazy=True)
+    except OSError as e:
+        log.warning("unmounting %s failed: %s", mountpoint, e.strerror or e)
+    finally:
+        os.close(fd)

@@ -18,8 +18,6 @@ KERNEL_VERSION = 7
 # What this server speaks: 7.40 added passthrough (Linux 6.9); newer minors add nothing we use.
 KERNEL_MINOR_VERSION = 40
 MIN_MINOR = 31
-ROOT_ID = 1
-MIN_READ_BUFFER = 8192
 
 
 class Op(enum.IntEnum):
@@ -75,13 +73,12 @@ class Op(enum.IntEnum):
     STATX = 52
 
 
-# Requests that change the filesystem: answered EROFS. (SETATTR too: the kernel sends it for
-# truncate, chmod, utimes; with a read-only mount the VFS refuses most of them first.)
+# Requests that change the filesystem: answered EROFS, by either session (pyfuse3_session.py
+# names its methods after these). SETATTR too: the kernel sends it for truncate, chmod, utimes;
+# with a read-only mount the VFS refuses most of them first.
 WRITE_OPS = frozenset({Op.SETATTR, Op.SYMLINK, Op.MKNOD, Op.MKDIR, Op.UNLINK, Op.RMDIR, Op.RENAME,
                        Op.LINK, Op.WRITE, Op.SETXATTR, Op.REMOVEXATTR, Op.CREATE, Op.FALLOCATE,
                        Op.RENAME2, Op.COPY_FILE_RANGE, Op.TMPFILE, Op.SETLK, Op.SETLKW})
-# Requests that get no reply at all.
-NO_REPLY_OPS = frozenset({Op.FORGET, Op.BATCH_FORGET})
 
 # INIT flags (flags, then flags2 holding bits 32..63)
 ASYNC_READ = 1 << 0

@@ -6,31 +6,39 @@ and answers from a fixed set of worker tasks, which copy each reply in the trio 
 
 from __future__ import annotations
 
+import builtins
 import errno
+import functools
 import logging
-import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pyfuse3
 import trio
 
 from ..config import MAX_REQUEST
-from ..mounts import find_mount
-from .mount import MountSpec, _escape, unmount
-from .types import Attributes, Context, FuseError
+from .mount import MountIdentity, MountSpec, identify, mount_options, unmount_own
+from .protocol import WRITE_OPS
+from .types import Attributes, Context, Operations, reply_errno
 
 log = logging.getLogger(__name__)
 
+F = TypeVar("F", bound=Callable[..., Awaitable])
 
-def _converted(fn):
-    """pyfuse3 wants its own error type."""
 
+def _replying(fn: F) -> F:
+    """pyfuse3 answers a request with the errno of its own FUSEError, and passes anything else
+    up to its main loop, which ends: every error becomes a FUSEError here (reply_errno)."""
+    operation = fn.__name__.upper()
+
+    @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
         try:
             return await fn(*args, **kwargs)
-        except FuseError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception as e:
+            raise pyfuse3.FUSEError(reply_errno(e, operation)) from None
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]
 
 
 def _entry(attr: Attributes) -> pyfuse3.EntryAttributes:
@@ -51,36 +59,37 @@ def _context(ctx: pyfuse3.RequestContext) -> Context:
 class _Operations(pyfuse3.Operations):
     """pyfuse3's calling convention over the adapter's."""
 
-    def __init__(self, adapter) -> None:
+    def __init__(self, adapter: Operations) -> None:
         super().__init__()
         self.adapter = adapter
         self._buffers: dict[object, bytearray] = {}
 
-    @_converted
+    @_replying
     async def lookup(self, parent_inode, name, ctx=None):
         return _entry(await self.adapter.lookup(parent_inode, name, _context(ctx)))
 
-    @_converted
+    @_replying
     async def getattr(self, inode, ctx=None):
         return _entry(await self.adapter.getattr(inode, _context(ctx)))
 
-    @_converted
+    @_replying
     async def readlink(self, inode, ctx):
         return await self.adapter.readlink(inode, _context(ctx))
 
-    @_converted
+    @_replying
     async def opendir(self, inode, ctx):
         return await self.adapter.opendir(inode, _context(ctx))
 
-    @_converted
+    @_replying
     async def readdir(self, fh, start_id, token):
         await self.adapter.readdir(fh, start_id, lambda name, attr, next_offset: pyfuse3.readdir_reply(
             token, name, _entry(attr), next_offset))
 
+    @_replying
     async def releasedir(self, fh):
         await self.adapter.releasedir(fh)
 
-    @_converted
+    @_replying
     async def statfs(self, ctx):
         vfs = await self.adapter.statfs(_context(ctx))
         data = pyfuse3.StatvfsData()
@@ -89,28 +98,32 @@ class _Operations(pyfuse3.Operations):
             setattr(data, attr, getattr(vfs, attr))
         return data
 
-    @_converted
+    @_replying
     async def getxattr(self, inode, name, ctx):
         return await self.adapter.getxattr(inode, name, _context(ctx))
 
-    @_converted
+    @_replying
     async def listxattr(self, inode, ctx):
         return await self.adapter.listxattr(inode, _context(ctx))
 
-    @_converted
+    @_replying
     async def access(self, inode, mode, ctx):
         await self.adapter.access(inode, mode, _context(ctx))
         return True
 
     async def forget(self, inode_list):
-        self.adapter.forget(inode_list)
+        """No reply: a failure is only logged."""
+        try:
+            self.adapter.forget(inode_list)
+        except Exception as e:
+            reply_errno(e, "FORGET")
 
-    @_converted
+    @_replying
     async def open(self, inode, flags, ctx):
         reply = await self.adapter.open(inode, flags, _context(ctx))
         return pyfuse3.FileInfo(fh=reply.fh, keep_cache=reply.keep_cache)
 
-    @_converted
+    @_replying
     async def read(self, fh, off, size):
         return await self.adapter.read(fh, off, size, self._buffer(size))
 
@@ -123,40 +136,41 @@ class _Operations(pyfuse3.Operations):
             buf = self._buffers[task] = bytearray(max(size, MAX_REQUEST))
         return memoryview(buf)[:size]
 
+    @_replying
     async def release(self, fh):
         await self.adapter.release(fh)
 
-    async def _read_only(self, *args, **kwargs):
-        raise pyfuse3.FUSEError(errno.EROFS)
 
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
-    create = write = setxattr = removexattr = _read_only
+async def _read_only(self, *args, **kwargs):
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+# pyfuse3 calls the method named as the request: those that write are answered EROFS, as our
+# session answers protocol.WRITE_OPS (the rest of them pyfuse3 answers ENOSYS itself).
+for _op in WRITE_OPS:
+    if hasattr(pyfuse3.Operations, _op.name.lower()):
+        builtins.setattr(_Operations, _op.name.lower(), _read_only)
 
 
 class Pyfuse3Session:
     """The same life cycle as KernelSession, through pyfuse3."""
 
-    passthrough = False
     backing = None
 
-    def __init__(self, operations, spec: MountSpec, workers: int) -> None:
+    def __init__(self, operations: Operations, spec: MountSpec, workers: int) -> None:
         self.operations = _Operations(operations)
         self.spec = spec
         self.workers = workers
         self._initialized = False
-        self._device: tuple[int, int] | None = None  # the mount's st_dev, from the mount table
+        self._made: MountIdentity | None = None  # which mount is ours, for close()
 
     def mount(self) -> None:
-        options = set(self.spec.options) | {"ro", f"fsname={_escape(self.spec.fsname)}", f"subtype={self.spec.subtype}"}
-        if self.spec.allow_other:
-            options.add("allow_other")
         try:
-            pyfuse3.init(self.operations, self.spec.mountpoint, options)
+            pyfuse3.init(self.operations, self.spec.mountpoint, set(mount_options(self.spec)))
         except RuntimeError as e:
             raise OSError(str(e)) from None
         self._initialized = True
-        info = find_mount(self.spec.mountpoint)  # the table, not a stat: nobody serves the mount yet
-        self._device = (info.major, info.minor) if info is not None else None
+        self._made = identify(self.spec.mountpoint)
 
     async def serve(self) -> None:
         await pyfuse3.main(min_tasks=self.workers, max_tasks=self.workers)
@@ -165,14 +179,14 @@ class Pyfuse3Session:
         pyfuse3.terminate()
 
     def close(self) -> None:
+        """Unmount our mount if it is still there, as KernelSession.close. libfuse would unmount
+        whatever the path holds unless the kernel closed our connection, and leave a mount
+        whose connection was aborted in place: it unmounts only where the mount id cannot
+        tell our mount from another (before Linux 6.8)."""
         if self._initialized:
             self._initialized = False
-            pyfuse3.close(unmount=True)
-            # libfuse leaves a mount whose connection was aborted in place (its device reports an
-            # error, and it takes that for "already unmounted"): detach it, as our session does.
-            info = find_mount(self.spec.mountpoint)
-            if info is not None and (info.major, info.minor) == self._device:
-                try:
-                    unmount(self.spec.mountpoint)
-                except OSError as e:
-                    log.warning("unmounting %s failed: %s", self.spec.mountpoint, e)
+            if self._made is not None and self._made.unique_id is not None:
+                pyfuse3.close(unmount=False)
+                unmount_own(self.spec.mountpoint, self._made, connected=False)
+            else:
+                pyfuse3.close(unmount=True)

@@ -1,14 +1,24 @@
 """What the FUSE adapter (fs.py) and a FUSE session say to each other, whichever session it is.
 
-The adapter answers with these types and raises FuseError; a session (the kernel protocol's own,
-kernel.py, or pyfuse3's, pyfuse3_session.py) turns them into replies. Neither side knows how
-the other is built.
+The adapter offers `Operations` and answers with these types; a `Session` (the kernel
+protocol's own, kernel.py, or pyfuse3's, pyfuse3_session.py) turns them into replies. Neither
+side knows how the other is built.
+
+Errors: the adapter raises what it meets (OSError from the source or the cache, the engine's
+ReadError, which carries an errno, or FuseError for an answer of its own) and the session turns
+it into the reply's errno in one place, `reply_errno`. Anything else is a bug in one request:
+logged once with the operation's name and answered EIO, never passed on to the session's loop.
 """
 
 from __future__ import annotations
 
+import errno as errno_codes
+import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Protocol
+
+log = logging.getLogger(__name__)
 
 
 class FuseError(Exception):
@@ -71,3 +81,70 @@ class BackingFiles(Protocol):
 
     def close(self, backing_id: int) -> None:
         """The kernel stops handing out backing_id; files opened with it keep it."""
+
+
+class Operations(Protocol):
+    """What the adapter (fs.FuseOperations) offers a session: one method per FUSE request it
+    serves. Each raises as `reply_errno` reads (see the module docstring)."""
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Context) -> Attributes: ...
+
+    async def getattr(self, inode: int, ctx: Context) -> Attributes: ...
+
+    async def readlink(self, inode: int, ctx: Context) -> bytes: ...
+
+    async def opendir(self, inode: int, ctx: Context) -> int: ...
+
+    async def readdir(self, fh: int, offset: int, add: DirentSink, counts_lookups: bool = True) -> None:
+        """Entries from offset on, given to add() until it says the reply is full;
+        counts_lookups: each entry given counts as a lookup (READDIRPLUS)."""
+
+    async def releasedir(self, fh: int) -> None: ...
+
+    async def statfs(self, ctx: Context) -> os.statvfs_result: ...
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Context) -> bytes: ...
+
+    async def listxattr(self, inode: int, ctx: Context) -> list[bytes]: ...
+
+    async def access(self, inode: int, mode: int, ctx: Context) -> None: ...
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        """The kernel dropped nlookup references to each (inode, nlookup); FORGET has no reply."""
+
+    async def open(self, inode: int, flags: int, ctx: Context) -> OpenReply: ...
+
+    async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview | bytes:
+        """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply,
+        which the session sends before it reuses buf."""
+
+    async def release(self, fh: int) -> None: ...
+
+
+class Session(Protocol):
+    """One mount served to the kernel, whichever session serves it."""
+
+    backing: BackingFiles | None  # set once the kernel agreed to passthrough (kernel session only)
+
+    def mount(self) -> None:
+        """Mount; OSError if it cannot be made."""
+
+    async def serve(self) -> None:
+        """Answer requests until the mount goes away or terminate() is called."""
+
+    def terminate(self) -> None:
+        """Make serve() return (a signal)."""
+
+    def close(self) -> None:
+        """Unmount the mount this session made, if it is still there, and let go of it."""
+
+
+def reply_errno(error: Exception, operation: str) -> int:
+    """The errno a request that failed with `error` is answered with (see the module docstring):
+    the error's own errno if it carries one, else EIO, and an unexpected error is logged."""
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return code
+    if not isinstance(error, OSError):  # an OSError without an errno is no bug of ours
+        log.error("unexpected error answering %s", operation, exc_info=error)
+    return errno_codes.EIO

@@ -1,0 +1,96 @@
+"""The FUSE sessions on real mounts: what a reader and the next mount see of how a session talks
+to the kernel. The in-process side (crafted requests) is in test_session_inprocess.py.
+
+What it proves:
+- a reader using O_DIRECT whose read waits on a source that does not answer dies at once
+  when killed (the kernel sends INTERRUPT for its read: no FUSE_ASYNC_DIO; our session only,
+  libfuse asks for async direct I/O);
+- a daemon that exits late (stopped while `fusecache umount` unmounted it, then resumed once
+  another daemon mounted the same path) leaves the new mount alone, on both sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import Mount, file_bytes, force_unmount, is_mounted, run_cli, wait_gone
+
+pytestmark = pytest.mark.fuse
+
+WAIT = 30.0  # how long a step may take before the test calls it stuck (the source's delay is far longer)
+
+# Opens the file O_DIRECT, says so, and reads 1 MiB from its start into an aligned buffer.
+DIRECT_READER = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+print("open", flush=True)
+os.preadv(fd, [mmap.mmap(-1, 1 << 20)], 0)
+"""
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {WAIT:.0f}s"
+        time.sleep(0.05)
+
+
+def waits_in_fuse(pid: int) -> bool:
+    """Whether the process sleeps in the kernel's FUSE code (a request sent, no answer yet)."""
+    try:
+        return "fuse" in Path(f"/proc/{pid}/stack").read_text()
+    except OSError:
+        return False
+
+
+def test_a_killed_o_direct_reader_dies_while_the_source_does_not_answer(tmp_path, counting_source, make_mount):
+    (counting_source.real / "big").write_bytes(os.urandom(4 << 20))
+    counting_source.start()
+    counting_source.set_faults({"big": {"delay": 3600}})  # the source answers no read of it
+    m = make_mount(counting_source.path, ["session=kernel"])  # pyfuse3's cannot: docs/semantics.md
+    reader = subprocess.Popen([sys.executable, "-c", DIRECT_READER, str(m.mountpoint / "big")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "open\n"
+        wait_until(lambda: waits_in_fuse(reader.pid), "the reader never waited in its read")
+        reader.kill()
+        reader.wait(timeout=WAIT)  # without the INTERRUPT: in D state until the source answers
+        assert counting_source.counts().get("big", 0) == 0  # it died before the source answered
+    finally:
+        reader.kill()
+        counting_source.stop()  # the daemon's read of the source fails now, and it can exit
+    reader.wait()
+    m.unmount()
+
+
+@pytest.mark.parametrize("session", ["kernel", "pyfuse3"])
+def test_a_daemon_that_exits_late_leaves_the_next_mount_alone(tmp_path, make_mount, session):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_bytes(b"served by the second daemon")
+    first = make_mount(source, [f"session={session}"])
+    second = Mount(source, first.mountpoint, tmp_path / "cache-2", [f"session={session}"])
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        run_cli("umount", first.mountpoint)  # says the daemon does not answer; unmounts anyway
+        assert not is_mounted(first.mountpoint)
+        second.mount()
+        os.kill(first.pid, signal.SIGTERM)  # delivered as it resumes: it unmounts on its way out
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    wait_gone(first.pid)
+    first.pid = None
+    try:
+        assert is_mounted(second.mountpoint)
+        assert file_bytes(second.mountpoint / "f") == b"served by the second daemon"
+    finally:
+        force_unmount(second.mountpoint)
+        if second.pid:
+            wait_gone(second.pid)

@@ -1,0 +1,188 @@
+"""The FUSE sessions driven in process, with no mount and no root: KernelSession reads crafted
+requests from a SOCK_SEQPACKET socket standing in for /dev/fuse (one read or write is one
+message, as on the device); pyfuse3's session is called as pyfuse3 calls it.
+
+What it proves:
+- an INTERRUPT that comes right behind its OPEN, before the OPEN's task has run, cancels it
+  (the open is answered EINTR at once, not after whatever it waits for);
+- what the adapter raises becomes the reply's errno in one place, the same for both sessions:
+  OSError and the engine's ReadError give their errno, FuseError its own, anything else EIO,
+  logged once with the request's name; a failing request or FORGET never ends the loop;
+- INIT does not ask for FUSE_ASYNC_DIO (for which the kernel never sends INTERRUPT);
+- a session's mount identity: only the never-reused mount id, or the device while our
+  connection is open, says that the mount at the path is still ours.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+
+import pytest
+import trio
+
+from fusecache.engine import ReadError
+from fusecache.session import protocol as p
+from fusecache.session.kernel import KernelSession, SessionConfig
+from fusecache.session.mount import MountIdentity, MountSpec, identify
+from fusecache.session.types import Attributes, Context, FuseError, reply_errno
+
+HANG_GUARD = 10.0  # a test that would hang fails after this long instead
+
+
+class FailingOperations:
+    """An adapter whose lookups fail as told (name -> exception) and whose opens wait until
+    cancelled, as an open waiting for a file to be filled does."""
+
+    def __init__(self) -> None:
+        self.failures: dict[bytes, Exception] = {}
+        self.forgets: list[list[tuple[int, int]]] = []
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Context) -> Attributes:
+        raise self.failures[name]
+
+    async def open(self, inode: int, flags: int, ctx: Context):
+        await trio.sleep_forever()
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        self.forgets.append(inode_list)
+        raise RuntimeError("forget failed")
+
+
+class FakeKernel:
+    """The kernel's side of /dev/fuse for one KernelSession."""
+
+    def __init__(self, operations) -> None:
+        self.socket, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.socket.setblocking(False)
+        self.session = KernelSession(operations, MountSpec(mountpoint="/nonexistent", fsname="test"),
+                                     SessionConfig(workers=2, max_background=4, passthrough=False))
+        os.set_blocking(ours.fileno(), False)
+        self.session.fd = ours.detach()
+
+    @staticmethod
+    def request(opcode: int, unique: int, args: bytes = b"", nodeid: int = 1) -> memoryview:
+        header = p.IN_HEADER.pack(p.IN_HEADER.size + len(args), opcode, unique, nodeid,
+                                  os.getuid(), os.getgid(), os.getpid(), 0, 0)
+        return memoryview(header + args)
+
+    def send(self, opcode: int, unique: int, args: bytes = b"", nodeid: int = 1) -> None:
+        self.socket.send(self.request(opcode, unique, args, nodeid))
+
+    async def reply(self) -> tuple[int, int, bytes]:
+        """(unique, errno, payload) of the next reply."""
+        await trio.lowlevel.wait_readable(self.socket)
+        data = self.socket.recv(1 << 16)
+        length, error, unique = p.OUT_HEADER.unpack_from(data)
+        assert length == len(data)
+        return unique, -error, data[p.OUT_HEADER.size:]
+
+    def close(self) -> None:
+        self.session.close()
+        self.socket.close()
+
+
+@pytest.fixture
+def kernel():
+    made: list[FakeKernel] = []
+
+    def factory(operations) -> FakeKernel:
+        made.append(FakeKernel(operations))
+        return made[-1]
+
+    yield factory
+    for k in made:
+        k.close()
+
+
+async def test_an_interrupt_right_behind_its_open_cancels_it(kernel):
+    k = kernel(FailingOperations())
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            # both requests read before the OPEN's task first runs, as when the INTERRUPT is
+            # next in line on the device
+            assert k.session._dispatch(nursery, k.request(p.Op.OPEN, 7, p.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=2))
+            assert k.session._dispatch(nursery, k.request(p.Op.INTERRUPT, 8, p.INTERRUPT_IN.pack(7)))
+            assert await k.reply() == (7, errno.EINTR, b"")
+    assert not k.session._interruptible  # nothing left registered
+
+
+async def test_errors_become_the_replys_errno_and_never_end_the_loop(kernel, caplog):
+    ops = FailingOperations()
+    ops.failures = {b"missing": FileNotFoundError(errno.ENOENT, "gone"), b"denied": FuseError(errno.EACCES),
+                    b"changed": ReadError(errno.ESTALE, "the file changed"), b"bug": KeyError("oops"),
+                    b"bare": OSError("no errno")}
+    k = kernel(ops)
+    caplog.set_level(logging.ERROR)
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.session.serve)
+            replies = []
+            for unique, name in enumerate(ops.failures, start=1):
+                k.send(p.Op.LOOKUP, unique, name + b"\0")
+                replies.append(await k.reply())
+            k.send(p.Op.BATCH_FORGET, 10, p.BATCH_FORGET_IN.pack(1, 0) + p.FORGET_ONE.pack(5, 1))
+            k.send(p.Op.DESTROY, 11)  # the loop still runs after all of that
+            assert await k.reply() == (11, 0, b"")
+    assert [(unique, error) for unique, error, _ in replies] == [
+        (1, errno.ENOENT), (2, errno.EACCES), (3, errno.ESTALE), (4, errno.EIO), (5, errno.EIO)]
+    assert ops.forgets == [[(5, 1)]]
+    # the two unexpected errors, each logged once, with what failed
+    assert [(r.getMessage(), r.exc_info[0]) for r in caplog.records] == [
+        ("unexpected error answering LOOKUP", KeyError), ("unexpected error answering FORGET", RuntimeError)]
+
+
+async def test_pyfuse3_session_maps_errors_the_same_way(caplog):
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    from fusecache.session.pyfuse3_session import _Operations
+
+    ops = FailingOperations()
+    ops.failures = {b"missing": FileNotFoundError(errno.ENOENT, "gone"), b"denied": FuseError(errno.EACCES),
+                    b"changed": ReadError(errno.ESTALE, "the file changed"), b"bug": KeyError("oops")}
+    wrapped = _Operations(ops)
+    caplog.set_level(logging.ERROR)
+    got = {}
+    for name in ops.failures:
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await wrapped.lookup(1, name, Context(0, 0, 0))
+        got[name] = info.value.errno
+    assert got == {b"missing": errno.ENOENT, b"denied": errno.EACCES, b"changed": errno.ESTALE, b"bug": errno.EIO}
+    await wrapped.forget([(5, 1)])  # raises inside: logged, not passed to pyfuse3's loop
+    assert [(r.getMessage(), r.exc_info[0]) for r in caplog.records] == [
+        ("unexpected error answering LOOKUP", KeyError), ("unexpected error answering FORGET", RuntimeError)]
+
+
+def test_reply_errno():
+    assert reply_errno(PermissionError(errno.EPERM, "no"), "OPEN") == errno.EPERM
+    assert reply_errno(ReadError(errno.EIO, "source failed"), "READ") == errno.EIO
+    assert reply_errno(FuseError(errno.EROFS), "OPEN") == errno.EROFS
+    assert reply_errno(ValueError("bug"), "READ") == errno.EIO
+
+
+async def test_init_does_not_ask_for_async_direct_io(kernel):
+    """With FUSE_ASYNC_DIO the kernel sends an O_DIRECT read as background requests and sends
+    no INTERRUPT for them: a killed reader would wait for the source (docs/semantics.md)."""
+    k = kernel(FailingOperations())
+    init = p.INIT_IN.pack(p.KERNEL_VERSION, p.KERNEL_MINOR_VERSION, 1 << 20, 0xFFFFFFFF) + p.INIT_IN_FLAGS2.pack(0xFFFFFFFF)
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            k.session._dispatch(nursery, k.request(p.Op.INIT, 1, init + bytes(64)))
+            unique, error, payload = await k.reply()
+    assert (unique, error) == (1, 0)
+    flags = p.INIT_OUT.unpack_from(payload)[3]
+    assert flags & p.ASYNC_READ and not flags & p.ASYNC_DIO
+
+
+def test_a_mount_is_ours_by_its_id_or_by_its_device_while_connected(tmp_path):
+    ours = MountIdentity(device=52, unique_id=1001)
+    assert ours.is_ours(MountIdentity(52, 1001), connected=False)
+    assert not ours.is_ours(MountIdentity(52, 1002), connected=True)  # the next mount, same device number
+    old_kernel = MountIdentity(device=52, unique_id=None)
+    assert old_kernel.is_ours(MountIdentity(52, None), connected=True)  # our superblock holds the number
+    assert not old_kernel.is_ours(MountIdentity(52, None), connected=False)  # it may be the next mount's
+    assert not old_kernel.is_ours(MountIdentity(53, None), connected=True)
+    here = identify(str(tmp_path))  # any directory, asked without a request to its filesystem
+    assert here is not None and here.device == os.stat(tmp_path).st_dev
+    assert identify(str(tmp_path / "missing")) is None
