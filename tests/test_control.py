@@ -16,6 +16,7 @@ from pathlib import Path
 import outcome
 import pytest
 import trio
+import trio.testing
 
 from fusecache.config import runtime_dir
 from fusecache.control import (MAX_REQUEST, ControlError, ControlServer, ControlTimeout, call, is_listening,
@@ -165,6 +166,31 @@ async def test_only_root_and_the_owner_may_use_the_control_channel(tmp_path):
             with pytest.raises(ControlError, match="^permission denied: only root or the user who mounted"):
                 await trio.to_thread.run_sync(send_request, path, {"command": "status"}, 5.0, "/mnt")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_server_that_stops_late_leaves_the_next_servers_socket(tmp_path):
+    """A daemon that exits after the next mount at its path started (a stopped daemon that
+    `umount` gave up on) used to unlink that mount's socket, leaving `status` unable to reach it."""
+    async def who(request: dict) -> dict:
+        return {"server": request["command"]}
+
+    path = tmp_path / "c.sock"
+    old, new = (ControlServer(path, {name: who}, owner_uid=os.getuid()) for name in ("old", "new"))
+    async with trio.open_nursery() as outer:
+        old_scope = trio.CancelScope()
+
+        async def serve_old(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with old_scope:
+                await old.serve(task_status=task_status)
+
+        await outer.start(serve_old)
+        await outer.start(new.serve)  # binds anew over the old one's path
+        old_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert path.exists()
+        assert await trio.to_thread.run_sync(send_request, path, {"command": "new"}, 5.0, "/mnt") == {"server": "new"}
+        outer.cancel_scope.cancel()
+    assert not path.exists()
 
 
 def test_socket_paths_and_unmounted_paths(tmp_path):

@@ -76,10 +76,21 @@ class ControlServer:
             await sock.bind(str(self.path))
         finally:
             os.umask(old_umask)
+        bound = os.stat(self.path)
         sock.listen(16)
         try:
             await trio.serve_listeners(self._serve_one, [trio.SocketListener(sock)], task_status=task_status)
         finally:
+            self._remove_own_socket(bound)
+
+    def _remove_own_socket(self, bound: os.stat_result) -> None:
+        """Unlink the socket this server bound, and only it: a daemon that exits late (after a
+        `umount` gave up waiting for it) must not remove the socket of the next mount there."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
             self.path.unlink(missing_ok=True)
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
