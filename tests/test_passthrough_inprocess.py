@@ -22,7 +22,8 @@ import os
 
 import trio
 
-from fusecache.fs import ROOT_INODE, FuseOperations
+from fusecache.fs import FuseOperations
+from fusecache.inodes import ROOT_INODE
 
 from .inprocess import CHUNK, ctx, harness, read_file, settled  # noqa: F401 - fixture
 from .inprocess import fuse_errno, operations, read_all

@@ -29,13 +29,10 @@ from . import acl
 from .engine import Engine, Handle
 from .passthrough import Passthrough
 from .session.types import Attributes, Context, DirentSink, FuseError, OpenReply
+from .inodes import InodeTable, Version
 from .source import Identity
 
 log = logging.getLogger(__name__)
-
-Version = tuple[int, ...]
-ROOT_INODE = 1
-
 
 def version_of(st: os.stat_result, identity: Identity) -> Version:
     """What tells two versions of a path apart (see the module docstring); identity is the
@@ -49,73 +46,6 @@ def version_of_file(identity: Identity) -> Version:
     return (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
 
 
-class InodeTable:
-    """Bidirectional map between inode numbers and (relative path, version) pairs.
-    The root ('') is always ROOT_INODE, whatever the source says, and has no version.
-
-    The latest version seen of each path keeps its number for the whole mount (stable
-    inode numbers). An outdated version is dropped once the kernel has forgotten it (its
-    lookup count, raised by lookup and readdirplus replies and lowered by forget, is zero),
-    so a file that changes often does not grow the table without bound."""
-
-    def __init__(self) -> None:
-        self._versions: dict[int, tuple[str, Version | None]] = {ROOT_INODE: ("", None)}
-        self._inodes: dict[tuple[str, Version], int] = {}
-        self._latest: dict[str, int] = {}
-        self._lookups: dict[int, int] = {}
-        self._next = ROOT_INODE + 1
-
-    def version(self, inode: int) -> tuple[str, Version | None]:
-        try:
-            return self._versions[inode]
-        except KeyError:
-            raise FuseError(errno.ESTALE) from None
-
-    def path(self, inode: int) -> str:
-        return self.version(inode)[0]
-
-    def inode(self, relpath: str, version: Version) -> int:
-        """The number of this version of relpath, now its latest."""
-        if relpath == "":
-            return ROOT_INODE
-        key = (relpath, version)
-        inode = self._inodes.get(key)
-        if inode is None:
-            inode = self._inodes[key] = self._next
-            self._versions[inode] = key
-            self._next += 1
-        previous = self._latest.get(relpath)
-        self._latest[relpath] = inode
-        if previous is not None and previous != inode and not self._lookups.get(previous):
-            self._drop(previous)
-        return inode
-
-    def is_latest(self, inode: int) -> bool:
-        """Whether a lookup of inode's path gives inode now (no newer version or epoch)."""
-        relpath = self._versions.get(inode, ("", None))[0]
-        return relpath == "" or self._latest.get(relpath) == inode
-
-    def looked_up(self, inode: int) -> None:
-        """The kernel got inode in a lookup or readdirplus reply."""
-        if inode != ROOT_INODE:
-            self._lookups[inode] = self._lookups.get(inode, 0) + 1
-
-    def forget(self, inode: int, nlookup: int) -> None:
-        remaining = self._lookups.get(inode, 0) - nlookup
-        if remaining > 0:
-            self._lookups[inode] = remaining
-            return
-        self._lookups.pop(inode, None)
-        relpath = self._versions.get(inode, ("", None))[0]
-        if relpath and self._latest.get(relpath) != inode:
-            self._drop(inode)
-
-    def _drop(self, inode: int) -> None:
-        key = self._versions.pop(inode, None)
-        if key is not None:
-            self._inodes.pop(key, None)
-
-
 class FuseOperations:
     """Read-only mirror of the source tree, data served through the engine's cache, or by
     the kernel from the cache file itself (passthrough) once a file is complete."""
@@ -125,21 +55,21 @@ class FuseOperations:
         self.attr_timeout = attr_timeout
         self.inodes = InodeTable()
         self.passthrough = Passthrough(engine)  # off until the daemon enables it
-        self._epochs: dict[str, int] = {}
         self._handles: dict[int, tuple[int, Handle, bool]] = {}  # fh -> (inode, handle, passthrough)
         self._dirs: dict[int, tuple[str, int]] = {}  # fh -> (relpath, source descriptor)
         self._next_fh = 1
 
     def _entry(self, relpath: str, st: os.stat_result) -> Attributes:
-        """Attributes of relpath under the inode number of the version st describes."""
-        return self._attributes(self.inodes.inode(relpath, self._version(relpath, st)), st)
+        """Attributes of relpath, looked up: under the inode number of the version st
+        describes, which the kernel holds from now until it forgets it."""
+        return self._attributes(self.inodes.hold(relpath, self._version(relpath, st)), st)
 
     def _version(self, relpath: str, st: os.stat_result) -> Version:
         version = version_of(st, self.engine.source.identity(st))
-        return version + (self._epochs.get(relpath, 0),) if stat_mod.S_ISREG(st.st_mode) else version
+        return version + (self.inodes.epoch(relpath),) if stat_mod.S_ISREG(st.st_mode) else version
 
     def _file_version(self, relpath: str, identity: Identity) -> Version:
-        return version_of_file(identity) + (self._epochs.get(relpath, 0),)
+        return version_of_file(identity) + (self.inodes.epoch(relpath),)
 
     def _attributes(self, inode: int, st: os.stat_result) -> Attributes:
         return Attributes(ino=inode, mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid,
@@ -162,9 +92,7 @@ class FuseOperations:
         parent = self.inodes.path(parent_inode)
         await self._check_access(parent, acl.X, ctx)
         relpath = self.engine.source.child(parent, os.fsdecode(name))
-        attr = self._entry(relpath, await self.engine.lstat(relpath))
-        self.inodes.looked_up(attr.ino)
-        return attr
+        return self._entry(relpath, await self.engine.lstat(relpath))
 
     async def getattr(self, inode: int, ctx: Context) -> Attributes:
         relpath, version = self.inodes.version(inode)
@@ -207,11 +135,12 @@ class FuseOperations:
         relpath, fd = self._dirs[fh]
         while batch := await self.engine.readdir(fd, offset):
             for name, next_offset, st in batch:
-                attr = self._entry(self.engine.source.child(relpath, name), st)
-                if not add(os.fsencode(name), attr, next_offset):
+                child = self.engine.source.child(relpath, name)
+                version = self._version(child, st)
+                if not add(os.fsencode(name), self._attributes(self.inodes.inode(child, version), st), next_offset):
                     return
                 if counts_lookups:
-                    self.inodes.looked_up(attr.ino)
+                    self.inodes.hold(child, version)
                 offset = next_offset
 
     async def releasedir(self, fh: int) -> None:
@@ -254,7 +183,7 @@ class FuseOperations:
                 raise FuseError(errno.ESTALE)
             backing_id = await self.passthrough.choose(inode, handle, latest=self.inodes.is_latest(inode))
             if backing_id == Passthrough.NEW_INODE:
-                self._epochs[relpath] = self._epochs.get(relpath, 0) + 1
+                self.inodes.next_epoch(relpath)
                 raise FuseError(errno.ESTALE)
         except BaseException:
             with trio.CancelScope(shield=True):
