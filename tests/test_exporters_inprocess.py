@@ -24,11 +24,11 @@ async def test_the_sampler_fills_the_gauges(harness):
     try:
         await read_file(engine, "f")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(exporters.sample, engine, lambda: 3, engine.metrics)
+            nursery.start_soon(exporters.sample, engine, lambda: 3, lambda: 7, engine.metrics)
             await trio.testing.wait_all_tasks_blocked()  # sampled once, asleep until the next
             nursery.cancel_scope.cancel()
         m = engine.metrics
-        assert (m.passthrough_files, m.cache_bytes, m.files_open) == (3, 2 * CHUNK, 1)
+        assert (m.passthrough_files, m.inodes_held, m.cache_bytes, m.files_open) == (3, 7, 2 * CHUNK, 1)
         assert m.cache_limit_bytes == engine.budget.limit
     finally:
         await engine.release(held)

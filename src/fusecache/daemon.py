@@ -126,7 +126,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
         else:
             try:
                 nursery.start_soon(_terminate_on_signal, session)
-                nursery.start_soon(exporters.sample, engine, lambda: len(operations.passthrough_opens()), metrics)
+                nursery.start_soon(exporters.sample, engine, lambda: len(operations.passthrough_opens()),
+                                   lambda: len(operations.inodes), metrics)
                 if cfg.metrics_textfile is not None:
                     nursery.start_soon(exporters.write_textfile, cfg.metrics_textfile, registry)
                 nursery.start_soon(_announce_when_live, cfg, mountpoint, ready, session, operations, store)

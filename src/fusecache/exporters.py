@@ -27,11 +27,14 @@ class ExporterError(Exception):
     """An exporter cannot be started; the message is one line."""
 
 
-async def sample(engine: Engine, passthrough_files: Callable[[], int], metrics: Metrics) -> None:
-    """Once a second: the source rate window and the gauges the exporters read."""
+async def sample(engine: Engine, passthrough_files: Callable[[], int], inodes_held: Callable[[], int],
+                 metrics: Metrics) -> None:
+    """Once a second: the source rate window and the gauges the exporters read (the adapter's
+    own as functions: the exporters know the engine, not the adapter)."""
     while True:
         metrics.sample()
         metrics.passthrough_files = passthrough_files()
+        metrics.inodes_held = inodes_held()
         metrics.pending_bytes = engine.files.pending_bytes()
         metrics.cache_bytes, metrics.cache_limit_bytes = engine.budget.used, engine.budget.limit
         metrics.files_open, metrics.files_streaming = engine.activity()

@@ -16,11 +16,15 @@ import errno
 import hashlib
 from dataclasses import dataclass
 
+from . import linux
 from .session.types import FuseError
 
 ROOT_INODE = 1
 _FIRST = ROOT_INODE + 1
 _MASK = (1 << 63) - 1
+# A Python dict keeps its size after deletions: once the kernel has forgotten most of what
+# it held, the tables are rebuilt at their size now and the freed memory is given back.
+_COMPACT_FROM = 4096
 
 Version = tuple[int, ...]
 Key = tuple[str, Version]
@@ -58,6 +62,7 @@ class InodeTable:
         self._held: dict[int, _Held] = {}
         self._numbers: dict[Key, int] = {}
         self._paths: dict[str, _PathState] = {}
+        self._peak = 0  # the most inodes held since the tables were last compacted
 
     def __len__(self) -> int:
         """Inodes the kernel holds (the root not counted)."""
@@ -111,6 +116,7 @@ class InodeTable:
             self._numbers[key] = number
             state = self._paths.setdefault(relpath, _PathState(version))
             state.held += 1
+            self._peak = max(self._peak, len(self._held))
         held.lookups += 1
         return number
 
@@ -134,3 +140,10 @@ class InodeTable:
         state.held -= 1
         if not state.held:
             del self._paths[relpath]
+        if self._peak >= _COMPACT_FROM and len(self._held) <= self._peak // 4:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._held, self._numbers, self._paths = dict(self._held), dict(self._numbers), dict(self._paths)
+        self._peak = len(self._held)
+        linux.release_free_memory()

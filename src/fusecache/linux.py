@@ -140,3 +140,12 @@ def mount_of(fd: int) -> tuple[int, int | None]:
         _raise()
     mask, major, minor, mount_id = _STATX.unpack(buf.raw)
     return os.makedev(major, minor), mount_id if mask & _STATX_MNT_ID_UNIQUE else None
+
+
+def release_free_memory() -> None:
+    """Give the C allocator's free memory back to the system (glibc's malloc_trim). Python
+    frees a large table into the allocator, which keeps it for reuse: after the kernel forgets
+    100,000 inodes the daemon's RSS would otherwise stay where it peaked. Nothing elsewhere."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

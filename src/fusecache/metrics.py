@@ -51,6 +51,7 @@ class Metrics:
     fill_reads_limit: int = 0  # ... allowed now by the fill controller
     fill_buffer_bytes: int = 0  # memory their buffers hold
     passthrough_files: int = 0  # files with passthrough opens now
+    inodes_held: int = 0  # inodes the kernel holds (looked up and not yet forgotten)
     pending_bytes: int = 0  # cache files unlinked while still open: freed at their last close
     started_at: float = field(default_factory=time.time)
     # (time, bytes_from_source) once a second over the last few seconds, for the current rate
@@ -136,6 +137,7 @@ class PrometheusCollector:
             ("fusecache_fill_reads_limit", "Stream reads in flight allowed now.", m.fill_reads_limit),
             ("fusecache_fill_buffer_bytes", "Memory held by stream reads in flight.", m.fill_buffer_bytes),
             ("fusecache_passthrough_files", "Files with passthrough opens now.", m.passthrough_files),
+            ("fusecache_inodes_held", "Inodes the kernel holds of the mount.", m.inodes_held),
             ("fusecache_pending_bytes", "Cache bytes unlinked but still open.", m.pending_bytes),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
