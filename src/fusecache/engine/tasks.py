@@ -14,6 +14,8 @@ from typing import Awaitable, Callable, TypeVar
 
 import trio
 
+from ..fairness import FairLimiter
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -25,11 +27,13 @@ class Tasks:
 
     def __init__(self) -> None:
         self.nursery: trio.Nursery | None = None
-        self.metadata = trio.CapacityLimiter(METADATA_THREADS)
+        # shared round-robin between the users whose requests wait for them (fairness.py)
+        self.metadata = FairLimiter(METADATA_THREADS)
         # set by the open-file table: close idle files; True if any descriptor was freed
         self.on_out_of_fds: Callable[[], Awaitable[bool]] | None = None
 
-    async def io(self, fn: Callable[..., T], *args: object, limiter: trio.CapacityLimiter | None = None) -> T:
+    async def io(self, fn: Callable[..., T], *args: object,
+                 limiter: trio.CapacityLimiter | FairLimiter | None = None) -> T:
         """Run a blocking call on a worker thread (the metadata threads unless a limiter is
         given). Out of descriptors, idle files give theirs back and it is tried once more."""
         try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import trio
 
 from ..config import MAX_REQUEST
+from ..fairness import requester
 from . import protocol as p
 from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
 from .types import Attributes, Context, Operations, reply_errno
@@ -192,7 +193,9 @@ class KernelSession:
 
     async def _answer(self, handler: Handler, header: p.InHeader, args: memoryview, scope: trio.CancelScope) -> None:
         """Run one handler in scope; its error becomes the reply (reply_errno), an INTERRUPT
-        (scope cancelled) EINTR."""
+        (scope cancelled) EINTR. The blocking calls it makes are queued as its requester's
+        (fairness.requester: this task's own context)."""
+        requester.set(header.uid)
         try:
             with scope:
                 try:

@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from ..config import MAX_REQUEST
+from ..fairness import requester
 from .mount import MountIdentity, MountSpec, identify, mount_options, unmount_own
 from .protocol import WRITE_OPS
 from .types import Attributes, Context, Operations, reply_errno
@@ -53,6 +54,10 @@ def _entry(attr: Attributes) -> pyfuse3.EntryAttributes:
 
 
 def _context(ctx: pyfuse3.RequestContext) -> Context:
+    """The request's Context; also its requester for the fair sharing of the metadata threads
+    (fairness.requester). pyfuse3 gives no context to read, readdir or release: those count as
+    the worker task's previous requester."""
+    requester.set(ctx.uid)
     return Context(ctx.uid, ctx.gid, ctx.pid)
 
 
