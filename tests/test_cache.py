@@ -6,7 +6,10 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +162,26 @@ def test_damaged_or_older_format_index_is_removed_at_start(tmp_path, make_mount)
     assert {f["path"]: f["cached"] for f in m.status()["files"]} == {"b.bin": MiB}
     for name, data in contents.items():
         assert file_bytes(m.mountpoint / name) == data
+
+
+def _resident_fraction(path: Path) -> float:
+    """The share of path's pages in the page cache (fincore, util-linux)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", str(path)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]) / int(out[1])
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+def test_the_source_is_not_left_in_memory_beside_the_cache(tmp_path, make_mount):
+    """Issue 20, item 3: every chunk the daemon read from a buffered source stayed in the
+    source's page cache, a second copy of the checkpoint in RAM beside the cache."""
+    src = tmp_path / "src"  # on disk: a buffered source, as Lustre or NFS
+    src.mkdir()
+    data = os.urandom(32 * MiB)
+    (src / "model.safetensors").write_bytes(data)
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    m = make_mount(src)
+    assert file_bytes(m.mountpoint / "model.safetensors") == data
+    assert m.metrics()["bytes_from_source"] == len(data)
+    assert _resident_fraction(src / "model.safetensors") <= 0.05

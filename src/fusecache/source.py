@@ -307,3 +307,11 @@ class Source:
             done += n
         if not self.identity(os.fstat(fd)).same_content(identity):
             raise SourceChanged(relpath)
+
+    @staticmethod
+    def drop_pages(fd: int, offset: int, length: int) -> None:
+        """Let the kernel drop the source's pages of a range the cache now holds: left in the
+        page cache, a buffered source (Lustre, NFS, a local disk) keeps a second copy of the
+        checkpoint in memory beside the cache until memory runs short. Advice only: a source
+        that ignores it (tmpfs, where the pages are the file) loses nothing."""
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

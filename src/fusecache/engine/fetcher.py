@@ -261,6 +261,8 @@ class Fetcher:
             for i in run:
                 offset, length = entry.chunk_extent(i)
                 entry.store_chunk(i, view[offset - start: offset - start + length])
+            if entry.cacheable:  # stored: the cache's copy is the one to keep in memory
+                self.source.drop_pages(tracked.src_fd, start, len(view))
             fetched += len(view)
         return fetched, bad
 
