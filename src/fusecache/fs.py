@@ -19,7 +19,6 @@ inode, whose opens do (see passthrough.py).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat as stat_mod
 
@@ -32,7 +31,6 @@ from .session.types import Attributes, Context, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
 from .source import Identity
 
-log = logging.getLogger(__name__)
 
 def version_of(st: os.stat_result, identity: Identity) -> Version:
     """What tells two versions of a path apart (see the module docstring); identity is the
@@ -46,6 +44,33 @@ def version_of_file(identity: Identity) -> Version:
     return (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
 
 
+class KeepCache:
+    """FOPEN_KEEP_CACHE, per path: the kernel may keep the pages it holds of a file only if
+    the version it last opened through this mount is the one opened now (else they may be an
+    older version's). Known only for paths the kernel holds an inode of: once it has forgotten
+    them all, it holds no pages of the path either, and the entry goes (so this stays as small
+    as the inode table)."""
+
+    def __init__(self, inodes: InodeTable) -> None:
+        self.inodes = inodes
+        self._served: dict[str, Identity] = {}
+
+    def opened(self, relpath: str, identity: Identity) -> bool:
+        """Record an open of this version of relpath; whether it may keep the kernel's pages."""
+        keep = self._served.get(relpath, identity) == identity
+        if self.inodes.holds(relpath):
+            self._served[relpath] = identity
+        return keep
+
+    def forgotten(self, relpath: str) -> None:
+        """The kernel forgot an inode of relpath: drop it once it holds none."""
+        if not self.inodes.holds(relpath):
+            self._served.pop(relpath, None)
+
+    def __len__(self) -> int:
+        return len(self._served)
+
+
 class FuseOperations:
     """Read-only mirror of the source tree, data served through the engine's cache, or by
     the kernel from the cache file itself (passthrough) once a file is complete."""
@@ -54,6 +79,7 @@ class FuseOperations:
         self.engine = engine
         self.attr_timeout = attr_timeout
         self.inodes = InodeTable()
+        self.keep_cache = KeepCache(self.inodes)
         self.passthrough = Passthrough(engine)  # off until the daemon enables it
         self._handles: dict[int, tuple[int, Handle, bool]] = {}  # fh -> (inode, handle, passthrough)
         self._dirs: dict[int, tuple[str, int]] = {}  # fh -> (relpath, source descriptor)
@@ -110,8 +136,8 @@ class FuseOperations:
                 raise FuseError(errno.ENOENT)
             return self._attributes(inode, st)  # a stat through a stale dentry: what is there now
         attr = self._attributes(inode, await self.engine.fstat(handle))
-        attr.size = handle.tracked.identity.size
-        attr.mtime_ns = handle.tracked.identity.mtime_ns
+        attr.size = handle.identity.size
+        attr.mtime_ns = handle.identity.mtime_ns
         return attr
 
     async def readlink(self, inode: int, ctx: Context) -> bytes:
@@ -166,7 +192,12 @@ class FuseOperations:
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
+            try:
+                relpath = self.inodes.path(inode)
+            except FuseError:
+                continue  # not held: nothing to forget
             self.inodes.forget(inode, nlookup)
+            self.keep_cache.forgotten(relpath)
 
     # ---- data --------------------------------------------------------------------------
 
@@ -177,7 +208,7 @@ class FuseOperations:
         await self._check_access(relpath, acl.R, ctx)
         handle = await self.engine.open(relpath)
         try:
-            if self._file_version(relpath, handle.tracked.identity) != version:
+            if self._file_version(relpath, handle.identity) != version:
                 # the kernel's dentry still names another version (or epoch): ESTALE makes it
                 # look the path up again (LOOKUP_REVAL) and open the current inode instead
                 raise FuseError(errno.ESTALE)
@@ -191,7 +222,7 @@ class FuseOperations:
             raise
         fh = self._new_fh()
         self._handles[fh] = (inode, handle, backing_id is not None)
-        return OpenReply(fh=fh, keep_cache=handle.keep_cache, backing_id=backing_id)
+        return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity), backing_id=backing_id)
 
     async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply."""
@@ -209,5 +240,5 @@ class FuseOperations:
         counts: dict[str, int] = {}
         for _inode, handle, passthrough in self._handles.values():
             if passthrough:
-                counts[handle.tracked.relpath] = counts.get(handle.tracked.relpath, 0) + 1
+                counts[handle.path] = counts.get(handle.path, 0) + 1
         return counts

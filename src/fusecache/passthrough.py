@@ -22,12 +22,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Final
 
 from .engine import Engine, Handle
-from .engine.files import TrackedFile
 from .session.types import BackingFiles
 
 log = logging.getLogger(__name__)
@@ -41,6 +39,8 @@ class InodeIO:
     passthrough: int = 0
     waiting: int = 0  # opens deciding, while they wait for the file to complete
     backing_id: int = 0
+    # the kernel would not take the inode's cache file as backing: a new inode would not help
+    refused: bool = False
 
 
 class Passthrough:
@@ -54,8 +54,6 @@ class Passthrough:
         self.wait = 0.0
         self.off_reason = "not enabled"
         self._inodes: dict[int, InodeIO] = {}
-        # versions the kernel would not take as backing: never moved to a new inode for it
-        self._refused: weakref.WeakSet[TrackedFile] = weakref.WeakSet()
 
     def enable(self, backing: BackingFiles, wait: float) -> None:
         self.backing = backing
@@ -80,19 +78,19 @@ class Passthrough:
         elif backing_id != self.NEW_INODE:
             io.passthrough += 1
             self.engine.metrics.passthrough_opens += 1
-            self.engine.metrics.passthrough_bytes += handle.tracked.identity.size
+            self.engine.metrics.passthrough_bytes += handle.identity.size
         self._tidy(inode, io)
         return backing_id
 
     async def _choose(self, io: InodeIO, handle: Handle, latest: bool) -> int | None:
         if io.passthrough:  # the kernel wants every open of the inode on its backing file
             return io.backing_id
-        if self.backing is None or not handle.tracked.entry.cacheable:
+        if self.backing is None or not handle.cacheable:
             return None
         if io.cached:
-            usable = handle.tracked.entry.complete and handle.tracked not in self._refused
+            usable = handle.complete and not io.refused
             return self.NEW_INODE if usable and latest else None
-        if not await self.engine.ready_for_passthrough(handle, self.wait):
+        if not await self.engine.wait_verified_whole(handle, self.wait):
             return None
         if io.passthrough:  # another open of the inode registered it while we waited
             return io.backing_id
@@ -101,15 +99,15 @@ class Passthrough:
         try:
             io.backing_id = self._register(handle)
         except OSError as e:
-            log.warning("passthrough refused for %s, served by fusecache: %s", handle.tracked.relpath, e)
-            self._refused.add(handle.tracked)
+            log.warning("passthrough refused for %s, served by fusecache: %s", handle.path, e)
+            io.refused = True
             return None
         return io.backing_id
 
     def _register(self, handle: Handle) -> int:
         """A backing id for the cache file, given to the kernel read-only."""
         assert self.backing is not None
-        fd = os.open(f"/proc/self/fd/{handle.tracked.entry.data_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = handle.open_cache_file()
         try:
             return self.backing.open(fd)
         finally:

@@ -89,7 +89,7 @@ class Engine:
 
     async def fstat(self, handle: Handle) -> os.stat_result:
         """Attributes of the file a handle has open (its size and mtime may have moved on
-        since: `handle.tracked.identity` has the version's). Referenced meanwhile, so a
+        since: `handle.identity` has the version's). Referenced meanwhile, so a
         concurrent release cannot close the fd under the call."""
         self.files.ref(handle.tracked)
         try:
@@ -133,10 +133,11 @@ class Engine:
         """The bytes at offset; buf (the caller's, size bytes) may be where they are put."""
         return await self.reader.read(handle, offset, size, buf)
 
-    async def ready_for_passthrough(self, handle: Handle, wait: float) -> bool:
-        """Whether handle's file is complete and verified in this daemon's life, so that the
-        kernel may read its cache file directly. A file a stream is filling is waited for, up
-        to `wait` seconds; chunks an earlier daemon recorded are checked (in parallel flights)."""
+    async def wait_verified_whole(self, handle: Handle, wait: float) -> bool:
+        """Whether handle's file is complete and verified in this daemon's life, so that its
+        cache file may be read directly (by the kernel, under passthrough), bypassing the
+        engine's per-read checks. A file a stream is filling is waited for, up to `wait`
+        seconds; chunks an earlier daemon recorded are checked (in parallel flights)."""
         tracked = handle.tracked
         entry = tracked.entry
         everything = range(entry.nchunks)

@@ -82,11 +82,37 @@ async def seal(tasks: Tasks, tracked: TrackedFile) -> None:
 
 @dataclass(eq=False)
 class Handle:
-    """One open() of a file through the mount."""
+    """One open() of a file through the mount: what the adapter holds and asks about. The
+    TrackedFile behind it (`tracked`) is the engine's own: nothing outside engine/ names it,
+    so the adapter depends only on the questions below."""
 
     tracked: TrackedFile
-    keep_cache: bool
-    next_offset: int | None = None  # where the last read ended: a read near it is sequential
+    next_offset: int | None = None  # where the last read ended (window.SequentialWindow's)
+
+    @property
+    def path(self) -> str:
+        return self.tracked.relpath
+
+    @property
+    def identity(self) -> Identity:
+        """The version this handle reads, whatever the source holds now."""
+        return self.tracked.entry.identity
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether its bytes go through a cache file (False: a stand-in for a full cache)."""
+        return self.tracked.entry.cacheable
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk is verified in the cache file (in this daemon's life)."""
+        return self.tracked.entry.complete
+
+    def open_cache_file(self) -> int:
+        """A new read-only descriptor of the cache file, for the kernel to read directly
+        (passthrough); the caller closes it. Read-only: whoever it is handed to cannot write
+        into the cache through it."""
+        return os.open(f"/proc/self/fd/{self.tracked.entry.data_fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 class OpenFiles:
@@ -112,7 +138,6 @@ class OpenFiles:
         self._idle: OrderedDict[str, None] = OrderedDict()
         # retired versions still open: their cache files are unlinked, their space not yet free
         self._retired: set[TrackedFile] = set()
-        self._served_identity: dict[str, Identity] = {}
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_budget = max(16, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - FD_RESERVE)
         self._max_idle = min(MAX_IDLE_FILES, max(4, self._fd_budget // (4 * FDS_PER_FILE)))
@@ -142,16 +167,11 @@ class OpenFiles:
     async def open(self, relpath: str) -> Handle:
         """A handle on the current version of relpath (opened, validated, or replaced)."""
         tracked = await self.acquire(relpath)
-        identity = tracked.identity
-        # The kernel may hold pages of an older version of this file: keep_cache only if the
-        # version it last saw through this mount is this one.
-        keep_cache = self._served_identity.get(relpath, identity) == identity
-        self._served_identity[relpath] = identity
         now = time.time()
         self.budget.touch(relpath, now)
         if tracked.entry.cacheable:
             self.tasks.spawn(self.store.touch, relpath, now)
-        return Handle(tracked, keep_cache)
+        return Handle(tracked)
 
     async def acquire(self, relpath: str) -> TrackedFile:
         """The current TrackedFile of relpath, with one more user; created or replaced as needed."""
