@@ -22,6 +22,7 @@ from .reader import Reader
 from .shards import CheckpointPolicy
 from .streams import StreamConfig, StreamScheduler
 from .tasks import Tasks
+from .window import SequentialWindow
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ class Engine:
         policy = CheckpointPolicy(source, config.readahead, config.readahead_min_size)
         self.streams = StreamScheduler(StreamConfig.from_mount(config), self.files, self.fetcher, policy,
                                        metrics, self.tasks)
-        self.reader = Reader(source, self.fetcher, self.streams, metrics, self.tasks, config.workers,
-                             serve_from_memory)
+        self.reader = Reader(source, self.fetcher, SequentialWindow.from_mount(config), metrics, self.tasks,
+                             config.workers, serve_from_memory)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load what the store holds, then own the background work (flights, streams)."""
