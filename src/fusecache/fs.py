@@ -13,7 +13,9 @@ this module's business: it speaks session/types.py.
 A file's version also carries an *epoch*: a file that becomes complete in the cache while
 opens through the FUSE path hold its inode cannot get passthrough opens on that inode (the
 kernel keeps one I/O mode per inode), so its epoch moves on and later lookups give a new
-inode, whose opens do (see passthrough.py).
+inode, whose opens do (see passthrough.py). An open of an unchanged file is never refused:
+one through an inode of an older epoch is served on that inode, as its opens allow; only an
+open of an inode whose version the source no longer holds is answered ESTALE.
 """
 
 from __future__ import annotations
@@ -93,9 +95,6 @@ class FuseOperations:
     def _version(self, relpath: str, st: os.stat_result) -> Version:
         version = version_of(st, self.engine.source.identity(st))
         return version + (self.inodes.epoch(relpath),) if stat_mod.S_ISREG(st.st_mode) else version
-
-    def _file_version(self, relpath: str, identity: Identity) -> Version:
-        return version_of_file(identity) + (self.inodes.epoch(relpath),)
 
     def _attributes(self, inode: int, st: os.stat_result) -> Attributes:
         return Attributes(ino=inode, mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid,
@@ -208,21 +207,23 @@ class FuseOperations:
         await self._check_access(relpath, acl.R, ctx)
         handle = await self.engine.open(relpath)
         try:
-            if self._file_version(relpath, handle.identity) != version:
-                # the kernel's dentry still names another version (or epoch): ESTALE makes it
-                # look the path up again (LOOKUP_REVAL) and open the current inode instead
+            if version is None or version[:-1] != version_of_file(handle.identity):
+                # the source holds another version than the kernel's dentry names: ESTALE makes
+                # it look the path up again (LOOKUP_REVAL) and open the current inode instead
                 raise FuseError(errno.ESTALE)
-            backing_id = await self.passthrough.choose(inode, handle, latest=self.inodes.is_latest(inode))
-            if backing_id == Passthrough.NEW_INODE:
+            # the same version, maybe under an older epoch: served on this inode, never refused
+            current = self.inodes.is_latest(inode) and version[-1] == self.inodes.epoch(relpath)
+            mode = await self.passthrough.choose(inode, handle, latest=current)
+            if mode.new_inode:
                 self.inodes.next_epoch(relpath)
-                raise FuseError(errno.ESTALE)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.engine.release(handle)
             raise
         fh = self._new_fh()
-        self._handles[fh] = (inode, handle, backing_id is not None)
-        return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity), backing_id=backing_id)
+        self._handles[fh] = (inode, handle, mode.backing_id is not None)
+        return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
+                         backing_id=mode.backing_id)
 
     async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply."""
