@@ -205,7 +205,7 @@ class FuseOperations:
             raise FuseError(errno.EROFS)
         relpath, version = self.inodes.version(inode)
         await self._check_access(relpath, acl.R, ctx)
-        handle = await self.engine.open(relpath)
+        handle = await self.engine.open(relpath, ctx.uid)
         try:
             if version is None or version[:-1] != version_of_file(handle.identity):
                 # the source holds another version than the kernel's dentry names: ESTALE makes

@@ -123,9 +123,10 @@ class Engine:
 
     # ---- data --------------------------------------------------------------------------
 
-    async def open(self, relpath: str) -> Handle:
-        """Open relpath, validating any cached copy against the source's current identity."""
-        handle = await self.files.open(relpath)
+    async def open(self, relpath: str, uid: int = 0) -> Handle:
+        """Open relpath for uid (whose share of the descriptors it counts against),
+        validating any cached copy against the source's current identity."""
+        handle = await self.files.open(relpath, uid)
         if handle.tracked.entry.cacheable:
             self.streams.opened(relpath, handle.tracked.entry.size)
         return handle
@@ -162,7 +163,7 @@ class Engine:
         return entry.complete
 
     async def release(self, handle: Handle) -> None:
-        self.files.unref(handle.tracked)
+        self.files.close(handle)
 
     def _filling(self, tracked: TrackedFile, since: float) -> bool:
         """Whether a stream is filling tracked now; one queued counts for a moment after the

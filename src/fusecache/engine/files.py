@@ -9,7 +9,8 @@ handles on the old one keep reading it until they close.
 Descriptors are budgeted: each tracked file holds three (source, cache data, cache index),
 each open directory one, and a reserve is kept for everything else (lookups, the control
 socket, the log). When files in use hold the whole budget, the open that asks for more fails
-with EMFILE, and only it.
+with EMFILE, and only it; and the files one uid holds open may hold at most half of it
+(shares.py), so that one user cannot make everyone else's opens fail.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..source import Identity, Source
 from ..store import CacheEntry, CacheStore
 from .errors import error_kind
 from .keyed_lock import KeyedLock
+from .shares import UidShares
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class Handle:
     so the adapter depends only on the questions below."""
 
     tracked: TrackedFile
+    uid: int  # who opened it: its descriptors count against that uid's share (shares.py)
     next_offset: int | None = None  # where the last read ended (window.SequentialWindow's)
 
     @property
@@ -142,6 +145,7 @@ class OpenFiles:
         self._fd_budget = max(16, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - FD_RESERVE)
         self._max_idle = min(MAX_IDLE_FILES, max(4, self._fd_budget // (4 * FDS_PER_FILE)))
         self._fds = 0  # held by tracked files and open directories
+        self.shares = UidShares(self._fd_budget // 2)
         # open directories may use half the reserve: files cannot starve them, nor they lookups
         self.dir_share = FD_RESERVE // 2
         tasks.on_out_of_fds = self._shed_idle
@@ -164,14 +168,25 @@ class OpenFiles:
 
     # ---- open, reference, close ------------------------------------------------------------
 
-    async def open(self, relpath: str) -> Handle:
-        """A handle on the current version of relpath (opened, validated, or replaced)."""
+    async def open(self, relpath: str, uid: int) -> Handle:
+        """A handle on the current version of relpath (opened, validated, or replaced), for
+        uid; EMFILE if uid's open files already hold its share of the descriptors."""
         tracked = await self.acquire(relpath)
+        try:
+            self.shares.add(uid, tracked, tracked.fds)
+        except OSError:
+            self.unref(tracked)
+            raise
         now = time.time()
         self.budget.touch(relpath, now)
         if tracked.entry.cacheable:
             self.tasks.spawn(self.store.touch, relpath, now)
-        return Handle(tracked)
+        return Handle(tracked, uid)
+
+    def close(self, handle: Handle) -> None:
+        """The handle's open ended."""
+        self.shares.remove(handle.uid, handle.tracked, handle.tracked.fds)
+        self.unref(handle.tracked)
 
     async def acquire(self, relpath: str) -> TrackedFile:
         """The current TrackedFile of relpath, with one more user; created or replaced as needed."""
