@@ -32,10 +32,12 @@ import trio.testing
 
 from fusecache import acl
 from fusecache.engine import ReadError
+from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheStore
 
 from .inprocess import (CHUNK, CountingSource, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
                         settled, wait_for)
+from .inprocess import ctx, fuse_errno, operations, read_all
 
 
 # ---- the fetcher -------------------------------------------------------------------------
@@ -194,20 +196,19 @@ async def test_a_changed_file_is_dropped_and_its_open_handles_keep_their_version
     old = harness.write("f", 3 * CHUNK)
     engine = await harness.start()
     first = await engine.open("f")
-    assert first.keep_cache
     assert await read_handle(engine, first) == old
     new = harness.replace("f", os.urandom(2 * CHUNK))
     st = await engine.lstat("f")  # a lookup notices the change
     assert st.st_size == len(new)
     assert engine.cached_extent("f") is None  # no longer handed out
     second = await engine.open("f")
-    assert not second.keep_cache  # the kernel may hold pages of the old version
+    assert second.identity != first.identity
     assert await read_handle(engine, second) == new
     assert await read_handle(engine, first) == old  # the old handle keeps reading its own bytes
     await engine.release(first)
     await engine.release(second)
     third = await engine.open("f")
-    assert third.keep_cache
+    assert third.identity == second.identity
     await engine.release(third)
 
 
@@ -584,3 +585,39 @@ async def test_an_open_past_the_descriptor_budget_fails_alone(harness):
     for handle in handles:
         await engine.release(handle)
     assert len(engine.open_files()) < len(handles)  # fewer idle files are kept open under a low limit
+
+
+async def test_one_user_cannot_spend_every_other_users_descriptors(harness, caplog):
+    """Issue 23 item 10: the files one uid holds open may hold at most half the descriptor
+    budget; past it only that uid's opens fail (EMFILE, logged once), other users' and root's
+    go on. Through the adapter, which attributes each open to the requester's uid."""
+    for i in range(40):
+        harness.write(f"f{i}", CHUNK)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128 + 30, hard))  # a budget of 30: ten files
+    try:
+        ops = await operations(harness)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    hog, other = ctx(uid=1000, gid=1000), ctx(uid=2000, gid=2000)
+
+    async def open_as(who, relpath: str) -> int:
+        return (await ops.open((await ops.lookup(ROOT_INODE, relpath.encode(), who)).ino, os.O_RDONLY, who)).fh
+
+    hogged = []
+    with pytest.raises(OSError) as info:
+        for i in range(40):
+            hogged.append(await open_as(hog, f"f{i}"))
+    assert info.value.errno == errno.EMFILE and len(hogged) == 5  # half of the budget
+    hogged.append(await open_as(hog, "f0"))  # a file it holds already costs nothing more
+    assert await fuse_errno(open_as(hog, "f39")) == errno.EMFILE
+    assert sum("uid 1000 holds" in r.getMessage() for r in caplog.records) == 1  # once, not per open
+    theirs = [await open_as(other, f"f{i}") for i in range(10, 14)]  # another user opens on
+    mine = await open_as(ctx(), "f20")  # and root
+    assert await read_all(ops, theirs[0]) == (harness.src / "f10").read_bytes()
+    await ops.release(hogged.pop(0))
+    await ops.release(hogged.pop())  # its last handle on f0: a file of its share given back
+    hogged.append(await open_as(hog, "f39"))
+    for fh in hogged + theirs + [mine]:
+        await ops.release(fh)
+    assert ops.engine.files.shares.held(1000) == 0 and ops.engine.files.shares.held(2000) == 0

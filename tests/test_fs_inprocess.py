@@ -119,6 +119,31 @@ async def test_an_open_handle_keeps_the_attributes_and_bytes_of_its_version(harn
     assert await fuse_errno(ops.getattr(second.ino, ctx())) == errno.ENOENT
 
 
+async def test_keep_cache_is_kept_per_path_only_while_the_kernel_holds_an_inode_of_it(harness):
+    """keep_cache is off for the first open of a new version of a path; what was served per
+    path is dropped once the kernel forgets every inode of it (it then holds no pages of it)."""
+    harness.write("f", CHUNK)
+    ops = await operations(harness)
+    first = await ops.lookup(ROOT, b"f", ctx())
+    info = await ops.open(first.ino, os.O_RDONLY, ctx())
+    assert info.keep_cache
+    await ops.release(info.fh)
+    new = harness.rewrite("f", os.urandom(CHUNK))
+    second = await ops.lookup(ROOT, b"f", ctx())
+    info = await ops.open(second.ino, os.O_RDONLY, ctx())
+    assert not info.keep_cache  # the kernel may hold the old version's pages of the path
+    assert await read_all(ops, info.fh) == new
+    await ops.release(info.fh)
+    info = await ops.open(second.ino, os.O_RDONLY, ctx())
+    assert info.keep_cache  # its own version's pages
+    await ops.release(info.fh)
+    assert len(ops.keep_cache) == 1
+    ops.forget([(first.ino, 1)])
+    assert len(ops.keep_cache) == 1  # an inode of f is still held
+    ops.forget([(second.ino, 1)])
+    assert len(ops.keep_cache) == 0
+
+
 async def test_readdir_lists_from_any_offset_and_stops_where_the_reply_is_full(harness):
     names = [f"f{i:03d}" for i in range(300)]  # more than one batch of the source's getdents
     for name in names:

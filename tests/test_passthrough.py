@@ -142,16 +142,23 @@ def test_a_source_change_under_a_passthrough_reader(tmp_path, make_mount):
 
 
 def test_a_file_completed_under_a_fuse_path_open_moves_to_a_new_inode(tmp_path, make_mount):
+    """The open that finds the file complete under a FUSE-path open is served on that inode
+    (never refused); the next lookup (attr_timeout=0: every open looks the path up again) gives
+    a new inode, opened in passthrough."""
     src = tmp_path / "src"
     data = write(src / "w.bin", 6 * MiB, seed=6)
-    m = make_mount(src, options=ON + ["readahead=off", "passthrough_wait=0"])
+    m = make_mount(src, options=ON + ["readahead=off", "passthrough_wait=0", "attr_timeout=0"])
     with open(m.mountpoint / "w.bin", "rb") as first:  # nothing cached: the FUSE path
         assert first.read(MiB) == data[:MiB]
         assert file_state(m, "w.bin")["passthrough"] == 0
         assert first.read() == data[MiB:]  # now complete in the cache
-        with open(m.mountpoint / "w.bin", "rb") as second:  # ESTALE, looked up again: a new inode
-            assert os.fstat(second.fileno()).st_ino != os.fstat(first.fileno()).st_ino
-            assert file_state(m, "w.bin")["passthrough"] == 1
+        with open(m.mountpoint / "w.bin", "rb") as second:  # served on the inode it looked up
+            assert os.fstat(second.fileno()).st_ino == os.fstat(first.fileno()).st_ino
+            assert file_state(m, "w.bin")["passthrough"] == 0
+            with open(m.mountpoint / "w.bin", "rb") as third:  # looked up again: a new inode
+                assert os.fstat(third.fileno()).st_ino != os.fstat(first.fileno()).st_ino
+                assert file_state(m, "w.bin")["passthrough"] == 1
+                assert third.read() == data
             assert second.read() == data
         first.seek(0)
         assert first.read() == data

@@ -8,8 +8,10 @@ backing id is dropped, when an open waits and when an inode must be replaced is 
 What it proves: with passthrough off every open is served by us; a file complete in the cache
 gets a backing id registered on its cache file (read-only), shared by every passthrough open of
 the inode and dropped at the last one's release; a file that completes while a cached open holds
-its inode makes the next open ESTALE, and the lookup the kernel then makes gives a new inode,
-whose opens get passthrough while the old handle keeps reading its bytes; an open of a file that
+its inode is served by us on that inode and moves the path to a new inode for later lookups,
+whose opens get passthrough while the old handle keeps reading its bytes; an open of an
+unchanged file through an outdated inode is never refused (ESTALE only for a changed file,
+giving back its reference); an open of a file that
 is incomplete and not being filled does not wait; one being streamed is waited for (up to the
 configured wait); a registration the kernel refuses falls back to the FUSE path.
 """
@@ -131,37 +133,65 @@ async def test_a_file_completed_under_a_cached_open_gets_a_new_inode_for_passthr
     assert cached.backing_id is None
     assert await read_all(ops, cached.fh) == data  # ... which makes it complete
     assert ops.engine.cached_extent("f") == (len(data), len(data))
-    # the kernel keeps the inode in cached mode while that open lasts: this open must go elsewhere
-    assert await fuse_errno(ops.open(old.ino, os.O_RDONLY, ctx())) == errno.ESTALE
-    assert backing.attempts == 0
+    # the kernel keeps the inode in cached mode while that open lasts: this open is served by
+    # us too, and later lookups give a new inode
+    second = await ops.open(old.ino, os.O_RDONLY, ctx())
+    assert second.backing_id is None and backing.attempts == 0
+    assert await read_all(ops, second.fh) == data
     new = await ops.lookup(ROOT_INODE, b"f", ctx())  # the kernel looks the path up again
     assert new.ino != old.ino and new.size == old.size
     reopened = await ops.open(new.ino, os.O_RDONLY, ctx())
     assert reopened.backing_id is not None and backing.opened == {reopened.backing_id: cache_file(harness, "f")}
     assert ops.passthrough_opens() == {"f": 1}
     assert (await ops.lookup(ROOT_INODE, b"f", ctx())).ino == new.ino  # the new inode stays the path's
-    assert await fuse_errno(ops.open(old.ino, os.O_RDONLY, ctx())) == errno.ESTALE  # a stale dentry
+    third = await ops.open(old.ino, os.O_RDONLY, ctx())  # a dentry the kernel has not revalidated yet
+    assert third.backing_id is None and await read_all(ops, third.fh) == data
+    assert (await ops.lookup(ROOT_INODE, b"f", ctx())).ino == new.ino  # no further epoch
     assert await read_all(ops, cached.fh) == data  # the old handle reads on, its bytes correct
     assert (await ops.getattr(old.ino, ctx())).size == len(data)
-    await ops.release(cached.fh)
+    for info in (cached, second, third):
+        await ops.release(info.fh)
     assert backing.closed == []
     await ops.release(reopened.fh)
     assert backing.closed == [reopened.backing_id]
     assert ops.passthrough_opens() == {}
 
 
-async def test_an_open_answered_estale_for_a_new_inode_keeps_no_reference(harness):
-    """The open the adapter answers ESTALE so that the kernel moves to a new inode has opened
-    the file in the engine first: that reference must be given back."""
-    data = harness.write("f", 2 * CHUNK)
-    ops = await passthrough_ops(harness, FakeBacking())
+async def test_an_unchanged_file_never_fails_to_open_through_an_outdated_inode(harness):
+    """Issue 23 item 3: under eviction a file completes again and again; an open through a
+    dentry naming an older epoch (or one the kernel retries once after ESTALE) must be served,
+    as the source did not change: the FUSE path or passthrough, as that inode's opens allow."""
+    data = harness.write("f", 3 * CHUNK + 1)
+    backing = FakeBacking()
+    ops = await passthrough_ops(harness, backing)
     old = await ops.lookup(ROOT_INODE, b"f", ctx())
     cached = await ops.open(old.ino, os.O_RDONLY, ctx())
-    assert await read_all(ops, cached.fh) == data
-    assert users(ops.engine, "f") == 1
-    assert await fuse_errno(ops.open(old.ino, os.O_RDONLY, ctx())) == errno.ESTALE  # NEW_INODE
-    assert users(ops.engine, "f") == 1
-    await ops.release(cached.fh)
+    assert await read_all(ops, cached.fh) == data  # complete under a FUSE-path open
+    second = await ops.open(old.ino, os.O_RDONLY, ctx())  # moves the epoch; was ESTALE
+    assert second.backing_id is None
+    for info in (cached, second):
+        await ops.release(info.fh)
+    assert await ops.engine.evict("f") is True  # evicted: it completes again below
+    again = await ops.open(old.ino, os.O_RDONLY, ctx())  # an outdated epoch, same version: served
+    assert again.backing_id is None and await read_all(ops, again.fh) == data
+    retry = await ops.open(old.ino, os.O_RDONLY, ctx())  # complete again, old inode held in cached mode
+    assert retry.backing_id is None and await read_all(ops, retry.fh) == data
+    for info in (again, retry):
+        await ops.release(info.fh)
+    idle = await ops.open(old.ino, os.O_RDONLY, ctx())  # no open holds the old inode: passthrough
+    assert idle.backing_id is not None
+    await ops.release(idle.fh)
+    assert users(ops.engine, "f") == 0 and not backing.live()
+
+
+async def test_an_open_answered_estale_for_a_changed_file_keeps_no_reference(harness):
+    """The open the adapter answers ESTALE (the source holds another version than the inode
+    names) has opened the file in the engine first: that reference must be given back."""
+    harness.write("f", 2 * CHUNK)
+    ops = await passthrough_ops(harness, FakeBacking())
+    old = await ops.lookup(ROOT_INODE, b"f", ctx())
+    harness.rewrite("f", os.urandom(2 * CHUNK))
+    assert await fuse_errno(ops.open(old.ino, os.O_RDONLY, ctx())) == errno.ESTALE
     assert users(ops.engine, "f") == 0
     assert await ops.engine.evict("f") is True  # nobody has it open
 

@@ -33,10 +33,6 @@ class CacheBudget:
         """Bytes cached plus bytes promised to fetches in progress."""
         return self._cached_total + self.reserved
 
-    def cached(self, relpath: str) -> int:
-        usage = self._files.get(relpath)
-        return usage.cached if usage else 0
-
     def set_cached(self, relpath: str, cached: int, last_used: float | None = None) -> None:
         usage = self._files.setdefault(relpath, _Usage(0, last_used or 0.0))
         self._cached_total += cached - usage.cached

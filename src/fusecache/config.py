@@ -26,7 +26,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 MAX_SIZE = 2**63 - 1  # the largest file size or offset the kernel handles
 # The largest FUSE read the kernel sends (libfuse asks for 256 pages): each worker keeps one
-# reply buffer of this size (engine.reader), so it is what a worker costs.
+# reply buffer of this size (the session's pool: session/kernel.py), so it is what a worker costs.
 MAX_REQUEST = 1 * MiB
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -219,7 +219,7 @@ class MountConfig:
     log_level: str = "info"
 
     def buffer_bytes(self) -> int:
-        """The memory the daemon's buffers take at most (engine.fetcher.Lane, engine.reader.Reader):
+        """The memory the daemon's buffers take at most (engine.fetcher.Lane, session replies):
         each stream read in flight holds one stream_read_size, each demand fetch thread a run
         of two chunks, each verifying thread a run of VERIFY_RUN_CHUNKS, each worker a reply."""
         return (self.stream_reads * self.stream_read_size + self.fetch_threads * 2 * self.chunk_size

@@ -13,13 +13,14 @@ this module's business: it speaks session/types.py.
 A file's version also carries an *epoch*: a file that becomes complete in the cache while
 opens through the FUSE path hold its inode cannot get passthrough opens on that inode (the
 kernel keeps one I/O mode per inode), so its epoch moves on and later lookups give a new
-inode, whose opens do (see passthrough.py).
+inode, whose opens do (see passthrough.py). An open of an unchanged file is never refused:
+one through an inode of an older epoch is served on that inode, as its opens allow; only an
+open of an inode whose version the source no longer holds is answered ESTALE.
 """
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat as stat_mod
 
@@ -32,7 +33,6 @@ from .session.types import Attributes, Context, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
 from .source import Identity
 
-log = logging.getLogger(__name__)
 
 def version_of(st: os.stat_result, identity: Identity) -> Version:
     """What tells two versions of a path apart (see the module docstring); identity is the
@@ -46,6 +46,33 @@ def version_of_file(identity: Identity) -> Version:
     return (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
 
 
+class KeepCache:
+    """FOPEN_KEEP_CACHE, per path: the kernel may keep the pages it holds of a file only if
+    the version it last opened through this mount is the one opened now (else they may be an
+    older version's). Known only for paths the kernel holds an inode of: once it has forgotten
+    them all, it holds no pages of the path either, and the entry goes (so this stays as small
+    as the inode table)."""
+
+    def __init__(self, inodes: InodeTable) -> None:
+        self.inodes = inodes
+        self._served: dict[str, Identity] = {}
+
+    def opened(self, relpath: str, identity: Identity) -> bool:
+        """Record an open of this version of relpath; whether it may keep the kernel's pages."""
+        keep = self._served.get(relpath, identity) == identity
+        if self.inodes.holds(relpath):
+            self._served[relpath] = identity
+        return keep
+
+    def forgotten(self, relpath: str) -> None:
+        """The kernel forgot an inode of relpath: drop it once it holds none."""
+        if not self.inodes.holds(relpath):
+            self._served.pop(relpath, None)
+
+    def __len__(self) -> int:
+        return len(self._served)
+
+
 class FuseOperations:
     """Read-only mirror of the source tree, data served through the engine's cache, or by
     the kernel from the cache file itself (passthrough) once a file is complete."""
@@ -54,6 +81,7 @@ class FuseOperations:
         self.engine = engine
         self.attr_timeout = attr_timeout
         self.inodes = InodeTable()
+        self.keep_cache = KeepCache(self.inodes)
         self.passthrough = Passthrough(engine)  # off until the daemon enables it
         self._handles: dict[int, tuple[int, Handle, bool]] = {}  # fh -> (inode, handle, passthrough)
         self._dirs: dict[int, tuple[str, int]] = {}  # fh -> (relpath, source descriptor)
@@ -67,9 +95,6 @@ class FuseOperations:
     def _version(self, relpath: str, st: os.stat_result) -> Version:
         version = version_of(st, self.engine.source.identity(st))
         return version + (self.inodes.epoch(relpath),) if stat_mod.S_ISREG(st.st_mode) else version
-
-    def _file_version(self, relpath: str, identity: Identity) -> Version:
-        return version_of_file(identity) + (self.inodes.epoch(relpath),)
 
     def _attributes(self, inode: int, st: os.stat_result) -> Attributes:
         return Attributes(ino=inode, mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid,
@@ -110,8 +135,8 @@ class FuseOperations:
                 raise FuseError(errno.ENOENT)
             return self._attributes(inode, st)  # a stat through a stale dentry: what is there now
         attr = self._attributes(inode, await self.engine.fstat(handle))
-        attr.size = handle.tracked.identity.size
-        attr.mtime_ns = handle.tracked.identity.mtime_ns
+        attr.size = handle.identity.size
+        attr.mtime_ns = handle.identity.mtime_ns
         return attr
 
     async def readlink(self, inode: int, ctx: Context) -> bytes:
@@ -166,7 +191,12 @@ class FuseOperations:
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
+            try:
+                relpath = self.inodes.path(inode)
+            except FuseError:
+                continue  # not held: nothing to forget
             self.inodes.forget(inode, nlookup)
+            self.keep_cache.forgotten(relpath)
 
     # ---- data --------------------------------------------------------------------------
 
@@ -175,23 +205,25 @@ class FuseOperations:
             raise FuseError(errno.EROFS)
         relpath, version = self.inodes.version(inode)
         await self._check_access(relpath, acl.R, ctx)
-        handle = await self.engine.open(relpath)
+        handle = await self.engine.open(relpath, ctx.uid)
         try:
-            if self._file_version(relpath, handle.tracked.identity) != version:
-                # the kernel's dentry still names another version (or epoch): ESTALE makes it
-                # look the path up again (LOOKUP_REVAL) and open the current inode instead
+            if version is None or version[:-1] != version_of_file(handle.identity):
+                # the source holds another version than the kernel's dentry names: ESTALE makes
+                # it look the path up again (LOOKUP_REVAL) and open the current inode instead
                 raise FuseError(errno.ESTALE)
-            backing_id = await self.passthrough.choose(inode, handle, latest=self.inodes.is_latest(inode))
-            if backing_id == Passthrough.NEW_INODE:
+            # the same version, maybe under an older epoch: served on this inode, never refused
+            current = self.inodes.is_latest(inode) and version[-1] == self.inodes.epoch(relpath)
+            mode = await self.passthrough.choose(inode, handle, latest=current)
+            if mode.new_inode:
                 self.inodes.next_epoch(relpath)
-                raise FuseError(errno.ESTALE)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.engine.release(handle)
             raise
         fh = self._new_fh()
-        self._handles[fh] = (inode, handle, backing_id is not None)
-        return OpenReply(fh=fh, keep_cache=handle.keep_cache, backing_id=backing_id)
+        self._handles[fh] = (inode, handle, mode.backing_id is not None)
+        return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
+                         backing_id=mode.backing_id)
 
     async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply."""
@@ -209,5 +241,5 @@ class FuseOperations:
         counts: dict[str, int] = {}
         for _inode, handle, passthrough in self._handles.values():
             if passthrough:
-                counts[handle.tracked.relpath] = counts.get(handle.tracked.relpath, 0) + 1
+                counts[handle.path] = counts.get(handle.path, 0) + 1
         return counts

@@ -79,6 +79,10 @@ class InodeTable:
     def path(self, inode: int) -> str:
         return self.version(inode)[0]
 
+    def holds(self, relpath: str) -> bool:
+        """Whether the kernel holds an inode of relpath (of any version)."""
+        return relpath in self._paths
+
     def epoch(self, relpath: str) -> int:
         state = self._paths.get(relpath)
         return 0 if state is None else state.epoch

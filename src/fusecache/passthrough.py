@@ -8,9 +8,10 @@ The kernel's rule (fs/fuse/iomode.c): an inode is either in cached mode (opens s
 or in passthrough mode, never both; a passthrough open while a cached one exists fails with
 ETXTBSY, and every open while a passthrough one exists must be passthrough on the same backing
 file. So per inode we count both kinds and keep one backing id while passthrough opens exist.
-A file that completes while cached opens hold its inode asks the adapter for a new inode
-(NEW_INODE): the open is answered ESTALE, the kernel looks the path up again and opens the new
-inode in passthrough mode; the old opens keep theirs.
+A file that completes while cached opens hold its inode is served by us on that inode, and the
+choice tells the adapter to give later lookups a new inode (`IOMode.new_inode`), whose opens get
+passthrough; the old opens keep theirs. An open is never refused for its mode: an unchanged file
+always opens.
 
 An open of a file being filled (a stream or prefetch) waits for it up to `wait` seconds:
 reading it through the FUSE path would go no faster than the fill, and afterwards the kernel
@@ -22,15 +23,22 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import weakref
 from dataclasses import dataclass
-from typing import Final
 
 from .engine import Engine, Handle
-from .engine.files import TrackedFile
 from .session.types import BackingFiles
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IOMode:
+    """How one open is served."""
+
+    backing_id: int | None = None  # the kernel reads this backing file; None: served by us
+    # the file is complete but its inode is held in cached mode: later lookups of its path
+    # should give a new inode, whose opens can be passthrough
+    new_inode: bool = False
 
 
 @dataclass
@@ -41,12 +49,12 @@ class InodeIO:
     passthrough: int = 0
     waiting: int = 0  # opens deciding, while they wait for the file to complete
     backing_id: int = 0
+    # the kernel would not take the inode's cache file as backing: a new inode would not help
+    refused: bool = False
 
 
 class Passthrough:
     """Chooses each open's I/O mode (see the module docstring)."""
-
-    NEW_INODE: Final = -1
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -54,8 +62,6 @@ class Passthrough:
         self.wait = 0.0
         self.off_reason = "not enabled"
         self._inodes: dict[int, InodeIO] = {}
-        # versions the kernel would not take as backing: never moved to a new inode for it
-        self._refused: weakref.WeakSet[TrackedFile] = weakref.WeakSet()
 
     def enable(self, backing: BackingFiles, wait: float) -> None:
         self.backing = backing
@@ -66,50 +72,49 @@ class Passthrough:
     def enabled(self) -> bool:
         return self.backing is not None
 
-    async def choose(self, inode: int, handle: Handle, latest: bool) -> int | None:
-        """The backing id to answer this open of inode with, None for the FUSE path, or
-        NEW_INODE. latest: inode is what a lookup of its path gives now."""
+    async def choose(self, inode: int, handle: Handle, latest: bool) -> IOMode:
+        """How to serve this open of inode: on the inode's mode, never refused. latest: inode
+        is what a lookup of its path gives now (a new inode is asked for only then)."""
         io = self._inodes.setdefault(inode, InodeIO())
         io.waiting += 1
         try:
-            backing_id = await self._choose(io, handle, latest)
+            mode = await self._choose(io, handle, latest)
         finally:
             io.waiting -= 1
-        if backing_id is None:
+        if mode.backing_id is None:
             io.cached += 1
-        elif backing_id != self.NEW_INODE:
+        else:
             io.passthrough += 1
             self.engine.metrics.passthrough_opens += 1
-            self.engine.metrics.passthrough_bytes += handle.tracked.identity.size
+            self.engine.metrics.passthrough_bytes += handle.identity.size
         self._tidy(inode, io)
-        return backing_id
+        return mode
 
-    async def _choose(self, io: InodeIO, handle: Handle, latest: bool) -> int | None:
+    async def _choose(self, io: InodeIO, handle: Handle, latest: bool) -> IOMode:
         if io.passthrough:  # the kernel wants every open of the inode on its backing file
-            return io.backing_id
-        if self.backing is None or not handle.tracked.entry.cacheable:
-            return None
+            return IOMode(io.backing_id)
+        if self.backing is None or not handle.cacheable:
+            return IOMode()
         if io.cached:
-            usable = handle.tracked.entry.complete and handle.tracked not in self._refused
-            return self.NEW_INODE if usable and latest else None
-        if not await self.engine.ready_for_passthrough(handle, self.wait):
-            return None
+            return IOMode(new_inode=latest and handle.complete and not io.refused)
+        if not await self.engine.wait_verified_whole(handle, self.wait):
+            return IOMode()
         if io.passthrough:  # another open of the inode registered it while we waited
-            return io.backing_id
+            return IOMode(io.backing_id)
         if io.cached:
-            return None
+            return IOMode()
         try:
             io.backing_id = self._register(handle)
         except OSError as e:
-            log.warning("passthrough refused for %s, served by fusecache: %s", handle.tracked.relpath, e)
-            self._refused.add(handle.tracked)
-            return None
-        return io.backing_id
+            log.warning("passthrough refused for %s, served by fusecache: %s", handle.path, e)
+            io.refused = True
+            return IOMode()
+        return IOMode(io.backing_id)
 
     def _register(self, handle: Handle) -> int:
         """A backing id for the cache file, given to the kernel read-only."""
         assert self.backing is not None
-        fd = os.open(f"/proc/self/fd/{handle.tracked.entry.data_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = handle.open_cache_file()
         try:
             return self.backing.open(fd)
         finally:

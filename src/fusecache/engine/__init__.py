@@ -4,13 +4,17 @@ Its parts, each with one job, dependencies pointing down this list:
 
 - `facade.Engine`: what the FUSE adapter calls; wires the parts.
 - `reader.Reader`: one read: chunks verified, then the reply from the cache (or the source).
-- `streams.StreamScheduler`: whole files streamed in (readahead, prefetch), and fetching ahead
-  of sequential readers; one `StreamRecord` per path says where it stands.
+- `window.SequentialWindow`: which chunks to fetch ahead of a sequential reader.
+- `streams.StreamScheduler`: whole files streamed in (readahead, prefetch); one `StreamRecord`
+  per path says where it stands.
 - `fill.FillController`: how many stream reads run at once node-wide, by what the source delivers.
 - `shards.CheckpointPolicy`: which files an open streams, siblings in checkpoint index order.
 - `fetcher.Fetcher`: single-flight fetches on lanes (threads + a fixed pool of buffers).
 - `evictor.Evictor`: the size limit (LRU), pins, a full cache filesystem.
-- `files.OpenFiles`: the open-file table (ref, idle, retire) and the descriptor budget.
+- `files.OpenFiles`: the open-file table (ref, idle, retire) and the descriptor budget, with
+  `shares.UidShares`, what one uid's open files may pin of it. `files.Handle` is what the
+  adapter holds of an open file, and asks its questions of (path, version, complete?, the
+  cache file for the kernel); nothing outside the engine names the `TrackedFile` behind it.
 - `keyed_lock.KeyedLock`, `tasks.Tasks`, `errors`: a lock per path, the background nursery
   and worker threads, the exceptions.
 

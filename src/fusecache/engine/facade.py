@@ -22,6 +22,7 @@ from .reader import Reader
 from .shards import CheckpointPolicy
 from .streams import StreamConfig, StreamScheduler
 from .tasks import Tasks
+from .window import SequentialWindow
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ class Engine:
         policy = CheckpointPolicy(source, config.readahead, config.readahead_min_size)
         self.streams = StreamScheduler(StreamConfig.from_mount(config), self.files, self.fetcher, policy,
                                        metrics, self.tasks)
-        self.reader = Reader(source, self.fetcher, self.streams, metrics, self.tasks, config.workers,
-                             serve_from_memory)
+        self.reader = Reader(source, self.fetcher, SequentialWindow.from_mount(config), metrics, self.tasks,
+                             config.workers, serve_from_memory)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load what the store holds, then own the background work (flights, streams)."""
@@ -89,7 +90,7 @@ class Engine:
 
     async def fstat(self, handle: Handle) -> os.stat_result:
         """Attributes of the file a handle has open (its size and mtime may have moved on
-        since: `handle.tracked.identity` has the version's). Referenced meanwhile, so a
+        since: `handle.identity` has the version's). Referenced meanwhile, so a
         concurrent release cannot close the fd under the call."""
         self.files.ref(handle.tracked)
         try:
@@ -122,9 +123,10 @@ class Engine:
 
     # ---- data --------------------------------------------------------------------------
 
-    async def open(self, relpath: str) -> Handle:
-        """Open relpath, validating any cached copy against the source's current identity."""
-        handle = await self.files.open(relpath)
+    async def open(self, relpath: str, uid: int = 0) -> Handle:
+        """Open relpath for uid (whose share of the descriptors it counts against),
+        validating any cached copy against the source's current identity."""
+        handle = await self.files.open(relpath, uid)
         if handle.tracked.entry.cacheable:
             self.streams.opened(relpath, handle.tracked.entry.size)
         return handle
@@ -133,10 +135,11 @@ class Engine:
         """The bytes at offset; buf (the caller's, size bytes) may be where they are put."""
         return await self.reader.read(handle, offset, size, buf)
 
-    async def ready_for_passthrough(self, handle: Handle, wait: float) -> bool:
-        """Whether handle's file is complete and verified in this daemon's life, so that the
-        kernel may read its cache file directly. A file a stream is filling is waited for, up
-        to `wait` seconds; chunks an earlier daemon recorded are checked (in parallel flights)."""
+    async def wait_verified_whole(self, handle: Handle, wait: float) -> bool:
+        """Whether handle's file is complete and verified in this daemon's life, so that its
+        cache file may be read directly (by the kernel, under passthrough), bypassing the
+        engine's per-read checks. A file a stream is filling is waited for, up to `wait`
+        seconds; chunks an earlier daemon recorded are checked (in parallel flights)."""
         tracked = handle.tracked
         entry = tracked.entry
         everything = range(entry.nchunks)
@@ -160,7 +163,7 @@ class Engine:
         return entry.complete
 
     async def release(self, handle: Handle) -> None:
-        self.files.unref(handle.tracked)
+        self.files.close(handle)
 
     def _filling(self, tracked: TrackedFile, since: float) -> bool:
         """Whether a stream is filling tracked now; one queued counts for a moment after the

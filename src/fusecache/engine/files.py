@@ -9,7 +9,8 @@ handles on the old one keep reading it until they close.
 Descriptors are budgeted: each tracked file holds three (source, cache data, cache index),
 each open directory one, and a reserve is kept for everything else (lookups, the control
 socket, the log). When files in use hold the whole budget, the open that asks for more fails
-with EMFILE, and only it.
+with EMFILE, and only it; and the files one uid holds open may hold at most half of it
+(shares.py), so that one user cannot make everyone else's opens fail.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..source import Identity, Source
 from ..store import CacheEntry, CacheStore
 from .errors import error_kind
 from .keyed_lock import KeyedLock
+from .shares import UidShares
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -82,11 +84,38 @@ async def seal(tasks: Tasks, tracked: TrackedFile) -> None:
 
 @dataclass(eq=False)
 class Handle:
-    """One open() of a file through the mount."""
+    """One open() of a file through the mount: what the adapter holds and asks about. The
+    TrackedFile behind it (`tracked`) is the engine's own: nothing outside engine/ names it,
+    so the adapter depends only on the questions below."""
 
     tracked: TrackedFile
-    keep_cache: bool
-    next_offset: int | None = None  # where the last read ended: a read near it is sequential
+    uid: int  # who opened it: its descriptors count against that uid's share (shares.py)
+    next_offset: int | None = None  # where the last read ended (window.SequentialWindow's)
+
+    @property
+    def path(self) -> str:
+        return self.tracked.relpath
+
+    @property
+    def identity(self) -> Identity:
+        """The version this handle reads, whatever the source holds now."""
+        return self.tracked.entry.identity
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether its bytes go through a cache file (False: a stand-in for a full cache)."""
+        return self.tracked.entry.cacheable
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk is verified in the cache file (in this daemon's life)."""
+        return self.tracked.entry.complete
+
+    def open_cache_file(self) -> int:
+        """A new read-only descriptor of the cache file, for the kernel to read directly
+        (passthrough); the caller closes it. Read-only: whoever it is handed to cannot write
+        into the cache through it."""
+        return os.open(f"/proc/self/fd/{self.tracked.entry.data_fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 class OpenFiles:
@@ -112,11 +141,11 @@ class OpenFiles:
         self._idle: OrderedDict[str, None] = OrderedDict()
         # retired versions still open: their cache files are unlinked, their space not yet free
         self._retired: set[TrackedFile] = set()
-        self._served_identity: dict[str, Identity] = {}
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_budget = max(16, (soft if soft != resource.RLIM_INFINITY else 1 << 20) - FD_RESERVE)
         self._max_idle = min(MAX_IDLE_FILES, max(4, self._fd_budget // (4 * FDS_PER_FILE)))
         self._fds = 0  # held by tracked files and open directories
+        self.shares = UidShares(self._fd_budget // 2)
         # open directories may use half the reserve: files cannot starve them, nor they lookups
         self.dir_share = FD_RESERVE // 2
         tasks.on_out_of_fds = self._shed_idle
@@ -139,19 +168,25 @@ class OpenFiles:
 
     # ---- open, reference, close ------------------------------------------------------------
 
-    async def open(self, relpath: str) -> Handle:
-        """A handle on the current version of relpath (opened, validated, or replaced)."""
+    async def open(self, relpath: str, uid: int) -> Handle:
+        """A handle on the current version of relpath (opened, validated, or replaced), for
+        uid; EMFILE if uid's open files already hold its share of the descriptors."""
         tracked = await self.acquire(relpath)
-        identity = tracked.identity
-        # The kernel may hold pages of an older version of this file: keep_cache only if the
-        # version it last saw through this mount is this one.
-        keep_cache = self._served_identity.get(relpath, identity) == identity
-        self._served_identity[relpath] = identity
+        try:
+            self.shares.add(uid, tracked, tracked.fds)
+        except OSError:
+            self.unref(tracked)
+            raise
         now = time.time()
         self.budget.touch(relpath, now)
         if tracked.entry.cacheable:
             self.tasks.spawn(self.store.touch, relpath, now)
-        return Handle(tracked, keep_cache)
+        return Handle(tracked, uid)
+
+    def close(self, handle: Handle) -> None:
+        """The handle's open ended."""
+        self.shares.remove(handle.uid, handle.tracked, handle.tracked.fds)
+        self.unref(handle.tracked)
 
     async def acquire(self, relpath: str) -> TrackedFile:
         """The current TrackedFile of relpath, with one more user; created or replaced as needed."""

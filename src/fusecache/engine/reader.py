@@ -1,7 +1,7 @@
 """Serving one read of an open file: make its chunks verified, then reply from the cache.
 
-With the cache on tmpfs the reply is a view of a read-only mapping of the cache file, copied
-by the FUSE library straight to the kernel: no thread round trip, no copy of our own. On disk
+With the cache on tmpfs the reply is a view of a read-only mapping of the cache file, which the
+session writes straight to the kernel: no copy of our own. On disk
 a mapped page might have to be read back, which must never stall the event loop: what the
 page cache holds is copied inline (RWF_NOWAIT), only the rest on a worker thread. If the
 cache has no room for the read, it is served straight from the source (read-through).
@@ -20,21 +20,20 @@ from ..store import CacheEntry
 from .errors import CacheFull, ReadError, error_kind
 from .fetcher import Fetcher
 from .files import Handle, TrackedFile
-from .streams import StreamScheduler
 from .tasks import Tasks
+from .window import SequentialWindow
 
 log = logging.getLogger(__name__)
-
 
 
 class Reader:
     """Answers the reads of open handles."""
 
-    def __init__(self, source: Source, fetcher: Fetcher, streams: StreamScheduler, metrics: Metrics,
+    def __init__(self, source: Source, fetcher: Fetcher, window: SequentialWindow, metrics: Metrics,
                  tasks: Tasks, workers: int, serve_from_memory: bool) -> None:
         self.source = source
         self.fetcher = fetcher
-        self.streams = streams
+        self.window = window
         self.metrics = metrics
         self.tasks = tasks
         self.serve_from_memory = serve_from_memory
@@ -49,8 +48,7 @@ class Reader:
         if not chunks:
             return memoryview(b"")
         length = min(size, entry.size - offset)
-        ahead = self.streams.note_read(handle, offset, length)
-        window = range(chunks.stop, min(chunks.stop + ahead, entry.nchunks))
+        window = self.window.after(handle, offset, length)
         buf = buf[:length]
         for _attempt in range(3):
             generation = entry.generation

@@ -5,12 +5,8 @@ every chunk nobody has claimed, with as many reads in flight as the fill control
 (fill.py: node-wide, tuned to what the source delivers), and ends only when the whole file is
 verified, or with an error: then a waiting `fusecache prefetch` reports success or that error, never hangs. Streams
 come from automatic readahead (the checkpoint policy says which files an open streams) and from
-`prefetch`; `streams` workers take files off one queue.
-
-*Fetching ahead* serves a sequential reader that runs ahead of its file's stream, which would
-otherwise stall once per chunk: a read that continues its handle's last one starts demand
-flights for the `sequential_window` bytes after it, without waiting for them. They are
-speculative and yield to real demand (see Fetcher.start).
+`prefetch`; `streams` workers take files off one queue. (Fetching ahead of one sequential
+reader is window.py's.)
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from ..source import SourceChanged
 from .errors import ReadError, VersionReplaced
 from .fetcher import Fetcher, Flight, Lane, await_flight, contiguous_runs
 from .fill import FillController
-from .files import Handle, OpenFiles, TrackedFile, seal
+from .files import OpenFiles, TrackedFile, seal
 from .shards import CheckpointPolicy
 from .tasks import Tasks
 
@@ -40,21 +36,17 @@ MAX_STREAM_REPLACEMENTS = 3
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """What to stream, in what reads, how many at once, and how far to fetch ahead."""
+    """What to stream, in what reads, and how many at once."""
 
     chunk_size: int
     streams: int  # files streamed at once
     stream_read_size: int  # bytes of one sequential read of a stream
-    sequential_window: int  # bytes fetched ahead of a sequential reader (0: off)
-    readahead: str  # all, shards or off: what an open streams
-    readahead_min_size: int
     fill_reads_max: int  # most stream reads in flight node-wide
 
     @classmethod
     def from_mount(cls, cfg: MountConfig) -> StreamConfig:
         return cls(chunk_size=cfg.chunk_size, streams=cfg.streams, stream_read_size=cfg.stream_read_size,
-                   sequential_window=cfg.sequential_window, readahead=cfg.readahead,
-                   readahead_min_size=cfg.readahead_min_size, fill_reads_max=cfg.stream_reads)
+                   fill_reads_max=cfg.stream_reads)
 
 
 @dataclass
@@ -74,7 +66,7 @@ class StreamRecord:
 
 class StreamScheduler:
     """Queues files to stream, runs `streams` workers over the queue, and tells how each
-    path's streams went; decides how far to fetch ahead of a sequential reader."""
+    path's streams went."""
 
     def __init__(self, config: StreamConfig, files: OpenFiles, fetcher: Fetcher, policy: CheckpointPolicy,
                  metrics: Metrics, tasks: Tasks) -> None:
@@ -278,16 +270,3 @@ class StreamScheduler:
             failures.append(e)
         finally:
             self.fill.slots.release_on_behalf_of(slot)
-
-    # ---- fetching ahead of sequential readers ----------------------------------------------
-
-    def note_read(self, handle: Handle, offset: int, length: int) -> int:
-        """Record where this read of handle ends; return how many chunks after it to fetch
-        ahead: the `sequential_window` if it continues the handle's last read (within a chunk
-        of it: the kernel's readahead has several requests of one reader in flight, which may
-        arrive out of order), else none. Nothing is fetched ahead with readahead=off."""
-        sequential = handle.next_offset is not None and abs(offset - handle.next_offset) <= self.config.chunk_size
-        handle.next_offset = offset + length
-        if not sequential or self.config.readahead == "off":
-            return 0
-        return -(-self.config.sequential_window // self.config.chunk_size)
