@@ -185,3 +185,23 @@ def test_the_source_is_not_left_in_memory_beside_the_cache(tmp_path, make_mount)
     assert file_bytes(m.mountpoint / "model.safetensors") == data
     assert m.metrics()["bytes_from_source"] == len(data)
     assert _resident_fraction(src / "model.safetensors") <= 0.05
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
+def test_a_disk_cache_is_not_kept_in_memory_beside_the_mount(tmp_path, make_mount):
+    """Issue 22, item 3: served through the daemon (no passthrough), a disk cache file's pages
+    stayed resident beside the mount's own pages of the same bytes: the model twice in RAM."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(32 * MiB)
+    (src / "model.safetensors").write_bytes(data)
+    m = make_mount(src)  # passthrough=off: every byte through the daemon
+    run_cli("prefetch", m.mountpoint / "model.safetensors")
+    m.unmount()
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    m.mount()
+    assert file_bytes(m.mountpoint / "model.safetensors") == data
+    assert m.metrics()["bytes_served_from_cache"] == len(data)
+    (cache_file,) = m.cache_dir.rglob("*.data")
+    assert _resident_fraction(cache_file) <= 0.10

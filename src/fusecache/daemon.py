@@ -162,6 +162,9 @@ async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready, s
     else:
         operations.passthrough.off_reason = why_not
         log.info("passthrough off: %s", why_not)
+        if mounts.fstype_of(str(store.root)) == "tmpfs":
+            log.warning("the cache is in memory (tmpfs) and served through the daemon: every byte read is held "
+                        "twice, in the cache and in the mount's page cache; a disk or NVMe cache holds it once")
     ready()
     exporters.notify_systemd()
 

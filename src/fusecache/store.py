@@ -249,6 +249,13 @@ class CacheEntry:
                 return 0
             raise
 
+    def drop_pages(self, offset: int, length: int) -> None:
+        """Let the kernel drop the data file's pages of a range just copied into a reply: the
+        mount's own page cache of the file holds those bytes now, and on a disk cache a second
+        copy here would keep the model in memory twice. Dirty pages (just filled) are only
+        queued for writeback, not dropped."""
+        os.posix_fadvise(self.data_fd, offset, length, os.POSIX_FADV_DONTNEED)
+
     def view(self, offset: int, length: int, generation: int) -> memoryview | None:
         """The cached bytes as a view of a mapping of the data file: no copy, no thread. Only
         for caches in memory (tmpfs), where touching the mapping never waits for a disk.

@@ -2,19 +2,25 @@
 
     python3 -m tests.bench.passthrough_bench [--size-gb 16] [--files 16] [--readers 8]
         [--source-dir /dev/shm/src] [--cache-dir /dev/shm/ptcache] [--rounds 2] [-o OPTION ...]
+        [--variants direct,cold,restart,restart-always,fuse-restart,pyfuse3-restart]
 
 Each round measures, dropping the page cache before every pass (a tmpfs source and cache stay
 in memory: what is dropped is the mount's own page cache):
   direct            the source files read directly
   cold              a fresh mount over an empty cache, passthrough on (opens wait for streams)
-  restart           a remount over the complete cache, passthrough on (the first open of each
-                    file checks its chunks); then a second pass on that mount ("verified")
+  restart           a remount over the complete, sealed cache, passthrough on (verify=sealed:
+                    a sealed file goes to the kernel unread); then a second pass on that mount
+                    ("verified")
+  restart-always    the same with verify=always: the first open of each file checks its chunks
   fuse-restart      the same with passthrough=off: every byte through the daemon (kernel session)
   pyfuse3-restart   the same through the pyfuse3 session (the daemon before this change)
 each with read() and with mmap (safetensors' way). Rounds alternate the variants, so a noisy
 machine shows as spread, not as a bias. Also printed: the mount's page cache beyond the tmpfs
 cache after an mmap restart pass (Cached - Shmem grown over the pass), in % of the checkpoint,
-and the daemon's bytes served and passthrough opens.
+the daemon's bytes served and passthrough opens, and its CPU seconds (user+sys) over each
+variant's first pass. --variants picks and orders the variants (all by default). The cache is
+filled once (a prefetch, or the cold variant's pass) and unmounted only once every file is
+sealed, so that the restarts find what a daemon that finished its streams leaves.
 """
 
 from __future__ import annotations
@@ -26,9 +32,15 @@ import sys
 import time
 from pathlib import Path
 
-from tests.bench.throughput import GiB, cli, drop_caches, make_source, read_all
+from tests.bench.throughput import GiB, cli, cpu_seconds, drop_caches, make_source, read_all
 
 MOUNTPOINT = Path("/tmp/ptbench-mnt")
+VARIANTS = ("direct", "cold", "restart", "restart-always", "fuse-restart", "pyfuse3-restart")
+VARIANT_OPTIONS = {"restart-always": ["verify=always"], "fuse-restart": ["passthrough=off"],
+                   "pyfuse3-restart": ["session=pyfuse3"]}
+SEAL_MAGIC = b"FCSEAL01"  # fusecache.store.SEAL_MAGIC: the last 48 bytes of a sealed index
+SEAL_SIZE = 48
+SEAL_TIMEOUT = 120.0
 
 
 def meminfo() -> dict[str, int]:
@@ -45,6 +57,25 @@ def mount(source: Path, cache: Path, options: list[str]) -> None:
 
 def status() -> dict:
     return json.loads(cli("status", MOUNTPOINT, "--json"))
+
+
+def sealed_count(cache: Path) -> int:
+    count = 0
+    for index in cache.rglob("*.idx"):
+        with open(index, "rb") as f:
+            f.seek(max(index.stat().st_size - SEAL_SIZE, 0))
+            count += f.read(SEAL_SIZE).startswith(SEAL_MAGIC)
+    return count
+
+
+def wait_sealed(cache: Path, files: int) -> None:
+    """Wait until each file's index ends with its seal (written by the stream right after the
+    file completes), so that an unmount does not leave files a restart must check."""
+    deadline = time.monotonic() + SEAL_TIMEOUT
+    while (sealed := sealed_count(cache)) < files:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {sealed} of {files} cache files sealed after {SEAL_TIMEOUT:.0f} s")
+        time.sleep(0.2)
 
 
 def timed_pass(files: list[Path], readers: int, use_mmap: bool) -> tuple[float, int]:
@@ -65,18 +96,20 @@ def main() -> int:
     parser.add_argument("--source-dir", type=Path, default=Path("/dev/shm/src"))
     parser.add_argument("--cache-dir", type=Path, default=Path("/dev/shm/ptcache"))
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default="direct,cold,restart,fuse-restart,pyfuse3-restart")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("-o", dest="options", action="append", default=[])
     args = parser.parse_args()
     size = int(args.size_gb * GiB)
     files = make_source(args.source_dir, size, args.files)
     mounted = sorted(MOUNTPOINT / f.name for f in files)
     variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; known: {','.join(VARIANTS)}")
     results: dict[str, list[float]] = {}
 
     def record(name: str, value: float) -> None:
         results.setdefault(name, []).append(value)
-        print(f"{name:32s} {value:7.2f}", flush=True)
+        print(f"{name:36s} {value:7.2f}", flush=True)
 
     for round_number in range(args.rounds):
         order = variants if round_number % 2 == 0 else list(reversed(variants))
@@ -86,22 +119,26 @@ def main() -> int:
                 if variant == "direct":
                     record(f"direct {kind} GB/s", timed_pass(files, args.readers, use_mmap)[0])
                     continue
-                options = list(args.options)
                 if variant == "cold":
                     shutil.rmtree(args.cache_dir, ignore_errors=True)
                 elif not (args.cache_dir.exists() and any(args.cache_dir.rglob("*.data"))):
-                    mount(args.source_dir, args.cache_dir, options)  # fill the cache once
-                    cli("prefetch", MOUNTPOINT)
-                    cli("umount", MOUNTPOINT)
-                if variant == "fuse-restart":
-                    options.append("passthrough=off")
-                if variant == "pyfuse3-restart":
-                    options.append("session=pyfuse3")
-                mount(args.source_dir, args.cache_dir, options)
+                    mount(args.source_dir, args.cache_dir, args.options)  # fill the cache once
+                    try:
+                        started = time.monotonic()
+                        cli("prefetch", MOUNTPOINT)
+                        wait_sealed(args.cache_dir, len(files))
+                        print(f"cache filled and sealed in {time.monotonic() - started:.1f} s", flush=True)
+                    finally:
+                        cli("umount", MOUNTPOINT)
+                mount(args.source_dir, args.cache_dir, args.options + VARIANT_OPTIONS.get(variant, []))
                 try:
+                    pid = status()["pid"]
+                    cpu_before = sum(cpu_seconds(pid))
                     started = time.monotonic()
                     rate, grown = timed_pass(mounted, args.readers, use_mmap)
+                    cpu = sum(cpu_seconds(pid)) - cpu_before
                     record(f"{variant} {kind} GB/s", rate)
+                    record(f"{variant} {kind} daemon CPU s", cpu)
                     state = status()
                     served = state["metrics"]["bytes_served"]
                     opens = state["metrics"]["passthrough_opens"]
@@ -110,13 +147,15 @@ def main() -> int:
                           f"passthrough {state['passthrough']}", flush=True)
                     if use_mmap:
                         record(f"{variant} mmap page cache %", 100 * grown / size)
-                    if variant == "restart":  # again on the same mount: every file verified already
-                        record(f"restart, verified {kind} GB/s", timed_pass(mounted, args.readers, use_mmap)[0])
+                    if variant in ("restart", "restart-always"):  # again on the same mount: every file verified
+                        record(f"{variant}, verified {kind} GB/s", timed_pass(mounted, args.readers, use_mmap)[0])
+                    if variant == "cold":
+                        wait_sealed(args.cache_dir, len(files))
                 finally:
                     cli("umount", MOUNTPOINT)
     print("\nsummary (min / max over rounds)")
     for name, values in results.items():
-        print(f"{name:32s} {min(values):7.2f} {max(values):7.2f}")
+        print(f"{name:36s} {min(values):7.2f} {max(values):7.2f}")
     return 0
 
 

@@ -3,7 +3,9 @@
 With the cache on tmpfs the reply is a view of a read-only mapping of the cache file, which the
 session writes straight to the kernel: no copy of our own. On disk
 a mapped page might have to be read back, which must never stall the event loop: what the
-page cache holds is copied inline (RWF_NOWAIT), only the rest on a worker thread. If the
+page cache holds is copied inline (RWF_NOWAIT), only the rest on a worker thread; the pages
+read are then dropped from the cache file's page cache, since the mount's own page cache holds
+the reply (the model in memory once, not twice). If the
 cache has no room for the read, it is served straight from the source (read-through).
 """
 
@@ -77,6 +79,8 @@ class Reader:
         if n is not None and n < len(buf):
             rest = await self.tasks.io(entry.read_into, buf[n:], offset + n, generation, limiter=self._serve_limiter)
             n = None if rest is None else n + rest
+        if n:  # the reply's copy goes to the mount's page cache: not kept twice
+            entry.drop_pages(offset, n)
         return None if n is None else buf[:n]
 
     async def _read_through(self, tracked: TrackedFile, buf: memoryview, offset: int) -> memoryview:
