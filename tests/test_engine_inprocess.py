@@ -161,14 +161,15 @@ async def test_a_failed_fetch_fails_its_waiters_and_the_next_read_fetches_again(
     await engine.release(handle)
 
 
-@pytest.mark.parametrize("change", ["rewritten", "truncated"])
+@pytest.mark.parametrize("change", ["rewritten", "truncated", "rewritten, mtime put back",
+                                    "rewritten, mtime put back, unstable inodes"])
 async def test_bytes_of_a_file_modified_during_their_fetch_are_not_cached(harness, change):
     data = harness.write("f", 4 * CHUNK)
-    engine = await harness.start()
+    engine = await harness.start(source=CountingSource(harness.src, stable_inodes="unstable" not in change))
     src = harness.source
     handle = await engine.open("f")
     gate = src.hold("f")
-    new = os.urandom(len(data) if change == "rewritten" else CHUNK)
+    new = os.urandom(len(data) if change.startswith("rewritten") else CHUNK)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
 
@@ -179,7 +180,7 @@ async def test_bytes_of_a_file_modified_during_their_fetch_are_not_cached(harnes
 
             nursery.start_soon(reader)
             await gate.wait_entered()
-            harness.rewrite("f", new)  # in place, under the fetch
+            harness.rewrite("f", new, keep_mtime="mtime put back" in change)  # in place, under the fetch
             gate.open()
     assert engine.metrics.errors == {"ESTALE": 1}
     assert engine.cached_extent("f") == (0, len(data))  # nothing of the mix of versions was kept
@@ -188,6 +189,24 @@ async def test_bytes_of_a_file_modified_during_their_fetch_are_not_cached(harnes
     assert await read_file(engine, "f") == new  # a new open serves the new version
     assert harness.store.index_of("f") | {"last_used": 0} == {"path": "f", "size": len(new), "cached": len(new),
                                                               "last_used": 0}
+
+
+@pytest.mark.parametrize("stable_inodes", [True, False])
+async def test_one_open_never_reads_two_versions_of_a_file_rewritten_with_its_mtime_put_back(harness, stable_inodes):
+    """Rewritten in place between two fills of one open, the size kept and the mtime put back:
+    only the ctime moved. The rest of the old open fails rather than serve the new bytes."""
+    old = harness.write("f", 4 * CHUNK)
+    engine = await harness.start(source=CountingSource(harness.src, stable_inodes=stable_inodes))
+    handle = await engine.open("f")
+    assert bytes(await engine.read(handle, 0, CHUNK, buffer(CHUNK))) == old[:CHUNK]
+    new = harness.rewrite("f", os.urandom(len(old)), keep_mtime=True)
+    with pytest.raises(ReadError) as info:
+        await engine.read(handle, 2 * CHUNK, CHUNK, buffer(CHUNK))
+    assert info.value.errno == errno.EIO
+    assert bytes(await engine.read(handle, 0, CHUNK, buffer(CHUNK))) == old[:CHUNK]  # what it had cached
+    assert engine.cached_extent("f") == (CHUNK, len(old))  # nothing of the new version under the old
+    await engine.release(handle)
+    assert await read_file(engine, "f") == new
 
 
 async def test_a_changed_file_is_dropped_and_its_open_handles_keep_their_version(harness):

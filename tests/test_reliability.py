@@ -110,6 +110,30 @@ def test_file_modified_in_place_is_never_mixed(tmp_path, make_mount):
     assert file_bytes(m.mountpoint / "p.bin") == (source / "p.bin").read_bytes()
 
 
+def test_file_rewritten_with_its_size_and_mtime_kept_is_never_mixed(tmp_path, make_mount):
+    """Only the ctime tells this rewrite from the version an open handle holds: the rest of
+    that open fails rather than serve bytes of the new version (audit 2, item 2)."""
+    source = tmp_path / "src"
+    old = fill(source, {"p.bin": 8 * MiB}, seed=36)["p.bin"]
+    m = make_mount(source, ["readahead=off", "chunk_size=1M", "attr_timeout=0", "passthrough_wait=0"])
+    path = source / "p.bin"
+    before = os.stat(path)
+    with open(m.mountpoint / "p.bin", "rb") as held:
+        assert held.read(MiB) == old[:MiB]
+        time.sleep(0.05)  # past the tick of coarse timestamps: the rewrite moves the ctime
+        with open(path, "r+b") as f:
+            f.write(bytes(b ^ 0xFF for b in old[:4 * MiB]) * 2)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+        assert after.st_ctime_ns != before.st_ctime_ns
+        held.seek(4 * MiB)
+        with pytest.raises(OSError) as info:
+            held.read(MiB)
+        assert info.value.errno == errno.EIO
+    assert file_bytes(m.mountpoint / "p.bin") == path.read_bytes()
+
+
 def test_file_modified_in_place_new_opens_never_see_old_pages(tmp_path, make_mount):
     """Same source inode, same size, new bytes: the kernel must not hand a new open the
     pages it cached for the old version (each version gets its own inode number)."""

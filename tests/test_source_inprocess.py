@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
 import pytest
 
@@ -223,4 +224,82 @@ def test_no_acls_on_a_filesystem_without_them():
         pytest.skip("no /proc")
     source = Source("/proc/self")  # procfs has no POSIX ACLs
     assert not source.has_acls
+    source.close()
+
+
+def _move_ctime(path, action) -> None:
+    """Run action on path until the file's ctime moved (timestamps may be coarse)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = os.fstat(fd).st_ctime_ns
+        for _ in range(200):
+            action()
+            if os.fstat(fd).st_ctime_ns != before:
+                return
+            time.sleep(0.002)
+        raise AssertionError("the ctime never moved")
+    finally:
+        os.close(fd)
+
+
+def _rewrite_keeping_size_and_mtime(path) -> None:
+    before = os.stat(path)
+
+    def rewrite() -> None:
+        with open(path, "r+b") as f:
+            f.write(b"b" * 10)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    _move_ctime(path, rewrite)
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("stable_inodes", [True, False])
+@pytest.mark.parametrize("change", ["rewritten, mtime put back", "chmod"])
+def test_read_exact_refuses_a_file_changed_in_place_that_only_moved_its_ctime(tmp_path, change, stable_inodes):
+    """Only the ctime tells this rewrite from the version opened; a chmod cannot be told from it."""
+    root = tmp_path / "src"
+    root.mkdir()
+    path = root / "f"
+    path.write_bytes(b"a" * 4096)
+    source = Source(root, stable_inodes=stable_inodes)
+    fd, identity = source.open("f")
+    try:
+        if change == "chmod":
+            _move_ctime(path, lambda: os.chmod(path, 0o600 if path.stat().st_mode & 0o044 else 0o644))
+        else:
+            _rewrite_keeping_size_and_mtime(path)
+        with pytest.raises(SourceChanged):
+            source.read_exact(fd, memoryview(bytearray(4096)), 0, "f", identity)
+    finally:
+        os.close(fd)
+    source.close()
+
+
+@pytest.mark.parametrize("stable_inodes", [True, False])
+@pytest.mark.parametrize("change", ["unlinked", "renamed over", "renamed away"])
+def test_read_exact_keeps_reading_a_file_unlinked_or_renamed_while_open(tmp_path, change, stable_inodes):
+    """These move the open file's ctime but leave its bytes as they were."""
+    root = tmp_path / "src"
+    root.mkdir()
+    path = root / "f"
+    path.write_bytes(b"a" * 4096)
+    source = Source(root, stable_inodes=stable_inodes)
+    fd, identity = source.open("f")
+    try:
+        time.sleep(0.05)  # past the tick of coarse timestamps: the change moves the ctime
+        if change == "unlinked":
+            path.unlink()
+        elif change == "renamed over":
+            (root / "new").write_bytes(b"c" * 4096)
+            os.replace(root / "new", path)
+        else:
+            os.rename(path, root / "g")
+        assert os.fstat(fd).st_ctime_ns != identity.ctime_ns
+        buf = bytearray(4096)
+        source.read_exact(fd, memoryview(buf), 0, "f", identity)
+        assert bytes(buf) == b"a" * 4096
+    finally:
+        os.close(fd)
     source.close()

@@ -47,9 +47,9 @@ class Identity:
 
     @property
     def content_key(self) -> tuple[int, int, int]:
-        """What two stats of the same bytes share while the file is read. ctime is left out:
-        it also moves when an open file is unlinked or renamed over, which leaves its bytes
-        as they were (a reader of the old version must keep reading them)."""
+        """What two stats of the same bytes share for certain. ctime is left out: it also
+        moves when an open file is unlinked or renamed over, which leaves its bytes as they
+        were (Source.read_exact tells that from a change in place)."""
         return (self.ino, self.size, self.mtime_ns)
 
     def same_content(self, other: Identity) -> bool:
@@ -305,5 +305,37 @@ class Source:
             if n == 0:
                 raise SourceChanged(relpath)
             done += n
-        if not self.identity(os.fstat(fd)).same_content(identity):
+        if self._changed_since(fd, relpath, identity):
             raise SourceChanged(relpath)
+
+    def _changed_since(self, fd: int, relpath: str, identity: Identity) -> bool:
+        """Whether the file open at fd may hold other bytes than at `identity`.
+
+        Its inode, size or mtime moved: yes. Its ctime alone moved: a rewrite in place that
+        put the mtime back moves only the ctime, and so does an unlink of the file or a rename
+        over it, which leave its bytes as they were (a reader of the old version must keep
+        reading them). They are told apart by its path: while the path still names the open
+        file, the change was made to the file in place (a chmod too, which no stat tells from
+        such a rewrite); once the path names another file or nothing, the ctime moved with
+        the unlink. Not seen: a write, with the size kept and the mtime put back, into a file
+        after it was unlinked or renamed away, by a process that holds it open."""
+        st = os.fstat(fd)
+        now = self.identity(st)
+        if not now.same_content(identity):
+            return True
+        return now.ctime_ns != identity.ctime_ns and self._path_names(relpath, st)
+
+    def _path_names(self, relpath: str, st: os.stat_result) -> bool:
+        """Whether relpath names the file whose fstat is st. Where inode numbers are not
+        stable, a file that looks the same (size, mtime, ctime) counts as the same."""
+        if st.st_nlink == 0:
+            return False
+        try:
+            named = self.lstat(relpath)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # ELOOP: now through a symlink
+                return False
+            raise
+        if self.stable_inodes:
+            return (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
+        return self.identity(named) == self.identity(st)
