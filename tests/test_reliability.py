@@ -22,7 +22,7 @@ from fusecache.control import socket_path
 from fusecache.store import summarize_index
 
 from .conftest import Mount, file_bytes, run_cli
-from .helpers import fill
+from .helpers import deep_tree, fill
 
 pytestmark = pytest.mark.fuse
 
@@ -369,6 +369,33 @@ def test_many_small_files_deep_dirs_odd_names_and_a_sparse_file(tmp_path, make_m
     peak_kib = int(next(line.split()[1] for line in open(f"/proc/{m.pid}/status") if line.startswith("VmHWM")))
     print(f"daemon peak RSS after 10,000 files: {peak_kib / 1024:.0f} MiB")
     assert peak_kib * 1024 < 250 * MiB
+
+
+def test_paths_longer_than_path_max_are_served(tmp_path, make_mount):
+    """Depth 24 of 200-byte names below the root (4.8 KB, past PATH_MAX): lookup, stat, open,
+    read, readdir and readlink work through the mount as on the source (audit 2, item 6)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    data = random.Random(37).randbytes(3 * MiB)
+    deep = deep_tree(source, data)
+    m = make_mount(source, ["readahead=off", "attr_timeout=0"])
+    fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)  # each lookup from its parent
+    try:
+        for name in deep.split("/"):
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        assert sorted(os.listdir(fd)) == ["f", "link"]
+        assert os.stat("f", dir_fd=fd).st_size == len(data)
+        assert os.readlink("link", dir_fd=fd) == "f"
+        file_fd = os.open("f", os.O_RDONLY, dir_fd=fd)
+        with os.fdopen(file_fd, "rb") as f:
+            assert f.read() == data
+        file_fd = os.open("link", os.O_RDONLY, dir_fd=fd)  # the kernel follows it, inside the mount
+        with os.fdopen(file_fd, "rb") as f:
+            assert f.read() == data
+    finally:
+        os.close(fd)
 
 
 def test_names_with_dotdot_or_slash_are_rejected():

@@ -22,7 +22,7 @@ import pytest
 from fusecache import linux
 from fusecache.source import Identity, Source, SourceChanged, check_name, is_under, is_valid_name
 
-from .helpers import encode, entries
+from .helpers import deep_tree, encode, entries
 
 
 @pytest.fixture(params=["openat2", "per-component"])
@@ -303,3 +303,40 @@ def test_read_exact_keeps_reading_a_file_unlinked_or_renamed_while_open(tmp_path
     finally:
         os.close(fd)
     source.close()
+
+
+@pytest.mark.parametrize("resolution", ["openat2", "per-component"])
+def test_paths_longer_than_path_max_resolve(tmp_path, monkeypatch, resolution):
+    """Depth 24 of 200-byte names, 4.8 KB, past PATH_MAX: the source serves it, so must we,
+    still following no symlink in any component (audit 2, item 6)."""
+    if resolution == "per-component":
+        monkeypatch.setattr(linux, "has_openat2", lambda fd: False)
+    root = tmp_path / "src"
+    root.mkdir()
+    deep = deep_tree(root, b"deep bytes")
+    assert len(deep) > 4096
+    source = Source(root)
+    try:
+        assert stat.S_ISDIR(source.lstat(deep).st_mode)
+        assert source.lstat(f"{deep}/f").st_size == 10
+        assert read(source, f"{deep}/f") == b"deep bytes"
+        assert source.readlink(f"{deep}/link") == "f"
+        assert [name for name, _st in source.listdir(deep)] == ["f", "link"]
+        assert len(source.acl_chain(f"{deep}/f")) == 26
+        assert source.regular_files(deep.split("/")[0]) == [(f"{deep}/f", 10)]
+        with pytest.raises(OSError) as info:  # a symlink is followed nowhere, deep down too
+            source.open(f"{deep}/link")
+        assert info.value.errno == errno.ELOOP
+        names = deep.split("/")
+        fd = os.open(root, os.O_DIRECTORY)  # swap a directory past PATH_MAX for a symlink
+        for name in names[:22]:
+            parent, fd = fd, os.open(name, os.O_DIRECTORY, dir_fd=fd)
+            os.close(parent)
+        os.rename(names[22], "moved", src_dir_fd=fd, dst_dir_fd=fd)
+        os.symlink("moved", names[22], dir_fd=fd)
+        os.close(fd)
+        with pytest.raises(OSError) as info:
+            source.open(f"{deep}/f")
+        assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    finally:
+        source.close()

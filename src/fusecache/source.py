@@ -5,9 +5,11 @@ joining path strings. The daemon holds a descriptor of the source root, taken be
 mount exists, and resolves every relative path beneath it with openat2(RESOLVE_BENEATH |
 RESOLVE_NO_SYMLINKS), or, where the kernel lacks openat2, one openat(O_NOFOLLOW) per
 component: a symlink in any component, or a directory swapped for one while a path is being
-resolved, makes the call fail instead of leading outside SOURCE. Symlinks are reported as
-links and never followed. Files are opened with O_NONBLOCK (a FIFO must not hang a thread)
-and must be regular files; a directory is read from a descriptor, a batch at a time.
+resolved, makes the call fail instead of leading outside SOURCE. A path longer than PATH_MAX
+is resolved the same way a stretch at a time, each beneath the directory the stretch before
+opened. Symlinks are reported as links and never followed. Files are opened with O_NONBLOCK
+(a FIFO must not hang a thread) and must be regular files; a directory is read from a
+descriptor, a batch at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 # getdents64 buffer of one readdir batch: about a hundred entries, the order of what one
 # FUSE readdir reply holds
 READDIR_BATCH_BYTES = 8192
+# The longest relative path given to one open: PATH_MAX (4096, its NUL included) less a margin
+_PATH_STRETCH = 4000
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,21 @@ class SourceChanged(OSError):
 
     def __init__(self, relpath: str) -> None:
         super().__init__(errno.ESTALE, f"source file changed while reading: {relpath}")
+
+
+def _stretches(parts: list[str]) -> list[list[str]]:
+    """parts cut into runs whose joined path the kernel takes in one call (under PATH_MAX,
+    4096 bytes with its NUL); one name is at most NAME_MAX (255) bytes, the kernel says so."""
+    stretches: list[list[str]] = [[]]
+    length = 0
+    for part in parts:
+        size = len(os.fsencode(part)) + 1  # the name and its "/" (or the NUL of the last)
+        if stretches[-1] and length + size > _PATH_STRETCH:
+            stretches.append([])
+            length = 0
+        stretches[-1].append(part)
+        length += size
+    return stretches
 
 
 def is_valid_name(name: str) -> bool:
@@ -125,24 +144,43 @@ class Source:
     # ---- resolution ----------------------------------------------------------------------
 
     def _open(self, relpath: str, flags: int) -> int:
-        """Open relpath beneath the root, following no symlink in any component."""
+        """Open relpath beneath the root, following no symlink in any component.
+
+        A path longer than the kernel takes in one call (PATH_MAX) is resolved a stretch at
+        a time, each beneath the directory the stretch before it opened, under the same
+        restrictions: the source serves such paths, so the mount must too."""
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if not relpath:
             return os.open(".", flags & ~os.O_NOFOLLOW, dir_fd=self._root_fd)
         parts = relpath.split("/")
         for part in parts:
             check_name(part)
-        if self._openat2:
-            return linux.openat2(self._root_fd, relpath, flags)
+        stretches = _stretches(parts)
         fd = self._root_fd
+        try:
+            for stretch in stretches[:-1]:
+                parent, fd = fd, self._open_beneath(fd, stretch, _DIR_PATH | os.O_NOFOLLOW)
+                if parent != self._root_fd:
+                    os.close(parent)
+            return self._open_beneath(fd, stretches[-1], flags)
+        finally:
+            if fd != self._root_fd:
+                os.close(fd)
+
+    def _open_beneath(self, dir_fd: int, parts: list[str], flags: int) -> int:
+        """Open the path of parts (shorter than PATH_MAX) beneath dir_fd, no symlink followed:
+        with one openat2, or one openat(O_NOFOLLOW) per component where there is none."""
+        if self._openat2:
+            return linux.openat2(dir_fd, "/".join(parts), flags)
+        fd = dir_fd
         try:
             for part in parts[:-1]:
                 parent, fd = fd, os.open(part, _DIR_PATH | os.O_NOFOLLOW, dir_fd=fd)
-                if parent != self._root_fd:
+                if parent != dir_fd:
                     os.close(parent)
             return os.open(parts[-1], flags, dir_fd=fd)
         finally:
-            if fd != self._root_fd:
+            if fd != dir_fd:
                 os.close(fd)
 
     @contextmanager
