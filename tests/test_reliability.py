@@ -244,6 +244,28 @@ def test_cache_dir_removed_while_mounted(tmp_path, make_mount):
     assert any(m.cache_dir.rglob("*.idx"))  # the layout was recreated for new entries
 
 
+def test_cache_dir_made_untrusted_while_mounted_reads_through(tmp_path, make_mount):
+    """A directory above the cache dir made writable by others after the mount: files not
+    cached yet are read straight from the source, with one line in the log, no traceback
+    (audit 2, item 14)."""
+    source = tmp_path / "src"
+    contents = fill(source, {f"f{i}.bin": MiB for i in range(8)}, seed=40)
+    outer = tmp_path / "outer"
+    outer.mkdir(mode=0o755)
+    m = make_mount(source, ["readahead=off"], cache_dir=outer / "cache")
+    assert file_bytes(m.mountpoint / "f0.bin") == contents["f0.bin"]
+    outer.chmod(0o777)
+    try:
+        for name in sorted(contents)[1:]:
+            assert file_bytes(m.mountpoint / name) == contents[name]
+    finally:
+        outer.chmod(0o755)
+    log = next(m.cache_dir.rglob("daemon.log")).read_text()
+    assert "Traceback" not in log and "unexpected" not in log
+    assert f"is writable by group or others; reading f1.bin straight from the source" in log
+    assert sorted(p.stem for p in m.cache_dir.rglob("*.idx")) == [next(m.cache_dir.rglob("*.idx")).stem]
+
+
 def as_nobody(*command: str) -> subprocess.CompletedProcess:
     return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command],
                           capture_output=True, text=True, errors="replace", cwd="/")

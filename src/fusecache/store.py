@@ -478,8 +478,10 @@ class CacheStore:
         the file keeps reading its own bytes. The index is renamed into place last, so a crash
         part-way leaves no index and the entry is simply created again.
         """
-        if not data_path.parent.is_dir():  # new, or recreated if the cache dir was removed
+        try:  # the folder may be new, or the cache dir removed, or made others' since the mount
             private.ensure_tree(self.cache_dir, data_path.parent)
+        except private.UntrustedPath as e:
+            raise StoreError(str(e)) from None
         self._catalogue(relpath, None)
         index_path.unlink(missing_ok=True)
         header = _expected_header(relpath, identity, chunk_size)

@@ -28,7 +28,7 @@ import trio
 from ..budget import CacheBudget
 from ..metrics import Metrics
 from ..source import Identity, Source
-from ..store import CacheEntry, CacheStore
+from ..store import CacheEntry, CacheStore, StoreError
 from .errors import error_kind
 from .keyed_lock import KeyedLock
 from .tasks import Tasks
@@ -188,10 +188,15 @@ class OpenFiles:
 
     async def _open_entry(self, relpath: str, identity: Identity) -> CacheEntry:
         """The store's entry for this version; if the cache filesystem is full even after
-        evicting, an uncached stand-in whose reads go straight to the source."""
+        evicting, or the cache dir is no longer trusted (a directory above it made writable
+        by others since the mount), an uncached stand-in whose reads go straight to the
+        source."""
         for attempt in range(2):
             try:
                 return await self.tasks.io(self.store.open_entry, relpath, identity, self.chunk_size)
+            except StoreError as e:  # the cache dir is no longer ours alone: write nothing there
+                log.warning("%s; reading %s straight from the source", e, relpath)
+                return CacheEntry.uncached(relpath, identity, self.chunk_size)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
