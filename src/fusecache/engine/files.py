@@ -26,6 +26,7 @@ from typing import Awaitable, Callable
 import trio
 
 from ..budget import CacheBudget
+from ..logs import Throttle
 from ..metrics import Metrics
 from ..source import Identity, Source
 from ..store import CacheEntry, CacheStore, StoreError
@@ -34,6 +35,7 @@ from .keyed_lock import KeyedLock
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
+repeats = Throttle(log)  # warnings that can come with every open
 
 # Idle files (no handle open) whose fds and verified-chunk state are kept, so a loader that
 # opens and closes shards repeatedly does not re-verify them each time.
@@ -195,7 +197,7 @@ class OpenFiles:
             try:
                 return await self.tasks.io(self.store.open_entry, relpath, identity, self.chunk_size)
             except StoreError as e:  # the cache dir is no longer ours alone: write nothing there
-                log.warning("%s; reading %s straight from the source", e, relpath)
+                repeats.warning("%s; reading %s straight from the source", e, relpath)
                 return CacheEntry.uncached(relpath, identity, self.chunk_size)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -203,7 +205,7 @@ class OpenFiles:
                 self.metrics.count_error(error_kind(e))
                 if attempt == 0:
                     await self.on_disk_full(relpath)
-        log.warning("no space in the cache for %s; reading it straight from the source", relpath)
+        repeats.warning("no space in the cache for %s; reading it straight from the source", relpath)
         return CacheEntry.uncached(relpath, identity, self.chunk_size)
 
     def ref(self, tracked: TrackedFile) -> None:
@@ -268,7 +270,7 @@ class OpenFiles:
         if excess > 0 and self._idle:
             await self._close_idle(-(-excess // FDS_PER_FILE))
         if self._fds + n > budget:
-            log.warning("%d descriptors are held by files open through the mount: refusing one more open",
+            repeats.warning("%d descriptors are held by files open through the mount: refusing one more open",
                         self._fds)
             raise OSError(errno.EMFILE, "too many files open through the mount")
         self._fds += n
