@@ -34,7 +34,7 @@ from fusecache import acl
 from fusecache.engine import ReadError
 from fusecache.store import CacheStore
 
-from .inprocess import (CHUNK, CountingSource, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
+from .inprocess import (CHUNK, CountingSource, allocated, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
                         settled, wait_for)
 
 
@@ -257,7 +257,7 @@ async def test_a_restart_reverifies_the_cache_and_refetches_only_damaged_chunks(
 
     second = await harness.start()  # a new store object and source over the same dirs
     src = harness.source
-    assert second.budget.used == len(data)  # loaded from the store
+    assert second.budget.used == allocated(harness.store)  # loaded from the store: blocks taken
     assert second.pins == {"pinned"} and second.is_pinned("pinned/g") and not second.is_pinned("pinnedx")
     assert await read_file(second, "f") == data
     assert second.metrics.checksum_failures == 1
@@ -322,6 +322,19 @@ async def test_a_full_cache_evicts_the_least_recently_used_idle_file(harness):
     assert harness.store.index_of("b") is None and engine.metrics.files_evicted == 2
 
 
+async def test_many_tiny_files_keep_what_the_cache_takes_on_disk_under_the_limit(harness):
+    """Each cached file takes whole blocks of data and an index besides its bytes: 300 files
+    of one byte take over 2 MB. The limit is of the allocated blocks (audit 2, item 13)."""
+    files = {f"tiny/{i:04d}": harness.write(f"tiny/{i:04d}", 1) for i in range(300)}
+    engine = await harness.start()
+    engine.budget.limit = 256 * 1024
+    for name, data in files.items():
+        assert await read_file(engine, name) == data
+        assert allocated(harness.store) <= engine.budget.limit
+    assert engine.budget.used == allocated(harness.store)
+    assert engine.metrics.files_evicted > 200
+
+
 async def test_open_and_pinned_files_are_never_evicted_and_reads_go_through(harness):
     files = {name: harness.write(name, 4 * CHUNK) for name in ("open", "pins/b", "d")}
     engine = await harness.start()
@@ -350,7 +363,7 @@ async def test_open_and_pinned_files_are_never_evicted_and_reads_go_through(harn
     await engine.set_pins(set())
     assert harness.store.load_pins() == set()
     assert await engine.evict("pins/b") is True
-    assert engine.budget.used == 0
+    assert engine.budget.used == allocated(harness.store)  # d's index, nothing else
 
 
 async def test_a_read_through_that_fails_is_eio(harness):

@@ -57,7 +57,7 @@ class Evictor:
     async def load(self) -> None:
         """What the store holds and which paths are pinned, at start."""
         for entry in await self.tasks.io(self.store.load):
-            self.budget.set_cached(entry["path"], entry["cached"], entry["last_used"])
+            self.budget.set_cached(entry["path"], entry["cached"], entry["disk"], entry["last_used"])
         self.pins = await self.tasks.io(self.store.load_pins)
         log.info("cache holds %d files, %d bytes (limit %d)", len(self.budget.files()),
                  self.budget.used, self.budget.limit)
@@ -88,7 +88,9 @@ class Evictor:
         return None
 
     async def make_room(self, relpath: str, nbytes: int) -> None:
-        """Evict least recently used files until nbytes more fit under the cache limit."""
+        """Evict least recently used files until nbytes more fit under the cache limit, as
+        the blocks they will take on the cache filesystem (one byte takes a block)."""
+        nbytes = self.store.allocation(nbytes)
         if self.budget.fits(nbytes):
             return
         victims = self._victims(nbytes, sparing=relpath)

@@ -239,7 +239,7 @@ class Fetcher:
             lane.flights -= 1
             self.budget.reserved -= reserved
             if self.files.is_current(tracked):
-                self.budget.set_cached(tracked.relpath, entry.cached_bytes())
+                self.budget.set_cached(tracked.relpath, entry.cached_bytes(), entry.disk_bytes())
             inflight = self._inflight.get(tracked, {})
             for i in flight.chunks:
                 if inflight.get(i) is flight:

@@ -184,7 +184,7 @@ class OpenFiles:
             self._fds -= FDS_PER_FILE - tracked.fds
             if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
                 self._files[relpath] = tracked
-                self.budget.set_cached(relpath, entry.cached_bytes())
+                self.budget.set_cached(relpath, entry.cached_bytes(), entry.disk_bytes())
             self.ref(tracked)
             return tracked
 
