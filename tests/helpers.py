@@ -33,6 +33,26 @@ def fill(root: Path, files: dict[str, int], seed: int = 0) -> dict[str, bytes]:
     return contents
 
 
+def deep_tree(root: Path, data: bytes, depth: int = 24, name_len: int = 200) -> str:
+    """depth directories of name_len-byte names below root (a path far past PATH_MAX), with a
+    file `f` holding data and a symlink `link` to it at the bottom; returns the directories'
+    relative path. Built a directory at a time: no path call takes such a path whole."""
+    names = [f"{i:03d}".ljust(name_len, "d") for i in range(depth)]
+    fd = os.open(root, os.O_DIRECTORY)
+    try:
+        for name in names:
+            os.mkdir(name, dir_fd=fd)
+            parent, fd = fd, os.open(name, os.O_DIRECTORY, dir_fd=fd)
+            os.close(parent)
+        file_fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+        with os.fdopen(file_fd, "wb") as f:
+            f.write(data)
+        os.symlink("f", "link", dir_fd=fd)
+    finally:
+        os.close(fd)
+    return "/".join(names)
+
+
 # ---- POSIX ACLs -----------------------------------------------------------------------------
 
 _TAGS = {"u": (Tag.USER_OBJ, Tag.USER), "g": (Tag.GROUP_OBJ, Tag.GROUP),

@@ -289,6 +289,12 @@ async def settled(engine: Engine, *relpaths: str, timeout: float = 5.0) -> None:
     await wait_for(lambda: not any(engine.stream_state(p)[0] for p in relpaths), timeout)
 
 
+def allocated(store: CacheStore) -> int:
+    """What the store's entries take on the cache filesystem (as `du` counts): the allocated
+    blocks of every data file and index."""
+    return sum(path.lstat().st_blocks * 512 for path in store.objects.rglob("*") if path.is_file())
+
+
 def damage(store: CacheStore, relpath: str, offset: int) -> None:
     """Another process flips bytes in the cache's copy of relpath."""
     with open(store.paths(relpath)[0], "r+b") as f:

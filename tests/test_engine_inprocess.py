@@ -35,7 +35,7 @@ from fusecache.engine import ReadError
 from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheStore
 
-from .inprocess import (CHUNK, CountingSource, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
+from .inprocess import (CHUNK, CountingSource, allocated, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
                         settled, wait_for)
 from .inprocess import ctx, fuse_errno, operations, read_all
 
@@ -163,14 +163,15 @@ async def test_a_failed_fetch_fails_its_waiters_and_the_next_read_fetches_again(
     await engine.release(handle)
 
 
-@pytest.mark.parametrize("change", ["rewritten", "truncated"])
+@pytest.mark.parametrize("change", ["rewritten", "truncated", "rewritten, mtime put back",
+                                    "rewritten, mtime put back, unstable inodes"])
 async def test_bytes_of_a_file_modified_during_their_fetch_are_not_cached(harness, change):
     data = harness.write("f", 4 * CHUNK)
-    engine = await harness.start()
+    engine = await harness.start(source=CountingSource(harness.src, stable_inodes="unstable" not in change))
     src = harness.source
     handle = await engine.open("f")
     gate = src.hold("f")
-    new = os.urandom(len(data) if change == "rewritten" else CHUNK)
+    new = os.urandom(len(data) if change.startswith("rewritten") else CHUNK)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
 
@@ -181,7 +182,7 @@ async def test_bytes_of_a_file_modified_during_their_fetch_are_not_cached(harnes
 
             nursery.start_soon(reader)
             await gate.wait_entered()
-            harness.rewrite("f", new)  # in place, under the fetch
+            harness.rewrite("f", new, keep_mtime="mtime put back" in change)  # in place, under the fetch
             gate.open()
     assert engine.metrics.errors == {"ESTALE": 1}
     assert engine.cached_extent("f") == (0, len(data))  # nothing of the mix of versions was kept
@@ -190,6 +191,24 @@ async def test_bytes_of_a_file_modified_during_their_fetch_are_not_cached(harnes
     assert await read_file(engine, "f") == new  # a new open serves the new version
     assert harness.store.index_of("f") | {"last_used": 0} == {"path": "f", "size": len(new), "cached": len(new),
                                                               "last_used": 0}
+
+
+@pytest.mark.parametrize("stable_inodes", [True, False])
+async def test_one_open_never_reads_two_versions_of_a_file_rewritten_with_its_mtime_put_back(harness, stable_inodes):
+    """Rewritten in place between two fills of one open, the size kept and the mtime put back:
+    only the ctime moved. The rest of the old open fails rather than serve the new bytes."""
+    old = harness.write("f", 4 * CHUNK)
+    engine = await harness.start(source=CountingSource(harness.src, stable_inodes=stable_inodes))
+    handle = await engine.open("f")
+    assert bytes(await engine.read(handle, 0, CHUNK, buffer(CHUNK))) == old[:CHUNK]
+    new = harness.rewrite("f", os.urandom(len(old)), keep_mtime=True)
+    with pytest.raises(ReadError) as info:
+        await engine.read(handle, 2 * CHUNK, CHUNK, buffer(CHUNK))
+    assert info.value.errno == errno.EIO
+    assert bytes(await engine.read(handle, 0, CHUNK, buffer(CHUNK))) == old[:CHUNK]  # what it had cached
+    assert engine.cached_extent("f") == (CHUNK, len(old))  # nothing of the new version under the old
+    await engine.release(handle)
+    assert await read_file(engine, "f") == new
 
 
 async def test_a_changed_file_is_dropped_and_its_open_handles_keep_their_version(harness):
@@ -239,7 +258,7 @@ async def test_a_restart_reverifies_the_cache_and_refetches_only_damaged_chunks(
 
     second = await harness.start()  # a new store object and source over the same dirs
     src = harness.source
-    assert second.budget.used == len(data)  # loaded from the store
+    assert second.budget.used == allocated(harness.store)  # loaded from the store: blocks taken
     assert second.pins == {"pinned"} and second.is_pinned("pinned/g") and not second.is_pinned("pinnedx")
     assert await read_file(second, "f") == data
     assert second.metrics.checksum_failures == 1
@@ -304,6 +323,19 @@ async def test_a_full_cache_evicts_the_least_recently_used_idle_file(harness):
     assert harness.store.index_of("b") is None and engine.metrics.files_evicted == 2
 
 
+async def test_many_tiny_files_keep_what_the_cache_takes_on_disk_under_the_limit(harness):
+    """Each cached file takes whole blocks of data and an index besides its bytes: 300 files
+    of one byte take over 2 MB. The limit is of the allocated blocks (audit 2, item 13)."""
+    files = {f"tiny/{i:04d}": harness.write(f"tiny/{i:04d}", 1) for i in range(300)}
+    engine = await harness.start()
+    engine.budget.limit = 256 * 1024
+    for name, data in files.items():
+        assert await read_file(engine, name) == data
+        assert allocated(harness.store) <= engine.budget.limit
+    assert engine.budget.used == allocated(harness.store)
+    assert engine.metrics.files_evicted > 200
+
+
 async def test_open_and_pinned_files_are_never_evicted_and_reads_go_through(harness):
     files = {name: harness.write(name, 4 * CHUNK) for name in ("open", "pins/b", "d")}
     engine = await harness.start()
@@ -332,7 +364,7 @@ async def test_open_and_pinned_files_are_never_evicted_and_reads_go_through(harn
     await engine.set_pins(set())
     assert harness.store.load_pins() == set()
     assert await engine.evict("pins/b") is True
-    assert engine.budget.used == 0
+    assert engine.budget.used == allocated(harness.store)  # d's index, nothing else
 
 
 async def test_a_read_through_that_fails_is_eio(harness):

@@ -14,7 +14,7 @@ import trio.testing
 from fusecache import exporters
 from fusecache.metrics import prometheus_registry
 
-from .inprocess import CHUNK, harness, read_file  # noqa: F401 - fixture
+from .inprocess import CHUNK, allocated, harness, read_file  # noqa: F401 - fixture
 
 
 async def test_the_sampler_fills_the_gauges(harness):
@@ -28,7 +28,7 @@ async def test_the_sampler_fills_the_gauges(harness):
             await trio.testing.wait_all_tasks_blocked()  # sampled once, asleep until the next
             nursery.cancel_scope.cancel()
         m = engine.metrics
-        assert (m.passthrough_files, m.inodes_held, m.cache_bytes, m.files_open) == (3, 7, 2 * CHUNK, 1)
+        assert (m.passthrough_files, m.inodes_held, m.cache_bytes, m.files_open) == (3, 7, allocated(harness.store), 1)
         assert m.cache_limit_bytes == engine.budget.limit
     finally:
         await engine.release(held)

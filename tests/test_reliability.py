@@ -22,7 +22,7 @@ from fusecache.control import socket_path
 from fusecache.store import summarize_index
 
 from .conftest import Mount, file_bytes, run_cli
-from .helpers import fill
+from .helpers import deep_tree, fill
 
 pytestmark = pytest.mark.fuse
 
@@ -108,6 +108,30 @@ def test_file_modified_in_place_is_never_mixed(tmp_path, make_mount):
         else:
             assert got == old[4 * MiB:5 * MiB]
     assert file_bytes(m.mountpoint / "p.bin") == (source / "p.bin").read_bytes()
+
+
+def test_file_rewritten_with_its_size_and_mtime_kept_is_never_mixed(tmp_path, make_mount):
+    """Only the ctime tells this rewrite from the version an open handle holds: the rest of
+    that open fails rather than serve bytes of the new version (audit 2, item 2)."""
+    source = tmp_path / "src"
+    old = fill(source, {"p.bin": 8 * MiB}, seed=36)["p.bin"]
+    m = make_mount(source, ["readahead=off", "chunk_size=1M", "attr_timeout=0", "passthrough_wait=0"])
+    path = source / "p.bin"
+    before = os.stat(path)
+    with open(m.mountpoint / "p.bin", "rb") as held:
+        assert held.read(MiB) == old[:MiB]
+        time.sleep(0.05)  # past the tick of coarse timestamps: the rewrite moves the ctime
+        with open(path, "r+b") as f:
+            f.write(bytes(b ^ 0xFF for b in old[:4 * MiB]) * 2)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+        assert after.st_ctime_ns != before.st_ctime_ns
+        held.seek(4 * MiB)
+        with pytest.raises(OSError) as info:
+            held.read(MiB)
+        assert info.value.errno == errno.EIO
+    assert file_bytes(m.mountpoint / "p.bin") == path.read_bytes()
 
 
 def test_file_modified_in_place_new_opens_never_see_old_pages(tmp_path, make_mount):
@@ -218,6 +242,28 @@ def test_cache_dir_removed_while_mounted(tmp_path, make_mount):
     assert file_bytes(m.mountpoint / "a.bin") == contents["a.bin"]
     assert file_bytes(m.mountpoint / "b.bin") == contents["b.bin"]
     assert any(m.cache_dir.rglob("*.idx"))  # the layout was recreated for new entries
+
+
+def test_cache_dir_made_untrusted_while_mounted_reads_through(tmp_path, make_mount):
+    """A directory above the cache dir made writable by others after the mount: files not
+    cached yet are read straight from the source, with one line in the log, no traceback
+    (audit 2, item 14)."""
+    source = tmp_path / "src"
+    contents = fill(source, {f"f{i}.bin": MiB for i in range(8)}, seed=40)
+    outer = tmp_path / "outer"
+    outer.mkdir(mode=0o755)
+    m = make_mount(source, ["readahead=off"], cache_dir=outer / "cache")
+    assert file_bytes(m.mountpoint / "f0.bin") == contents["f0.bin"]
+    outer.chmod(0o777)
+    try:
+        for name in sorted(contents)[1:]:
+            assert file_bytes(m.mountpoint / name) == contents[name]
+    finally:
+        outer.chmod(0o755)
+    log = next(m.cache_dir.rglob("daemon.log")).read_text()
+    assert "Traceback" not in log and "unexpected" not in log
+    assert "is writable by group or others; reading f1.bin straight from the source" in log
+    assert sorted(p.stem for p in m.cache_dir.rglob("*.idx")) == [next(m.cache_dir.rglob("*.idx")).stem]
 
 
 def as_nobody(*command: str) -> subprocess.CompletedProcess:
@@ -345,6 +391,33 @@ def test_many_small_files_deep_dirs_odd_names_and_a_sparse_file(tmp_path, make_m
     peak_kib = int(next(line.split()[1] for line in open(f"/proc/{m.pid}/status") if line.startswith("VmHWM")))
     print(f"daemon peak RSS after 10,000 files: {peak_kib / 1024:.0f} MiB")
     assert peak_kib * 1024 < 250 * MiB
+
+
+def test_paths_longer_than_path_max_are_served(tmp_path, make_mount):
+    """Depth 24 of 200-byte names below the root (4.8 KB, past PATH_MAX): lookup, stat, open,
+    read, readdir and readlink work through the mount as on the source (audit 2, item 6)."""
+    source = tmp_path / "src"
+    source.mkdir()
+    data = random.Random(37).randbytes(3 * MiB)
+    deep = deep_tree(source, data)
+    m = make_mount(source, ["readahead=off", "attr_timeout=0"])
+    fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)  # each lookup from its parent
+    try:
+        for name in deep.split("/"):
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        assert sorted(os.listdir(fd)) == ["f", "link"]
+        assert os.stat("f", dir_fd=fd).st_size == len(data)
+        assert os.readlink("link", dir_fd=fd) == "f"
+        file_fd = os.open("f", os.O_RDONLY, dir_fd=fd)
+        with os.fdopen(file_fd, "rb") as f:
+            assert f.read() == data
+        file_fd = os.open("link", os.O_RDONLY, dir_fd=fd)  # the kernel follows it, inside the mount
+        with os.fdopen(file_fd, "rb") as f:
+            assert f.read() == data
+    finally:
+        os.close(fd)
 
 
 def test_names_with_dotdot_or_slash_are_rejected():

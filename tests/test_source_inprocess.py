@@ -15,13 +15,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 
 import pytest
 
 from fusecache import linux
 from fusecache.source import Identity, Source, SourceChanged, check_name, is_under, is_valid_name
 
-from .helpers import encode, entries
+from .helpers import deep_tree, encode, entries
 
 
 @pytest.fixture(params=["openat2", "per-component"])
@@ -224,3 +225,118 @@ def test_no_acls_on_a_filesystem_without_them():
     source = Source("/proc/self")  # procfs has no POSIX ACLs
     assert not source.has_acls
     source.close()
+
+
+def _move_ctime(path, action) -> None:
+    """Run action on path until the file's ctime moved (timestamps may be coarse)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = os.fstat(fd).st_ctime_ns
+        for _ in range(200):
+            action()
+            if os.fstat(fd).st_ctime_ns != before:
+                return
+            time.sleep(0.002)
+        raise AssertionError("the ctime never moved")
+    finally:
+        os.close(fd)
+
+
+def _rewrite_keeping_size_and_mtime(path) -> None:
+    before = os.stat(path)
+
+    def rewrite() -> None:
+        with open(path, "r+b") as f:
+            f.write(b"b" * 10)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    _move_ctime(path, rewrite)
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.parametrize("stable_inodes", [True, False])
+@pytest.mark.parametrize("change", ["rewritten, mtime put back", "chmod"])
+def test_read_exact_refuses_a_file_changed_in_place_that_only_moved_its_ctime(tmp_path, change, stable_inodes):
+    """Only the ctime tells this rewrite from the version opened; a chmod cannot be told from it."""
+    root = tmp_path / "src"
+    root.mkdir()
+    path = root / "f"
+    path.write_bytes(b"a" * 4096)
+    source = Source(root, stable_inodes=stable_inodes)
+    fd, identity = source.open("f")
+    try:
+        if change == "chmod":
+            _move_ctime(path, lambda: os.chmod(path, 0o600 if path.stat().st_mode & 0o044 else 0o644))
+        else:
+            _rewrite_keeping_size_and_mtime(path)
+        with pytest.raises(SourceChanged):
+            source.read_exact(fd, memoryview(bytearray(4096)), 0, "f", identity)
+    finally:
+        os.close(fd)
+    source.close()
+
+
+@pytest.mark.parametrize("stable_inodes", [True, False])
+@pytest.mark.parametrize("change", ["unlinked", "renamed over", "renamed away"])
+def test_read_exact_keeps_reading_a_file_unlinked_or_renamed_while_open(tmp_path, change, stable_inodes):
+    """These move the open file's ctime but leave its bytes as they were."""
+    root = tmp_path / "src"
+    root.mkdir()
+    path = root / "f"
+    path.write_bytes(b"a" * 4096)
+    source = Source(root, stable_inodes=stable_inodes)
+    fd, identity = source.open("f")
+    try:
+        time.sleep(0.05)  # past the tick of coarse timestamps: the change moves the ctime
+        if change == "unlinked":
+            path.unlink()
+        elif change == "renamed over":
+            (root / "new").write_bytes(b"c" * 4096)
+            os.replace(root / "new", path)
+        else:
+            os.rename(path, root / "g")
+        assert os.fstat(fd).st_ctime_ns != identity.ctime_ns
+        buf = bytearray(4096)
+        source.read_exact(fd, memoryview(buf), 0, "f", identity)
+        assert bytes(buf) == b"a" * 4096
+    finally:
+        os.close(fd)
+    source.close()
+
+
+@pytest.mark.parametrize("resolution", ["openat2", "per-component"])
+def test_paths_longer_than_path_max_resolve(tmp_path, monkeypatch, resolution):
+    """Depth 24 of 200-byte names, 4.8 KB, past PATH_MAX: the source serves it, so must we,
+    still following no symlink in any component (audit 2, item 6)."""
+    if resolution == "per-component":
+        monkeypatch.setattr(linux, "has_openat2", lambda fd: False)
+    root = tmp_path / "src"
+    root.mkdir()
+    deep = deep_tree(root, b"deep bytes")
+    assert len(deep) > 4096
+    source = Source(root)
+    try:
+        assert stat.S_ISDIR(source.lstat(deep).st_mode)
+        assert source.lstat(f"{deep}/f").st_size == 10
+        assert read(source, f"{deep}/f") == b"deep bytes"
+        assert source.readlink(f"{deep}/link") == "f"
+        assert [name for name, _st in source.listdir(deep)] == ["f", "link"]
+        assert len(source.acl_chain(f"{deep}/f")) == 26
+        assert source.regular_files(deep.split("/")[0]) == [(f"{deep}/f", 10)]
+        with pytest.raises(OSError) as info:  # a symlink is followed nowhere, deep down too
+            source.open(f"{deep}/link")
+        assert info.value.errno == errno.ELOOP
+        names = deep.split("/")
+        fd = os.open(root, os.O_DIRECTORY)  # swap a directory past PATH_MAX for a symlink
+        for name in names[:22]:
+            parent, fd = fd, os.open(name, os.O_DIRECTORY, dir_fd=fd)
+            os.close(parent)
+        os.rename(names[22], "moved", src_dir_fd=fd, dst_dir_fd=fd)
+        os.symlink("moved", names[22], dir_fd=fd)
+        os.close(fd)
+        with pytest.raises(OSError) as info:
+            source.open(f"{deep}/f")
+        assert info.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    finally:
+        source.close()

@@ -1,9 +1,13 @@
 """Cache size accounting and the choice of what to evict (least recently used first).
 
-Pure bookkeeping, no I/O: the engine tells it how many bytes each file has cached and when it
-was last opened, reserves room before a fetch stores bytes, and asks which files to drop when
+Pure bookkeeping, no I/O: the engine tells it how many bytes each file has cached, what they
+take on the cache filesystem, and when it was last opened, reserves room before a fetch stores bytes, and asks which files to drop when
 a fetch would go over the limit. Files the engine reports busy (open, streaming, fetching)
 and pinned files are never chosen.
+
+The limit is of what the cache takes on its filesystem, not of the bytes it holds: every
+cached file also costs an index (a block at least) and whole blocks of data, so 5,000 files
+of one byte take 40 MB, not 5 KB. Each file counts its allocated blocks (`disk`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Usage:
-    cached: int
+    cached: int  # bytes of the source file held (what `cache ls` shows)
+    disk: int  # what the file's data and index take on the cache filesystem (allocated blocks)
     last_used: float
 
 
@@ -25,28 +30,29 @@ class CacheBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._files: dict[str, _Usage] = {}
-        self._cached_total = 0
+        self._disk_total = 0
         self.reserved = 0
 
     @property
     def used(self) -> int:
-        """Bytes cached plus bytes promised to fetches in progress."""
-        return self._cached_total + self.reserved
+        """Bytes the cache takes on its filesystem plus bytes promised to fetches in progress."""
+        return self._disk_total + self.reserved
 
-    def set_cached(self, relpath: str, cached: int, last_used: float | None = None) -> None:
-        usage = self._files.setdefault(relpath, _Usage(0, last_used or 0.0))
-        self._cached_total += cached - usage.cached
+    def set_cached(self, relpath: str, cached: int, disk: int, last_used: float | None = None) -> None:
+        usage = self._files.setdefault(relpath, _Usage(0, 0, last_used or 0.0))
+        self._disk_total += disk - usage.disk
         usage.cached = cached
+        usage.disk = disk
         if last_used is not None:
             usage.last_used = max(usage.last_used, last_used)
 
     def touch(self, relpath: str, when: float) -> None:
-        self._files.setdefault(relpath, _Usage(0, when)).last_used = when
+        self._files.setdefault(relpath, _Usage(0, 0, when)).last_used = when
 
     def forget(self, relpath: str) -> None:
         usage = self._files.pop(relpath, None)
         if usage is not None:
-            self._cached_total -= usage.cached
+            self._disk_total -= usage.disk
 
     def fits(self, nbytes: int) -> bool:
         return self.used + nbytes <= self.limit
@@ -59,9 +65,9 @@ class CacheBudget:
             return []
         chosen = []
         for relpath, usage in sorted(self._files.items(), key=lambda item: item[1].last_used):
-            if usage.cached and evictable(relpath):
+            if usage.disk and evictable(relpath):
                 chosen.append(relpath)
-                excess -= usage.cached
+                excess -= usage.disk
                 if excess <= 0:
                     return chosen
         return None

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, control, daemon, mounts, precheck, private
+from . import __version__, control, daemon, logs, mounts, precheck, private
 from .config import LOG_LEVELS, ConfigError, build_config, human
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def _escape(char: str) -> str:
 
 
 def setup_logging(level: str, path: Path | None = None) -> None:
-    handler: logging.Handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    """Log to path (rotated, private to us: logs.PrivateRotatingFileHandler), or to stderr."""
+    handler: logging.Handler = logs.PrivateRotatingFileHandler(path) if path else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -200,7 +201,7 @@ def _daemon_child(cfg, store, ready_fd: int, log_path: Path) -> int:
     os.dup2(log_fd, 2)  # anything written to stderr (tracebacks, libfuse) lands in the log
     os.close(devnull)
     os.close(log_fd)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, log_path)
     store.record_owner(os.getpid())
     reported = False
 

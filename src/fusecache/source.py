@@ -5,9 +5,11 @@ joining path strings. The daemon holds a descriptor of the source root, taken be
 mount exists, and resolves every relative path beneath it with openat2(RESOLVE_BENEATH |
 RESOLVE_NO_SYMLINKS), or, where the kernel lacks openat2, one openat(O_NOFOLLOW) per
 component: a symlink in any component, or a directory swapped for one while a path is being
-resolved, makes the call fail instead of leading outside SOURCE. Symlinks are reported as
-links and never followed. Files are opened with O_NONBLOCK (a FIFO must not hang a thread)
-and must be regular files; a directory is read from a descriptor, a batch at a time.
+resolved, makes the call fail instead of leading outside SOURCE. A path longer than PATH_MAX
+is resolved the same way a stretch at a time, each beneath the directory the stretch before
+opened. Symlinks are reported as links and never followed. Files are opened with O_NONBLOCK
+(a FIFO must not hang a thread) and must be regular files; a directory is read from a
+descriptor, a batch at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 # getdents64 buffer of one readdir batch: about a hundred entries, the order of what one
 # FUSE readdir reply holds
 READDIR_BATCH_BYTES = 8192
+# The longest relative path given to one open: PATH_MAX (4096, its NUL included) less a margin
+_PATH_STRETCH = 4000
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,9 @@ class Identity:
 
     @property
     def content_key(self) -> tuple[int, int, int]:
-        """What two stats of the same bytes share while the file is read. ctime is left out:
-        it also moves when an open file is unlinked or renamed over, which leaves its bytes
-        as they were (a reader of the old version must keep reading them)."""
+        """What two stats of the same bytes share for certain. ctime is left out: it also
+        moves when an open file is unlinked or renamed over, which leaves its bytes as they
+        were (Source.read_exact tells that from a change in place)."""
         return (self.ino, self.size, self.mtime_ns)
 
     def same_content(self, other: Identity) -> bool:
@@ -61,6 +65,21 @@ class SourceChanged(OSError):
 
     def __init__(self, relpath: str) -> None:
         super().__init__(errno.ESTALE, f"source file changed while reading: {relpath}")
+
+
+def _stretches(parts: list[str]) -> list[list[str]]:
+    """parts cut into runs whose joined path the kernel takes in one call (under PATH_MAX,
+    4096 bytes with its NUL); one name is at most NAME_MAX (255) bytes, the kernel says so."""
+    stretches: list[list[str]] = [[]]
+    length = 0
+    for part in parts:
+        size = len(os.fsencode(part)) + 1  # the name and its "/" (or the NUL of the last)
+        if stretches[-1] and length + size > _PATH_STRETCH:
+            stretches.append([])
+            length = 0
+        stretches[-1].append(part)
+        length += size
+    return stretches
 
 
 def is_valid_name(name: str) -> bool:
@@ -125,24 +144,43 @@ class Source:
     # ---- resolution ----------------------------------------------------------------------
 
     def _open(self, relpath: str, flags: int) -> int:
-        """Open relpath beneath the root, following no symlink in any component."""
+        """Open relpath beneath the root, following no symlink in any component.
+
+        A path longer than the kernel takes in one call (PATH_MAX) is resolved a stretch at
+        a time, each beneath the directory the stretch before it opened, under the same
+        restrictions: the source serves such paths, so the mount must too."""
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if not relpath:
             return os.open(".", flags & ~os.O_NOFOLLOW, dir_fd=self._root_fd)
         parts = relpath.split("/")
         for part in parts:
             check_name(part)
-        if self._openat2:
-            return linux.openat2(self._root_fd, relpath, flags)
+        stretches = _stretches(parts)
         fd = self._root_fd
+        try:
+            for stretch in stretches[:-1]:
+                parent, fd = fd, self._open_beneath(fd, stretch, _DIR_PATH | os.O_NOFOLLOW)
+                if parent != self._root_fd:
+                    os.close(parent)
+            return self._open_beneath(fd, stretches[-1], flags)
+        finally:
+            if fd != self._root_fd:
+                os.close(fd)
+
+    def _open_beneath(self, dir_fd: int, parts: list[str], flags: int) -> int:
+        """Open the path of parts (shorter than PATH_MAX) beneath dir_fd, no symlink followed:
+        with one openat2, or one openat(O_NOFOLLOW) per component where there is none."""
+        if self._openat2:
+            return linux.openat2(dir_fd, "/".join(parts), flags)
+        fd = dir_fd
         try:
             for part in parts[:-1]:
                 parent, fd = fd, os.open(part, _DIR_PATH | os.O_NOFOLLOW, dir_fd=fd)
-                if parent != self._root_fd:
+                if parent != dir_fd:
                     os.close(parent)
             return os.open(parts[-1], flags, dir_fd=fd)
         finally:
-            if fd != self._root_fd:
+            if fd != dir_fd:
                 os.close(fd)
 
     @contextmanager
@@ -305,8 +343,40 @@ class Source:
             if n == 0:
                 raise SourceChanged(relpath)
             done += n
-        if not self.identity(os.fstat(fd)).same_content(identity):
+        if self._changed_since(fd, relpath, identity):
             raise SourceChanged(relpath)
+
+    def _changed_since(self, fd: int, relpath: str, identity: Identity) -> bool:
+        """Whether the file open at fd may hold other bytes than at `identity`.
+
+        Its inode, size or mtime moved: yes. Its ctime alone moved: a rewrite in place that
+        put the mtime back moves only the ctime, and so does an unlink of the file or a rename
+        over it, which leave its bytes as they were (a reader of the old version must keep
+        reading them). They are told apart by its path: while the path still names the open
+        file, the change was made to the file in place (a chmod too, which no stat tells from
+        such a rewrite); once the path names another file or nothing, the ctime moved with
+        the unlink. Not seen: a write, with the size kept and the mtime put back, into a file
+        after it was unlinked or renamed away, by a process that holds it open."""
+        st = os.fstat(fd)
+        now = self.identity(st)
+        if not now.same_content(identity):
+            return True
+        return now.ctime_ns != identity.ctime_ns and self._path_names(relpath, st)
+
+    def _path_names(self, relpath: str, st: os.stat_result) -> bool:
+        """Whether relpath names the file whose fstat is st. Where inode numbers are not
+        stable, a file that looks the same (size, mtime, ctime) counts as the same."""
+        if st.st_nlink == 0:
+            return False
+        try:
+            named = self.lstat(relpath)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # ELOOP: now through a symlink
+                return False
+            raise
+        if self.stable_inodes:
+            return (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
+        return self.identity(named) == self.identity(st)
 
     @staticmethod
     def drop_pages(fd: int, offset: int, length: int) -> None:

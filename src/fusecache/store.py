@@ -144,6 +144,13 @@ class CacheEntry:
     def cached_bytes(self) -> int:
         return sum(self.chunk_extent(i)[1] for i, s in enumerate(self.state) if s != MISSING)
 
+    def disk_bytes(self) -> int:
+        """What this entry takes on the cache filesystem: the blocks allocated to its data file
+        and its index (an uncached stand-in takes none)."""
+        if not self.cacheable:
+            return 0
+        return allocated(os.fstat(self.data_fd)) + allocated(os.fstat(self.index_fd))
+
     # The questions the fetcher asks; the chunk state machine (MISSING -> VERIFIED, ON_DISK ->
     # VERIFIED or MISSING, VERIFIED -> ON_DISK on a foreign write) stays in this class.
 
@@ -369,6 +376,7 @@ class CacheStore:
         self.root = self.cache_dir / LAYOUT / _key(source_root)[:16]
         self.objects = self.root / "objects"
         self._lock_fd: int | None = None
+        self._block_size: int | None = None  # of the cache filesystem, asked once
         # relpath -> size of every entry with an index; written by worker threads
         self._sizes: dict[str, int] = {}
         self._catalogue_lock = threading.Lock()
@@ -413,6 +421,12 @@ class CacheStore:
         assert self._lock_fd is not None
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{pid}\n".encode(), 0)
+
+    def allocation(self, nbytes: int) -> int:
+        """The most nbytes written into the cache can take on its filesystem: whole blocks."""
+        if self._block_size is None:
+            self._block_size = os.statvfs(self.root).f_bsize or 4096
+        return -(-nbytes // self._block_size) * self._block_size
 
     def paths(self, relpath: str) -> tuple[Path, Path]:
         key = _key(relpath)
@@ -485,8 +499,10 @@ class CacheStore:
         the file keeps reading its own bytes. The index is renamed into place last, so a crash
         part-way leaves no index and the entry is simply created again.
         """
-        if not data_path.parent.is_dir():  # new, or recreated if the cache dir was removed
+        try:  # the folder may be new, or the cache dir removed, or made others' since the mount
             private.ensure_tree(self.cache_dir, data_path.parent)
+        except private.UntrustedPath as e:
+            raise StoreError(str(e)) from None
         self._catalogue(relpath, None)
         index_path.unlink(missing_ok=True)
         header = _expected_header(relpath, identity, chunk_size)
@@ -523,8 +539,8 @@ class CacheStore:
         return summarize_index(self.paths(relpath)[1])
 
     def load(self) -> list[dict]:
-        """Every file the store holds, with its size, cached bytes and last use, each index
-        read once; and the catalogue (`sizes`) filled from them. Removes entries whose index
+        """Every file the store holds, with its size, cached bytes, allocated bytes (`disk`, data
+        and index) and last use, each index read once; and the catalogue (`sizes`) filled from them. Removes entries whose index
         is damaged or of an older format on the way: they can never be served, and would hold
         their disk space forever. Only at start, before any entry is opened (entries being
         created or replaced are briefly without an index)."""
@@ -539,6 +555,7 @@ class CacheStore:
                 index_path.unlink(missing_ok=True)
                 index_path.with_suffix(".data").unlink(missing_ok=True)
             else:
+                summary["disk"] = _allocated_at(index_path) + _allocated_at(index_path.with_suffix(".data"))
                 summaries.append(summary)
         with self._catalogue_lock:
             self._sizes = {summary["path"]: summary["size"] for summary in summaries}
@@ -628,6 +645,19 @@ def summarize_index(index_path: Path) -> dict | None:
         return _read_summary(index_path)
     except OSError:
         return None
+
+
+def allocated(st: os.stat_result) -> int:
+    """Bytes of the cache filesystem a file takes: its allocated blocks (st_blocks counts
+    512-byte units whatever the filesystem's block size), not its length."""
+    return st.st_blocks * 512
+
+
+def _allocated_at(path: Path) -> int:
+    try:
+        return allocated(os.lstat(path))
+    except FileNotFoundError:
+        return 0
 
 
 def _read_summary(index_path: Path) -> dict | None:

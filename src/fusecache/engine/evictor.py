@@ -17,6 +17,7 @@ import trio
 
 from ..budget import CacheBudget
 from ..config import MountConfig
+from ..logs import Throttle
 from ..metrics import Metrics
 from ..source import is_under
 from ..store import CacheStore
@@ -25,6 +26,7 @@ from .files import OpenFiles
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
+repeats = Throttle(log)  # a full cache filesystem is met by every fetch
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Evictor:
     async def load(self) -> None:
         """What the store holds and which paths are pinned, at start."""
         for entry in await self.tasks.io(self.store.load):
-            self.budget.set_cached(entry["path"], entry["cached"], entry["last_used"])
+            self.budget.set_cached(entry["path"], entry["cached"], entry["disk"], entry["last_used"])
         self.pins = await self.tasks.io(self.store.load_pins)
         log.info("cache holds %d files, %d bytes (limit %d)", len(self.budget.files()),
                  self.budget.used, self.budget.limit)
@@ -86,7 +88,9 @@ class Evictor:
         return None
 
     async def make_room(self, relpath: str, nbytes: int) -> None:
-        """Evict least recently used files until nbytes more fit under the cache limit."""
+        """Evict least recently used files until nbytes more fit under the cache limit, as
+        the blocks they will take on the cache filesystem (one byte takes a block)."""
+        nbytes = self.store.allocation(nbytes)
         if self.budget.fits(nbytes):
             return
         victims = self._victims(nbytes, sparing=relpath)
@@ -104,10 +108,10 @@ class Evictor:
         fits now, and evict some so the next fetches can proceed. Never raises: a sick cache
         filesystem makes its callers read through."""
         self.budget.limit = min(self.budget.limit, max(self.budget.used, 0))
-        log.warning("cache filesystem is full; cache limit lowered to %d bytes", self.budget.limit)
+        repeats.warning("cache filesystem is full; cache limit lowered to %d bytes", self.budget.limit)
         error = await self._evict_all(self._victims(self.config.disk_full_evict_bytes, sparing=relpath) or [])
         if error is not None:
-            log.warning("evicting from the full cache failed: %s", error)
+            repeats.warning("evicting from the full cache failed: %s", error)
 
     async def evict(self, relpath: str) -> bool:
         """Drop relpath from the cache unless it is in use, being opened or pinned."""

@@ -27,6 +27,7 @@ import trio
 
 from ..budget import CacheBudget
 from ..config import VERIFY_RUN_CHUNKS, VERIFY_THREADS, MountConfig
+from ..logs import Throttle
 from ..metrics import Metrics
 from ..source import Source, SourceChanged
 from .errors import CacheFull, ReadError, error_kind
@@ -35,6 +36,7 @@ from .files import OpenFiles, TrackedFile
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
+repeats = Throttle(log)  # warnings that can come with every read
 
 
 @dataclass(frozen=True)
@@ -227,8 +229,8 @@ class Fetcher:
             if isinstance(flight.error, CacheFull):
                 await self.evictor.after_disk_full(tracked.relpath)
             self.metrics.count_error(error_kind(e))
-            log.warning("fetching %s chunks %d-%d failed: %s", tracked.relpath,
-                        flight.chunks.start, flight.chunks.stop - 1, e)
+            repeats.warning("fetching %s chunks %d-%d failed: %s", tracked.relpath,
+                            flight.chunks.start, flight.chunks.stop - 1, e)
         except Exception as e:  # noqa: BLE001 - any failure becomes the readers' EIO, not a crash
             flight.error = e
             self.metrics.count_error(error_kind(e))
@@ -237,7 +239,7 @@ class Fetcher:
             lane.flights -= 1
             self.budget.reserved -= reserved
             if self.files.is_current(tracked):
-                self.budget.set_cached(tracked.relpath, entry.cached_bytes())
+                self.budget.set_cached(tracked.relpath, entry.cached_bytes(), entry.disk_bytes())
             inflight = self._inflight.get(tracked, {})
             for i in flight.chunks:
                 if inflight.get(i) is flight:

@@ -27,15 +27,17 @@ from typing import Awaitable, Callable
 import trio
 
 from ..budget import CacheBudget
+from ..logs import Throttle
 from ..metrics import Metrics
 from ..source import Identity, Source
-from ..store import CacheEntry, CacheStore
+from ..store import CacheEntry, CacheStore, StoreError
 from .errors import error_kind
 from .keyed_lock import KeyedLock
 from .shares import UidShares
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
+repeats = Throttle(log)  # warnings that can come with every open
 
 # Idle files (no handle open) whose fds and verified-chunk state are kept, so a loader that
 # opens and closes shards repeatedly does not re-verify them each time.
@@ -217,23 +219,28 @@ class OpenFiles:
             self._fds -= FDS_PER_FILE - tracked.fds
             if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
                 self._files[relpath] = tracked
-                self.budget.set_cached(relpath, entry.cached_bytes())
+                self.budget.set_cached(relpath, entry.cached_bytes(), entry.disk_bytes())
             self.ref(tracked)
             return tracked
 
     async def _open_entry(self, relpath: str, identity: Identity) -> CacheEntry:
         """The store's entry for this version; if the cache filesystem is full even after
-        evicting, an uncached stand-in whose reads go straight to the source."""
+        evicting, or the cache dir is no longer trusted (a directory above it made writable
+        by others since the mount), an uncached stand-in whose reads go straight to the
+        source."""
         for attempt in range(2):
             try:
                 return await self.tasks.io(self.store.open_entry, relpath, identity, self.chunk_size)
+            except StoreError as e:  # the cache dir is no longer ours alone: write nothing there
+                repeats.warning("%s; reading %s straight from the source", e, relpath)
+                return CacheEntry.uncached(relpath, identity, self.chunk_size)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 self.metrics.count_error(error_kind(e))
                 if attempt == 0:
                     await self.on_disk_full(relpath)
-        log.warning("no space in the cache for %s; reading it straight from the source", relpath)
+        repeats.warning("no space in the cache for %s; reading it straight from the source", relpath)
         return CacheEntry.uncached(relpath, identity, self.chunk_size)
 
     def ref(self, tracked: TrackedFile) -> None:
@@ -298,7 +305,7 @@ class OpenFiles:
         if excess > 0 and self._idle:
             await self._close_idle(-(-excess // FDS_PER_FILE))
         if self._fds + n > budget:
-            log.warning("%d descriptors are held by files open through the mount: refusing one more open",
+            repeats.warning("%d descriptors are held by files open through the mount: refusing one more open",
                         self._fds)
             raise OSError(errno.EMFILE, "too many files open through the mount")
         self._fds += n

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from ..config import MountConfig
+from ..logs import Throttle
 from ..metrics import Metrics
 from ..source import SourceChanged
 from .errors import ReadError, VersionReplaced
@@ -29,6 +30,7 @@ from .shards import CheckpointPolicy
 from .tasks import Tasks
 
 log = logging.getLogger(__name__)
+repeats = Throttle(log)  # warnings that can come with every open
 
 # How often a prefetched file may change in the source under its stream before it is given up.
 MAX_STREAM_REPLACEMENTS = 3
@@ -200,7 +202,7 @@ class StreamScheduler:
     def _failed(self, relpath: str, record: StreamRecord, error: Exception) -> None:
         if not isinstance(error, (OSError, ReadError)):
             log.error("readahead of %s failed", relpath, exc_info=error)
-        log.warning("readahead of %s stopped: %s", relpath, error)
+        repeats.warning("readahead of %s stopped: %s", relpath, error)
         record.pending = record.auto = False  # the next open tries again
         record.replacements = 0
         if record.explicit:
