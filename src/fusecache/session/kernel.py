@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import trio
 
 from ..config import MAX_REQUEST
+from ..livestate import Negotiated
 from . import protocol as p
 from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
 from .types import Attributes, Context, Operations, reply_errno
@@ -79,8 +80,13 @@ class KernelSession:
         self.config = config
         self.fd = -1
         self.minor = 0
+        self.flags = 0  # the INIT flags we answered
         self.backing: DeviceBacking | None = None  # once passthrough was negotiated in INIT
         self._mounted = False
+        self._handed_over = False  # another process serves the connection now: never unmount
+        self._paused: trio.Event | None = None  # set once a pause() has drained the requests
+        self._resumed = trio.Event()
+        self._reading: trio.CancelScope | None = None
         self._made: MountIdentity | None = None  # which mount is ours, for close()
         self._interruptible: dict[int, trio.CancelScope] = {}
         self._reads = trio.CapacityLimiter(config.workers)
@@ -102,6 +108,40 @@ class KernelSession:
         self._mounted = True
         self._made = identify(self.spec.mountpoint)
 
+    def adopt(self, fd: int, negotiated: Negotiated) -> None:
+        """Serve a connection another daemon set up (a restart): INIT is over, so the kernel's
+        requests are answered from the first one on, with what INIT negotiated then."""
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.minor = negotiated.minor
+        self.flags = negotiated.flags
+        if negotiated.flags & p.PASSTHROUGH:
+            self.backing = DeviceBacking(fd)
+        self._mounted = True
+        self._made = identify(self.spec.mountpoint)
+
+    def negotiated(self) -> Negotiated:
+        return Negotiated(self.minor, self.flags)
+
+    async def pause(self) -> None:
+        """Stop reading requests and return once every request read so far is answered: the
+        connection can then be handed over with nothing of it half done. The kernel queues
+        what comes meanwhile."""
+        if self._reading is None or self._paused is not None:
+            raise SessionError("the session is not serving")
+        self._paused = trio.Event()
+        self._reading.cancel()
+        await self._paused.wait()
+
+    def resume(self) -> None:
+        """Read requests again after pause() (the hand-over failed)."""
+        self._resumed.set()
+
+    def handed_over(self) -> None:
+        """Another process took the connection over: end serve() and leave the mount alone."""
+        self._handed_over = True
+        self.terminate()
+
     def terminate(self) -> None:
         """Stop serving (a signal): serve() returns; close() unmounts."""
         if self._cancel is not None:
@@ -110,7 +150,7 @@ class KernelSession:
     def close(self) -> None:
         """Unmount our mount if it is still there (not one made at the path since) and let go
         of the device."""
-        if self._mounted:
+        if self._mounted and not self._handed_over:
             self._mounted = False
             unmount_own(self.spec.mountpoint, self._made, connected=self._connected())
         if self.fd >= 0:
@@ -125,28 +165,48 @@ class KernelSession:
         return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
 
     async def serve(self) -> None:
-        """Answer requests until the filesystem is unmounted, the connection aborted, or terminate()."""
+        """Answer requests until the filesystem is unmounted, the connection aborted, or
+        terminate(). A pause() stops the reading and lets the requests in flight finish."""
         buf = bytearray(READ_BUFFER)
-        view = memoryview(buf)
         with trio.CancelScope() as self._cancel:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    try:
-                        n = os.readv(self.fd, [buf])
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_readable(self.fd)
-                        continue
-                    except OSError as e:
-                        if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we read it
-                            continue
-                        if e.errno == errno.ENODEV:  # unmounted, or the connection was aborted
-                            log.info("the kernel closed the connection")
-                            break
-                        raise
-                    if not self._dispatch(nursery, view[:n]):
-                        break
-                    await trio.lowlevel.checkpoint()
-                nursery.cancel_scope.cancel()
+            while True:
+                over = False
+                async with trio.open_nursery() as nursery:
+                    with trio.CancelScope() as self._reading:
+                        over = await self._read_requests(nursery, buf)
+                    if over:
+                        nursery.cancel_scope.cancel()
+                if over:
+                    self._reading = None
+                    if self._paused is not None:  # the connection ended as a pause began
+                        self._paused.set()
+                    return
+                assert self._paused is not None
+                self._paused.set()  # drained: the nursery waited for every request
+                await self._resumed.wait()
+                self._paused, self._resumed = None, trio.Event()
+
+    async def _read_requests(self, nursery: trio.Nursery, buf: bytearray) -> bool:
+        """Read and dispatch requests until the session is over (True) or the reading is
+        cancelled (pause). Cancelled only while waiting, never between reading a request and
+        dispatching it."""
+        view = memoryview(buf)
+        while True:
+            try:
+                n = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we read it
+                    continue
+                if e.errno == errno.ENODEV:  # unmounted, or the connection was aborted
+                    log.info("the kernel closed the connection")
+                    return True
+                raise
+            if not self._dispatch(nursery, view[:n]):
+                return True
+            await trio.lowlevel.checkpoint()
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -232,7 +292,7 @@ class KernelSession:
         wanted = p.ASYNC_READ | p.PARALLEL_DIROPS | p.DO_READDIRPLUS | p.MAX_PAGES | p.ATOMIC_O_TRUNC | p.BIG_WRITES
         if self.config.passthrough:
             wanted |= p.PASSTHROUGH | p.INIT_EXT
-        flags = wanted & init.flags
+        flags = self.flags = wanted & init.flags
         passthrough = bool(flags & p.PASSTHROUGH)
         if passthrough:
             self.backing = DeviceBacking(self.fd)
