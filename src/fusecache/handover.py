@@ -33,6 +33,7 @@ from .session.kernel import KernelSession
 log = logging.getLogger(__name__)
 
 ACK = b"ok\n"
+DRAIN_TIMEOUT = 10.0  # how long readers may be held up by requests the old daemon still answers
 ACK_TIMEOUT = 30.0  # how long the old daemon waits for the new one's word before serving again
 REPLY_TIMEOUT = 60.0  # seconds of silence after which the new daemon gives up (a drain sends heartbeats)
 MAX_STATE = 1 << 30
@@ -81,10 +82,14 @@ class HandoverServer:
         self._busy = True
         log.info("restart asked for: pausing to hand the connection over")
         try:
-            await self.session.pause()
+            drained = await self.session.pause(DRAIN_TIMEOUT)
         except BaseException:
             self._busy = False
             raise
+        if not drained:
+            self._busy = False
+            raise ControlError(f"requests in flight did not finish within {DRAIN_TIMEOUT:g}s (a slow source?): "
+                               f"restart refused, the mount stays with pid {os.getpid()}")
         state = LiveState(FORMAT, os.getpid(), self.session.negotiated(), self.export())
         return _Delivery(self, encode(state))
 

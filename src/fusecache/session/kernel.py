@@ -84,9 +84,12 @@ class KernelSession:
         self.backing: DeviceBacking | None = None  # once passthrough was negotiated in INIT
         self._mounted = False
         self._handed_over = False  # another process serves the connection now: never unmount
-        self._paused: trio.Event | None = None  # set once a pause() has drained the requests
-        self._resumed = trio.Event()
+        # pause(): the read loop's scope, set once it stopped, and set to read again
         self._reading: trio.CancelScope | None = None
+        self._stopped: trio.Event | None = None
+        self._resumed = trio.Event()
+        self._in_flight = 0  # requests read and not answered yet
+        self._drained = trio.Event()  # set when _in_flight drops to 0
         self._made: MountIdentity | None = None  # which mount is ours, for close()
         self._interruptible: dict[int, trio.CancelScope] = {}
         self._reads = trio.CapacityLimiter(config.workers)
@@ -123,15 +126,23 @@ class KernelSession:
     def negotiated(self) -> Negotiated:
         return Negotiated(self.minor, self.flags)
 
-    async def pause(self) -> None:
-        """Stop reading requests and return once every request read so far is answered: the
-        connection can then be handed over with nothing of it half done. The kernel queues
-        what comes meanwhile."""
-        if self._reading is None or self._paused is not None:
+    async def pause(self, timeout: float) -> bool:
+        """Stop reading requests and wait until every request read so far is answered: the
+        connection can then be handed over with nothing of it half done (the kernel queues
+        what comes meanwhile). False, and reading again, if that takes over `timeout`
+        seconds (a request stuck on the source must not hold every reader up)."""
+        if self._reading is None or self._stopped is not None:
             raise SessionError("the session is not serving")
-        self._paused = trio.Event()
+        self._stopped = trio.Event()
         self._reading.cancel()
-        await self._paused.wait()
+        with trio.move_on_after(timeout):
+            await self._stopped.wait()
+            while self._in_flight:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            return True
+        self.resume()
+        return False
 
     def resume(self) -> None:
         """Read requests again after pause() (the hand-over failed)."""
@@ -169,22 +180,17 @@ class KernelSession:
         terminate(). A pause() stops the reading and lets the requests in flight finish."""
         buf = bytearray(READ_BUFFER)
         with trio.CancelScope() as self._cancel:
-            while True:
-                over = False
-                async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:
+                while True:
                     with trio.CancelScope() as self._reading:
-                        over = await self._read_requests(nursery, buf)
-                    if over:
-                        nursery.cancel_scope.cancel()
-                if over:
-                    self._reading = None
-                    if self._paused is not None:  # the connection ended as a pause began
-                        self._paused.set()
-                    return
-                assert self._paused is not None
-                self._paused.set()  # drained: the nursery waited for every request
-                await self._resumed.wait()
-                self._paused, self._resumed = None, trio.Event()
+                        if await self._read_requests(nursery, buf):
+                            break
+                    assert self._stopped is not None  # only pause() cancels the reading
+                    self._stopped.set()
+                    await self._resumed.wait()
+                    self._stopped, self._resumed = None, trio.Event()
+                nursery.cancel_scope.cancel()
+        self._reading = None
 
     async def _read_requests(self, nursery: trio.Nursery, buf: bytearray) -> bool:
         """Read and dispatch requests until the session is over (True) or the reading is
@@ -238,6 +244,7 @@ class KernelSession:
             scope = trio.CancelScope()
             if op in INTERRUPTIBLE:  # now, not once its task runs: the INTERRUPT may be next in line
                 self._interruptible[header.unique] = scope
+            self._in_flight += 1
             nursery.start_soon(self._answer, self._handlers[op], header, args, scope)
         else:
             self._send(header.unique, errno.ENOSYS)
@@ -260,9 +267,12 @@ class KernelSession:
                     return
                 except Exception as e:
                     error = reply_errno(e, _op_name(header.opcode))
+            self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
         finally:
             self._interruptible.pop(header.unique, None)
-        self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._drained.set()
 
     def _send(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
         """Write one reply; False if nobody waits for it any more (the request was interrupted
