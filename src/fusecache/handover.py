@@ -3,7 +3,7 @@
 The new daemon (`fusecache restart`, from the fusecache installed now) asks the serving one
 over the control socket (`handover`, with the state format it reads). The serving daemon
 refuses a format it does not write, and otherwise stops reading requests, waits until every
-request it has read is answered (KernelSession.pause), and sends the state (livestate.py)
+request it has read is answered (session/gate.py), and sends the state (livestate.py)
 with the /dev/fuse descriptor (SCM_RIGHTS). The new daemon checks the state and says "ok";
 only then does the old one end, without unmounting. Without that word (the new daemon
 refused the state or died) the old one reads requests again: a failed restart costs a pause.
@@ -82,7 +82,7 @@ class HandoverServer:
         self._busy = True
         log.info("restart asked for: pausing to hand the connection over")
         try:
-            drained = await self.session.pause(DRAIN_TIMEOUT)
+            drained = await self.session.gate.pause(DRAIN_TIMEOUT)
         except BaseException:
             self._busy = False
             raise
@@ -102,7 +102,7 @@ class HandoverServer:
             self.session.handed_over()
         else:
             log.warning("the new daemon did not take the connection over; serving again")
-            self.session.resume()
+            self.session.gate.resume()
 
 
 @dataclass

@@ -25,6 +25,7 @@ import trio
 from ..config import MAX_REQUEST
 from ..livestate import Negotiated
 from . import protocol as p
+from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
 from .types import Attributes, Context, Operations, reply_errno
 
@@ -84,12 +85,7 @@ class KernelSession:
         self.backing: DeviceBacking | None = None  # once passthrough was negotiated in INIT
         self._mounted = False
         self._handed_over = False  # another process serves the connection now: never unmount
-        # pause(): the read loop's scope, set once it stopped, and set to read again
-        self._reading: trio.CancelScope | None = None
-        self._stopped: trio.Event | None = None
-        self._resumed = trio.Event()
-        self._in_flight = 0  # requests read and not answered yet
-        self._drained = trio.Event()  # set when _in_flight drops to 0
+        self.gate = ReadGate()  # pause() and resume() for a restart's hand-over
         self._made: MountIdentity | None = None  # which mount is ours, for close()
         self._interruptible: dict[int, trio.CancelScope] = {}
         self._reads = trio.CapacityLimiter(config.workers)
@@ -126,28 +122,6 @@ class KernelSession:
     def negotiated(self) -> Negotiated:
         return Negotiated(self.minor, self.flags)
 
-    async def pause(self, timeout: float) -> bool:
-        """Stop reading requests and wait until every request read so far is answered: the
-        connection can then be handed over with nothing of it half done (the kernel queues
-        what comes meanwhile). False, and reading again, if that takes over `timeout`
-        seconds (a request stuck on the source must not hold every reader up)."""
-        if self._reading is None or self._stopped is not None:
-            raise SessionError("the session is not serving")
-        self._stopped = trio.Event()
-        self._reading.cancel()
-        with trio.move_on_after(timeout):
-            await self._stopped.wait()
-            while self._in_flight:
-                self._drained = trio.Event()
-                await self._drained.wait()
-            return True
-        self.resume()
-        return False
-
-    def resume(self) -> None:
-        """Read requests again after pause() (the hand-over failed)."""
-        self._resumed.set()
-
     def handed_over(self) -> None:
         """Another process took the connection over: end serve() and leave the mount alone."""
         self._handed_over = True
@@ -163,34 +137,24 @@ class KernelSession:
         of the device."""
         if self._mounted and not self._handed_over:
             self._mounted = False
-            unmount_own(self.spec.mountpoint, self._made, connected=self._connected())
+            unmount_own(self.spec.mountpoint, self._made, connected=_connected(self.fd))
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def _connected(self) -> bool:
-        """Whether the kernel still holds our connection open (POLLERR once it closed it:
-        the mount was unmounted, or the connection aborted)."""
-        poller = select.poll()
-        poller.register(self.fd, 0)
-        return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
-
     async def serve(self) -> None:
         """Answer requests until the filesystem is unmounted, the connection aborted, or
-        terminate(). A pause() stops the reading and lets the requests in flight finish."""
+        terminate(). A pause (self.gate) stops the reading and lets the requests in flight finish."""
         buf = bytearray(READ_BUFFER)
         with trio.CancelScope() as self._cancel:
             async with trio.open_nursery() as nursery:
                 while True:
-                    with trio.CancelScope() as self._reading:
+                    with self.gate.reading():
                         if await self._read_requests(nursery, buf):
                             break
-                    assert self._stopped is not None  # only pause() cancels the reading
-                    self._stopped.set()
-                    await self._resumed.wait()
-                    self._stopped, self._resumed = None, trio.Event()
+                    await self.gate.hold()  # paused
                 nursery.cancel_scope.cancel()
-        self._reading = None
+        self.gate.closed()
 
     async def _read_requests(self, nursery: trio.Nursery, buf: bytearray) -> bool:
         """Read and dispatch requests until the session is over (True) or the reading is
@@ -244,7 +208,7 @@ class KernelSession:
             scope = trio.CancelScope()
             if op in INTERRUPTIBLE:  # now, not once its task runs: the INTERRUPT may be next in line
                 self._interruptible[header.unique] = scope
-            self._in_flight += 1
+            self.gate.started()
             nursery.start_soon(self._answer, self._handlers[op], header, args, scope)
         else:
             self._send(header.unique, errno.ENOSYS)
@@ -270,9 +234,7 @@ class KernelSession:
             self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
         finally:
             self._interruptible.pop(header.unique, None)
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._drained.set()
+            self.gate.finished()
 
     def _send(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
         """Write one reply; False if nobody waits for it any more (the request was interrupted
@@ -302,39 +264,29 @@ class KernelSession:
         wanted = p.ASYNC_READ | p.PARALLEL_DIROPS | p.DO_READDIRPLUS | p.MAX_PAGES | p.ATOMIC_O_TRUNC | p.BIG_WRITES
         if self.config.passthrough:
             wanted |= p.PASSTHROUGH | p.INIT_EXT
-        flags = self.flags = wanted & init.flags
-        passthrough = bool(flags & p.PASSTHROUGH)
-        if passthrough:
+        self.flags = wanted & init.flags
+        if self.flags & p.PASSTHROUGH:
             self.backing = DeviceBacking(self.fd)
-        reply = p.InitOut(minor=self.minor, max_readahead=init.max_readahead, flags=flags,
-                          max_background=self.config.max_background,
-                          congestion_threshold=self.config.max_background * 3 // 4,
-                          max_write=MAX_WRITE, max_pages=MAX_PAGES,
-                          max_stack_depth=1 if passthrough else 0)
-        self._send(header.unique, 0, reply.pack())
+        self._send(header.unique, 0, _init_reply(self.minor, self.flags, init, self.config).pack())
         log.info("FUSE protocol %d.%d (kernel %d.%d), passthrough %s", p.KERNEL_VERSION, self.minor,
                  init.major, init.minor, "offered" if init.flags & p.PASSTHROUGH else "not offered")
 
     # ---- handlers: each replies, or raises (see reply_errno) ------------------------------------
 
-    @staticmethod
-    def _context(header: p.InHeader) -> Context:
-        return Context(header.uid, header.gid, header.pid)
-
     async def _lookup(self, header: p.InHeader, args: memoryview) -> None:
-        attr = await self.operations.lookup(header.nodeid, _name(args), self._context(header))
+        attr = await self.operations.lookup(header.nodeid, _name(args), _context(header))
         self._send(header.unique, 0, p.pack_entry(attr))
 
     async def _getattr(self, header: p.InHeader, args: memoryview) -> None:
-        attr = await self.operations.getattr(header.nodeid, self._context(header))
+        attr = await self.operations.getattr(header.nodeid, _context(header))
         self._send(header.unique, 0, p.pack_attr_out(attr))
 
     async def _readlink(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0, await self.operations.readlink(header.nodeid, self._context(header)))
+        self._send(header.unique, 0, await self.operations.readlink(header.nodeid, _context(header)))
 
     async def _open(self, header: p.InHeader, args: memoryview) -> None:
         flags, _open_flags = p.OPEN_IN.unpack_from(args)
-        reply = await self.operations.open(header.nodeid, flags, self._context(header))
+        reply = await self.operations.open(header.nodeid, flags, _context(header))
         # NOFLUSH: nothing is ever written, so a close need not ask us anything
         if reply.backing_id is not None:  # the kernel refuses KEEP_CACHE beside it (EIO)
             open_flags = p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH
@@ -362,10 +314,10 @@ class KernelSession:
         self._send(header.unique, 0)
 
     async def _statfs(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0, p.pack_statfs(await self.operations.statfs(self._context(header))))
+        self._send(header.unique, 0, p.pack_statfs(await self.operations.statfs(_context(header))))
 
     async def _opendir(self, header: p.InHeader, args: memoryview) -> None:
-        fh = await self.operations.opendir(header.nodeid, self._context(header))
+        fh = await self.operations.opendir(header.nodeid, _context(header))
         self._send(header.unique, 0, p.OPEN_OUT.pack(fh, 0, 0))
 
     async def _readdir(self, header: p.InHeader, args: memoryview) -> None:
@@ -393,12 +345,12 @@ class KernelSession:
     async def _getxattr(self, header: p.InHeader, args: memoryview) -> None:
         size = p.GETXATTR_IN.unpack_from(args)[0]
         value = await self.operations.getxattr(header.nodeid, _name(args[p.GETXATTR_IN.size:]),
-                                               self._context(header))
+                                               _context(header))
         self._send_sized(header.unique, size, value)
 
     async def _listxattr(self, header: p.InHeader, args: memoryview) -> None:
         size = p.GETXATTR_IN.unpack_from(args)[0]
-        names = await self.operations.listxattr(header.nodeid, self._context(header))
+        names = await self.operations.listxattr(header.nodeid, _context(header))
         self._send_sized(header.unique, size, b"".join(name + b"\0" for name in names))
 
     def _send_sized(self, unique: int, size: int, value: bytes) -> None:
@@ -411,11 +363,29 @@ class KernelSession:
             self._send(unique, 0, value)
 
     async def _access(self, header: p.InHeader, args: memoryview) -> None:
-        await self.operations.access(header.nodeid, p.ACCESS_IN.unpack_from(args)[0], self._context(header))
+        await self.operations.access(header.nodeid, p.ACCESS_IN.unpack_from(args)[0], _context(header))
         self._send(header.unique, 0)
 
     async def _ok(self, header: p.InHeader, args: memoryview) -> None:
         self._send(header.unique, 0)
+
+
+def _connected(fd: int) -> bool:
+    """Whether the kernel still holds the connection on fd open (POLLERR once it closed it:
+    the mount was unmounted, or the connection aborted)."""
+    poller = select.poll()
+    poller.register(fd, 0)
+    return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
+
+
+def _init_reply(minor: int, flags: int, init: p.InitIn, config: SessionConfig) -> p.InitOut:
+    return p.InitOut(minor=minor, max_readahead=init.max_readahead, flags=flags,
+                     max_background=config.max_background, congestion_threshold=config.max_background * 3 // 4,
+                     max_write=MAX_WRITE, max_pages=MAX_PAGES, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
+
+
+def _context(header: p.InHeader) -> Context:
+    return Context(header.uid, header.gid, header.pid)
 
 
 def _name(args: memoryview) -> bytes:
