@@ -23,7 +23,7 @@ from .config import LOG_LEVELS, ConfigError, build_config, human
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("mount", "umount", "unmount", "status", "prefetch", "pin", "unpin", "cache", "demo")
+COMMANDS = ("mount", "umount", "unmount", "restart", "status", "prefetch", "pin", "unpin", "cache", "demo")
 FSTYPE = precheck.FUSECACHE_FSTYPE
 UMOUNT_WAIT = 30.0
 STATUS_TIMEOUT = 10.0  # a status answer takes milliseconds; silence this long is a hung daemon
@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
     umount = sub.add_parser("umount", aliases=["unmount"], help="unmount a fusecache mount")
     umount.add_argument("mountpoint")
+
+    restart = sub.add_parser("restart", help="restart the daemon of a mount from the fusecache installed now, "
+                                             "keeping the mount, its open files and its cache")
+    restart.add_argument("mountpoint")
 
     status = sub.add_parser("status", help="show cache and traffic figures of a mount")
     status.add_argument("mountpoint", nargs="?")
@@ -175,14 +179,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return _mount_detached(cfg, store)
 
 
-def _mount_detached(cfg, store) -> int:
+def _mount_detached(cfg, store, takeover: bool = False) -> int:
     """Fork a daemon and return once it says the mount is live, or with its one-line error."""
     log_path = store.root / "daemon.log"
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(read_end)
-        os._exit(_daemon_child(cfg, store, write_end, log_path))
+        os._exit(_daemon_child(cfg, store, write_end, log_path, takeover))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
@@ -192,7 +196,7 @@ def _mount_detached(cfg, store) -> int:
     raise Failure(message or f"the daemon exited during start-up; see {log_path}")
 
 
-def _daemon_child(cfg, store, ready_fd: int, log_path: Path) -> int:
+def _daemon_child(cfg, store, ready_fd: int, log_path: Path, takeover: bool) -> int:
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
@@ -202,7 +206,8 @@ def _daemon_child(cfg, store, ready_fd: int, log_path: Path) -> int:
     os.close(devnull)
     os.close(log_fd)
     setup_logging(cfg.log_level, log_path)
-    store.record_owner(os.getpid())
+    if not takeover:  # a restarted daemon locks the store once the old one lets go of it
+        store.record_owner(os.getpid())
     reported = False
 
     def ready() -> None:
@@ -212,7 +217,7 @@ def _daemon_child(cfg, store, ready_fd: int, log_path: Path) -> int:
         reported = True
 
     try:
-        daemon.run(cfg, store, ready)
+        daemon.run(cfg, store, ready, takeover)
         return 0
     except BaseException as e:  # the parent must hear about any start-up failure
         log.exception("daemon failed")
@@ -244,6 +249,24 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if pid is not None and not mounts.wait_for_exit(pid, UMOUNT_WAIT):
         raise Failure(f"unmounted, but the daemon (pid {pid}) is still running after {UMOUNT_WAIT:.0f}s")
     return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Start a daemon of the fusecache installed now that takes the mount over from the one
+    serving it (handover.py): same source, cache and options; readers see a pause."""
+    mountpoint = mounts.resolve_mountpoint(args.mountpoint)
+    info = mounts.find_mount(mountpoint)
+    if info is None or info.fstype != FSTYPE:
+        raise Failure(f"{args.mountpoint} is not a fusecache mount")
+    given = control.call(mountpoint, {"command": "mount_args"}, timeout=STATUS_TIMEOUT)
+    try:
+        cfg = build_config(given["source"], mountpoint, given["options"], cache_dir=Path(given["cache_dir"]),
+                           foreground=False, log_level=given["log_level"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise Failure(f"this fusecache cannot take the options of the running daemon: {e}") from None
+    setup_logging(cfg.log_level)
+    store = precheck.store_for(cfg)
+    return _mount_detached(cfg, store, takeover=True)
 
 
 # ---- status and prefetch -------------------------------------------------------------------
@@ -395,6 +418,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, args.size_mb)
 
 
-COMMAND_HANDLERS = {"mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount,
+COMMAND_HANDLERS = {"mount": cmd_mount, "umount": cmd_umount, "unmount": cmd_umount, "restart": cmd_restart,
                     "status": cmd_status, "prefetch": cmd_prefetch, "pin": cmd_pin, "unpin": cmd_unpin,
                     "cache": cmd_cache, "demo": cmd_demo}

@@ -216,6 +216,8 @@ class MountConfig:
     foreground: bool = False
     # one line each about options spelled the old way, shown once the mount starts
     deprecations: list[str] = field(default_factory=list, repr=False)
+    # the -o option strings as given: a restart starts the next daemon with them (handover.py)
+    options: list[str] = field(default_factory=list, repr=False)
     log_level: str = "info"
 
     def buffer_bytes(self) -> int:
@@ -349,7 +351,7 @@ def apply_option(cfg: MountConfig, item: str) -> None:
 
 def build_config(source: str, mountpoint: str, options: list[str], **overrides: object) -> MountConfig:
     """Build and validate a MountConfig from -o option strings plus explicit overrides."""
-    cfg = MountConfig(source=Path(source), mountpoint=Path(mountpoint))
+    cfg = MountConfig(source=Path(source), mountpoint=Path(mountpoint), options=list(options))
     for text in options:
         for item in split_options(text):
             apply_option(cfg, item)

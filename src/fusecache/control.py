@@ -18,7 +18,7 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 import trio
 
@@ -28,7 +28,16 @@ from .mounts import find_mount, resolve_mountpoint
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict], Awaitable[dict]]
+
+
+class StreamReply(Protocol):
+    """A reply that is more than one JSON line (a restart's hand-over sends a descriptor and
+    waits for the new daemon's word): it is given the connection to deliver itself."""
+
+    async def deliver(self, stream: trio.SocketStream) -> None: ...
+
+
+Handler = Callable[[dict], Awaitable["dict | StreamReply"]]
 MAX_REQUEST = 1 << 20
 TIMEOUT = 30.0  # seconds of silence after which a client gives up on the daemon
 HEARTBEAT = 2.0  # seconds between the daemon's heartbeats, well within any client's TIMEOUT
@@ -99,6 +108,9 @@ class ControlServer:
                 nursery.start_soon(self._send_heartbeats, stream)
                 reply = await self._reply(stream)
                 nursery.cancel_scope.cancel()  # before the reply: one sender at a time
+            if not isinstance(reply, dict):
+                await reply.deliver(stream)
+                return
             try:
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
             except trio.BrokenResourceError:
@@ -112,7 +124,7 @@ class ControlServer:
             except trio.BrokenResourceError:
                 return  # the client left; the request still runs to its end
 
-    async def _reply(self, stream: trio.SocketStream) -> dict:
+    async def _reply(self, stream: trio.SocketStream) -> dict | StreamReply:
         try:
             return await self._answer(stream)
         except ControlError as e:
@@ -121,7 +133,7 @@ class ControlServer:
             log.exception("control request failed")
             return {"error": f"internal error: {e}"}
 
-    async def _answer(self, stream: trio.SocketStream) -> dict:
+    async def _answer(self, stream: trio.SocketStream) -> dict | StreamReply:
         # The request is read before anything is refused: closing a unix socket with unread
         # data makes the peer's read fail (ECONNRESET) instead of showing it our answer.
         request = await self._read_request(stream)
@@ -154,6 +166,11 @@ class ControlServer:
 def call(mountpoint: str, request: dict, timeout: float = TIMEOUT) -> dict:
     """Send one request to the daemon serving mountpoint; raise ControlError on failure,
     ControlTimeout if the daemon stays silent for `timeout` seconds."""
+    return send_request(socket_of(mountpoint), request, timeout, mountpoint)
+
+
+def socket_of(mountpoint: str) -> Path:
+    """The control socket of the daemon serving mountpoint, checked (see call)."""
     path = resolve_mountpoint(mountpoint)
     info = find_mount(path)
     if info is None or info.owner_uid is None:
@@ -165,7 +182,7 @@ def call(mountpoint: str, request: dict, timeout: float = TIMEOUT) -> dict:
         raise ControlError(f"{mountpoint} is not served by a running fusecache daemon") from None
     if reason:  # a socket someone else could have put there would answer in the daemon's name
         raise ControlError(f"refusing to use the control socket of {mountpoint}: {reason}")
-    return send_request(sock_path, request, timeout, mountpoint)
+    return sock_path
 
 
 def is_listening(mountpoint: str, owner_uid: int) -> bool:

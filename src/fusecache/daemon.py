@@ -18,13 +18,14 @@ from typing import Callable
 
 import trio
 
-from . import exporters, mounts, private
+from . import exporters, handover, mounts, private
 from .budget import CacheBudget
 from .config import MountConfig
-from .control import ControlServer, socket_path
+from .control import ControlError, ControlServer, socket_path
 from .engine import Engine
 from .fs import FuseOperations
 from .handlers import ControlHandlers, DaemonParts
+from .handover import HandoverServer, MountArguments
 from .metrics import Metrics, prometheus_registry
 from .passthrough import probe
 from .precheck import MountError
@@ -32,12 +33,13 @@ from .session.kernel import KernelSession, SessionConfig, SessionError
 from .session.mount import MountSpec
 from .session.types import Session
 from .source import Source
-from .store import CacheStore
+from .store import CacheStore, StoreError
 
 log = logging.getLogger(__name__)
 
 Ready = Callable[[], None]
 DEFAULT_CACHE_FRACTION = 0.8
+STORE_WAIT = 30.0  # seconds a restarted daemon waits for the old one to let go of the store
 
 
 def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str) -> Session:
@@ -60,10 +62,12 @@ def passthrough_state(cfg: MountConfig, session, store: CacheStore) -> str | Non
     return probe(session.backing, store.lock_fd)
 
 
-def run(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
-    """Mount and serve until unmounted; `ready` is called once the mount is live."""
+def run(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool = False) -> None:
+    """Mount and serve until unmounted; `ready` is called once the mount is live. takeover:
+    serve the mount cfg names by taking it over from the daemon serving it (handover.py);
+    the store is then not locked yet (the old daemon holds it until it exits)."""
     raise_fd_limit()
-    trio.run(_serve, cfg, store, ready)
+    trio.run(_serve, cfg, store, ready, takeover)
 
 
 def raise_fd_limit() -> None:
@@ -89,7 +93,7 @@ def stable_inodes(cfg: MountConfig, fstype: str | None) -> bool:
     return stable
 
 
-async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
+async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool) -> None:
     for message in cfg.deprecations:
         log.warning("%s", message)
     source_fstype = mounts.fstype_of(str(cfg.source))
@@ -103,14 +107,22 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
     handlers = ControlHandlers(DaemonParts(
         mountpoint, engine, store, metrics, passthrough_opens=operations.passthrough_opens,
         passthrough_state=lambda: operations.passthrough.off_reason or "on"))
-    control = ControlServer(socket_path(mountpoint, os.getuid()), handlers.table(), owner_uid=os.getuid())
+    session = make_session(cfg, operations, mountpoint, source.root)
+    restarts = HandoverServer(session if isinstance(session, KernelSession) else None, operations.export_state,
+                              MountArguments(str(cfg.source), cfg.options, str(cfg.cache_dir), cfg.log_level,
+                                             cfg.foreground))
+    control = ControlServer(socket_path(mountpoint, os.getuid()), handlers.table() | restarts.table(),
+                            owner_uid=os.getuid())
     registry = prometheus_registry(metrics)
+    received = None
     try:
         control.prepare()
+        if takeover:  # asked for before anything is bound: refused, the old daemon serves on
+            received = await trio.to_thread.run_sync(handover.request, mountpoint)
+            await trio.to_thread.run_sync(store.lock, STORE_WAIT)
         exporters.serve_http(cfg.metrics_addr, registry)
-    except (private.UntrustedPath, exporters.ExporterError) as e:
+    except (private.UntrustedPath, exporters.ExporterError, ControlError, StoreError) as e:
         raise MountError(str(e)) from None
-    session = make_session(cfg, operations, mountpoint, source.root)
     failure = None
     async with trio.open_nursery() as nursery:
         # The store is loaded before mounting: a mountpoint whose INIT waited for it would
@@ -120,7 +132,10 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
         log.info("cache limit %d bytes, %d in use", budget.limit, budget.used)
         await nursery.start(control.serve)
         try:
-            session.mount()
+            if received is None:
+                session.mount()
+            else:
+                await _adopt(cfg, session, operations, store, received)
         except OSError as e:
             failure = f"cannot mount {mountpoint}: {e}"  # raised out of the nursery, as itself
         else:
@@ -130,7 +145,11 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
                                    lambda: len(operations.inodes), metrics)
                 if cfg.metrics_textfile is not None:
                     nursery.start_soon(exporters.write_textfile, cfg.metrics_textfile, registry)
-                nursery.start_soon(_announce_when_live, cfg, mountpoint, ready, session, operations, store)
+                if received is None:
+                    nursery.start_soon(_announce_when_live, cfg, mountpoint, ready, session, operations, store)
+                else:
+                    ready()
+                    exporters.notify_systemd()
                 log.info("serving %s at %s (cache %s, %s session)", source.root, mountpoint, store.root, cfg.session)
                 try:
                     await session.serve()
@@ -138,10 +157,39 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready) -> None:
                     log.error("%s", e)
             finally:
                 session.close()
-                log.info("unmounted %s", mountpoint)
+                log.info("handed %s over" if restarts.taken else "unmounted %s", mountpoint)
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise MountError(failure)
+
+
+async def _adopt(cfg: MountConfig, session: KernelSession, operations: FuseOperations, store: CacheStore,
+                 received: handover.Received) -> None:
+    """Take over the connection a restart handed us: the adapter's tables first (handles are
+    opened again through the engine), passthrough as it was, and only then a request read."""
+    state = received.state
+    try:
+        lost = await operations.import_state(state.adapter)
+    except ValueError as e:
+        os.close(received.fd)
+        raise OSError(f"the state handed over by pid {state.pid} does not hold together: {e}") from None
+    session.adopt(received.fd, state.session)
+    _set_passthrough(cfg, session, operations, store)
+    log.info("took over the connection of pid %d: %d inodes, %d open files (%d lost), %d directories",
+             state.pid, len(state.adapter.inodes), len(state.adapter.files), lost, len(state.adapter.dirs))
+
+
+def _set_passthrough(cfg: MountConfig, session, operations: FuseOperations, store: CacheStore) -> None:
+    why_not = passthrough_state(cfg, session, store)
+    if why_not is None:
+        operations.passthrough.enable(session.backing, cfg.passthrough_wait)
+        log.info("passthrough on: complete cache files are read by the kernel directly")
+    else:
+        operations.passthrough.off_reason = why_not
+        log.info("passthrough off: %s", why_not)
+        if mounts.fstype_of(str(store.root)) == "tmpfs":
+            log.warning("the cache is in memory (tmpfs) and served through the daemon: every byte read is held "
+                        "twice, in the cache and in the mount's page cache; a disk or NVMe cache holds it once")
 
 
 async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready, session,
@@ -155,16 +203,7 @@ async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready, s
     """
     await trio.to_thread.run_sync(os.stat, mountpoint)
     mounts.tune_fuse_mount(mountpoint, cfg.read_ahead_kb, cfg.max_background)
-    why_not = passthrough_state(cfg, session, store)
-    if why_not is None:
-        operations.passthrough.enable(session.backing, cfg.passthrough_wait)
-        log.info("passthrough on: complete cache files are read by the kernel directly")
-    else:
-        operations.passthrough.off_reason = why_not
-        log.info("passthrough off: %s", why_not)
-        if mounts.fstype_of(str(store.root)) == "tmpfs":
-            log.warning("the cache is in memory (tmpfs) and served through the daemon: every byte read is held "
-                        "twice, in the cache and in the mount's page cache; a disk or NVMe cache holds it once")
+    _set_passthrough(cfg, session, operations, store)
     ready()
     exporters.notify_systemd()
 

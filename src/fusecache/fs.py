@@ -21,6 +21,7 @@ open of an inode whose version the source no longer holds is answered ESTALE.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat as stat_mod
 
@@ -31,7 +32,10 @@ from .engine import Engine, Handle
 from .passthrough import Passthrough
 from .session.types import Attributes, Context, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
+from .livestate import AdapterState, OpenDir, OpenFile
 from .source import Identity
+
+log = logging.getLogger(__name__)
 
 
 def version_of(st: os.stat_result, identity: Identity) -> Version:
@@ -84,6 +88,8 @@ class FuseOperations:
         self.keep_cache = KeepCache(self.inodes)
         self.passthrough = Passthrough(engine)  # off until the daemon enables it
         self._handles: dict[int, tuple[int, Handle, bool]] = {}  # fh -> (inode, handle, passthrough)
+        # handles a restart could not restore (their version is gone): read EIO until released
+        self._lost: dict[int, tuple[int, bool]] = {}  # fh -> (inode, passthrough)
         self._dirs: dict[int, tuple[str, int]] = {}  # fh -> (relpath, source descriptor)
         self._next_fh = 1
 
@@ -157,7 +163,10 @@ class FuseOperations:
         directory: offsets are the source's own position cookies, so nothing of the listing
         is held between calls, whatever the directory's size. counts_lookups: each entry
         given counts as a lookup (READDIRPLUS)."""
-        relpath, fd = self._dirs[fh]
+        opened = self._dirs.get(fh)
+        if opened is None:  # a restart could not open it again (import_state)
+            raise FuseError(errno.EIO)
+        relpath, fd = opened
         while batch := await self.engine.readdir(fd, offset):
             for name, next_offset, st in batch:
                 child = self.engine.source.child(relpath, name)
@@ -227,7 +236,10 @@ class FuseOperations:
 
     async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply."""
-        return await self.engine.read(self._handles[fh][1], offset, size, buf)
+        opened = self._handles.get(fh)
+        if opened is None:  # lost in a restart (import_state): never another version's bytes
+            raise FuseError(errno.EIO)
+        return await self.engine.read(opened[1], offset, size, buf)
 
     async def release(self, fh: int) -> None:
         opened = self._handles.pop(fh, None)
@@ -235,6 +247,8 @@ class FuseOperations:
             inode, handle, passthrough = opened
             self.passthrough.released(inode, passthrough)
             await self.engine.release(handle)
+        elif (lost := self._lost.pop(fh, None)) is not None:
+            self.passthrough.released(*lost)
 
     def passthrough_opens(self) -> dict[str, int]:
         """Open passthrough handles per path."""
@@ -243,3 +257,53 @@ class FuseOperations:
             if passthrough:
                 counts[handle.path] = counts.get(handle.path, 0) + 1
         return counts
+
+    # ---- a restart's hand-over (livestate.py, handover.py) ------------------------------
+
+    def export_state(self) -> AdapterState:
+        """Inodes, handles and backing ids, for the daemon that takes the connection over.
+        Called with no request in flight (the session drained them)."""
+        held, paths = self.inodes.export_state()
+        files = [OpenFile(fh, inode, passthrough) for fh, (inode, _handle, passthrough) in self._handles.items()]
+        files += [OpenFile(fh, inode, passthrough) for fh, (inode, passthrough) in self._lost.items()]
+        dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd) in self._dirs.items()]
+        return AdapterState(held, paths, files, dirs, self.passthrough.export_state(), self._next_fh)
+
+    async def import_state(self, state: AdapterState) -> int:
+        """Take over another daemon's export_state(), before serving a request. Each handle is
+        opened again, through the engine, on the version its inode names; one whose version
+        the source no longer has is kept as lost (its reads fail with EIO) rather than given
+        other bytes. Returns how many handles were lost. ValueError if the state does not hold
+        together."""
+        self.inodes.import_state(state.inodes, state.paths)
+        self._next_fh = state.next_fh
+        for f in state.files:
+            if f.fh >= state.next_fh or f.fh in self._handles or f.fh in self._lost:
+                raise ValueError(f"handle {f.fh} is invalid")
+            self.inodes.version(f.inode)  # the kernel holds every inode it has open
+            handle = await self._reopen(f.inode)
+            if handle is None:
+                self._lost[f.fh] = (f.inode, f.passthrough)
+            else:
+                self._handles[f.fh] = (f.inode, handle, f.passthrough)
+        for d in state.dirs:
+            try:
+                self._dirs[d.fh] = (d.relpath, await self.engine.opendir(d.relpath))
+            except OSError as e:
+                log.warning("directory %r open before the restart cannot be read: %s", d.relpath, e)
+        self.passthrough.import_state(state.backing, [(f.inode, f.passthrough) for f in state.files])
+        return len(self._lost)
+
+    async def _reopen(self, inode: int) -> Handle | None:
+        """A handle on the version inode names, or None if the source no longer has it."""
+        relpath, version = self.inodes.version(inode)
+        try:
+            handle = await self.engine.open(relpath)
+        except OSError as e:
+            log.warning("%r, open before the restart, cannot be opened again: %s", relpath, e)
+            return None
+        if version is None or version_of_file(handle.identity) != version[:-1]:
+            log.warning("%r changed in the source before the restart: its open handles read EIO", relpath)
+            await self.engine.release(handle)
+            return None
+        return handle

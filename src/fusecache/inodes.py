@@ -17,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 
 from . import linux
+from .livestate import HeldInode, PathState
 from .session.types import FuseError
 
 ROOT_INODE = 1
@@ -151,3 +152,32 @@ class InodeTable:
         self._held, self._numbers, self._paths = dict(self._held), dict(self._numbers), dict(self._paths)
         self._peak = len(self._held)
         linux.release_free_memory()
+
+    # ---- a restart's hand-over (livestate.py) ------------------------------------------
+
+    def export_state(self) -> tuple[list[HeldInode], list[PathState]]:
+        """The held inodes with their numbers and lookup counts, and their paths' latest
+        versions and epochs: what the next daemon needs to answer the kernel's numbers."""
+        held = [HeldInode(number, h.key[0], h.key[1], h.lookups) for number, h in self._held.items()]
+        paths = [PathState(relpath, s.latest, s.epoch) for relpath, s in self._paths.items()]
+        return held, paths
+
+    def import_state(self, held: list[HeldInode], paths: list[PathState]) -> None:
+        """Take over export_state() of another table (this one still empty). Numbers are kept
+        as given, not derived again: a number probed past a collision stays the same."""
+        if self._held:
+            raise ValueError("import_state into a table in use")
+        for inode in held:
+            if inode.number < _FIRST or inode.lookups <= 0 or inode.number in self._held:
+                raise ValueError(f"held inode {inode.number} is invalid")
+            key = (inode.relpath, tuple(inode.version))
+            self._held[inode.number] = _Held(key, inode.lookups)
+            self._numbers[key] = inode.number
+        counts: dict[str, int] = {}
+        for h in self._held.values():
+            counts[h.key[0]] = counts.get(h.key[0], 0) + 1
+        given = {p.relpath: p for p in paths}
+        if set(given) != set(counts):
+            raise ValueError("the paths do not match the held inodes")
+        self._paths = {relpath: _PathState(tuple(p.latest), counts[relpath], p.epoch) for relpath, p in given.items()}
+        self._peak = len(self._held)

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 
 from .engine import Engine, Handle
+from .livestate import Backing
 from .session.types import BackingFiles
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,28 @@ class Passthrough:
                     log.warning("closing backing id %d failed: %s", io.backing_id, e)
                 io.backing_id = 0
         self._tidy(inode, io)
+
+    def export_state(self) -> list[Backing]:
+        """The backing ids of inodes with passthrough opens: the next daemon closes each at
+        its inode's last release (the ids belong to the connection, not to this process)."""
+        return [Backing(inode, io.backing_id) for inode, io in self._inodes.items() if io.passthrough]
+
+    def import_state(self, backing: list[Backing], opens: list[tuple[int, bool]]) -> None:
+        """Take over another daemon's export_state(), with the (inode, passthrough) of every
+        handle the kernel has open, restored or not: each is released here some day."""
+        for inode, passthrough in opens:
+            io = self._inodes.setdefault(inode, InodeIO())
+            if passthrough:
+                io.passthrough += 1
+            else:
+                io.cached += 1
+        for b in backing:
+            io = self._inodes.get(b.inode)
+            if io is None or not io.passthrough:
+                raise ValueError(f"backing id {b.backing_id} of inode {b.inode}, which has no passthrough open")
+            io.backing_id = b.backing_id
+        if any(io.passthrough and not io.backing_id for io in self._inodes.values()):
+            raise ValueError("a passthrough open without its backing id")
 
     def _tidy(self, inode: int, io: InodeIO) -> None:
         if not io.cached and not io.passthrough and not io.waiting:

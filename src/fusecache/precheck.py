@@ -49,10 +49,19 @@ def check_request(cfg: MountConfig) -> CacheStore:
             textfile.check(cfg.metrics_textfile)
         except textfile.TextfileError as e:
             raise MountError(str(e)) from None
-    store = CacheStore(cfg.cache_dir, os.path.realpath(source), trust_seals=cfg.verify == "sealed")
+    store = store_for(cfg)
+    try:
+        store.lock()
+    except Exception as e:  # StoreError carries the one-line message
+        raise MountError(str(e)) from None
+    return store
+
+
+def store_for(cfg: MountConfig) -> CacheStore:
+    """The store of cfg's source in its cache dir, prepared, not locked."""
+    store = CacheStore(cfg.cache_dir, os.path.realpath(cfg.source), trust_seals=cfg.verify == "sealed")
     try:
         store.prepare()
-        store.lock()
     except Exception as e:  # StoreError carries the one-line message
         raise MountError(str(e)) from None
     return store

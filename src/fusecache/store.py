@@ -40,6 +40,7 @@ import os
 import stat as stat_mod
 import struct
 import threading
+import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,13 +395,20 @@ class CacheStore:
         except OSError as e:
             raise StoreError(f"cache dir {self.cache_dir} is not writable: {e.strerror}") from None
 
-    def lock(self) -> None:
+    def lock(self, wait: float = 0.0) -> None:
         """Take the store for this process. Two daemons filling one store would race on the
-        same index records, so the second refuses with the first one's pid."""
+        same index records, so the second refuses with the first one's pid; after waiting up
+        to `wait` seconds for it to let go (a restart: the old daemon exits)."""
         fd = private.open_file(self.root / "lock", os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise StoreError(

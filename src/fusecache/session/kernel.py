@@ -24,7 +24,9 @@ import trio
 
 from ..config import MAX_REQUEST
 from ..fairness import requester
+from ..livestate import Negotiated
 from . import protocol as p
+from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
 from .types import Attributes, Context, Operations, reply_errno
 
@@ -80,8 +82,11 @@ class KernelSession:
         self.config = config
         self.fd = -1
         self.minor = 0
+        self.flags = 0  # the INIT flags we answered
         self.backing: DeviceBacking | None = None  # once passthrough was negotiated in INIT
         self._mounted = False
+        self._handed_over = False  # another process serves the connection now: never unmount
+        self.gate = ReadGate()  # pause() and resume() for a restart's hand-over
         self._made: MountIdentity | None = None  # which mount is ours, for close()
         self._interruptible: dict[int, trio.CancelScope] = {}
         self._reads = trio.CapacityLimiter(config.workers)
@@ -103,6 +108,26 @@ class KernelSession:
         self._mounted = True
         self._made = identify(self.spec.mountpoint)
 
+    def adopt(self, fd: int, negotiated: Negotiated) -> None:
+        """Serve a connection another daemon set up (a restart): INIT is over, so the kernel's
+        requests are answered from the first one on, with what INIT negotiated then."""
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.minor = negotiated.minor
+        self.flags = negotiated.flags
+        if negotiated.flags & p.PASSTHROUGH:
+            self.backing = DeviceBacking(fd)
+        self._mounted = True
+        self._made = identify(self.spec.mountpoint)
+
+    def negotiated(self) -> Negotiated:
+        return Negotiated(self.minor, self.flags)
+
+    def handed_over(self) -> None:
+        """Another process took the connection over: end serve() and leave the mount alone."""
+        self._handed_over = True
+        self.terminate()
+
     def terminate(self) -> None:
         """Stop serving (a signal): serve() returns; close() unmounts."""
         if self._cancel is not None:
@@ -111,43 +136,48 @@ class KernelSession:
     def close(self) -> None:
         """Unmount our mount if it is still there (not one made at the path since) and let go
         of the device."""
-        if self._mounted:
+        if self._mounted and not self._handed_over:
             self._mounted = False
-            unmount_own(self.spec.mountpoint, self._made, connected=self._connected())
+            unmount_own(self.spec.mountpoint, self._made, connected=_connected(self.fd))
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def _connected(self) -> bool:
-        """Whether the kernel still holds our connection open (POLLERR once it closed it:
-        the mount was unmounted, or the connection aborted)."""
-        poller = select.poll()
-        poller.register(self.fd, 0)
-        return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
-
     async def serve(self) -> None:
-        """Answer requests until the filesystem is unmounted, the connection aborted, or terminate()."""
+        """Answer requests until the filesystem is unmounted, the connection aborted, or
+        terminate(). A pause (self.gate) stops the reading and lets the requests in flight finish."""
         buf = bytearray(READ_BUFFER)
-        view = memoryview(buf)
         with trio.CancelScope() as self._cancel:
             async with trio.open_nursery() as nursery:
                 while True:
-                    try:
-                        n = os.readv(self.fd, [buf])
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_readable(self.fd)
-                        continue
-                    except OSError as e:
-                        if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we read it
-                            continue
-                        if e.errno == errno.ENODEV:  # unmounted, or the connection was aborted
-                            log.info("the kernel closed the connection")
+                    with self.gate.reading():
+                        if await self._read_requests(nursery, buf):
                             break
-                        raise
-                    if not self._dispatch(nursery, view[:n]):
-                        break
-                    await trio.lowlevel.checkpoint()
+                    await self.gate.hold()  # paused
                 nursery.cancel_scope.cancel()
+        self.gate.closed()
+
+    async def _read_requests(self, nursery: trio.Nursery, buf: bytearray) -> bool:
+        """Read and dispatch requests until the session is over (True) or the reading is
+        cancelled (pause). Cancelled only while waiting, never between reading a request and
+        dispatching it."""
+        view = memoryview(buf)
+        while True:
+            try:
+                n = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we read it
+                    continue
+                if e.errno == errno.ENODEV:  # unmounted, or the connection was aborted
+                    log.info("the kernel closed the connection")
+                    return True
+                raise
+            if not self._dispatch(nursery, view[:n]):
+                return True
+            await trio.lowlevel.checkpoint()
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -179,6 +209,7 @@ class KernelSession:
             scope = trio.CancelScope()
             if op in INTERRUPTIBLE:  # now, not once its task runs: the INTERRUPT may be next in line
                 self._interruptible[header.unique] = scope
+            self.gate.started()
             nursery.start_soon(self._answer, self._handlers[op], header, args, scope)
         else:
             self._send(header.unique, errno.ENOSYS)
@@ -203,9 +234,10 @@ class KernelSession:
                     return
                 except Exception as e:
                     error = reply_errno(e, _op_name(header.opcode))
+            self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
         finally:
             self._interruptible.pop(header.unique, None)
-        self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
+            self.gate.finished()
 
     def _send(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
         """Write one reply; False if nobody waits for it any more (the request was interrupted
@@ -235,39 +267,29 @@ class KernelSession:
         wanted = p.ASYNC_READ | p.PARALLEL_DIROPS | p.DO_READDIRPLUS | p.MAX_PAGES | p.ATOMIC_O_TRUNC | p.BIG_WRITES
         if self.config.passthrough:
             wanted |= p.PASSTHROUGH | p.INIT_EXT
-        flags = wanted & init.flags
-        passthrough = bool(flags & p.PASSTHROUGH)
-        if passthrough:
+        self.flags = wanted & init.flags
+        if self.flags & p.PASSTHROUGH:
             self.backing = DeviceBacking(self.fd)
-        reply = p.InitOut(minor=self.minor, max_readahead=init.max_readahead, flags=flags,
-                          max_background=self.config.max_background,
-                          congestion_threshold=self.config.max_background * 3 // 4,
-                          max_write=MAX_WRITE, max_pages=MAX_PAGES,
-                          max_stack_depth=1 if passthrough else 0)
-        self._send(header.unique, 0, reply.pack())
+        self._send(header.unique, 0, _init_reply(self.minor, self.flags, init, self.config).pack())
         log.info("FUSE protocol %d.%d (kernel %d.%d), passthrough %s", p.KERNEL_VERSION, self.minor,
                  init.major, init.minor, "offered" if init.flags & p.PASSTHROUGH else "not offered")
 
     # ---- handlers: each replies, or raises (see reply_errno) ------------------------------------
 
-    @staticmethod
-    def _context(header: p.InHeader) -> Context:
-        return Context(header.uid, header.gid, header.pid)
-
     async def _lookup(self, header: p.InHeader, args: memoryview) -> None:
-        attr = await self.operations.lookup(header.nodeid, _name(args), self._context(header))
+        attr = await self.operations.lookup(header.nodeid, _name(args), _context(header))
         self._send(header.unique, 0, p.pack_entry(attr))
 
     async def _getattr(self, header: p.InHeader, args: memoryview) -> None:
-        attr = await self.operations.getattr(header.nodeid, self._context(header))
+        attr = await self.operations.getattr(header.nodeid, _context(header))
         self._send(header.unique, 0, p.pack_attr_out(attr))
 
     async def _readlink(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0, await self.operations.readlink(header.nodeid, self._context(header)))
+        self._send(header.unique, 0, await self.operations.readlink(header.nodeid, _context(header)))
 
     async def _open(self, header: p.InHeader, args: memoryview) -> None:
         flags, _open_flags = p.OPEN_IN.unpack_from(args)
-        reply = await self.operations.open(header.nodeid, flags, self._context(header))
+        reply = await self.operations.open(header.nodeid, flags, _context(header))
         # NOFLUSH: nothing is ever written, so a close need not ask us anything
         if reply.backing_id is not None:  # the kernel refuses KEEP_CACHE beside it (EIO)
             open_flags = p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH
@@ -295,10 +317,10 @@ class KernelSession:
         self._send(header.unique, 0)
 
     async def _statfs(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0, p.pack_statfs(await self.operations.statfs(self._context(header))))
+        self._send(header.unique, 0, p.pack_statfs(await self.operations.statfs(_context(header))))
 
     async def _opendir(self, header: p.InHeader, args: memoryview) -> None:
-        fh = await self.operations.opendir(header.nodeid, self._context(header))
+        fh = await self.operations.opendir(header.nodeid, _context(header))
         self._send(header.unique, 0, p.OPEN_OUT.pack(fh, 0, 0))
 
     async def _readdir(self, header: p.InHeader, args: memoryview) -> None:
@@ -326,12 +348,12 @@ class KernelSession:
     async def _getxattr(self, header: p.InHeader, args: memoryview) -> None:
         size = p.GETXATTR_IN.unpack_from(args)[0]
         value = await self.operations.getxattr(header.nodeid, _name(args[p.GETXATTR_IN.size:]),
-                                               self._context(header))
+                                               _context(header))
         self._send_sized(header.unique, size, value)
 
     async def _listxattr(self, header: p.InHeader, args: memoryview) -> None:
         size = p.GETXATTR_IN.unpack_from(args)[0]
-        names = await self.operations.listxattr(header.nodeid, self._context(header))
+        names = await self.operations.listxattr(header.nodeid, _context(header))
         self._send_sized(header.unique, size, b"".join(name + b"\0" for name in names))
 
     def _send_sized(self, unique: int, size: int, value: bytes) -> None:
@@ -344,11 +366,29 @@ class KernelSession:
             self._send(unique, 0, value)
 
     async def _access(self, header: p.InHeader, args: memoryview) -> None:
-        await self.operations.access(header.nodeid, p.ACCESS_IN.unpack_from(args)[0], self._context(header))
+        await self.operations.access(header.nodeid, p.ACCESS_IN.unpack_from(args)[0], _context(header))
         self._send(header.unique, 0)
 
     async def _ok(self, header: p.InHeader, args: memoryview) -> None:
         self._send(header.unique, 0)
+
+
+def _connected(fd: int) -> bool:
+    """Whether the kernel still holds the connection on fd open (POLLERR once it closed it:
+    the mount was unmounted, or the connection aborted)."""
+    poller = select.poll()
+    poller.register(fd, 0)
+    return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
+
+
+def _init_reply(minor: int, flags: int, init: p.InitIn, config: SessionConfig) -> p.InitOut:
+    return p.InitOut(minor=minor, max_readahead=init.max_readahead, flags=flags,
+                     max_background=config.max_background, congestion_threshold=config.max_background * 3 // 4,
+                     max_write=MAX_WRITE, max_pages=MAX_PAGES, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
+
+
+def _context(header: p.InHeader) -> Context:
+    return Context(header.uid, header.gid, header.pid)
 
 
 def _name(args: memoryview) -> bytes:

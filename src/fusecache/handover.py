@@ -1,0 +1,196 @@
+"""A live restart: one daemon hands its FUSE connection, and what it knows of it, to the next.
+
+The new daemon (`fusecache restart`, from the fusecache installed now) asks the serving one
+over the control socket (`handover`, with the state format it reads). The serving daemon
+refuses a format it does not write, and otherwise stops reading requests, waits until every
+request it has read is answered (session/gate.py), and sends the state (livestate.py)
+with the /dev/fuse descriptor (SCM_RIGHTS). The new daemon checks the state and says "ok";
+only then does the old one end, without unmounting. Without that word (the new daemon
+refused the state or died) the old one reads requests again: a failed restart costs a pause.
+
+The kernel queues requests meanwhile: readers see a pause, not an error. Backing ids belong
+to the connection, so passthrough opens keep theirs. The store lock passes when the old
+daemon exits (the new one waits for it, CacheStore.lock), and the control socket is bound
+anew by the new daemon (the old one unlinks only its own socket).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .control import ControlError, Handler, socket_of
+from .livestate import FORMAT, AdapterState, LiveState, StateError, encode, from_json
+from .session.kernel import KernelSession
+
+log = logging.getLogger(__name__)
+
+ACK = b"ok\n"
+DRAIN_TIMEOUT = 10.0  # how long readers may be held up by requests the old daemon still answers
+ACK_TIMEOUT = 30.0  # how long the old daemon waits for the new one's word before serving again
+REPLY_TIMEOUT = 60.0  # seconds of silence after which the new daemon gives up (a drain sends heartbeats)
+MAX_STATE = 1 << 30
+
+
+@dataclass(frozen=True)
+class MountArguments:
+    """What a new daemon is started with to serve the same mount: the command line's own terms."""
+
+    source: str
+    options: list[str]
+    cache_dir: str
+    log_level: str
+    foreground: bool
+
+
+class HandoverServer:
+    """The serving daemon's side: the `mount_args` and `handover` control commands."""
+
+    def __init__(self, session: KernelSession | None, export: Callable[[], AdapterState],
+                 arguments: MountArguments) -> None:
+        """session: None where the session cannot hand over (pyfuse3's)."""
+        self.session = session
+        self.export = export
+        self.arguments = arguments
+        self._busy = False
+        self.taken = False  # the connection was handed over: this daemon ends without unmounting
+
+    def table(self) -> dict[str, Handler]:
+        return {"mount_args": self.mount_args, "handover": self.handover}
+
+    async def mount_args(self, request: dict) -> dict:
+        if self.arguments.foreground:
+            raise ControlError("this daemon runs in the foreground (a systemd service?): restart its service instead")
+        return {"source": self.arguments.source, "options": self.arguments.options,
+                "cache_dir": self.arguments.cache_dir, "log_level": self.arguments.log_level}
+
+    async def handover(self, request: dict) -> dict | _Delivery:
+        if request.get("format") != FORMAT:
+            raise ControlError(f"the new daemon reads state format {request.get('format')!r}, this one writes "
+                               f"format {FORMAT}: restart refused, the mount stays with pid {os.getpid()}")
+        if self.session is None:
+            raise ControlError("the pyfuse3 session cannot hand its connection over: unmount and mount instead")
+        if self._busy:
+            raise ControlError("a restart of this mount is already under way")
+        self._busy = True
+        log.info("restart asked for: pausing to hand the connection over")
+        try:
+            drained = await self.session.gate.pause(DRAIN_TIMEOUT)
+        except BaseException:
+            self._busy = False
+            raise
+        if not drained:
+            self._busy = False
+            raise ControlError(f"requests in flight did not finish within {DRAIN_TIMEOUT:g}s (a slow source?): "
+                               f"restart refused, the mount stays with pid {os.getpid()}")
+        state = LiveState(FORMAT, os.getpid(), self.session.negotiated(), self.export())
+        return _Delivery(self, encode(state))
+
+    def finished(self, taken: bool) -> None:
+        assert self.session is not None
+        self._busy = False
+        self.taken = taken
+        if taken:
+            log.info("the new daemon took the connection over; exiting without unmounting")
+            self.session.handed_over()
+        else:
+            log.warning("the new daemon did not take the connection over; serving again")
+            self.session.gate.resume()
+
+
+@dataclass
+class _Delivery:
+    server: HandoverServer
+    state: bytes
+
+    async def deliver(self, stream: trio.SocketStream) -> None:
+        """Send the state with the descriptor, then wait for the new daemon's word."""
+        assert self.server.session is not None
+        sock = stream.socket
+        taken = False
+        try:
+            fds = array.array("i", [self.server.session.fd])
+            data = self.state + b"\n"
+            sent = await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            await stream.send_all(data[sent:])
+            with trio.move_on_after(ACK_TIMEOUT):
+                answer = b""
+                while len(answer) < len(ACK) and (more := await stream.receive_some(len(ACK))):
+                    answer += more
+                taken = answer == ACK
+        except (OSError, trio.BrokenResourceError) as e:
+            log.warning("handing the connection over failed: %s", e)
+        finally:
+            self.server.finished(taken)
+
+
+@dataclass
+class Received:
+    """What the new daemon got: the state and the connection's descriptor."""
+
+    state: LiveState
+    fd: int
+
+
+def request(mountpoint: str) -> Received:
+    """The new daemon's side (blocking): ask the serving daemon for its connection; ControlError
+    (one line) if it refuses or fails, and then it keeps serving."""
+    path = socket_of(mountpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(REPLY_TIMEOUT)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"command": "handover", "format": FORMAT}).encode() + b"\n")
+            data, fds = _receive(sock)
+        except OSError as e:
+            raise ControlError(f"cannot talk to the daemon of {mountpoint}: {e.strerror or e}") from None
+        try:
+            state = _parse(data, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        try:
+            sock.sendall(ACK)
+        except OSError as e:
+            os.close(fds[0])
+            raise ControlError(f"the daemon of {mountpoint} went away during the restart: {e.strerror or e}") from None
+    return Received(state, fds[0])
+
+
+def _receive(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One reply line, and the descriptors that came with it."""
+    data = b""
+    fds: list[int] = []
+    while not data.endswith(b"\n"):
+        more, got, _flags, _addr = socket.recv_fds(sock, 1 << 20, 4)
+        fds += got
+        if not more:
+            break
+        data += more
+        if len(data) > MAX_STATE:
+            break
+    return data, fds
+
+
+def _parse(data: bytes, fds: list[int]) -> LiveState:
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raise ControlError("the daemon closed the connection without handing it over") from None
+    if isinstance(raw, dict) and "error" in raw:
+        raise ControlError(raw["error"])
+    try:
+        state = from_json(raw)
+    except StateError as e:
+        raise ControlError(f"restart refused: {e}; the mount stays with the daemon serving it") from None
+    if len(fds) != 1:
+        raise ControlError(f"the daemon sent {len(fds)} descriptors with its state, not the connection's one")
+    return state

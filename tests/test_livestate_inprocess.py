@@ -1,0 +1,115 @@
+"""The state a restart hands over (livestate.py): it comes back as it was sent, a state of
+another format or a damaged one is refused with one line, and the tables that export it
+(inodes.InodeTable, passthrough.Passthrough) take it back whole or not at all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusecache.inodes import InodeTable
+from fusecache.livestate import (FORMAT, AdapterState, Backing, LiveState, Negotiated, OpenDir, OpenFile,
+                                 StateError, decode, encode)
+from fusecache.passthrough import Passthrough
+from fusecache.session.types import FuseError
+
+
+def a_table() -> InodeTable:
+    table = InodeTable()
+    table.hold("a/b.bin", (11, 100, 5, 6, 0))
+    table.hold("a/b.bin", (11, 100, 5, 6, 0))
+    table.hold("a", (10,))
+    table.hold("bad-\udcff-name", (12, 1, 2, 3, 0))  # a name that is not UTF-8
+    table.next_epoch("a/b.bin")
+    return table
+
+
+def a_state(table: InodeTable) -> LiveState:
+    held, paths = table.export_state()
+    number = table.inode("a/b.bin", (11, 100, 5, 6, 0))
+    adapter = AdapterState(held, paths, [OpenFile(3, number, True), OpenFile(4, number, True)],
+                           [OpenDir(5, "a")], [Backing(number, 7)], next_fh=6)
+    return LiveState(FORMAT, 1234, Negotiated(40, (1 << 37) | 1), adapter)
+
+
+def test_a_state_comes_back_as_it_was_sent():
+    state = a_state(a_table())
+    assert decode(encode(state)) == state
+
+
+def test_an_imported_table_answers_as_the_exported_one():
+    old = a_table()
+    new = InodeTable()
+    held, paths = old.export_state()
+    new.import_state(held, paths)
+    for h in held:
+        assert new.version(h.number) == old.version(h.number)
+        assert new.is_latest(h.number) == old.is_latest(h.number)
+    assert new.epoch("a/b.bin") == 1 and len(new) == len(old)
+    number = new.inode("a/b.bin", (11, 100, 5, 6, 0))
+    new.forget(number, 1)
+    assert new.path(number) == "a/b.bin"  # two lookups were carried over: one left
+    new.forget(number, 1)
+    with pytest.raises(FuseError):
+        new.version(number)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda raw: raw.update(format=FORMAT + 1),
+    lambda raw: raw.pop("format"),
+    lambda raw: raw["adapter"].pop("next_fh"),
+    lambda raw: raw["adapter"]["files"][0].update(fh="3"),
+    lambda raw: raw["adapter"]["files"][0].update(passthrough=1),
+    lambda raw: raw["adapter"]["inodes"][0].update(lookups=-1),
+    lambda raw: raw["adapter"]["inodes"][0].update(version=None),
+    lambda raw: raw["session"].update(extra=1),
+])
+def test_another_format_or_a_damaged_state_is_refused_in_one_line(damage):
+    raw = json.loads(encode(a_state(a_table())))
+    damage(raw)
+    with pytest.raises(StateError) as refused:
+        decode(json.dumps(raw).encode())
+    assert "\n" not in str(refused.value)
+
+
+def test_bytes_that_are_not_a_state_are_refused():
+    for data in (b"", b"{", b"[]", b'"x"', b"\xff\xfe"):
+        with pytest.raises(StateError):
+            decode(data)
+
+
+def test_a_table_refuses_a_state_that_does_not_hold_together():
+    held, paths = a_table().export_state()
+    with pytest.raises(ValueError):
+        InodeTable().import_state(held, paths[1:])  # a held path without its state
+    with pytest.raises(ValueError):
+        InodeTable().import_state(held + held[:1], paths)  # one number twice
+
+
+class _NoEngine:
+    pass
+
+
+def test_passthrough_keeps_backing_ids_and_closes_them_at_the_last_release():
+    closed = []
+
+    class Device:
+        def open(self, fd: int) -> int:
+            raise AssertionError("no new backing id is registered")
+
+        def close(self, backing_id: int) -> None:
+            closed.append(backing_id)
+
+    new = Passthrough(_NoEngine())  # type: ignore[arg-type]
+    new.import_state([Backing(9, 7)], [(9, True), (9, True), (10, False)])
+    new.enable(Device(), 0.0)
+    assert new.export_state() == [Backing(9, 7)]
+    new.released(9, True)
+    assert closed == []
+    new.released(9, True)
+    assert closed == [7]
+    with pytest.raises(ValueError):
+        Passthrough(_NoEngine()).import_state([], [(9, True)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Passthrough(_NoEngine()).import_state([Backing(9, 7)], [(9, False)])  # type: ignore[arg-type]
