@@ -263,10 +263,16 @@ class Fetcher:
             for i in run:
                 offset, length = entry.chunk_extent(i)
                 entry.store_chunk(i, view[offset - start: offset - start + length])
-            if entry.cacheable:  # stored: the cache's copy is the one to keep in memory
-                self.source.drop_pages(tracked.src_fd, start, len(view))
+            self.drop_source_pages(tracked, start, len(view))
             fetched += len(view)
         return fetched, bad
+
+    def drop_source_pages(self, tracked: TrackedFile, start: int, length: int) -> None:
+        """Worker thread: the source's pages of a stored range may go (Source.drop_pages): the
+        cache's copy is the one to keep in memory. A stream calls it for its whole file once
+        complete, for what the kernel read ahead of the runs after their own pages went."""
+        if tracked.entry.cacheable:
+            self.source.drop_pages(tracked.src_fd, start, length)
 
 
 async def await_flight(flight: Flight) -> None:

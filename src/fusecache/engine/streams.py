@@ -227,6 +227,8 @@ class StreamScheduler:
                         raise VersionReplaced(relpath)
                     self.metrics.files_streamed += 1
                     await seal(self.tasks, tracked)
+                    # what the kernel read ahead of the runs, after each run's own pages went
+                    await self.tasks.io(self.fetcher.drop_source_pages, tracked, 0, tracked.entry.size)
                     return
             raise ReadError(errno.EIO, f"{tracked.entry.unverified_count()} chunks could not be fetched")
         except Exception as e:
