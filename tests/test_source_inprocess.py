@@ -255,16 +255,23 @@ def _rewrite_keeping_size_and_mtime(path) -> None:
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
 
 
-@pytest.mark.parametrize("stable_inodes", [True, False])
-@pytest.mark.parametrize("change", ["rewritten, mtime put back", "chmod"])
-def test_read_exact_refuses_a_file_changed_in_place_that_only_moved_its_ctime(tmp_path, change, stable_inodes):
-    """Only the ctime tells this rewrite from the version opened; a chmod cannot be told from it."""
+def _opened(tmp_path, stable_inodes: bool):
+    """A source root holding f (4 KiB of b"a"), and f opened through it: (root, path, source,
+    fd, identity)."""
     root = tmp_path / "src"
     root.mkdir()
     path = root / "f"
     path.write_bytes(b"a" * 4096)
     source = Source(root, stable_inodes=stable_inodes)
     fd, identity = source.open("f")
+    return root, path, source, fd, identity
+
+
+@pytest.mark.parametrize("stable_inodes", [True, False])
+@pytest.mark.parametrize("change", ["rewritten, mtime put back", "chmod"])
+def test_read_exact_refuses_a_file_changed_in_place_that_only_moved_its_ctime(tmp_path, change, stable_inodes):
+    """Only the ctime tells this rewrite from the version opened; a chmod cannot be told from it."""
+    root, path, source, fd, identity = _opened(tmp_path, stable_inodes)
     try:
         if change == "chmod":
             _move_ctime(path, lambda: os.chmod(path, 0o600 if path.stat().st_mode & 0o044 else 0o644))
@@ -281,12 +288,7 @@ def test_read_exact_refuses_a_file_changed_in_place_that_only_moved_its_ctime(tm
 @pytest.mark.parametrize("change", ["unlinked", "renamed over", "renamed away"])
 def test_read_exact_keeps_reading_a_file_unlinked_or_renamed_while_open(tmp_path, change, stable_inodes):
     """These move the open file's ctime but leave its bytes as they were."""
-    root = tmp_path / "src"
-    root.mkdir()
-    path = root / "f"
-    path.write_bytes(b"a" * 4096)
-    source = Source(root, stable_inodes=stable_inodes)
-    fd, identity = source.open("f")
+    root, path, source, fd, identity = _opened(tmp_path, stable_inodes)
     try:
         time.sleep(0.05)  # past the tick of coarse timestamps: the change moves the ctime
         if change == "unlinked":
