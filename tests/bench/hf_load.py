@@ -35,7 +35,7 @@ def make_model(directory: Path, layers: int, hidden: int) -> None:
     config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
                          num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=32000)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory, max_shard_size="2GB")
     del model
     torch.cuda.empty_cache()
@@ -48,7 +48,7 @@ def load(directory: Path) -> float:
     drop_caches()
     torch.cuda.synchronize()
     started = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.bfloat16, device_map="cuda")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, device_map="cuda")
     torch.cuda.synchronize()
     seconds = time.monotonic() - started
     del model
