@@ -186,3 +186,28 @@ def test_a_mount_is_ours_by_its_id_or_by_its_device_while_connected(tmp_path):
     here = identify(str(tmp_path))  # any directory, asked without a request to its filesystem
     assert here is not None and here.device == os.stat(tmp_path).st_dev
     assert identify(str(tmp_path / "missing")) is None
+
+
+async def test_a_kernel_without_passthrough_negotiates_without_it(kernel):
+    """Issue 22, item 4: a 5.15 kernel (Ubuntu 22.04, FUSE 7.34) offers no passthrough and no
+    INIT_EXT. The session asks for passthrough (passthrough=on) yet agrees on 7.34 without it,
+    registers no backing files, and the daemon says why passthrough is off."""
+    from pathlib import Path
+
+    from fusecache.config import MountConfig
+    from fusecache.daemon import passthrough_state
+
+    k = kernel(FailingOperations())
+    k.session.config = SessionConfig(workers=2, max_background=4, passthrough=True)
+    offered = p.ASYNC_READ | p.PARALLEL_DIROPS | p.DO_READDIRPLUS | p.MAX_PAGES | p.BIG_WRITES
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            k.session._dispatch(nursery, k.request(p.Op.INIT, 1, p.INIT_IN.pack(p.KERNEL_VERSION, 34, 1 << 17, offered)))
+            unique, error, payload = await k.reply()
+    assert (unique, error) == (1, 0)
+    _major, minor, _readahead, flags = p.INIT_OUT.unpack_from(payload)[:4]
+    assert minor == 34 and not flags & ~offered and not flags & p.PASSTHROUGH
+    assert k.session.backing is None
+    cfg = MountConfig(Path("/s"), Path("/m"), passthrough=True, session="kernel")
+    assert passthrough_state(cfg, k.session, store=None) == (
+        "the kernel does not offer it (Linux 6.9 or newer with CONFIG_FUSE_PASSTHROUGH needed)")
