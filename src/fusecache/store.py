@@ -324,7 +324,11 @@ class CacheEntry:
         """Let the kernel drop the data file's pages of a range just copied into a reply: the
         mount's own page cache of the file holds those bytes now, and on a disk cache a second
         copy here would keep the model in memory twice. Dirty pages (just filled) are only
-        queued for writeback, not dropped."""
+        queued for writeback, not dropped; pages our fills mapped are unmapped first (the
+        mapping is shared, so nothing is lost), or the kernel would keep them."""
+        if self._map is not None:
+            start = offset - offset % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
         os.posix_fadvise(self.data_fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def view(self, offset: int, length: int, generation: int) -> memoryview | None:
