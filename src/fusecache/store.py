@@ -11,7 +11,9 @@ A chunk's index record (checksum of its bytes, PRESENT marker) is written only a
 were written to the data file, by the same thread. A crash (kill -9) therefore leaves either
 no record or a record for bytes that are in the file; a power loss that loses data pages but
 keeps the record is caught by the checksum, which is checked before a chunk is first served in
-each daemon lifetime, unless the entry is sealed.
+each daemon lifetime, unless the entry is sealed. Fills write through one shared mapping of
+the data file, only into blocks reserved first (fill_run); the data file never shrinks, so no
+page of the mapping lies past its end (a truncation by someone else would be a SIGBUS).
 
 A *seal* is what lets a restart serve a complete file without reading it. Once every chunk of
 an entry is verified, its data file and records are made durable (fdatasync), and then a seal
