@@ -4,7 +4,8 @@ What it proves: bytes read into the shared mapping and their records round-trip 
 restart, and a seal over them holds; no room at the reservation surfaces as ENOSPC before a
 byte is read, with nothing recorded; a cache filesystem that cannot reserve space falls back
 to the buffered writes, for that entry from then on; a source that changed during the read
-leaves the run's chunks missing and unrecorded, and no view of the mapping behind. The
+leaves the run's chunks missing and unrecorded, and no view of the mapping behind; a reply's
+drop of cache pages unmaps them from the mapping (the kernel keeps mapped pages). The
 reservation's failures are injected (os.posix_fallocate raising): what is tested is our
 handling of them, not the kernel's.
 """
@@ -111,3 +112,30 @@ def test_a_source_changed_during_the_read_leaves_the_run_missing_and_unrecorded(
     entry.close()
     assert entry._map.closed and kept is not None  # the mapping had no view left to hold it
     assert list(reopen(store).state) == [ON_DISK, MISSING, MISSING, MISSING]
+
+
+def mapped_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of the file at path (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = line.rstrip("\n").endswith(" " + path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_a_replys_drop_of_cache_pages_unmaps_them_from_the_fill_mapping(store):
+    """fadvise(DONTNEED) leaves pages that are mapped: a disk cache would keep every filled
+    byte in memory beside the mount's own copy."""
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), []), NO_SCRATCH)
+    data_path = str(store.paths("f")[0])
+    assert mapped_kib(data_path) >= SIZE // 1024  # the fill's pages are mapped into us
+    entry.drop_pages(100, SIZE - 100)  # a reply's range need not start on a page
+    assert mapped_kib(data_path) == 0
+    assert served(entry) == data  # unmapping a shared mapping loses nothing
+    entry.close()
