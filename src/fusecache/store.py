@@ -213,9 +213,8 @@ class CacheEntry:
             self._begin_write()
             try:
                 if _reserve(self.data_fd, start, length):
-                    with memoryview(self._mapping()) as whole, whole[start:start + length] as target:
-                        read(target)
-                        self._record(run, _chunk_sums(target, [self.chunk_extent(i)[1] for i in run]))
+                    lengths = [self.chunk_extent(i)[1] for i in run]
+                    self._record(run, _fill_mapped(self._mapping(), start, lengths, read))
                     return length
                 log.info("cache filesystem cannot reserve space (fallocate); filling %s by writes", self.relpath)
                 self._reservable = False
@@ -326,11 +325,7 @@ class CacheEntry:
         """Let the kernel drop the data file's pages of a range just copied into a reply: the
         mount's own page cache of the file holds those bytes now, and on a disk cache a second
         copy here would keep the model in memory twice. Dirty pages (just filled) are only
-        queued for writeback, not dropped; pages our fills mapped are unmapped first (the
-        mapping is shared, so nothing is lost), or the kernel would keep them."""
-        if self._map is not None:
-            start = offset - offset % mmap.PAGESIZE
-            self._map.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        queued for writeback, not dropped."""
         os.posix_fadvise(self.data_fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def view(self, offset: int, length: int, generation: int) -> memoryview | None:
@@ -429,15 +424,26 @@ def _reserve(fd: int, offset: int, length: int) -> bool:
     return True
 
 
-def _chunk_sums(run_bytes: memoryview, lengths: list[int]) -> list[int]:
-    """The checksums of consecutive chunks of these lengths; every view of the bytes released."""
-    sums = []
-    offset = 0
-    for length in lengths:
-        with run_bytes[offset:offset + length] as chunk:
-            sums.append(xxhash.xxh3_64_intdigest(chunk))
-        offset += length
-    return sums
+def _fill_mapped(mapping: mmap.mmap, start: int, lengths: list[int],
+                 read: Callable[[memoryview], None]) -> list[int]:
+    """Have `read` fill the mapping's range of consecutive chunks of these lengths from start;
+    their checksums. Every view of the mapping is released (mmap.close raises while one is
+    left), and the range is unmapped from our page tables again, whatever happens: the bytes
+    stay in the page cache (the mapping is shared), but pages left mapped would count as the
+    daemon's memory (its RSS, which the OOM killer weighs) and would not be dropped by
+    fadvise, so the daemon would seem to hold every file it filled."""
+    try:
+        with memoryview(mapping) as whole, whole[start:start + sum(lengths)] as target:
+            read(target)
+            sums = []
+            offset = 0
+            for length in lengths:
+                with target[offset:offset + length] as chunk:
+                    sums.append(xxhash.xxh3_64_intdigest(chunk))
+                offset += length
+            return sums
+    finally:
+        mapping.madvise(mmap.MADV_DONTNEED, start, sum(lengths))
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
