@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat as stat_mod
+from collections.abc import Callable
 
 import trio
 
@@ -92,10 +93,13 @@ class FuseOperations:
         self._lost: dict[int, tuple[int, bool]] = {}  # fh -> (inode, passthrough)
         self._dirs: dict[int, tuple[str, int]] = {}  # fh -> (relpath, source descriptor)
         self._next_fh = 1
+        # called whenever the tables a crash's successor needs change (journal.Journal.changed)
+        self.changed: Callable[[], None] = lambda: None
 
     def _entry(self, relpath: str, st: os.stat_result) -> Attributes:
         """Attributes of relpath, looked up: under the inode number of the version st
         describes, which the kernel holds from now until it forgets it."""
+        self.changed()
         return self._attributes(self.inodes.hold(relpath, self._version(relpath, st)), st)
 
     def _version(self, relpath: str, st: os.stat_result) -> Version:
@@ -156,6 +160,7 @@ class FuseOperations:
         fd = await self.engine.opendir(relpath)
         fh = self._new_fh()
         self._dirs[fh] = (relpath, fd)
+        self.changed()
         return fh
 
     async def readdir(self, fh: int, offset: int, add: DirentSink, counts_lookups: bool = True) -> None:
@@ -175,11 +180,13 @@ class FuseOperations:
                     return
                 if counts_lookups:
                     self.inodes.hold(child, version)
+                    self.changed()
                 offset = next_offset
 
     async def releasedir(self, fh: int) -> None:
         entry = self._dirs.pop(fh, None)
         if entry is not None:
+            self.changed()
             self.engine.closedir(entry[1])
 
     async def statfs(self, ctx: Context) -> os.statvfs_result:
@@ -205,6 +212,7 @@ class FuseOperations:
             except FuseError:
                 continue  # not held: nothing to forget
             self.inodes.forget(inode, nlookup)
+            self.changed()
             self.keep_cache.forgotten(relpath)
 
     # ---- data --------------------------------------------------------------------------
@@ -231,6 +239,7 @@ class FuseOperations:
             raise
         fh = self._new_fh()
         self._handles[fh] = (inode, handle, mode.backing_id is not None)
+        self.changed()
         return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
                          backing_id=mode.backing_id)
 
@@ -242,6 +251,7 @@ class FuseOperations:
         return await self.engine.read(opened[1], offset, size, buf)
 
     async def release(self, fh: int) -> None:
+        self.changed()
         opened = self._handles.pop(fh, None)
         if opened is not None:
             inode, handle, passthrough = opened
