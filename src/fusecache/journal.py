@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 NAME = "journal.json"
 INTERVAL = 0.5  # seconds: the most a crash can lose of the adapter's changes, plus a write
+FIRST_POLL = 0.01  # seconds: how often the first state is looked for, until INIT is answered
 # Handle numbers a process can give out between two journal writes are far fewer than this:
 # a recovered process numbers its handles from here on, so no new handle takes the number
 # of one the kernel holds from after the last write.
@@ -65,9 +66,10 @@ class Journal:
         self.writes += 1
 
     async def run(self) -> None:
-        """Write the state when it changed, every INTERVAL seconds, until cancelled."""
+        """Write the state when it changed, every INTERVAL seconds, until cancelled; the first
+        time as soon as there is one (INIT answered): a crash before it ends the mount."""
         while True:
-            await trio.sleep(INTERVAL)
+            await trio.sleep(INTERVAL if self.writes else FIRST_POLL)
             data = self.take()
             if data is not None:
                 try:
