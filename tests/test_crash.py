@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from fusecache import journal, mounts
+from fusecache import control, journal, mounts
 
 from .conftest import SESSION, file_bytes, run_cli, wait_gone
 from .helpers import fill
@@ -29,16 +31,14 @@ def _new_serving_pid(m, old: int) -> int:
             pid = m.status()["pid"]
             if pid != old:
                 return pid
-        except OSError:
-            pass
-        except Exception:  # the control socket is bound anew by the new process
+        except control.ControlError:  # the control socket is bound anew by the new process
             pass
         assert time.monotonic() < deadline, "no new serving process"
         time.sleep(0.05)
 
 
-def _journal_of(m) -> journal.Path:
-    return journal.Path(m.status()["cache"]) / journal.NAME
+def _journal_of(m) -> Path:
+    return Path(m.status()["cache"]) / journal.NAME
 
 
 def _wait_for_journal(m) -> None:
@@ -93,13 +93,13 @@ def test_a_damaged_journal_ends_the_mount_with_one_log_line(tmp_path, make_mount
     _wait_for_journal(m)
     path = _journal_of(m)
     log_path = path.parent / "daemon.log"
-    os.kill(m.supervisor_pid, 19)  # SIGSTOP: the journal is damaged while no one writes it
+    os.kill(m.supervisor_pid, signal.SIGSTOP)  # the journal is damaged while no one writes it
     try:
-        os.kill(m.pid, 19)
+        os.kill(m.pid, signal.SIGSTOP)
         path.write_bytes(damage)
         m.kill9_serving()
     finally:
-        os.kill(m.supervisor_pid, 18)  # SIGCONT
+        os.kill(m.supervisor_pid, signal.SIGCONT)
     wait_gone(m.supervisor_pid)  # the mount ends: the supervisor lets the connection go
     m.supervisor_pid = None
     lines = [line for line in log_path.read_text().splitlines() if "journal refused" in line]

@@ -229,6 +229,7 @@ def _journal(store: CacheStore, session: KernelSession | None, operations: FuseO
 
     kept = Journal(store.root / journal.NAME, snapshot)
     operations.changed = kept.changed
+    operations.persist = kept.flush
     return kept
 
 

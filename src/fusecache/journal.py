@@ -46,6 +46,7 @@ class Journal:
         self.snapshot = snapshot
         self._dirty = True  # a new process writes its state once at least
         self.writes = 0
+        self._writing = trio.Lock()  # one write at a time: they share the temporary file
 
     def changed(self) -> None:
         self._dirty = True
@@ -65,18 +66,30 @@ class Journal:
         private.write_file(self.path, data)
         self.writes += 1
 
+    async def flush(self) -> None:
+        """Write the state now (before a passthrough inode's first backing id is answered,
+        before its last is closed: the kernel holds one backing file per inode, and a journal
+        that named another would make the inode's opens fail after a crash)."""
+        self._dirty = True
+        await self._write_taken()
+
+    async def _write_taken(self) -> None:
+        async with self._writing:
+            data = self.take()
+            if data is None:
+                return
+            try:
+                await trio.to_thread.run_sync(self.write, data)
+            except OSError as e:  # a full disk must not end the mount: retried next time
+                log.warning("cannot write the journal %s: %s", self.path, e)
+                self._dirty = True
+
     async def run(self) -> None:
         """Write the state when it changed, every INTERVAL seconds, until cancelled; the first
         time as soon as there is one (INIT answered): a crash before it ends the mount."""
         while True:
             await trio.sleep(INTERVAL if self.writes else FIRST_POLL)
-            data = self.take()
-            if data is not None:
-                try:
-                    await trio.to_thread.run_sync(self.write, data)
-                except OSError as e:  # a full disk must not end the mount: retried next time
-                    log.warning("cannot write the journal %s: %s", self.path, e)
-                    self._dirty = True
+            await self._write_taken()
 
     def remove(self) -> None:
         """The mount ended cleanly (or was handed over): no process will recover from it."""

@@ -310,7 +310,7 @@ class KernelSession:
         async with self._reads:
             buf = self._buffers.pop() if self._buffers else bytearray(MAX_REQUEST)
             try:
-                data = await self.operations.read(fh, offset, size, memoryview(buf)[:size])
+                data = await self.operations.read(fh, offset, size, memoryview(buf)[:size], header.nodeid)
                 if len(data) >= THREAD_REPLY_BYTES:
                     await trio.to_thread.run_sync(self._send, header.unique, 0, data)
                 else:
