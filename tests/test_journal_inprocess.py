@@ -3,12 +3,19 @@ never before there is a state (INIT), and read back refusing what it cannot take
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 import trio
 
 from fusecache import journal
+from fusecache.fs import FuseOperations
+from fusecache.inodes import ROOT_INODE
 from fusecache.livestate import (FORMAT, AdapterState, Backing, LiveState, Negotiated, OpenFile,
                                  StateError)
+
+from .inprocess import CHUNK, buffer, ctx, fuse_errno, harness, operations  # noqa: F401 (fixture)
 
 
 def _state(next_fh: int = 5, backing: list[Backing] | None = None) -> LiveState:
@@ -79,3 +86,23 @@ def test_recovery_moves_handle_numbers_past_any_given_out_since_and_drops_orphan
     assert recovered.adapter.next_fh == 5 + journal.FH_GAP
     assert recovered.adapter.backing == [Backing(7, 1)]
     assert recovered.adapter.files == state.adapter.files
+
+
+async def test_a_handle_opened_after_the_last_write_reads_its_inodes_version_after_a_crash(harness):
+    """The journal missed an open (the crash came first): the kernel still reads that fh, on
+    an inode the journal knows, and gets that inode's bytes; with no inode, EIO."""
+    data = os.urandom(3 * CHUNK + 5)
+    (harness.src / "f").write_bytes(data)
+    ops = await operations(harness)
+    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    written = LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state())  # the last journal write
+    fh = (await ops.open(attr.ino, os.O_RDONLY, ctx())).fh
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)
+    await recovered.import_state(journal.for_recovery(written).adapter)
+    assert await fuse_errno(recovered.read(fh, 0, CHUNK, buffer(CHUNK))) == errno.EIO  # inode not said
+    out = bytearray()
+    while reply := await recovered.read(fh, len(out), CHUNK, buffer(CHUNK), inode=attr.ino):
+        out += reply
+    assert bytes(out) == data
+    await recovered.release(fh)
+    await ops.release(fh)
