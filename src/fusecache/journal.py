@@ -7,8 +7,11 @@ opendir, releasedir) and a task writes it at most every INTERVAL seconds, atomic
 (private.write_file), from a worker thread. What changed after the last write is lost at a
 crash, and what that costs is bounded (docs/semantics.md, "A crash of the serving process"):
 - an inode the kernel got since is unknown: ESTALE, and the kernel looks its path up again;
-- a handle opened since is unknown: its reads fail with EIO (never another file's bytes:
-  `for_recovery` moves handle numbers on past any the dead process could have given out);
+- a handle opened since is unknown: it is opened again at its first read on the version its
+  inode names if that inode is known, else its reads fail with EIO (never another file's
+  bytes: `for_recovery` moves the new process's handle numbers past any the dead one gave out);
+- backing ids are never in the window: `flush()` writes at once before a passthrough inode's
+  first id is answered and before its last is closed;
 - a handle released since is opened again and held until unmount; a lookup count is off
   by what was looked up or forgotten since (an entry kept too long, or an ESTALE).
 A journal of another format or damaged is refused (StateError, one line): nothing is guessed.
