@@ -391,8 +391,6 @@ def test_access_is_the_mode_bits_acls_only_take_away(world):  # noqa: F811 - the
 
 # ---- the source fails -----------------------------------------------------------------------
 
-@pytest.mark.skipif(SESSION == "pyfuse3", reason="known defect: on the pyfuse3 session the daemon dies once the "
-                    "source is stopped, in clean-clone CI runs only (see the closing note of 2026-12-04)")
 def test_open_handles_keep_their_cached_bytes_while_the_source_is_gone(counting_source, make_mount):
     data = fill(counting_source.real, {"a.bin": 32 * MiB, "b.bin": 1000}, seed=11)["a.bin"]
     counting_source.start()

@@ -9,6 +9,7 @@ source are printed escaped (see `printable`), since they are anyone's file names
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -205,6 +206,7 @@ def _daemon_child(cfg, store, ready_fd: int, log_path: Path, takeover: bool) -> 
     os.dup2(log_fd, 2)  # anything written to stderr (tracebacks, libfuse) lands in the log
     os.close(devnull)
     os.close(log_fd)
+    faulthandler.enable()  # a fatal signal (SIGSEGV, SIGBUS, SIGABRT) leaves its stacks in the log
     setup_logging(cfg.log_level, log_path)
     if not takeover:  # a restarted daemon locks the store once the old one lets go of it
         store.record_owner(os.getpid())
