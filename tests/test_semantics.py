@@ -392,15 +392,21 @@ def test_access_is_the_mode_bits_acls_only_take_away(world):  # noqa: F811 - the
 # ---- the source fails -----------------------------------------------------------------------
 
 def test_open_handles_keep_their_cached_bytes_while_the_source_is_gone(counting_source, make_mount):
+    """attr_timeout=0: the kernel asks for the attributes at every fstat, and on the pyfuse3
+    session (libfuse negotiates AUTO_INVAL_DATA) before every read too; those of an open file
+    are its version's while the source cannot be reached."""
     data = fill(counting_source.real, {"a.bin": 32 * MiB, "b.bin": 1000}, seed=11)["a.bin"]
     counting_source.start()
-    m = make_mount(counting_source.path, ["readahead=off", "chunk_size=1M"])
+    m = make_mount(counting_source.path, ["readahead=off", "chunk_size=1M", "attr_timeout=0"])
     fd = os.open(m.mountpoint / "a.bin", os.O_RDONLY)
     try:
         assert os.pread(fd, 4 * MiB, 0) == data[:4 * MiB]
+        opened = os.fstat(fd)
         counting_source.stop()  # the network filesystem is gone (ENOTCONN for the daemon)
         drop_page_cache()
         assert os.pread(fd, 4 * MiB, 0) == data[:4 * MiB]  # from the cache
+        gone = os.fstat(fd)
+        assert (gone.st_size, gone.st_mtime_ns, gone.st_mode) == (opened.st_size, opened.st_mtime_ns, opened.st_mode)
         with pytest.raises(OSError) as info:
             os.pread(fd, MiB, 24 * MiB)  # never fetched
         assert info.value.errno == errno.EIO

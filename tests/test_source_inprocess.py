@@ -45,7 +45,8 @@ def tree(request, tmp_path, monkeypatch):
 
 
 def read(source: Source, relpath: str) -> bytes:
-    fd, identity = source.open(relpath)
+    fd, opened = source.open(relpath)
+    identity = source.identity(opened)
     try:
         buf = bytearray(identity.size)
         source.read_exact(fd, memoryview(buf), 0, relpath, identity)
@@ -137,10 +138,10 @@ def test_read_small_refuses_what_is_larger_than_its_limit(tmp_path):
 
     class Growing(Source):  # a file that grows between the fstat and the read
         def open(self, relpath):
-            fd, identity = super().open(relpath)
+            fd, opened = super().open(relpath)
             with open(root / relpath, "ab") as f:
                 f.write(b"y" * 10)
-            return fd, identity
+            return fd, opened
 
     with pytest.raises(OSError) as info:
         Growing(root).read_small("index.json", 1005)
@@ -155,7 +156,8 @@ def test_read_exact_refuses_bytes_of_another_version(tmp_path, change):
     path = root / "f"
     path.write_bytes(b"a" * 4096)
     source = Source(root)
-    fd, identity = source.open("f")
+    fd, opened = source.open("f")
+    identity = source.identity(opened)
     try:
         if change == "shrunk":
             os.truncate(path, 100)
@@ -263,8 +265,8 @@ def _opened(tmp_path, stable_inodes: bool):
     path = root / "f"
     path.write_bytes(b"a" * 4096)
     source = Source(root, stable_inodes=stable_inodes)
-    fd, identity = source.open("f")
-    return root, path, source, fd, identity
+    fd, opened = source.open("f")
+    return root, path, source, fd, source.identity(opened)
 
 
 @pytest.mark.parametrize("stable_inodes", [True, False])

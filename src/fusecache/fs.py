@@ -33,7 +33,7 @@ from .passthrough import Passthrough
 from .session.types import Attributes, Context, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
 from .livestate import AdapterState, OpenDir, OpenFile
-from .source import Identity
+from .source import UNREACHABLE, Identity
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,19 @@ class FuseOperations:
             st: os.stat_result | None = await self.engine.lstat(relpath)
         except FileNotFoundError:
             st = None
+        except OSError as e:
+            # The source cannot be reached: a file open through the mount still reads its
+            # version from the cache, and the kernel may ask for its attributes before each
+            # read (libfuse negotiates AUTO_INVAL_DATA): answer the version's.
+            if e.errno not in UNREACHABLE or self._handle_of(inode) is None:
+                raise
+            st = None
         if st is not None and (version is None or self._version(relpath, st) == version):
             return self._attributes(inode, st)
-        # The path was removed or now holds another version: an fstat of an open handle wants
-        # the version that handle has open (whose bytes it reads, whatever the source did since).
-        handle = next((h for i, h, _ in self._handles.values() if i == inode), None)
+        # The path was removed or now holds another version, or the source cannot be reached:
+        # an fstat of an open handle wants the version that handle has open (whose bytes it
+        # reads, whatever the source did since).
+        handle = self._handle_of(inode)
         if handle is None:
             if st is None:
                 raise FuseError(errno.ENOENT)
@@ -144,6 +152,10 @@ class FuseOperations:
         attr.size = handle.identity.size
         attr.mtime_ns = handle.identity.mtime_ns
         return attr
+
+    def _handle_of(self, inode: int) -> Handle | None:
+        """One handle open on inode, if any (a scan: asked only when the source disappoints)."""
+        return next((h for i, h, _ in self._handles.values() if i == inode), None)
 
     async def readlink(self, inode: int, ctx: Context) -> bytes:
         relpath = self.inodes.path(inode)

@@ -36,6 +36,14 @@ READDIR_BATCH_BYTES = 8192
 _PATH_STRETCH = 4000
 
 
+# What a source answers while it cannot be reached: its mount died (ENOTCONN), its server
+# does not answer (a soft NFS mount: ETIMEDOUT, EIO), its network is down. A file open
+# through the mount still has a version to describe then (fs.FuseOperations.getattr).
+UNREACHABLE = frozenset({errno.ENOTCONN, errno.ETIMEDOUT, errno.EIO, errno.ESHUTDOWN, errno.EHOSTDOWN,
+                         errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNREFUSED,
+                         errno.ECONNRESET, errno.ECONNABORTED})
+
+
 @dataclass(frozen=True)
 class Identity:
     """What makes cached bytes valid: if any field differs, the source file changed.
@@ -301,25 +309,26 @@ class Source:
 
     # ---- files ---------------------------------------------------------------------------
 
-    def open(self, relpath: str) -> tuple[int, Identity]:
-        """Open a regular file for reading; returns the fd and the identity it was opened at.
-        O_NONBLOCK is only for the open (a FIFO would block it); reads then block as usual."""
+    def open(self, relpath: str) -> tuple[int, os.stat_result]:
+        """Open a regular file for reading; returns the fd and its attributes when opened
+        (identity() of them is the version opened). O_NONBLOCK is only for the open (a FIFO
+        would block it); reads then block as usual."""
         fd = self._open(relpath, os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
             if not stat_mod.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, f"not a regular file: {relpath}")
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-            return fd, self.identity(st)
+            return fd, st
         except BaseException:
             os.close(fd)
             raise
 
     def read_small(self, relpath: str, limit: int) -> bytes:
         """The whole content of a small regular file (a checkpoint index); EFBIG past limit."""
-        fd, identity = self.open(relpath)
+        fd, st = self.open(relpath)
         try:
-            if identity.size > limit:
+            if st.st_size > limit:
                 raise OSError(errno.EFBIG, f"larger than {limit} bytes")
             chunks, total = [], 0
             while data := os.read(fd, min(1 << 20, limit + 1 - total)):

@@ -12,7 +12,7 @@ from .. import acl
 from ..budget import CacheBudget
 from ..config import MountConfig
 from ..metrics import Metrics
-from ..source import Source
+from ..source import UNREACHABLE, Source
 from ..store import CacheStore
 from .errors import CacheFull, ReadError
 from .evictor import Evictor, EvictorConfig
@@ -90,11 +90,16 @@ class Engine:
 
     async def fstat(self, handle: Handle) -> os.stat_result:
         """Attributes of the file a handle has open (its size and mtime may have moved on
-        since: `handle.identity` has the version's). Referenced meanwhile, so a
-        concurrent release cannot close the fd under the call."""
+        since: `handle.identity` has the version's); while the source cannot be reached, those
+        it had when opened. Referenced meanwhile, so a concurrent release cannot close the fd
+        under the call."""
         self.files.ref(handle.tracked)
         try:
             return await self.tasks.io(os.fstat, handle.tracked.src_fd)
+        except OSError as e:
+            if e.errno not in UNREACHABLE:
+                raise
+            return handle.tracked.opened
         finally:
             self.files.unref(handle.tracked)
 

@@ -55,6 +55,7 @@ class TrackedFile:
     relpath: str
     entry: CacheEntry
     src_fd: int
+    opened: os.stat_result  # the source file's attributes when opened: its version's
     users: int = 0  # open handles, running streams and flights
     closed: bool = False
 
@@ -196,10 +197,11 @@ class OpenFiles:
             # claimed up front, for a file opened anew; given back if the file is tracked already
             await self.claim_fds(FDS_PER_FILE)
             try:
-                src_fd, identity = await self.tasks.io(self.source.open, relpath)
+                src_fd, opened = await self.tasks.io(self.source.open, relpath)
             except BaseException:
                 self._fds -= FDS_PER_FILE
                 raise
+            identity = self.source.identity(opened)
             tracked = self._files.get(relpath)
             if tracked is not None and tracked.identity == identity:
                 # referenced before anything awaits: an idle file may otherwise be closed meanwhile
@@ -215,7 +217,7 @@ class OpenFiles:
                 self._fds -= FDS_PER_FILE
                 os.close(src_fd)
                 raise
-            tracked = TrackedFile(relpath, entry, src_fd)
+            tracked = TrackedFile(relpath, entry, src_fd, opened)
             self._fds -= FDS_PER_FILE - tracked.fds
             if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
                 self._files[relpath] = tracked
