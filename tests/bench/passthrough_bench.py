@@ -3,6 +3,7 @@
     python3 -m tests.bench.passthrough_bench [--size-gb 16] [--files 16] [--readers 8]
         [--source-dir /dev/shm/src] [--cache-dir /dev/shm/ptcache] [--rounds 2] [-o OPTION ...]
         [--variants direct,cold,restart,restart-always,fuse-restart,pyfuse3-restart]
+        [--libfuse-hp PATH --variants ...,libfuse-hp,libfuse-hp-clone]
 
 Each round measures, dropping the page cache before every pass (a tmpfs source and cache stay
 in memory: what is dropped is the mount's own page cache):
@@ -14,6 +15,10 @@ in memory: what is dropped is the mount's own page cache):
   restart-always    the same with verify=always: the first open of each file checks its chunks
   fuse-restart      the same with passthrough=off: every byte through the daemon (kernel session)
   pyfuse3-restart   the same through the pyfuse3 session (the daemon before this change)
+  libfuse-hp        libfuse's C example passthrough_hp over the source, 16 threads, without
+                    passthrough (the bar of issue 22; build it from libfuse's example/, the
+                    version of the installed libfuse3, and pass its path as --libfuse-hp)
+  libfuse-hp-clone  the same with --clone-fd (a /dev/fuse clone per thread)
 each with read() and with mmap (safetensors' way). Rounds alternate the variants, so a noisy
 machine shows as spread, not as a bias. Also printed: the mount's page cache beyond the tmpfs
 cache after an mmap restart pass (Cached - Shmem grown over the pass), in % of the checkpoint,
@@ -27,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +42,8 @@ from pathlib import Path
 from tests.bench.throughput import GiB, cli, cpu_seconds, drop_caches, make_source, read_all
 
 MOUNTPOINT = Path("/tmp/ptbench-mnt")
-VARIANTS = ("direct", "cold", "restart", "restart-always", "fuse-restart", "pyfuse3-restart")
+VARIANTS = ("direct", "cold", "restart", "restart-always", "fuse-restart", "pyfuse3-restart", "libfuse-hp",
+            "libfuse-hp-clone")
 VARIANT_OPTIONS = {"restart-always": ["verify=always"], "fuse-restart": ["passthrough=off"],
                    "pyfuse3-restart": ["session=pyfuse3"]}
 SEAL_MAGIC = b"FCSEAL01"  # fusecache.store.SEAL_MAGIC: the last 48 bytes of a sealed index
@@ -78,6 +86,25 @@ def wait_sealed(cache: Path, files: int) -> None:
         time.sleep(0.2)
 
 
+def libfuse_hp(binary: Path, source: Path, clone_fd: bool) -> subprocess.Popen:
+    """passthrough_hp mounted at MOUNTPOINT over source, in the foreground of a child process.
+    libfuse 3.17's example turns passthrough on unless told --nopassthrough; older ones have
+    none (and no such option)."""
+    MOUNTPOINT.mkdir(exist_ok=True)
+    args = [str(binary), "--foreground", "--num-threads=16", str(source), str(MOUNTPOINT)]
+    if "--nopassthrough" in subprocess.run([str(binary), "--help"], capture_output=True, text=True).stdout:
+        args.insert(1, "--nopassthrough")
+    if clone_fd:
+        args.insert(1, "--clone-fd")
+    process = subprocess.Popen(args)
+    deadline = time.monotonic() + 10
+    while not os.path.ismount(MOUNTPOINT):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{binary} did not mount")
+        time.sleep(0.05)
+    return process
+
+
 def timed_pass(files: list[Path], readers: int, use_mmap: bool) -> tuple[float, int]:
     """GB/s of one pass, and how much the page cache outside tmpfs grew during it."""
     drop_caches()
@@ -97,6 +124,7 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("/dev/shm/ptcache"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--libfuse-hp", type=Path, help="libfuse's passthrough_hp, for the libfuse-hp variants")
     parser.add_argument("-o", dest="options", action="append", default=[])
     args = parser.parse_args()
     size = int(args.size_gb * GiB)
@@ -105,6 +133,8 @@ def main() -> int:
     variants = args.variants.split(",")
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}; known: {','.join(VARIANTS)}")
+    if any(v.startswith("libfuse-hp") for v in variants) and args.libfuse_hp is None:
+        parser.error("the libfuse-hp variants need --libfuse-hp PATH")
     results: dict[str, list[float]] = {}
 
     def record(name: str, value: float) -> None:
@@ -118,6 +148,17 @@ def main() -> int:
                 kind = "mmap" if use_mmap else "read"
                 if variant == "direct":
                     record(f"direct {kind} GB/s", timed_pass(files, args.readers, use_mmap)[0])
+                    continue
+                if variant.startswith("libfuse-hp"):
+                    process = libfuse_hp(args.libfuse_hp, args.source_dir, variant.endswith("clone"))
+                    try:
+                        rate, grown = timed_pass(mounted, args.readers, use_mmap)
+                        record(f"{variant} {kind} GB/s", rate)
+                        if use_mmap:
+                            record(f"{variant} mmap page cache %", 100 * grown / size)
+                    finally:
+                        subprocess.run(["fusermount3", "-u", str(MOUNTPOINT)], check=False)
+                        process.wait(timeout=30)
                     continue
                 if variant == "cold":
                     shutil.rmtree(args.cache_dir, ignore_errors=True)
