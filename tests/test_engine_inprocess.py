@@ -31,7 +31,7 @@ import pytest
 import trio
 import trio.testing
 
-from fusecache import acl
+from fusecache import acl, linux
 from fusecache.engine import ReadError
 from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheStore
@@ -293,7 +293,7 @@ async def test_no_room_when_a_fill_reserves_its_run_sends_reads_to_the_source(ha
 
     data = harness.write("f", 3 * CHUNK)
     engine = await harness.start()
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(linux, "fallocate", full)
     assert await read_file(engine, "f") == data
     assert engine.metrics.bytes_read_through == len(data)
     assert "ENOSPC" in engine.metrics.errors

@@ -34,3 +34,22 @@ def test_getdents64_errors():
     with pytest.raises(OSError) as info:
         linux.getdents64(-1)
     assert info.value.errno == errno.EBADF
+
+
+def test_fallocate_reserves_blocks_and_says_when_a_filesystem_cannot(tmp_path):
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        linux.fallocate(fd, 0, 1 << 20)
+        st = os.fstat(fd)
+        assert st.st_size == 1 << 20 and st.st_blocks * 512 >= 1 << 20
+    finally:
+        os.close(fd)
+    # procfs has no fallocate: the system call says so (glibc's posix_fallocate would try to
+    # emulate it by writing into the file instead)
+    comm = os.open("/proc/thread-self/comm", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            linux.fallocate(comm, 0, 4096)
+        assert info.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(comm)

@@ -1,5 +1,5 @@
-"""Linux system calls that Python's os module lacks: openat2, getdents64, and the mount calls
-(mount, umount2, statx for a mount's id). The one place that loads libc.
+"""Linux system calls that Python's os module lacks: openat2, getdents64, fallocate, and the
+mount calls (mount, umount2, statx for a mount's id). The one place that loads libc.
 
 openat2 resolves a whole relative path beneath a directory fd in one call while refusing
 every symlink on the way (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): the kernel does what would
@@ -96,6 +96,20 @@ def getdents64(fd: int, size: int = 64 * 1024) -> list[tuple[bytes, int, int]]:
         entries.append((name, d_off, d_type))
         pos += reclen
     return entries
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, offset: int, length: int) -> None:
+    """fallocate(2) with mode 0: allocate the range's blocks, or raise OSError (ENOSPC and
+    EDQUOT when there is no room, EOPNOTSUPP where the filesystem cannot). Not
+    os.posix_fallocate: glibc's posix_fallocate, on a filesystem without fallocate, emulates it
+    by reading and writing a byte in every block of the range, one block at a time (a round
+    trip per 4 KiB on NFS), where the caller wants to hear that it cannot reserve."""
+    while _libc.fallocate(fd, 0, offset, length) != 0:
+        if ctypes.get_errno() != errno.EINTR:
+            _raise()
 
 
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]

@@ -50,7 +50,7 @@ from typing import Callable
 
 import xxhash
 
-from . import private
+from . import linux, private
 from .source import Identity
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class CacheEntry:
         bytes (the source changed): then they may be in the data file, but no chunk of the run
         is recorded, so all stay missing.
 
-        One copy per byte: the run's space is reserved first (posix_fallocate: a full cache
+        One copy per byte: the run's space is reserved first (fallocate: a full cache
         filesystem raises ENOSPC/EDQUOT here, as a write would), then `read` fills a shared
         mapping of the data file directly, then each chunk is hashed from the mapping and its
         record written after its bytes, as store_chunk does. Only reserved pages are touched: a
@@ -413,10 +413,11 @@ def _same_content(now: _Stamp, before: _Stamp | None) -> bool:
 
 
 def _reserve(fd: int, offset: int, length: int) -> bool:
-    """Allocate a range of a data file's blocks; False if its filesystem cannot. No room
-    raises, as a write would (ENOSPC, EDQUOT)."""
+    """Allocate a range of a data file's blocks; False if its filesystem cannot (the system
+    call, never glibc's emulation by writes: linux.fallocate). No room raises, as a write
+    would (ENOSPC, EDQUOT)."""
     try:
-        os.posix_fallocate(fd, offset, length)
+        linux.fallocate(fd, offset, length)
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
             return False
