@@ -1,5 +1,6 @@
-"""Linux system calls that Python's os module lacks: openat2, getdents64, fallocate, and the
-mount calls (mount, umount2, statx for a mount's id). The one place that loads libc.
+"""Linux system calls that Python's os module lacks: openat2, getdents64, fallocate, madvise
+without the GIL, and the mount calls (mount, umount2, statx for a mount's id). The one place
+that loads libc.
 
 openat2 resolves a whole relative path beneath a directory fd in one call while refusing
 every symlink on the way (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): the kernel does what would
@@ -110,6 +111,27 @@ def fallocate(fd: int, offset: int, length: int) -> None:
     while _libc.fallocate(fd, 0, offset, length) != 0:
         if ctypes.get_errno() != errno.EINTR:
             _raise()
+
+
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+MADV_DONTNEED = 4
+MADV_POPULATE_WRITE = 23  # Linux 5.14; EINVAL before
+
+
+def address_of(view: memoryview) -> int:
+    """The address of a writable buffer's first byte (a view of a mapping, for madvise). The
+    caller keeps the view alive for as long as it uses the address: while a view is exported,
+    the mapping cannot be closed, so the address cannot come to name another mapping."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) on a page-aligned address, with the GIL released. mmap.madvise holds the
+    GIL for the whole call: populating or unmapping a run of megabytes then stops every other
+    thread of the daemon (on 16 cores the fill fell from 4.4 to 1.7 GB/s). Raises OSError."""
+    if _libc.madvise(address, length, advice) != 0:
+        _raise()
 
 
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]

@@ -432,34 +432,33 @@ def _fill_mapped(mapping: mmap.mmap, start: int, lengths: list[int],
     left), and the range is unmapped from our page tables again, whatever happens: the bytes
     stay in the page cache (the mapping is shared), but pages left mapped would count as the
     daemon's memory (its RSS, which the OOM killer weighs) and would not be dropped by
-    fadvise, so the daemon would seem to hold every file it filled."""
-    try:
-        _prefault(mapping, start, sum(lengths))
-        with memoryview(mapping) as whole, whole[start:start + sum(lengths)] as target:
+    fadvise, so the daemon would seem to hold every file it filled. Both madvise calls are
+    made while the view is held, so the mapping is still there to advise."""
+    length = sum(lengths)
+    with memoryview(mapping) as whole, whole[start:start + length] as target:
+        address = linux.address_of(target)
+        try:
+            _prefault(address, length)
             read(target)
             sums = []
             offset = 0
-            for length in lengths:
-                with target[offset:offset + length] as chunk:
+            for n in lengths:
+                with target[offset:offset + n] as chunk:
                     sums.append(xxhash.xxh3_64_intdigest(chunk))
-                offset += length
+                offset += n
             return sums
-    finally:
-        mapping.madvise(mmap.MADV_DONTNEED, start, sum(lengths))
+        finally:
+            linux.madvise(address, length, linux.MADV_DONTNEED)
 
 
-# madvise(MADV_POPULATE_WRITE), Linux 5.14; the mmap module names it from Python 3.13 only.
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-
-
-def _prefault(mapping: mmap.mmap, start: int, length: int) -> None:
+def _prefault(address: int, length: int) -> None:
     """Map a reserved range writable in one call before the source is read into it. Faulted
-    in by the read's copy instead, each 4 KiB page costs a trap into the kernel: a third of
-    the fill's CPU on tmpfs (docs/benchmarks.md). Only ever over reserved blocks, so it fails
-    only where the faults would (then the read reports it as an error) or on kernels before
-    5.14 (EINVAL): either way the read's own faults do the work."""
+    in by the read's copy instead, each 4 KiB page costs a trap into the kernel (13% of the
+    fill's CPU on tmpfs, docs/benchmarks.md). Only ever over reserved blocks, so it fails only
+    where the faults would (then the read reports it as an error) or on kernels before 5.14
+    (EINVAL): either way the read's own faults do the work."""
     try:
-        mapping.madvise(_MADV_POPULATE_WRITE, start, length)
+        linux.madvise(address, length, linux.MADV_POPULATE_WRITE)
     except OSError as e:
         log.debug("MADV_POPULATE_WRITE: %s", e)
 
