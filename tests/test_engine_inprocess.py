@@ -7,7 +7,8 @@ What it proves, judged by what a counting, fault-injecting Source saw being read
   never cached; a cache file damaged behind the daemon's back is re-verified and only its bad
   chunk fetched again, within a run and across a restart;
 - the evictor: a cache over its limit drops the least recently used idle file; open and
-  pinned files stay, and reads that find no room go straight to the source;
+  pinned files stay, and reads that find no room (at open, or when a fill reserves its run)
+  go straight to the source;
 - the stream scheduler: a prefetch ends with the whole file verified, or with an error; a file
   modified during its prefetch is fetched again, a file that keeps changing is given up;
 - the checkpoint policy: opening one shard streams its siblings in the order of the
@@ -30,7 +31,7 @@ import pytest
 import trio
 import trio.testing
 
-from fusecache import acl
+from fusecache import acl, linux
 from fusecache.engine import ReadError
 from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheStore
@@ -284,6 +285,19 @@ async def test_without_room_on_the_cache_filesystem_reads_go_to_the_source(harne
     engine.prefetch("f")
     await settled(engine, "f")
     assert engine.stream_state("f") == (False, "no space in the cache")
+
+
+async def test_no_room_when_a_fill_reserves_its_run_sends_reads_to_the_source(harness, monkeypatch):
+    def full(fd: int, offset: int, length: int) -> None:  # the cache filesystem fills up mid-run
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    data = harness.write("f", 3 * CHUNK)
+    engine = await harness.start()
+    monkeypatch.setattr(linux, "fallocate", full)
+    assert await read_file(engine, "f") == data
+    assert engine.metrics.bytes_read_through == len(data)
+    assert "ENOSPC" in engine.metrics.errors
+    assert engine.cached_extent("f") == (0, len(data))  # nothing recorded: every chunk still missing
 
 
 async def test_sequential_reads_fetch_ahead_of_the_reader(harness):

@@ -1,9 +1,11 @@
 """The system calls Python lacks (fusecache.linux): openat2 refuses symlinks and escapes,
-getdents64 reports errors as OSError."""
+getdents64 reports errors as OSError, fallocate reserves blocks or says the filesystem cannot,
+madvise populates and unmaps a range of a mapping."""
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import pytest
@@ -34,3 +36,55 @@ def test_getdents64_errors():
     with pytest.raises(OSError) as info:
         linux.getdents64(-1)
     assert info.value.errno == errno.EBADF
+
+
+def test_fallocate_reserves_blocks_and_says_when_a_filesystem_cannot(tmp_path):
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        linux.fallocate(fd, 0, 1 << 20)
+        st = os.fstat(fd)
+        assert st.st_size == 1 << 20 and st.st_blocks * 512 >= 1 << 20
+    finally:
+        os.close(fd)
+    # procfs has no fallocate: the system call says so (glibc's posix_fallocate would try to
+    # emulate it by writing into the file instead)
+    comm = os.open("/proc/thread-self/comm", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            linux.fallocate(comm, 0, 4096)
+        assert info.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(comm)
+
+
+def _resident_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of the file at path (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = line.rstrip("\n").endswith(" " + path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_madvise_populates_and_unmaps_a_shared_file_mapping(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(1 << 20))
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 1 << 20) as mapping, memoryview(mapping) as view:
+        address = linux.address_of(view)
+        try:
+            linux.madvise(address, 1 << 20, linux.MADV_POPULATE_WRITE)
+        except OSError as e:
+            assert e.errno == errno.EINVAL  # a kernel before 5.14
+        else:
+            assert _resident_kib(str(path)) == 1024  # every page mapped, none touched by us
+        view[:5] = b"bytes"
+        linux.madvise(address, 1 << 20, linux.MADV_DONTNEED)
+        assert _resident_kib(str(path)) == 0
+        assert view[:5] == b"bytes"  # a shared mapping: the bytes stay in the file's pages
+        with pytest.raises(OSError) as info:
+            linux.madvise(address + 1, 4096, linux.MADV_DONTNEED)
+        assert info.value.errno == errno.EINVAL

@@ -11,7 +11,9 @@ A chunk's index record (checksum of its bytes, PRESENT marker) is written only a
 were written to the data file, by the same thread. A crash (kill -9) therefore leaves either
 no record or a record for bytes that are in the file; a power loss that loses data pages but
 keeps the record is caught by the checksum, which is checked before a chunk is first served in
-each daemon lifetime, unless the entry is sealed.
+each daemon lifetime, unless the entry is sealed. Fills write through one shared mapping of
+the data file, only into blocks reserved first (fill_run); the data file never shrinks, so no
+page of the mapping lies past its end (a truncation by someone else would be a SIGBUS).
 
 A *seal* is what lets a restart serve a complete file without reading it. Once every chunk of
 an entry is verified, its data file and records are made durable (fdatasync), and then a seal
@@ -44,10 +46,11 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import xxhash
 
-from . import private
+from . import linux, private
 from .source import Identity
 
 log = logging.getLogger(__name__)
@@ -105,6 +108,7 @@ class CacheEntry:
         self.generation = 0
         self._map: mmap.mmap | None = None
         self.sealed = sealed  # the index ends with a seal (see the module docstring)
+        self._reservable = self.cacheable  # until the cache filesystem says it cannot fallocate
 
     @classmethod
     def uncached(cls, relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
@@ -184,21 +188,81 @@ class CacheEntry:
         """Write a chunk's bytes, then its index record. Order matters for crash safety."""
         offset, length = self.chunk_extent(index)
         assert len(data) == length, (len(data), length)
-        with self._lock:
-            if not self._writing:
-                self._notice_foreign_writes()  # before our write's stamp would hide them
-            self._unseal()
-            self._writing += 1
+        self._begin_write()
         try:
             _pwrite_all(self.data_fd, data, offset)
-            checksum = xxhash.xxh3_64_intdigest(data)
-            os.pwrite(self.index_fd, _RECORD.pack(checksum, _PRESENT), self.records_offset + index * _RECORD.size)
-            self.sums[index] = checksum
-            self.state[index] = VERIFIED
+            self._record(range(index, index + 1), [xxhash.xxh3_64_intdigest(data)])
         finally:
-            with self._lock:
-                self._writing -= 1
-                self._stamp = _stamp(self.data_fd)
+            self._end_write()
+
+    def fill_run(self, run: range, read: Callable[[memoryview], None], scratch: memoryview) -> int:
+        """Fill a run of contiguous chunks with the bytes `read` puts into the view it is given
+        (the run's extent); returns the run's length. `read` raises if it cannot vouch for the
+        bytes (the source changed): then they may be in the data file, but no chunk of the run
+        is recorded, so all stay missing.
+
+        One copy per byte: the run's space is reserved first (fallocate: a full cache
+        filesystem raises ENOSPC/EDQUOT here, as a write would), then `read` fills a shared
+        mapping of the data file directly, then each chunk is hashed from the mapping and its
+        record written after its bytes, as store_chunk does. Only reserved pages are touched: a
+        write fault into a hole the filesystem has no room for is a SIGBUS, not an error. A
+        cache filesystem that cannot reserve falls back, for this entry from then on, to reading
+        into `scratch` and store_chunk."""
+        if self._reservable:
+            start, length = self.run_extent(run)
+            self._begin_write()
+            try:
+                if _reserve(self.data_fd, start, length):
+                    lengths = [self.chunk_extent(i)[1] for i in run]
+                    self._record(run, _fill_mapped(self._mapping(), start, lengths, read))
+                    return length
+                log.info("cache filesystem cannot reserve space (fallocate); filling %s by writes", self.relpath)
+                self._reservable = False
+            finally:
+                self._end_write()
+        return self._fill_buffered(run, read, scratch)
+
+    def _fill_buffered(self, run: range, read: Callable[[memoryview], None], scratch: memoryview) -> int:
+        start, length = self.run_extent(run)
+        view = scratch[:length]
+        read(view)
+        for i in run:
+            offset, n = self.chunk_extent(i)
+            self.store_chunk(i, view[offset - start:offset - start + n])
+        return length
+
+    def _record(self, run: range, checksums: list[int]) -> None:
+        """Write the records of a run of chunks whose bytes are in the data file (page cache):
+        the last step of storing them."""
+        records = b"".join(_RECORD.pack(checksum, _PRESENT) for checksum in checksums)
+        _pwrite_all(self.index_fd, memoryview(records), self.records_offset + run.start * _RECORD.size)
+        for i, checksum in zip(run, checksums):
+            self.sums[i] = checksum
+            self.state[i] = VERIFIED
+
+    def _begin_write(self) -> None:
+        """Before any write of ours into the data file: foreign writes noticed first (our
+        write's stamp would hide them), the seal removed, and the stamp check paused."""
+        with self._lock:
+            if not self._writing:
+                self._notice_foreign_writes()
+            self._unseal()
+            self._writing += 1
+
+    def _end_write(self) -> None:
+        with self._lock:
+            self._writing -= 1
+            self._stamp = _stamp(self.data_fd)
+
+    def _mapping(self) -> mmap.mmap:
+        """The shared read-write mapping of the whole data file, made once: fills write into it,
+        replies from a cache in memory are views of it. The data file never shrinks (we never
+        truncate one), so no page of it is ever past the end of the file."""
+        with self._lock:
+            if self._map is None:
+                self._map = mmap.mmap(self.data_fd, self.size, flags=mmap.MAP_SHARED,
+                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            return self._map
 
     def verify_chunk(self, index: int, scratch: memoryview) -> bool:
         """Check a chunk recorded by an earlier run against its checksum; forget it if bad."""
@@ -270,9 +334,7 @@ class CacheEntry:
         None as for read_into."""
         if not self._unchanged_since(generation):
             return None
-        if self._map is None:
-            self._map = mmap.mmap(self.data_fd, self.size, prot=mmap.PROT_READ)
-        return memoryview(self._map)[offset:offset + length]
+        return memoryview(self._mapping())[offset:offset + length]
 
     def recheck(self) -> None:
         """Notice writes into the data file by anyone else now (demoting its chunks), before
@@ -348,6 +410,57 @@ def _same_content(now: _Stamp, before: _Stamp | None) -> bool:
     if now.nlink == 0 and before.nlink > 0:
         return (now.size, now.mtime_ns) == (before.size, before.mtime_ns)
     return (now.size, now.ctime_ns) == (before.size, before.ctime_ns)
+
+
+def _reserve(fd: int, offset: int, length: int) -> bool:
+    """Allocate a range of a data file's blocks; False if its filesystem cannot (the system
+    call, never glibc's emulation by writes: linux.fallocate). No room raises, as a write
+    would (ENOSPC, EDQUOT)."""
+    try:
+        linux.fallocate(fd, offset, length)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise
+    return True
+
+
+def _fill_mapped(mapping: mmap.mmap, start: int, lengths: list[int],
+                 read: Callable[[memoryview], None]) -> list[int]:
+    """Have `read` fill the mapping's range of consecutive chunks of these lengths from start;
+    their checksums. Every view of the mapping is released (mmap.close raises while one is
+    left), and the range is unmapped from our page tables again, whatever happens: the bytes
+    stay in the page cache (the mapping is shared), but pages left mapped would count as the
+    daemon's memory (its RSS, which the OOM killer weighs) and would not be dropped by
+    fadvise, so the daemon would seem to hold every file it filled. Both madvise calls are
+    made while the view is held, so the mapping is still there to advise."""
+    length = sum(lengths)
+    with memoryview(mapping) as whole, whole[start:start + length] as target:
+        address = linux.address_of(target)
+        try:
+            _prefault(address, length)
+            read(target)
+            sums = []
+            offset = 0
+            for n in lengths:
+                with target[offset:offset + n] as chunk:
+                    sums.append(xxhash.xxh3_64_intdigest(chunk))
+                offset += n
+            return sums
+        finally:
+            linux.madvise(address, length, linux.MADV_DONTNEED)
+
+
+def _prefault(address: int, length: int) -> None:
+    """Map a reserved range writable in one call before the source is read into it. Faulted
+    in by the read's copy instead, each 4 KiB page costs a trap into the kernel (13% of the
+    fill's CPU on tmpfs, docs/benchmarks.md). Only ever over reserved blocks, so it fails only
+    where the faults would (then the read reports it as an error) or on kernels before 5.14
+    (EINVAL): either way the read's own faults do the work."""
+    try:
+        linux.madvise(address, length, linux.MADV_POPULATE_WRITE)
+    except OSError as e:
+        log.debug("MADV_POPULATE_WRITE: %s", e)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

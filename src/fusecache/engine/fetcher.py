@@ -252,19 +252,21 @@ class Fetcher:
     def _materialize(self, tracked: TrackedFile, chunks: range, buf: memoryview) -> tuple[int, int]:
         """Worker thread: make chunks verified. Chunks recorded by an earlier run are checked
         against their checksum; the rest are read from the source in one sequential read per
-        contiguous run and stored. Returns (bytes read from source, checksum failures)."""
+        contiguous run, straight into the cache file (CacheEntry.fill_run; buf only where the
+        cache filesystem cannot reserve space). Returns (bytes read from source, checksum
+        failures)."""
         entry = tracked.entry
         bad = entry.verify_recorded(chunks, buf)
         fetched = 0
         for run in contiguous_runs(entry.missing(chunks), len(chunks)):
-            start, length = entry.run_extent(run)
-            view = buf[:length]
-            self.source.read_exact(tracked.src_fd, view, start, entry.relpath, entry.identity)
-            for i in run:
-                offset, length = entry.chunk_extent(i)
-                entry.store_chunk(i, view[offset - start: offset - start + length])
-            self.drop_source_pages(tracked, start, len(view))
-            fetched += len(view)
+            start = entry.chunk_extent(run.start)[0]
+
+            def read(target: memoryview, start: int = start) -> None:
+                self.source.read_exact(tracked.src_fd, target, start, entry.relpath, entry.identity)
+
+            length = entry.fill_run(run, read, buf)
+            self.drop_source_pages(tracked, start, length)
+            fetched += length
         return fetched, bad
 
     def drop_source_pages(self, tracked: TrackedFile, start: int, length: int) -> None:
