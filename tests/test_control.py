@@ -19,8 +19,8 @@ import trio
 import trio.testing
 
 from fusecache.config import runtime_dir
-from fusecache.control import (MAX_REQUEST, ControlError, ControlServer, ControlTimeout, call, is_listening,
-                               send_request, socket_path)
+from fusecache.control import MAX_REQUEST, ControlError, ControlTimeout, call, is_listening, send_request, socket_path
+from fusecache.controlserver import ControlServer
 
 
 async def slow(request: dict) -> dict:

@@ -17,7 +17,8 @@ import os
 import pytest
 import trio
 
-from fusecache.control import ControlError, ControlServer, send_request
+from fusecache.control import ControlError, send_request
+from fusecache.controlserver import ControlServer
 from fusecache.engine import Engine
 from fusecache.handlers import ControlHandlers, DaemonParts
 from fusecache.source import Source
@@ -79,7 +80,7 @@ async def test_prefetch_is_a_job_whose_progress_is_asked_by_id(harness):
     assert (queued["files"], queued["bytes"]) == (2, 3 * CHUNK + 7)
     progress = await finished(handlers, queued["job"])
     assert progress == {"cached": 3 * CHUNK + 7, "size": 3 * CHUNK + 7, "unknown": 0, "pending": 0,
-                        "rate": progress["rate"], "errors": {}}
+                        "rate": progress["rate"], "errors": {}, "waited": True}
     assert harness.source.calls("other") == 0
     with pytest.raises(ControlError, match=f"^no prefetch job {queued['job']} in this daemon$"):
         await handlers.progress({"command": "progress", "job": queued["job"]})  # reported finished: forgotten
@@ -89,6 +90,20 @@ async def test_prefetch_is_a_job_whose_progress_is_asked_by_id(harness):
     again = await handlers.prefetch({"command": "prefetch", "paths": ["tree/x"]})
     assert again["job"] != queued["job"]
     assert (await finished(handlers, again["job"]))["cached"] == 2 * CHUNK
+
+
+async def test_a_progress_request_may_wait_for_its_job_to_finish(harness):
+    """The CLI asks with a wait, so that it hears of the end of a prefetch at once (and a
+    prefetch of little is not slower than a copy for want of a poll)."""
+    data = harness.write("f", 3 * CHUNK)
+    engine = await harness.start()
+    handlers = handlers_of(harness, engine)
+    queued = await handlers.prefetch({"command": "prefetch", "paths": ["f"]})
+    progress = await handlers.progress({"command": "progress", "job": queued["job"], "wait": 5})
+    assert (progress["pending"], progress["cached"], progress["waited"]) == (0, len(data), True)
+    for wait in (-1, 5.5, "1", True, None):
+        with pytest.raises(ControlError, match="^wait must be a number of seconds from 0 to 5$"):
+            await handlers.progress({"command": "progress", "job": queued["job"], "wait": wait})
 
 
 async def test_progress_of_a_file_that_cannot_be_fetched_names_its_error(harness):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, control, daemon, logs, mounts, precheck, private
+from . import __version__, control, logs, mounts, precheck, private
 from .config import LOG_LEVELS, ConfigError, build_config, human
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 COMMANDS = ("mount", "umount", "unmount", "restart", "status", "prefetch", "pin", "unpin", "cache", "demo")
 FSTYPE = precheck.FUSECACHE_FSTYPE
 UMOUNT_WAIT = 30.0
+PROGRESS_INTERVAL = 0.5  # seconds between redraws of a prefetch's progress bar
 STATUS_TIMEOUT = 10.0  # a status answer takes milliseconds; silence this long is a hung daemon
 
 
@@ -175,6 +176,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level)
     store = precheck.check_request(cfg)
     if cfg.foreground:
+        from . import daemon  # loaded (trio, the engine) only by the commands that start one
         daemon.run(cfg, store, ready=lambda: None)
         return 0
     return _mount_detached(cfg, store)
@@ -219,6 +221,7 @@ def _daemon_child(cfg, store, ready_fd: int, log_path: Path, takeover: bool) -> 
         reported = True
 
     try:
+        from . import daemon  # loaded (trio, the engine) only by the commands that start one
         daemon.run(cfg, store, ready, takeover)
         return 0
     except BaseException as e:  # the parent must hear about any start-up failure
@@ -348,13 +351,13 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 
 def _wait_for(mountpoint: str, job: int, total: int, show: bool) -> dict:
-    """Poll the daemon until no file of the prefetch job is still being fetched, drawing a
-    progress bar. `total` (the listed size) stands in until every file's current version is
+    """Ask the daemon until no file of the prefetch job is still being fetched, drawing a
+    progress bar: each answer comes when the job ends or PROGRESS_INTERVAL has passed. `total` (the listed size) stands in until every file's current version is
     known. The job is asked for by its id: a request listing its paths would outgrow the
     request limit with a large tree."""
     started = time.monotonic()
     while True:
-        progress = control.call(mountpoint, {"command": "progress", "job": job})
+        progress = control.call(mountpoint, {"command": "progress", "job": job, "wait": PROGRESS_INTERVAL})
         done, rate = progress["cached"], progress["rate"]
         if not progress["unknown"]:
             total = progress["size"]
@@ -369,7 +372,8 @@ def _wait_for(mountpoint: str, job: int, total: int, show: bool) -> dict:
                 print(file=sys.stderr)
             return {"cached": done, "bytes": total, "seconds": time.monotonic() - started,
                     "errors": progress["errors"]}
-        time.sleep(0.5)
+        if not progress.get("waited"):  # a daemon of an older fusecache answers at once
+            time.sleep(PROGRESS_INTERVAL)
 
 
 def _by_mount(paths: list[str]) -> dict[str, list[str]]:

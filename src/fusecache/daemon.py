@@ -21,7 +21,8 @@ import trio
 from . import exporters, handover, mounts, private
 from .budget import CacheBudget
 from .config import MountConfig
-from .control import ControlError, ControlServer, socket_path
+from .control import ControlError, socket_path
+from .controlserver import ControlServer
 from .engine import Engine
 from .fs import FuseOperations
 from .handlers import ControlHandlers, DaemonParts

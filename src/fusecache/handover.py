@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .control import ControlError, Handler, socket_of
+from .control import ControlError, socket_of
+from .controlserver import Handler
 from .livestate import FORMAT, AdapterState, LiveState, StateError, encode, from_json
 from .session.kernel import KernelSession
 
