@@ -17,7 +17,7 @@ from fusecache import control, journal, mounts
 
 from .conftest import SESSION, file_bytes, run_cli, wait_gone
 from .helpers import fill
-from .test_restart import FILES, WAIT, Readers
+from .readers import FILES, WAIT, Readers
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(SESSION != "kernel", reason="only fusecache's own session is supervised")]
@@ -77,6 +77,8 @@ def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, m
     assert readers.errors == []
     status = m.status()
     assert status["supervisor_pid"] == m.supervisor_pid
+    log_text = (Path(status["cache"]) / "daemon.log").read_text()
+    assert log_text.count("died: starting a new serving process") == 3  # the kills: none died on its own
     assert status["metrics"]["bytes_from_source"] == 0  # nothing cached was fetched again
     assert status["passthrough"] == ("on" if passthrough == "on" else "turned off (passthrough=off)")
     assert sorted(os.listdir(m.mountpoint / "ckpt")) == sorted(name.split("/")[1] for name in FILES)
