@@ -10,6 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+from fusecache import journal
+from fusecache.livestate import StateError
+
 MiB = 1 << 20
 FILES = {"ckpt/shard-0.bin": 6 * MiB + 17, "ckpt/shard-1.bin": 3 * MiB, "ckpt/meta.json": 300}
 WAIT = 60.0  # a failure bound only: the readers normally finish their passes in milliseconds
@@ -64,6 +67,12 @@ class Readers:
             return (self.mountpoint / name).read_bytes()
         return os.pread(f.fileno(), len(self.contents[name]) + 1, 0)
 
+    def wait_for_the_journal(self, path: Path, pid: int) -> None:
+        """Until the journal at path is process pid's and holds what the readers keep open:
+        what changed in the last 0.5 s before a crash is not promised (docs/semantics.md),
+        and a test of a crash must not trip over it by chance."""
+        wait_for_the_journal(path, pid, self.contents, handles=len(self.passes) * len(self.contents))
+
     def wait_for_passes(self, more: int) -> None:
         """Until every reader has done `more` passes from now (or one failed)."""
         target = {kind: n + more for kind, n in self.passes.items()}
@@ -72,3 +81,21 @@ class Readers:
             assert not self.errors, self.errors  # the first failure, not what it leads to later
             assert time.monotonic() < deadline, f"readers stalled: {self.passes}"
             time.sleep(0.01)
+
+
+
+def wait_for_the_journal(path: Path, pid: int, contents: dict[str, bytes], handles: int = 0) -> None:
+    """Until the journal at path is process pid's, knows an inode for every file and directory
+    of contents (below the root) and at least `handles` open files."""
+    names = {Path(name) for name in contents}
+    looked_up = len(names | {parent for name in names for parent in name.parents if parent != Path(".")})
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            state = journal.read(path)
+            if state.pid == pid and len(state.adapter.inodes) >= looked_up and len(state.adapter.files) >= handles:
+                return
+        except StateError:  # not written yet
+            pass
+        assert time.monotonic() < deadline, "the journal never caught up"
+        time.sleep(0.02)

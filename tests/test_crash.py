@@ -61,6 +61,7 @@ def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, m
         readers.wait_for_passes(2)
         for _ in range(2):
             old = m.pid
+            readers.wait_for_the_journal(_journal_of(m), m.pid)
             m.kill9_serving()
             m.pid = _new_serving_pid(m, old)
             readers.wait_for_passes(2)
@@ -71,6 +72,7 @@ def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, m
         wait_gone(old)
         readers.wait_for_passes(2)
         old = m.pid
+        readers.wait_for_the_journal(_journal_of(m), m.pid)
         m.kill9_serving()  # the restarted daemon is supervised too
         m.pid = _new_serving_pid(m, old)
         readers.wait_for_passes(2)

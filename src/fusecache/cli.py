@@ -175,11 +175,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
         for message in cfg.deprecations:
             say(f"warning: {message}")
     setup_logging(cfg.log_level)
-    store = precheck.check_request(cfg)
     if cfg.foreground:
-        daemon.run(cfg, store, ready=lambda: None)
+        return _mount_in_foreground(cfg)
+    return _mount_detached(cfg, precheck.check_request(cfg))
+
+
+def _mount_in_foreground(cfg) -> int:
+    """Serve in this process (systemd runs it so). Started again by systemd after a crash, it
+    serves the connection systemd's fd store kept, from the journal, instead of mounting:
+    the checks of a new mount would touch the mountpoint, which waits on this very process."""
+    stored = daemon.stored_connection(cfg)
+    if stored is not None:
+        recovering, fuse_fd = stored
+        daemon.run(recovering, precheck.store_for(recovering), ready=lambda: None, recover_fd=fuse_fd)
         return 0
-    return _mount_detached(cfg, store)
+    daemon.run(cfg, precheck.check_request(cfg), ready=lambda: None)
+    return 0
 
 
 def _mount_detached(cfg, store, takeover: bool = False) -> int:

@@ -15,13 +15,13 @@ import resource
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import trio
 
-from . import exporters, handover, journal, mounts, private, supervisor
+from . import exporters, handover, journal, mounts, private, sdnotify, supervisor
 from .budget import CacheBudget
 from .config import MountConfig
 from .control import ControlError, ControlServer, socket_path
@@ -33,9 +33,9 @@ from .journal import Journal
 from .livestate import FORMAT, LiveState, StateError
 from .metrics import Metrics, prometheus_registry
 from .passthrough import probe
-from .precheck import MountError
+from .precheck import FUSECACHE_FSTYPE, MountError
 from .session.kernel import KernelSession, SessionConfig, SessionError
-from .session.mount import MountSpec
+from .session.mount import MountSpec, connected
 from .session.types import Session
 from .source import Source
 from .store import CacheStore, StoreError
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 Ready = Callable[[], None]
 DEFAULT_CACHE_FRACTION = 0.8
 STORE_WAIT = 30.0  # seconds a restarted daemon waits for the old one to let go of the store
+FUSE_FD_NAME = "fuse"  # what systemd's fd store keeps the /dev/fuse connection under
 
 
 def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str) -> Session:
@@ -72,10 +73,46 @@ def run(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool = Fals
     """Mount and serve until unmounted; `ready` is called once the mount is live. takeover:
     serve the mount cfg names by taking it over from the daemon serving it (handover.py);
     recover_fd: serve the connection on this descriptor, whose serving process died, from
-    the journal (journal.py; started by the supervisor). In both the store is not locked
-    yet (the old daemon holds it until it exits)."""
+    the journal (journal.py; started by the supervisor, or by systemd with the descriptor
+    its fd store kept). In both the store is not locked yet (the old daemon holds it until
+    it exits)."""
     raise_fd_limit()
-    trio.run(_serve, cfg, store, ready, takeover, recover_fd)
+    try:
+        trio.run(_serve, cfg, store, ready, takeover, recover_fd)
+    except MountError:
+        if recover_fd is not None and uses_fd_store(cfg):
+            sdnotify.remove_fd(FUSE_FD_NAME)  # never served: the mount ends, as with a supervisor
+        raise
+
+
+def uses_fd_store(cfg: MountConfig) -> bool:
+    """Whether systemd's fd store keeps this daemon's connection: a daemon of our session that
+    systemd runs itself (in the foreground of a Type=notify service). A detached daemon has
+    its supervisor: one keeper per mount."""
+    return cfg.foreground and cfg.session == "kernel" and sdnotify.available()
+
+
+def stored_connection(cfg: MountConfig) -> tuple[MountConfig, int] | None:
+    """The connection systemd's fd store kept for this service while its daemon died, and cfg
+    with the mountpoint as the mount table lists it (never stat'ed: that would wait on this
+    very process); None for a first start. A kept connection that has ended meanwhile
+    (unmounted, aborted) is dropped from the store, and the mount is made anew."""
+    passed = sdnotify.passed_fds()
+    kept = passed.pop(FUSE_FD_NAME, [])
+    for fd in [fd for fds in passed.values() for fd in fds] + kept[1:]:
+        os.close(fd)  # not ours, or a second copy of the same connection
+    if not kept:
+        return None
+    fd = kept[0]
+    mountpoint = mounts.resolve_mountpoint(str(cfg.mountpoint))
+    info = mounts.find_mount(mountpoint)
+    if info is None or info.fstype != FUSECACHE_FSTYPE or not connected(fd):
+        log.warning("the connection the fd store kept for %s has ended: mounting anew", mountpoint)
+        os.close(fd)
+        sdnotify.remove_fd(FUSE_FD_NAME)
+        return None
+    log.info("the fd store kept the connection of %s: serving it again from the journal", mountpoint)
+    return replace(cfg, mountpoint=Path(mountpoint)), fd
 
 
 def raise_fd_limit() -> None:
@@ -119,6 +156,7 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
         passthrough_state=lambda: operations.passthrough.off_reason or "on", supervisor_pid=supervised.pid))
     session = make_session(cfg, operations, mountpoint, source.root)
     kernel = session if isinstance(session, KernelSession) else None
+    fd_store = uses_fd_store(cfg)
     journal_ = _journal(store, kernel, operations)
     restarts = HandoverServer(session if isinstance(session, KernelSession) else None, operations.export_state,
                               MountArguments(str(cfg.source), cfg.options, str(cfg.cache_dir), cfg.log_level,
@@ -158,6 +196,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                 if recover_fd is not None:
                     supervised.register(recover_fd)
                     _resend(session)
+            if fd_store and kernel is not None:
+                sdnotify.store_fd(kernel.fd, FUSE_FD_NAME)
         except OSError as e:
             failure = f"cannot mount {mountpoint}: {e}"  # raised out of the nursery, as itself
         else:
@@ -173,19 +213,22 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                     nursery.start_soon(_announce_when_live, cfg, mountpoint, ready, session, operations, store)
                 else:
                     ready()
-                    exporters.notify_systemd()
+                    sdnotify.notify("READY=1")
                 log.info("serving %s at %s (cache %s, %s session)", source.root, mountpoint, store.root, cfg.session)
                 try:
                     await session.serve()
                 except SessionError as e:
                     log.error("%s", e)
                 except Exception:
-                    if kernel is not None and supervised.sock is not None:  # the supervisor starts another
-                        log.exception("serving failed: leaving the connection to the supervisor")
+                    if kernel is not None and (supervised.sock is not None or fd_store):  # a new one is started
+                        log.exception("serving failed: leaving the connection to its keeper")
                         kernel.handed_over()
                     raise
-                if journal_ is not None and not restarts.taken:
-                    journal_.remove()  # unmounted: no one recovers from it
+                if not restarts.taken:  # unmounted: no one recovers from it
+                    if journal_ is not None:
+                        journal_.remove()
+                    if fd_store:
+                        sdnotify.remove_fd(FUSE_FD_NAME)
             finally:
                 session.close()
                 log.info("handed %s over" if restarts.taken else "unmounted %s", mountpoint)
@@ -296,7 +339,7 @@ async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready, s
     mounts.tune_fuse_mount(mountpoint, cfg.read_ahead_kb, cfg.max_background)
     _set_passthrough(cfg, session, operations, store)
     ready()
-    exporters.notify_systemd()
+    sdnotify.notify("READY=1")
 
 
 async def _terminate_on_signal(session) -> None:

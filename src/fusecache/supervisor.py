@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .session.mount import connected
+
 log = logging.getLogger(__name__)
 
 HELLO = b"serving\n"
@@ -146,7 +148,7 @@ class Supervisor:
             return  # a restart that did not go through
         if self.serving:
             log.info("pid %d handed the mount over to pid %d", ended.pid, self.serving[0].pid)
-        elif self.fuse_fd is not None and _connected(self.fuse_fd):
+        elif self.fuse_fd is not None and connected(self.fuse_fd):
             log.warning("pid %d, serving the mount, died: starting a new serving process", ended.pid)
             self.starting = self.spawn(self.fuse_fd)
 
@@ -169,10 +171,3 @@ class Supervisor:
             os.close(self.fuse_fd)
         self.listener.close()
         return status
-
-
-def _connected(fd: int) -> bool:
-    """Whether the kernel still holds the connection open (POLLERR once unmounted or aborted)."""
-    poller = select.poll()
-    poller.register(fd, 0)
-    return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))

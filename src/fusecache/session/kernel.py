@@ -16,7 +16,6 @@ import errno
 import fcntl
 import logging
 import os
-import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from ..fairness import requester
 from ..livestate import Negotiated
 from . import protocol as p
 from .gate import ReadGate
-from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
+from .mount import MountIdentity, MountSpec, connected, identify, mount, unmount_own
 from .types import Attributes, Context, Operations, reply_errno
 
 log = logging.getLogger(__name__)
@@ -146,7 +145,7 @@ class KernelSession:
         of the device."""
         if self._mounted and not self._handed_over:
             self._mounted = False
-            unmount_own(self.spec.mountpoint, self._made, connected=_connected(self.fd))
+            unmount_own(self.spec.mountpoint, self._made, connected=connected(self.fd))
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -369,14 +368,6 @@ class KernelSession:
 
     async def _ok(self, header: p.InHeader, args: memoryview) -> None:
         self._send(header.unique, 0)
-
-
-def _connected(fd: int) -> bool:
-    """Whether the kernel still holds the connection on fd open (POLLERR once it closed it:
-    the mount was unmounted, or the connection aborted)."""
-    poller = select.poll()
-    poller.register(fd, 0)
-    return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
 
 
 def _sized(size: int, value: bytes) -> tuple[int, bytes]:
