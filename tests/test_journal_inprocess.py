@@ -15,7 +15,7 @@ from fusecache.inodes import ROOT_INODE
 from fusecache.livestate import (FORMAT, AdapterState, Backing, LiveState, Negotiated, OpenFile,
                                  StateError)
 
-from .inprocess import CHUNK, buffer, ctx, fuse_errno, harness, operations  # noqa: F401 (fixture)
+from .inprocess import CHUNK, buffer, ctx, fuse_errno, harness, operations, read_file  # noqa: F401 (fixture)
 
 
 def _state(next_fh: int = 5, backing: list[Backing] | None = None) -> LiveState:
@@ -106,3 +106,48 @@ async def test_a_handle_opened_after_the_last_write_reads_its_inodes_version_aft
     assert bytes(out) == data
     await recovered.release(fh)
     await ops.release(fh)
+
+
+class _Registry:
+    """The kernel's backing-file registry: ids handed out, and those still registered."""
+
+    def __init__(self) -> None:
+        self.live: set[int] = set()
+        self.registered = 0
+
+    def open(self, fd: int) -> int:
+        self.registered += 1
+        self.live.add(self.registered)
+        return self.registered
+
+    def close(self, backing_id: int) -> None:
+        self.live.remove(backing_id)
+
+
+async def test_a_backing_id_from_the_journal_outlives_our_count_of_its_opens(harness):
+    """The journal missed a passthrough open (made after its last write) that the kernel still
+    holds on the inode's backing id. Once the recovered daemon has seen every open it knows
+    of released, it must neither close that id nor give the next open another one: the
+    kernel refuses an open with another id while it holds one (EIO)."""
+    data = os.urandom(3 * CHUNK + 5)
+    (harness.src / "f").write_bytes(data)
+    registry = _Registry()
+    ops = await operations(harness)
+    ops.passthrough.enable(registry, 30.0)
+    assert await read_file(ops.engine, "f") == data  # complete in the cache: opens go passthrough
+    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    journaled = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    assert journaled.backing_id is not None
+    written = LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state())  # the last journal write
+    missed = await ops.open(attr.ino, os.O_RDONLY, ctx())  # the kernel holds it; the journal does not
+    assert missed.backing_id == journaled.backing_id
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)
+    await recovered.import_state(journal.for_recovery(written).adapter, after_crash=True)
+    recovered.passthrough.enable(registry, 30.0)
+    await recovered.release(journaled.fh)  # every open the recovered daemon knows of is released
+    assert registry.live == {journaled.backing_id}  # the kernel's open still reads through it
+    again = await recovered.open(attr.ino, os.O_RDONLY, ctx())
+    assert again.backing_id == journaled.backing_id and registry.registered == 1
+    await recovered.release(again.fh)
+    await recovered.release(missed.fh)
+    assert registry.live == {journaled.backing_id}  # kept until unmount: its opens cannot be counted

@@ -192,7 +192,7 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                 if kernel is not None:
                     supervised.register(kernel.fd)
             else:
-                await _adopt(cfg, session, operations, store, received)
+                await _adopt(cfg, session, operations, store, received, after_crash=recover_fd is not None)
                 if recover_fd is not None:
                     supervised.register(recover_fd)
                     _resend(session)
@@ -298,12 +298,12 @@ def _resend(session: KernelSession) -> None:
 
 
 async def _adopt(cfg: MountConfig, session: KernelSession, operations: FuseOperations, store: CacheStore,
-                 received: handover.Received) -> None:
+                 received: handover.Received, after_crash: bool) -> None:
     """Take over the connection a restart handed us: the adapter's tables first (handles are
     opened again through the engine), passthrough as it was, and only then a request read."""
     state = received.state
     try:
-        lost = await operations.import_state(state.adapter)
+        lost = await operations.import_state(state.adapter, after_crash)
     except ValueError as e:
         os.close(received.fd)
         raise OSError(f"the state handed over by pid {state.pid} does not hold together: {e}") from None

@@ -315,12 +315,12 @@ class FuseOperations:
         dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd) in self._dirs.items()]
         return AdapterState(held, paths, files, dirs, self.passthrough.export_state(), self._next_fh)
 
-    async def import_state(self, state: AdapterState) -> int:
-        """Take over another daemon's export_state(), before serving a request. Each handle is
-        opened again, through the engine, on the version its inode names; one whose version
-        the source no longer has is kept as lost (its reads fail with EIO) rather than given
-        other bytes. Returns how many handles were lost. ValueError if the state does not hold
-        together."""
+    async def import_state(self, state: AdapterState, after_crash: bool = False) -> int:
+        """Take over another daemon's export_state() (after_crash: its journal's), before
+        serving a request. Each handle is opened again, through the engine, on the version its
+        inode names; one whose version the source no longer has is kept as lost (its reads
+        fail with EIO) rather than given other bytes. Returns how many handles were lost.
+        ValueError if the state does not hold together."""
         self.inodes.import_state(state.inodes, state.paths)
         self._next_fh = self._imported_next_fh = state.next_fh
         for f in state.files:
@@ -337,7 +337,7 @@ class FuseOperations:
                 self._dirs[d.fh] = (d.relpath, await self.engine.opendir(d.relpath))
             except OSError as e:
                 log.warning("directory %r open before the restart cannot be read: %s", d.relpath, e)
-        self.passthrough.import_state(state.backing, [(f.inode, f.passthrough) for f in state.files])
+        self.passthrough.import_state(state.backing, [(f.inode, f.passthrough) for f in state.files], after_crash)
         return len(self._lost)
 
     async def _reopen(self, inode: int) -> Handle | None:
