@@ -88,13 +88,15 @@ class Mount:
         self.cache_dir = cache_dir
         self.options = options
         self.pid: int | None = None
+        self.supervisor_pid: int | None = None  # supervisor.py: holds the connection, restarts the daemon
 
     def mount(self, *extra: str) -> "Mount":
         args = ["mount", self.source, self.mountpoint, "--cache-dir", self.cache_dir]
         for option in DEFAULT_OPTIONS + self.options + list(extra):
             args += ["-o", option]
         run_cli(*args)
-        self.pid = self.status()["pid"]
+        status = self.status()
+        self.pid, self.supervisor_pid = status["pid"], status["supervisor_pid"]
         return self
 
     def status(self) -> dict:
@@ -107,17 +109,35 @@ class Mount:
 
     def unmount(self) -> None:
         run_cli("umount", self.mountpoint)
-        if self.pid:
-            wait_gone(self.pid)
-        self.pid = None
+        for pid in (self.pid, self.supervisor_pid):
+            if pid:
+                wait_gone(pid)
+        self.pid = self.supervisor_pid = None
 
     def kill9(self) -> None:
+        """Kill the mount's processes, the supervisor first: the mount dies (what a crash did
+        before the supervisor; kill9_serving() is a crash the supervisor survives)."""
+        self.kill9_supervisor()
+        self.kill9_serving()
+
+    def kill9_supervisor(self) -> None:
+        if self.supervisor_pid:
+            os.kill(self.supervisor_pid, signal.SIGKILL)
+            wait_gone(self.supervisor_pid)
+        self.supervisor_pid = None
+
+    def kill9_serving(self) -> None:
         assert self.pid
         os.kill(self.pid, signal.SIGKILL)
         wait_gone(self.pid)
         self.pid = None
 
     def cleanup(self) -> None:
+        if self.supervisor_pid:
+            try:
+                os.kill(self.supervisor_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         force_unmount(self.mountpoint)
         if self.pid:
             try:

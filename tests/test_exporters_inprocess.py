@@ -1,6 +1,6 @@
 """The exporters (fusecache.exporters), in process: the sampler fills the gauges from a
 running engine, the textfile is written (and a failure is logged once, not every time), an
-address in use is a one-line error, and systemd hears READY=1."""
+address in use is a one-line error."""
 
 from __future__ import annotations
 
@@ -58,14 +58,3 @@ def test_an_address_in_use_is_a_one_line_error():
         port = taken.getsockname()[1]
         with pytest.raises(exporters.ExporterError, match=f"^cannot serve metrics on 127.0.0.1:{port}: Address already in use$"):
             exporters.serve_http(("127.0.0.1", port), None)
-
-
-def test_systemd_hears_ready(tmp_path, monkeypatch):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
-        listener.bind(str(tmp_path / "notify"))
-        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-        exporters.notify_systemd()
-        assert listener.recv(64) == b"READY=1"
-    exporters.notify_systemd()  # nobody listens any more: a warning, no error
-    monkeypatch.delenv("NOTIFY_SOCKET")
-    exporters.notify_systemd()  # not under systemd: nothing

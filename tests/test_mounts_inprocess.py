@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,3 +60,20 @@ def test_an_exited_process_not_yet_reaped_counts_as_gone():
     assert not mounts.wait_for_exit(os.getpid(), 0.05)
     child.wait()
     assert not mounts.is_running(child.pid)
+
+
+def test_a_thread_that_exits_while_its_state_is_read_counts_as_gone():
+    """umount and the tests wait on a process that a kill -9 is ending: a thread that exits
+    between the open of its stat file and the read fails the read with ESRCH. It has exited;
+    the wait must not fail (ProcessLookupError ended a crash test so, once in ten runs)."""
+    go = threading.Event()
+    thread = threading.Thread(target=go.wait)
+    thread.start()
+    with open(f"/proc/self/task/{thread.native_id}/stat", "rb") as stat:
+        go.set()
+        thread.join()
+        while str(thread.native_id) in os.listdir("/proc/self/task"):  # until the kernel let it go
+            time.sleep(0.01)
+        assert not mounts.thread_runs(stat)
+    with open(f"/proc/self/task/{threading.get_native_id()}/stat", "rb") as stat:
+        assert mounts.thread_runs(stat)

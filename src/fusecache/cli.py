@@ -9,6 +9,7 @@ source are printed escaped (see `printable`), since they are anyone's file names
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import json
 import logging
@@ -19,7 +20,8 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, control, logs, mounts, precheck, private
+from . import __version__, control, logs, mounts, precheck, private, supervisor
+from .precheck import MountError
 from .config import LOG_LEVELS, ConfigError, build_config, human
 
 log = logging.getLogger(__name__)
@@ -174,12 +176,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
         for message in cfg.deprecations:
             say(f"warning: {message}")
     setup_logging(cfg.log_level)
-    store = precheck.check_request(cfg)
     if cfg.foreground:
-        from . import daemon  # loaded (trio, the engine) only by the commands that start one
-        daemon.run(cfg, store, ready=lambda: None)
+        return _mount_in_foreground(cfg)
+    return _mount_detached(cfg, precheck.check_request(cfg))
+
+
+def _mount_in_foreground(cfg) -> int:
+    """Serve in this process (systemd runs it so). Started again by systemd after a crash, it
+    serves the connection systemd's fd store kept, from the journal, instead of mounting:
+    the checks of a new mount would touch the mountpoint, which waits on this very process."""
+    from . import daemon  # loaded (trio, the engine) only by the commands that start one
+    stored = daemon.stored_connection(cfg)
+    if stored is not None:
+        recovering, fuse_fd = stored
+        daemon.run(recovering, precheck.store_for(recovering), ready=lambda: None, recover_fd=fuse_fd)
         return 0
-    return _mount_detached(cfg, store)
+    daemon.run(cfg, precheck.check_request(cfg), ready=lambda: None)
+    return 0
 
 
 def _mount_detached(cfg, store, takeover: bool = False) -> int:
@@ -187,9 +200,11 @@ def _mount_detached(cfg, store, takeover: bool = False) -> int:
     log_path = store.root / "daemon.log"
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the daemon
+    if pid == 0:  # the daemon, or its supervisor which starts it
         os.close(read_end)
-        os._exit(_daemon_child(cfg, store, write_end, log_path, takeover))
+        if takeover or cfg.session != "kernel":  # a restart is adopted by the supervisor already there
+            os._exit(_daemon_child(cfg, store, write_end, log_path, takeover))
+        os._exit(_supervisor_child(cfg, store, write_end, log_path))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
@@ -199,7 +214,36 @@ def _mount_detached(cfg, store, takeover: bool = False) -> int:
     raise Failure(message or f"the daemon exited during start-up; see {log_path}")
 
 
-def _daemon_child(cfg, store, ready_fd: int, log_path: Path, takeover: bool) -> int:
+def _supervisor_child(cfg, store, ready_fd: int, log_path: Path) -> int:
+    """The supervisor (supervisor.py): starts the serving daemon, and a new one, recovering
+    from the journal, whenever the one serving dies. Only the daemons it forks run trio."""
+    _detach(log_path)
+    setup_logging(cfg.log_level, log_path)
+    # resolved now, while it can be: a daemon recovering the mount cannot stat it
+    cfg = dataclasses.replace(cfg, mountpoint=Path(os.path.realpath(cfg.mountpoint)))
+    control_path = control.socket_path(str(cfg.mountpoint), os.getuid())
+    private.ensure_tree(control_path.parent.parent, control_path.parent)
+    listener = supervisor.listen(supervisor.socket_for(control_path))
+    running: list[supervisor.Supervisor] = []
+
+    def spawn(fuse_fd: int | None, ready: int | None) -> int:
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            for s in running:
+                s.close_in_child()
+            os._exit(_daemon_child(cfg, store, ready, log_path, takeover=False, recover_fd=fuse_fd))
+        return pid
+
+    first = spawn(None, ready_fd)
+    os.close(ready_fd)  # the first daemon reports to the mounting command itself
+    store.release_lock()  # the daemons hold it; a restarted one must be able to take it
+    running.append(supervisor.Supervisor(listener, lambda fuse_fd: spawn(fuse_fd, None), first))
+    return running[0].run()
+
+
+def _detach(log_path: Path) -> None:
+    """A new session, no terminal, stderr into the log."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
@@ -209,24 +253,35 @@ def _daemon_child(cfg, store, ready_fd: int, log_path: Path, takeover: bool) -> 
     os.close(devnull)
     os.close(log_fd)
     faulthandler.enable()  # a fatal signal (SIGSEGV, SIGBUS, SIGABRT) leaves its stacks in the log
+
+
+def _daemon_child(cfg, store, ready_fd: int | None, log_path: Path, takeover: bool,
+                  recover_fd: int | None = None) -> int:
+    """ready_fd: where to say "ready" or the start-up error (None: nobody waits, a recovery)."""
+    _detach(log_path)
     setup_logging(cfg.log_level, log_path)
-    if not takeover:  # a restarted daemon locks the store once the old one lets go of it
+    if not takeover and recover_fd is None:  # a restarted daemon locks the store once the old one lets go
         store.record_owner(os.getpid())
-    reported = False
+    reported = ready_fd is None
 
     def ready() -> None:
         nonlocal reported
+        if ready_fd is None:
+            return
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
         reported = True
 
     try:
         from . import daemon  # loaded (trio, the engine) only by the commands that start one
-        daemon.run(cfg, store, ready, takeover)
+        daemon.run(cfg, store, ready, takeover, recover_fd)
         return 0
     except BaseException as e:  # the parent must hear about any start-up failure
+        if recover_fd is not None and isinstance(e, MountError):
+            log.error("%s", e)  # one line: why the mount ends (a journal refused)
+            return 1
         log.exception("daemon failed")
-        if not reported:
+        if not reported and ready_fd is not None:
             os.write(ready_fd, str(e).splitlines()[0].encode() if str(e) else type(e).__name__.encode())
         return 1
 
@@ -237,12 +292,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if info is None or info.fstype != FSTYPE:
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
     silent: control.ControlTimeout | None = None
+    pids: list[int] = []
     try:
-        pid = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT)["pid"]
+        answer = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT)
+        pids = [answer["pid"]] + ([answer["supervisor_pid"]] if answer.get("supervisor_pid") else [])
     except control.ControlTimeout as e:
-        pid, silent = None, e  # a stopped or hung daemon: unmounting needs nothing from it
+        silent = e  # a stopped or hung daemon: unmounting needs nothing from it
     except control.ControlError:
-        pid = None  # not ours to ask (or the daemon is gone): unmount without waiting
+        pass  # not ours to ask (or the daemon is gone): unmount without waiting
     try:
         mounts.unmount(mountpoint)
     except OSError as e:
@@ -251,8 +308,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         say(f"{silent}; unmounted without waiting for it to exit")
         return 0
     # return only once the daemon is gone, so its cache dir is free for the next mount
-    if pid is not None and not mounts.wait_for_exit(pid, UMOUNT_WAIT):
-        raise Failure(f"unmounted, but the daemon (pid {pid}) is still running after {UMOUNT_WAIT:.0f}s")
+    for pid in pids:  # the daemon, then its supervisor, which ends once the mount did
+        if not mounts.wait_for_exit(pid, UMOUNT_WAIT):
+            raise Failure(f"unmounted, but pid {pid} of the mount is still running after {UMOUNT_WAIT:.0f}s")
     return 0
 
 

@@ -13,12 +13,15 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import trio
 
-from . import exporters, handover, mounts, private
+from . import exporters, handover, journal, mounts, private, sdnotify, supervisor
 from .budget import CacheBudget
 from .config import MountConfig
 from .control import ControlError, socket_path
@@ -27,11 +30,13 @@ from .engine import Engine
 from .fs import FuseOperations
 from .handlers import ControlHandlers, DaemonParts
 from .handover import HandoverServer, MountArguments
+from .journal import Journal
+from .livestate import FORMAT, LiveState, StateError
 from .metrics import Metrics, prometheus_registry
 from .passthrough import probe
-from .precheck import MountError
+from .precheck import FUSECACHE_FSTYPE, MountError
 from .session.kernel import KernelSession, SessionConfig, SessionError
-from .session.mount import MountSpec
+from .session.mount import MountSpec, connected
 from .session.types import Session
 from .source import Source
 from .store import CacheStore, StoreError
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 Ready = Callable[[], None]
 DEFAULT_CACHE_FRACTION = 0.8
 STORE_WAIT = 30.0  # seconds a restarted daemon waits for the old one to let go of the store
+FUSE_FD_NAME = "fuse"  # what systemd's fd store keeps the /dev/fuse connection under
 
 
 def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str) -> Session:
@@ -63,12 +69,51 @@ def passthrough_state(cfg: MountConfig, session, store: CacheStore) -> str | Non
     return probe(session.backing, store.lock_fd)
 
 
-def run(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool = False) -> None:
+def run(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool = False,
+        recover_fd: int | None = None) -> None:
     """Mount and serve until unmounted; `ready` is called once the mount is live. takeover:
     serve the mount cfg names by taking it over from the daemon serving it (handover.py);
-    the store is then not locked yet (the old daemon holds it until it exits)."""
+    recover_fd: serve the connection on this descriptor, whose serving process died, from
+    the journal (journal.py; started by the supervisor, or by systemd with the descriptor
+    its fd store kept). In both the store is not locked yet (the old daemon holds it until
+    it exits)."""
     raise_fd_limit()
-    trio.run(_serve, cfg, store, ready, takeover)
+    try:
+        trio.run(_serve, cfg, store, ready, takeover, recover_fd)
+    except MountError:
+        if recover_fd is not None and uses_fd_store(cfg):
+            sdnotify.remove_fd(FUSE_FD_NAME)  # never served: the mount ends, as with a supervisor
+        raise
+
+
+def uses_fd_store(cfg: MountConfig) -> bool:
+    """Whether systemd's fd store keeps this daemon's connection: a daemon of our session that
+    systemd runs itself (in the foreground of a Type=notify service). A detached daemon has
+    its supervisor: one keeper per mount."""
+    return cfg.foreground and cfg.session == "kernel" and sdnotify.available()
+
+
+def stored_connection(cfg: MountConfig) -> tuple[MountConfig, int] | None:
+    """The connection systemd's fd store kept for this service while its daemon died, and cfg
+    with the mountpoint as the mount table lists it (never stat'ed: that would wait on this
+    very process); None for a first start. A kept connection that has ended meanwhile
+    (unmounted, aborted) is dropped from the store, and the mount is made anew."""
+    passed = sdnotify.passed_fds()
+    kept = passed.pop(FUSE_FD_NAME, [])
+    for fd in [fd for fds in passed.values() for fd in fds] + kept[1:]:
+        os.close(fd)  # not ours, or a second copy of the same connection
+    if not kept:
+        return None
+    fd = kept[0]
+    mountpoint = mounts.resolve_mountpoint(str(cfg.mountpoint))
+    info = mounts.find_mount(mountpoint)
+    if info is None or info.fstype != FUSECACHE_FSTYPE or not connected(fd):
+        log.warning("the connection the fd store kept for %s has ended: mounting anew", mountpoint)
+        os.close(fd)
+        sdnotify.remove_fd(FUSE_FD_NAME)
+        return None
+    log.info("the fd store kept the connection of %s: serving it again from the journal", mountpoint)
+    return replace(cfg, mountpoint=Path(mountpoint)), fd
 
 
 def raise_fd_limit() -> None:
@@ -94,7 +139,7 @@ def stable_inodes(cfg: MountConfig, fstype: str | None) -> bool:
     return stable
 
 
-async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool) -> None:
+async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool, recover_fd: int | None) -> None:
     for message in cfg.deprecations:
         log.warning("%s", message)
     source_fstype = mounts.fstype_of(str(cfg.source))
@@ -104,11 +149,16 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     in_memory = mounts.fstype_of(str(store.root)) == "tmpfs"
     engine = Engine(cfg, source, store, metrics, budget, serve_from_memory=in_memory)
     operations = FuseOperations(engine, cfg.attr_timeout)
-    mountpoint = os.path.realpath(cfg.mountpoint)
+    # resolved by the supervisor for a recovery: a stat of the mountpoint would wait for this process
+    mountpoint = str(cfg.mountpoint) if recover_fd is not None else os.path.realpath(cfg.mountpoint)
+    supervised = _Supervised(supervisor.socket_for(socket_path(mountpoint, os.getuid())))
     handlers = ControlHandlers(DaemonParts(
         mountpoint, engine, store, metrics, passthrough_opens=operations.passthrough_opens,
-        passthrough_state=lambda: operations.passthrough.off_reason or "on"))
+        passthrough_state=lambda: operations.passthrough.off_reason or "on", supervisor_pid=supervised.pid))
     session = make_session(cfg, operations, mountpoint, source.root)
+    kernel = session if isinstance(session, KernelSession) else None
+    fd_store = uses_fd_store(cfg)
+    journal_ = _journal(store, kernel, operations)
     restarts = HandoverServer(session if isinstance(session, KernelSession) else None, operations.export_state,
                               MountArguments(str(cfg.source), cfg.options, str(cfg.cache_dir), cfg.log_level,
                                              cfg.foreground))
@@ -119,8 +169,13 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     try:
         control.prepare()
         if takeover:  # asked for before anything is bound: refused, the old daemon serves on
-            received = await trio.to_thread.run_sync(handover.request, mountpoint)
+            received = await trio.to_thread.run_sync(handover.request, mountpoint, supervised.register)
             await trio.to_thread.run_sync(store.lock, STORE_WAIT)
+        elif recover_fd is not None:
+            received = _recover(store, recover_fd)
+            await trio.to_thread.run_sync(store.lock, STORE_WAIT)
+        elif journal_ is not None:
+            journal_.remove()  # a journal of an earlier mount must never be taken for this one's
         exporters.serve_http(cfg.metrics_addr, registry)
     except (private.UntrustedPath, exporters.ExporterError, ControlError, StoreError) as e:
         raise MountError(str(e)) from None
@@ -135,13 +190,22 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
         try:
             if received is None:
                 session.mount()
+                if kernel is not None:
+                    supervised.register(kernel.fd)
             else:
-                await _adopt(cfg, session, operations, store, received)
+                await _adopt(cfg, session, operations, store, received, after_crash=recover_fd is not None)
+                if recover_fd is not None:
+                    supervised.register(recover_fd)
+                    _resend(session)
+            if fd_store and kernel is not None:
+                sdnotify.store_fd(kernel.fd, FUSE_FD_NAME)
         except OSError as e:
             failure = f"cannot mount {mountpoint}: {e}"  # raised out of the nursery, as itself
         else:
             try:
                 nursery.start_soon(_terminate_on_signal, session)
+                if journal_ is not None:
+                    nursery.start_soon(journal_.run)
                 nursery.start_soon(exporters.sample, engine, lambda: len(operations.passthrough_opens()),
                                    lambda: len(operations.inodes), metrics)
                 if cfg.metrics_textfile is not None:
@@ -150,12 +214,22 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                     nursery.start_soon(_announce_when_live, cfg, mountpoint, ready, session, operations, store)
                 else:
                     ready()
-                    exporters.notify_systemd()
+                    sdnotify.notify("READY=1")
                 log.info("serving %s at %s (cache %s, %s session)", source.root, mountpoint, store.root, cfg.session)
                 try:
                     await session.serve()
                 except SessionError as e:
                     log.error("%s", e)
+                except Exception:
+                    if kernel is not None and (supervised.sock is not None or fd_store):  # a new one is started
+                        log.exception("serving failed: leaving the connection to its keeper")
+                        kernel.handed_over()
+                    raise
+                if not restarts.taken:  # unmounted: no one recovers from it
+                    if journal_ is not None:
+                        journal_.remove()
+                    if fd_store:
+                        sdnotify.remove_fd(FUSE_FD_NAME)
             finally:
                 session.close()
                 log.info("handed %s over" if restarts.taken else "unmounted %s", mountpoint)
@@ -164,13 +238,73 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
         raise MountError(failure)
 
 
+@dataclass
+class _Supervised:
+    """This process's registration with the mount's supervisor (supervisor.py), if it has one."""
+
+    path: Path
+    sock: socket.socket | None = None  # kept open for the process's life: its end tells the supervisor
+    supervisor: int | None = None
+
+    def register(self, fuse_fd: int) -> None:
+        try:
+            registered = supervisor.register(self.path, fuse_fd)
+        except OSError as e:
+            log.warning("cannot register with the supervisor: %s (a crash will end the mount)", e)
+            return
+        if registered is not None:
+            self.sock, self.supervisor = registered
+            log.info("supervised by pid %d: a crash of this process leaves the mount to a new one", self.supervisor)
+
+    def pid(self) -> int | None:
+        return self.supervisor
+
+
+def _journal(store: CacheStore, session: KernelSession | None, operations: FuseOperations) -> Journal | None:
+    """The journal of the adapter's state, for a successor after a crash; None for a session
+    that cannot hand its connection over (pyfuse3's)."""
+    if session is None:
+        return None
+
+    def snapshot() -> LiveState | None:
+        if not session.minor:
+            return None  # INIT not answered yet: nothing a successor could serve
+        return LiveState(FORMAT, os.getpid(), session.negotiated(), operations.export_state())
+
+    kept = Journal(store.root / journal.NAME, snapshot)
+    operations.changed = kept.changed
+    operations.persist = kept.flush
+    return kept
+
+
+def _recover(store: CacheStore, fuse_fd: int) -> handover.Received:
+    """What a process started after a crash serves from: the journal, made safe (for_recovery)."""
+    try:
+        state = journal.read(store.root / journal.NAME)
+    except StateError as e:
+        raise MountError(f"journal refused, the mount ends: {e}") from None
+    return handover.Received(journal.for_recovery(state), fuse_fd)
+
+
+def _resend(session: KernelSession) -> None:
+    """Have the kernel send again what the dead process had read and not answered."""
+    try:
+        resent = session.resend()
+    except OSError as e:
+        log.warning("the kernel refused FUSE_NOTIFY_RESEND (%s): requests in flight at the crash get no answer", e)
+        return
+    log.info("requests in flight at the crash were asked again (FUSE_NOTIFY_RESEND)" if resent else
+             "the kernel cannot replay requests (no FUSE_HAS_RESEND, Linux < 6.9): those in flight "
+             "at the crash get no answer until the mount ends")
+
+
 async def _adopt(cfg: MountConfig, session: KernelSession, operations: FuseOperations, store: CacheStore,
-                 received: handover.Received) -> None:
+                 received: handover.Received, after_crash: bool) -> None:
     """Take over the connection a restart handed us: the adapter's tables first (handles are
     opened again through the engine), passthrough as it was, and only then a request read."""
     state = received.state
     try:
-        lost = await operations.import_state(state.adapter)
+        lost = await operations.import_state(state.adapter, after_crash)
     except ValueError as e:
         os.close(received.fd)
         raise OSError(f"the state handed over by pid {state.pid} does not hold together: {e}") from None
@@ -206,7 +340,7 @@ async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready, s
     mounts.tune_fuse_mount(mountpoint, cfg.read_ahead_kb, cfg.max_background)
     _set_passthrough(cfg, session, operations, store)
     ready()
-    exporters.notify_systemd()
+    sdnotify.notify("READY=1")
 
 
 async def _terminate_on_signal(session) -> None:

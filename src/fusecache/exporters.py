@@ -1,12 +1,10 @@
 """What the daemon tells the world besides the control channel: the gauges sampled once a
 second, Prometheus metrics over HTTP (`metrics_addr=`), the node-exporter textfile
-(`metrics_textfile=`) and systemd's readiness notification."""
+(`metrics_textfile=`). (systemd hears from the daemon through sdnotify.py.)"""
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import Callable
 
@@ -70,17 +68,3 @@ async def write_textfile(path: Path, registry: CollectorRegistry) -> None:
                 log.warning("cannot write metrics to %s: %s", path, reason)
             failing = reason
         await trio.sleep(TEXTFILE_INTERVAL)
-
-
-def notify_systemd() -> None:
-    """Tell systemd (Type=notify units) that the mount is live."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(b"READY=1", address)
-    except OSError as e:
-        log.warning("could not notify systemd: %s", e)

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat as stat_mod
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -92,10 +93,16 @@ class FuseOperations:
         self._lost: dict[int, tuple[int, bool]] = {}  # fh -> (inode, passthrough)
         self._dirs: dict[int, tuple[str, int]] = {}  # fh -> (relpath, source descriptor)
         self._next_fh = 1
+        self._imported_next_fh = 0  # handles below it may have been opened by a process before us
+        # called whenever the tables a crash's successor needs change (journal.Journal.changed)
+        self.changed: Callable[[], None] = lambda: None
+        # writes the journal now: a passthrough inode's first open, or its last release
+        self.persist: Callable[[], Awaitable[None]] = _nothing
 
     def _entry(self, relpath: str, st: os.stat_result) -> Attributes:
         """Attributes of relpath, looked up: under the inode number of the version st
         describes, which the kernel holds from now until it forgets it."""
+        self.changed()
         return self._attributes(self.inodes.hold(relpath, self._version(relpath, st)), st)
 
     def _version(self, relpath: str, st: os.stat_result) -> Version:
@@ -168,6 +175,7 @@ class FuseOperations:
         fd = await self.engine.opendir(relpath)
         fh = self._new_fh()
         self._dirs[fh] = (relpath, fd)
+        self.changed()
         return fh
 
     async def readdir(self, fh: int, offset: int, add: DirentSink, counts_lookups: bool = True) -> None:
@@ -187,11 +195,13 @@ class FuseOperations:
                     return
                 if counts_lookups:
                     self.inodes.hold(child, version)
+                    self.changed()
                 offset = next_offset
 
     async def releasedir(self, fh: int) -> None:
         entry = self._dirs.pop(fh, None)
         if entry is not None:
+            self.changed()
             self.engine.closedir(entry[1])
 
     async def statfs(self, ctx: Context) -> os.statvfs_result:
@@ -217,6 +227,7 @@ class FuseOperations:
             except FuseError:
                 continue  # not held: nothing to forget
             self.inodes.forget(inode, nlookup)
+            self.changed()
             self.keep_cache.forgotten(relpath)
 
     # ---- data --------------------------------------------------------------------------
@@ -242,25 +253,60 @@ class FuseOperations:
                 await self.engine.release(handle)
             raise
         fh = self._new_fh()
+        first_backing = mode.backing_id is not None and not self._passthrough_open(inode)
         self._handles[fh] = (inode, handle, mode.backing_id is not None)
+        self.changed()
+        if first_backing:  # the kernel keeps one backing file per inode: the journal must know it
+            await self.persist()
         return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
                          backing_id=mode.backing_id)
 
-    async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview:
-        """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply."""
+    async def read(self, fh: int, offset: int, size: int, buf: memoryview, inode: int = 0) -> memoryview:
+        """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply.
+        inode: the one the kernel reads fh on (0 where the session does not say)."""
         opened = self._handles.get(fh)
-        if opened is None:  # lost in a restart (import_state): never another version's bytes
-            raise FuseError(errno.EIO)
+        if opened is None:
+            opened = await self._unjournaled(fh, inode)
         return await self.engine.read(opened[1], offset, size, buf)
 
+    async def _unjournaled(self, fh: int, inode: int) -> tuple[int, Handle, bool]:
+        """A handle the kernel reads that this process never opened. Below the imported next
+        fh and not lost, it was opened by a process that crashed after its last journal write
+        (journal.py): opened again here on the version its inode names, if the inode is known.
+        Otherwise (lost in a restart, an unknown inode, a version gone) EIO: never another
+        version's bytes."""
+        if not inode or fh >= self._imported_next_fh or fh in self._lost:
+            raise FuseError(errno.EIO)
+        try:
+            self.inodes.version(inode)
+        except FuseError:
+            raise FuseError(errno.EIO) from None
+        handle = await self._reopen(inode)
+        if handle is None:
+            raise FuseError(errno.EIO)
+        if (opened := self._handles.get(fh)) is not None:  # another read got there first
+            await self.engine.release(handle)
+            return opened
+        self._handles[fh] = (inode, handle, False)  # read through the daemon: not passthrough
+        self.passthrough.import_state([], [(inode, False)])
+        self.changed()
+        return self._handles[fh]
+
     async def release(self, fh: int) -> None:
+        self.changed()
         opened = self._handles.pop(fh, None)
         if opened is not None:
             inode, handle, passthrough = opened
+            if passthrough and not self._passthrough_open(inode):
+                await self.persist()  # journaled without it before its backing id is closed
             self.passthrough.released(inode, passthrough)
             await self.engine.release(handle)
         elif (lost := self._lost.pop(fh, None)) is not None:
             self.passthrough.released(*lost)
+
+    def _passthrough_open(self, inode: int) -> bool:
+        """Whether a passthrough handle of inode is open."""
+        return any(i == inode and passthrough for i, _handle, passthrough in self._handles.values())
 
     def passthrough_opens(self) -> dict[str, int]:
         """Open passthrough handles per path."""
@@ -281,14 +327,14 @@ class FuseOperations:
         dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd) in self._dirs.items()]
         return AdapterState(held, paths, files, dirs, self.passthrough.export_state(), self._next_fh)
 
-    async def import_state(self, state: AdapterState) -> int:
-        """Take over another daemon's export_state(), before serving a request. Each handle is
-        opened again, through the engine, on the version its inode names; one whose version
-        the source no longer has is kept as lost (its reads fail with EIO) rather than given
-        other bytes. Returns how many handles were lost. ValueError if the state does not hold
-        together."""
+    async def import_state(self, state: AdapterState, after_crash: bool = False) -> int:
+        """Take over another daemon's export_state() (after_crash: its journal's), before
+        serving a request. Each handle is opened again, through the engine, on the version its
+        inode names; one whose version the source no longer has is kept as lost (its reads
+        fail with EIO) rather than given other bytes. Returns how many handles were lost.
+        ValueError if the state does not hold together."""
         self.inodes.import_state(state.inodes, state.paths)
-        self._next_fh = state.next_fh
+        self._next_fh = self._imported_next_fh = state.next_fh
         for f in state.files:
             if f.fh >= state.next_fh or f.fh in self._handles or f.fh in self._lost:
                 raise ValueError(f"handle {f.fh} is invalid")
@@ -303,7 +349,7 @@ class FuseOperations:
                 self._dirs[d.fh] = (d.relpath, await self.engine.opendir(d.relpath))
             except OSError as e:
                 log.warning("directory %r open before the restart cannot be read: %s", d.relpath, e)
-        self.passthrough.import_state(state.backing, [(f.inode, f.passthrough) for f in state.files])
+        self.passthrough.import_state(state.backing, [(f.inode, f.passthrough) for f in state.files], after_crash)
         return len(self._lost)
 
     async def _reopen(self, inode: int) -> Handle | None:
@@ -319,3 +365,7 @@ class FuseOperations:
             await self.engine.release(handle)
             return None
         return handle
+
+
+async def _nothing() -> None:
+    """persist() of an adapter without a journal."""

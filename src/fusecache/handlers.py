@@ -48,6 +48,7 @@ class DaemonParts:
     metrics: Metrics
     passthrough_opens: Callable[[], dict[str, int]]  # relpath -> opens the kernel serves
     passthrough_state: Callable[[], str]  # "on", or why it is off
+    supervisor_pid: Callable[[], int | None] = lambda: None  # the process holding the connection (supervisor.py)
 
 
 class ControlHandlers:
@@ -64,13 +65,13 @@ class ControlHandlers:
                 "pin": self.pin, "unpin": self.unpin, "cache_ls": self.cache_ls, "cache_clear": self.cache_clear}
 
     async def pid(self, request: dict) -> dict:
-        """The daemon's pid alone: what `umount` waits on."""
-        return {"pid": os.getpid()}
+        """The daemon's pid, and its supervisor's: what `umount` waits on."""
+        return {"pid": os.getpid(), "supervisor_pid": self.parts.supervisor_pid()}
 
     async def status(self, request: dict) -> dict:
         engine = self.engine
         return {"mountpoint": self.parts.mountpoint, "source": engine.source.root, "cache": str(self.parts.store.root),
-                "pid": os.getpid(), "cache_bytes": engine.budget.used, "cache_limit": engine.budget.limit,
+                "pid": os.getpid(), "supervisor_pid": self.parts.supervisor_pid(), "cache_bytes": engine.budget.used, "cache_limit": engine.budget.limit,
                 "pending_bytes": engine.files.pending_bytes(), "passthrough": self.parts.passthrough_state(),
                 "pins": sorted(engine.pins), "metrics": self.parts.metrics.snapshot(), "files": self._files_report()}
 

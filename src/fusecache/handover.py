@@ -140,9 +140,10 @@ class Received:
     fd: int
 
 
-def request(mountpoint: str) -> Received:
+def request(mountpoint: str, before_ack: Callable[[int], None] = lambda fd: None) -> Received:
     """The new daemon's side (blocking): ask the serving daemon for its connection; ControlError
-    (one line) if it refuses or fails, and then it keeps serving."""
+    (one line) if it refuses or fails, and then it keeps serving. before_ack(fd) runs once the
+    state is taken, before the old daemon is told to go (the supervisor's registration)."""
     path = socket_of(mountpoint)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(REPLY_TIMEOUT)
@@ -159,6 +160,7 @@ def request(mountpoint: str) -> Received:
                 os.close(fd)
             raise
         try:
+            before_ack(fds[0])
             sock.sendall(ACK)
         except OSError as e:
             os.close(fds[0])

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import BinaryIO
 from pathlib import Path
 
 from . import linux
@@ -149,14 +150,26 @@ def is_running(pid: int) -> bool:
         threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
-    for tid in threads:
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except FileNotFoundError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-            return True
-    return False
+    return any(_thread_runs(f"/proc/{pid}/task/{tid}/stat") for tid in threads)
+
+
+def _thread_runs(stat_path: str) -> bool:
+    try:
+        with open(stat_path, "rb") as stat:
+            return thread_runs(stat)
+    except FileNotFoundError:  # exited since the listing, and gone
+        return False
+
+
+def thread_runs(stat: BinaryIO) -> bool:
+    """Whether the thread whose /proc stat file is open has yet to exit. A dying process's
+    threads exit one by one while they are looked at: one that exits after its file was
+    opened fails the read with ESRCH, and has exited as surely as one that reads "Z"."""
+    try:
+        fields = stat.read()
+    except ProcessLookupError:
+        return False
+    return fields.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
 
 
 def tune_fuse_mount(mountpoint: str, read_ahead_kb: int, max_background: int) -> None:

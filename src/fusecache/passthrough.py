@@ -52,6 +52,11 @@ class InodeIO:
     backing_id: int = 0
     # the kernel would not take the inode's cache file as backing: a new inode would not help
     refused: bool = False
+    # the backing id came from the journal after a crash: the kernel may hold passthrough opens
+    # on it that the journal missed (opened after its last write), so counting ours to zero
+    # proves nothing. Kept registered until unmount, and every passthrough open of the inode
+    # gets it: the kernel refuses an open with another id while it holds this one (EIO).
+    kept: bool = False
 
 
 class Passthrough:
@@ -92,7 +97,7 @@ class Passthrough:
         return mode
 
     async def _choose(self, io: InodeIO, handle: Handle, latest: bool) -> IOMode:
-        if io.passthrough:  # the kernel wants every open of the inode on its backing file
+        if io.passthrough or (io.kept and not io.cached):  # the kernel wants every open on its backing file
             return IOMode(io.backing_id)
         if self.backing is None or not handle.cacheable:
             return IOMode()
@@ -129,7 +134,7 @@ class Passthrough:
             io.cached -= 1
         else:
             io.passthrough -= 1
-            if io.passthrough == 0 and self.backing is not None:
+            if io.passthrough == 0 and self.backing is not None and not io.kept:
                 try:
                     self.backing.close(io.backing_id)
                 except OSError as e:
@@ -142,9 +147,11 @@ class Passthrough:
         its inode's last release (the ids belong to the connection, not to this process)."""
         return [Backing(inode, io.backing_id) for inode, io in self._inodes.items() if io.passthrough]
 
-    def import_state(self, backing: list[Backing], opens: list[tuple[int, bool]]) -> None:
+    def import_state(self, backing: list[Backing], opens: list[tuple[int, bool]], after_crash: bool = False) -> None:
         """Take over another daemon's export_state(), with the (inode, passthrough) of every
-        handle the kernel has open, restored or not: each is released here some day."""
+        handle the kernel has open, restored or not: each is released here some day.
+        after_crash: the state is a journal's, which may miss opens: its backing ids are kept
+        (InodeIO.kept)."""
         for inode, passthrough in opens:
             io = self._inodes.setdefault(inode, InodeIO())
             if passthrough:
@@ -156,11 +163,12 @@ class Passthrough:
             if io is None or not io.passthrough:
                 raise ValueError(f"backing id {b.backing_id} of inode {b.inode}, which has no passthrough open")
             io.backing_id = b.backing_id
+            io.kept = after_crash
         if any(io.passthrough and not io.backing_id for io in self._inodes.values()):
             raise ValueError("a passthrough open without its backing id")
 
     def _tidy(self, inode: int, io: InodeIO) -> None:
-        if not io.cached and not io.passthrough and not io.waiting:
+        if not io.cached and not io.passthrough and not io.waiting and not io.kept:
             self._inodes.pop(inode, None)
 
 

@@ -531,6 +531,12 @@ class CacheStore:
         self._lock_fd = fd
         self.record_owner(os.getpid())
 
+    def release_lock(self) -> None:
+        """Let go of this process's descriptor of the lock (a forked child keeps its own)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     @property
     def lock_fd(self) -> int:
         """A descriptor of a regular file of ours on the cache filesystem (the lock file)."""

@@ -16,7 +16,6 @@ import errno
 import fcntl
 import logging
 import os
-import select
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from ..fairness import requester
 from ..livestate import Negotiated
 from . import protocol as p
 from .gate import ReadGate
-from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
+from .mount import MountIdentity, MountSpec, connected, identify, mount, unmount_own
 from .types import Attributes, Context, Operations, reply_errno
 
 log = logging.getLogger(__name__)
@@ -120,6 +119,14 @@ class KernelSession:
         self._mounted = True
         self._made = identify(self.spec.mountpoint)
 
+    def resend(self) -> bool:
+        """After taking over from a process that died: have the kernel send again the requests
+        it had read and not answered (NOTIFY_RESEND); False where the kernel cannot."""
+        if not self.flags & p.HAS_RESEND:
+            return False
+        os.write(self.fd, p.pack_notify(p.NOTIFY_RESEND))
+        return True
+
     def negotiated(self) -> Negotiated:
         return Negotiated(self.minor, self.flags)
 
@@ -138,7 +145,7 @@ class KernelSession:
         of the device."""
         if self._mounted and not self._handed_over:
             self._mounted = False
-            unmount_own(self.spec.mountpoint, self._made, connected=_connected(self.fd))
+            unmount_own(self.spec.mountpoint, self._made, connected=connected(self.fd))
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -265,8 +272,7 @@ class KernelSession:
                                f"fusecache needs {p.KERNEL_VERSION}.{p.MIN_MINOR} or newer (or session=pyfuse3)")
         self.minor = min(init.minor, p.KERNEL_MINOR_VERSION)
         wanted = p.ASYNC_READ | p.PARALLEL_DIROPS | p.DO_READDIRPLUS | p.MAX_PAGES | p.ATOMIC_O_TRUNC | p.BIG_WRITES
-        if self.config.passthrough:
-            wanted |= p.PASSTHROUGH | p.INIT_EXT
+        wanted |= p.INIT_EXT | p.HAS_RESEND | (p.PASSTHROUGH if self.config.passthrough else 0)
         self.flags = wanted & init.flags
         if self.flags & p.PASSTHROUGH:
             self.backing = DeviceBacking(self.fd)
@@ -303,7 +309,7 @@ class KernelSession:
         async with self._reads:
             buf = self._buffers.pop() if self._buffers else bytearray(MAX_REQUEST)
             try:
-                data = await self.operations.read(fh, offset, size, memoryview(buf)[:size])
+                data = await self.operations.read(fh, offset, size, memoryview(buf)[:size], header.nodeid)
                 if len(data) >= THREAD_REPLY_BYTES:
                     await trio.to_thread.run_sync(self._send, header.unique, 0, data)
                 else:
@@ -349,21 +355,12 @@ class KernelSession:
         size = p.GETXATTR_IN.unpack_from(args)[0]
         value = await self.operations.getxattr(header.nodeid, _name(args[p.GETXATTR_IN.size:]),
                                                _context(header))
-        self._send_sized(header.unique, size, value)
+        self._send(header.unique, *_sized(size, value))
 
     async def _listxattr(self, header: p.InHeader, args: memoryview) -> None:
         size = p.GETXATTR_IN.unpack_from(args)[0]
         names = await self.operations.listxattr(header.nodeid, _context(header))
-        self._send_sized(header.unique, size, b"".join(name + b"\0" for name in names))
-
-    def _send_sized(self, unique: int, size: int, value: bytes) -> None:
-        """An xattr reply: the length when asked with size 0, else the value if it fits."""
-        if size == 0:
-            self._send(unique, 0, p.GETXATTR_OUT.pack(len(value), 0))
-        elif len(value) > size:
-            self._send(unique, errno.ERANGE)
-        else:
-            self._send(unique, 0, value)
+        self._send(header.unique, *_sized(size, b"".join(name + b"\0" for name in names)))
 
     async def _access(self, header: p.InHeader, args: memoryview) -> None:
         await self.operations.access(header.nodeid, p.ACCESS_IN.unpack_from(args)[0], _context(header))
@@ -373,12 +370,11 @@ class KernelSession:
         self._send(header.unique, 0)
 
 
-def _connected(fd: int) -> bool:
-    """Whether the kernel still holds the connection on fd open (POLLERR once it closed it:
-    the mount was unmounted, or the connection aborted)."""
-    poller = select.poll()
-    poller.register(fd, 0)
-    return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))
+def _sized(size: int, value: bytes) -> tuple[int, bytes]:
+    """An xattr reply (error, payload): the length when asked with size 0, else the value if it fits."""
+    if size == 0:
+        return 0, p.GETXATTR_OUT.pack(len(value), 0)
+    return (errno.ERANGE, b"") if len(value) > size else (0, value)
 
 
 def _init_reply(minor: int, flags: int, init: p.InitIn, config: SessionConfig) -> p.InitOut:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import socket
 import stat as stat_mod
@@ -161,3 +162,11 @@ def unmount_own(mountpoint: str, made: MountIdentity | None, connected: bool) ->
         log.warning("unmounting %s failed: %s", mountpoint, e.strerror or e)
     finally:
         os.close(fd)
+
+
+def connected(fd: int) -> bool:
+    """Whether the kernel still holds the connection on /dev/fuse descriptor fd open (POLLERR
+    once it closed it: the mount was unmounted, or the connection aborted)."""
+    poller = select.poll()
+    poller.register(fd, 0)
+    return not any(events & (select.POLLERR | select.POLLNVAL) for _fd, events in poller.poll(0))

@@ -95,6 +95,10 @@ NO_OPENDIR_SUPPORT = 1 << 24
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
 NO_EXPORT_SUPPORT = 1 << 38
+HAS_RESEND = 1 << 39  # the kernel replays requests in flight on NOTIFY_RESEND (7.40, Linux 6.9)
+
+# notification codes (sent with unique 0, the code in the error field)
+NOTIFY_RESEND = 7
 
 # open reply flags
 FOPEN_DIRECT_IO = 1 << 0
@@ -195,6 +199,11 @@ class InitOut:
 def pack_out_header(payload_length: int, error: int, unique: int) -> bytes:
     """error is 0 or a positive errno (sent negated, as the kernel wants)."""
     return OUT_HEADER.pack(OUT_HEADER.size + payload_length, -error, unique)
+
+
+def pack_notify(code: int) -> bytes:
+    """A notification without payload: unique 0, the code in the error field (not negated)."""
+    return OUT_HEADER.pack(OUT_HEADER.size, code, 0)
 
 
 def _split_ns(ns: int) -> tuple[int, int]:

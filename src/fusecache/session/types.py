@@ -114,7 +114,7 @@ class Operations(Protocol):
 
     async def open(self, inode: int, flags: int, ctx: Context) -> OpenReply: ...
 
-    async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview | bytes:
+    async def read(self, fh: int, offset: int, size: int, buf: memoryview, inode: int = 0) -> memoryview | bytes:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply,
         which the session sends before it reuses buf."""
 

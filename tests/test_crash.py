@@ -1,0 +1,113 @@
+"""A kill -9 of the serving process on real mounts: the supervisor keeps the connection and
+starts a new serving process from the journal. Readers that hold open files and mappings and
+keep reopening see a pause, never an error or a wrong byte, and nothing cached is fetched
+again; a journal that cannot be taken ends the mount with one log line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fusecache import control, journal, mounts
+
+from .conftest import SESSION, file_bytes, run_cli, wait_gone
+from .helpers import fill
+from .readers import FILES, WAIT, Readers
+
+pytestmark = [pytest.mark.fuse,
+              pytest.mark.skipif(SESSION != "kernel", reason="only fusecache's own session is supervised")]
+
+
+def _new_serving_pid(m, old: int) -> int:
+    """The pid of the process the supervisor started in place of old (status answers again)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            pid = m.status()["pid"]
+            if pid != old:
+                return pid
+        except control.ControlError:  # the control socket is bound anew by the new process
+            pass
+        assert time.monotonic() < deadline, "no new serving process"
+        time.sleep(0.05)
+
+
+def _journal_of(m) -> Path:
+    return Path(m.status()["cache"]) / journal.NAME
+
+
+def _wait_for_journal(m) -> None:
+    path = _journal_of(m)
+    deadline = time.monotonic() + WAIT
+    while not path.exists():
+        assert time.monotonic() < deadline, "no journal written"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("passthrough", ["on", "off"])
+def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, make_mount, passthrough):
+    src = tmp_path / "src"
+    contents = fill(src, FILES)
+    m = make_mount(src, options=["session=kernel", f"passthrough={passthrough}"])
+    assert m.supervisor_pid and m.supervisor_pid != m.pid
+    for name, data in contents.items():  # the first fill
+        assert file_bytes(m.mountpoint / name) == data
+    with Readers(m.mountpoint, contents) as readers:
+        readers.wait_for_passes(2)
+        for _ in range(2):
+            old = m.pid
+            readers.wait_for_the_journal(_journal_of(m), m.pid)
+            m.kill9_serving()
+            m.pid = _new_serving_pid(m, old)
+            readers.wait_for_passes(2)
+        # a live restart still works under the supervisor, which adopts the new daemon
+        old = m.pid
+        run_cli("restart", m.mountpoint)
+        m.pid = m.status()["pid"]
+        wait_gone(old)
+        readers.wait_for_passes(2)
+        old = m.pid
+        readers.wait_for_the_journal(_journal_of(m), m.pid)
+        m.kill9_serving()  # the restarted daemon is supervised too
+        m.pid = _new_serving_pid(m, old)
+        readers.wait_for_passes(2)
+    assert readers.errors == []
+    status = m.status()
+    assert status["supervisor_pid"] == m.supervisor_pid
+    log_text = (Path(status["cache"]) / "daemon.log").read_text()
+    assert log_text.count("died: starting a new serving process") == 3  # the kills: none died on its own
+    assert status["metrics"]["bytes_from_source"] == 0  # nothing cached was fetched again
+    assert status["passthrough"] == ("on" if passthrough == "on" else "turned off (passthrough=off)")
+    assert sorted(os.listdir(m.mountpoint / "ckpt")) == sorted(name.split("/")[1] for name in FILES)
+    m.unmount()  # stops the daemon and the supervisor
+    assert not mounts.find_mount(str(m.mountpoint))
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b'{"format": 999}'])
+def test_a_damaged_journal_ends_the_mount_with_one_log_line(tmp_path, make_mount, damage):
+    src = tmp_path / "src"
+    contents = fill(src, {"a.bin": 1 << 20})
+    m = make_mount(src)
+    assert file_bytes(m.mountpoint / "a.bin") == contents["a.bin"]
+    _wait_for_journal(m)
+    path = _journal_of(m)
+    log_path = path.parent / "daemon.log"
+    os.kill(m.supervisor_pid, signal.SIGSTOP)  # the journal is damaged while no one writes it
+    try:
+        os.kill(m.pid, signal.SIGSTOP)
+        path.write_bytes(damage)
+        m.kill9_serving()
+    finally:
+        os.kill(m.supervisor_pid, signal.SIGCONT)
+    wait_gone(m.supervisor_pid)  # the mount ends: the supervisor lets the connection go
+    m.supervisor_pid = None
+    lines = [line for line in log_path.read_text().splitlines() if "journal refused" in line]
+    assert len(lines) == 1, lines
+    with pytest.raises(OSError) as info:
+        os.listdir(m.mountpoint)
+    assert info.value.errno == errno.ENOTCONN  # as a crash without a supervisor: nothing served

@@ -1,0 +1,153 @@
+"""The journal's writer (journal.py) in process: written only when the adapter changed,
+never before there is a state (INIT), and read back refusing what it cannot take."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import trio
+
+from fusecache import journal
+from fusecache.fs import FuseOperations
+from fusecache.inodes import ROOT_INODE
+from fusecache.livestate import (FORMAT, AdapterState, Backing, LiveState, Negotiated, OpenFile,
+                                 StateError)
+
+from .inprocess import CHUNK, buffer, ctx, fuse_errno, harness, operations, read_file  # noqa: F401 (fixture)
+
+
+def _state(next_fh: int = 5, backing: list[Backing] | None = None) -> LiveState:
+    files = [OpenFile(3, 7, True)]
+    adapter = AdapterState([], [], files, [], backing if backing is not None else [Backing(7, 1)], next_fh)
+    return LiveState(FORMAT, 1, Negotiated(40, 0), adapter)
+
+
+def test_only_a_change_makes_a_write(tmp_path):
+    taken = []
+
+    def snapshot():
+        taken.append(1)
+        return _state()
+
+    kept = journal.Journal(tmp_path / journal.NAME, snapshot)
+    first = kept.take()
+    assert first is not None  # a new process writes once at least
+    assert kept.take() is None and len(taken) == 1  # unchanged: not even a snapshot
+    kept.changed()
+    kept.changed()
+    assert kept.take() is not None and kept.take() is None and len(taken) == 2
+
+
+def test_nothing_is_written_before_there_is_a_state(tmp_path):
+    state: list[LiveState] = []
+    kept = journal.Journal(tmp_path / journal.NAME, lambda: state[0] if state else None)
+    assert kept.take() is None
+    state.append(_state())
+    assert kept.take() is not None  # still owed: the first write was not lost
+
+
+def test_the_writer_writes_what_changed_and_it_reads_back(tmp_path):
+    path = tmp_path / journal.NAME
+    kept = journal.Journal(path, _state)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kept.run)
+            while kept.writes == 0:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert kept.writes == 1
+    assert journal.read(path) == _state()
+    kept.remove()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("data", [b"", b"{", b'{"format": 999}', b'{"format": 1}'])
+def test_a_damaged_or_foreign_journal_is_refused_in_one_line(tmp_path, data):
+    path = tmp_path / journal.NAME
+    path.write_bytes(data)
+    with pytest.raises(StateError) as refused:
+        journal.read(path)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_missing_journal_is_refused(tmp_path):
+    with pytest.raises(StateError, match="no journal"):
+        journal.read(tmp_path / journal.NAME)
+
+
+def test_recovery_moves_handle_numbers_past_any_given_out_since_and_drops_orphan_backing():
+    state = _state(next_fh=5, backing=[Backing(7, 1), Backing(9, 2)])  # inode 9: its open not in the journal
+    recovered = journal.for_recovery(state)
+    assert recovered.adapter.next_fh == 5 + journal.FH_GAP
+    assert recovered.adapter.backing == [Backing(7, 1)]
+    assert recovered.adapter.files == state.adapter.files
+
+
+async def test_a_handle_opened_after_the_last_write_reads_its_inodes_version_after_a_crash(harness):
+    """The journal missed an open (the crash came first): the kernel still reads that fh, on
+    an inode the journal knows, and gets that inode's bytes; with no inode, EIO."""
+    data = os.urandom(3 * CHUNK + 5)
+    (harness.src / "f").write_bytes(data)
+    ops = await operations(harness)
+    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    written = LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state())  # the last journal write
+    fh = (await ops.open(attr.ino, os.O_RDONLY, ctx())).fh
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)
+    await recovered.import_state(journal.for_recovery(written).adapter)
+    assert await fuse_errno(recovered.read(fh, 0, CHUNK, buffer(CHUNK))) == errno.EIO  # inode not said
+    out = bytearray()
+    while reply := await recovered.read(fh, len(out), CHUNK, buffer(CHUNK), inode=attr.ino):
+        out += reply
+    assert bytes(out) == data
+    await recovered.release(fh)
+    await ops.release(fh)
+
+
+class _Registry:
+    """The kernel's backing-file registry: ids handed out, and those still registered."""
+
+    def __init__(self) -> None:
+        self.live: set[int] = set()
+        self.registered = 0
+
+    def open(self, fd: int) -> int:
+        self.registered += 1
+        self.live.add(self.registered)
+        return self.registered
+
+    def close(self, backing_id: int) -> None:
+        self.live.remove(backing_id)
+
+
+async def test_a_backing_id_from_the_journal_outlives_our_count_of_its_opens(harness):
+    """The journal missed a passthrough open (made after its last write) that the kernel still
+    holds on the inode's backing id. Once the recovered daemon has seen every open it knows
+    of released, it must neither close that id nor give the next open another one: the
+    kernel refuses an open with another id while it holds one (EIO)."""
+    data = os.urandom(3 * CHUNK + 5)
+    (harness.src / "f").write_bytes(data)
+    registry = _Registry()
+    ops = await operations(harness)
+    ops.passthrough.enable(registry, 30.0)
+    assert await read_file(ops.engine, "f") == data  # complete in the cache: opens go passthrough
+    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    journaled = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    assert journaled.backing_id is not None
+    written = LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state())  # the last journal write
+    missed = await ops.open(attr.ino, os.O_RDONLY, ctx())  # the kernel holds it; the journal does not
+    assert missed.backing_id == journaled.backing_id
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)
+    await recovered.import_state(journal.for_recovery(written).adapter, after_crash=True)
+    recovered.passthrough.enable(registry, 30.0)
+    await recovered.release(journaled.fh)  # every open the recovered daemon knows of is released
+    assert registry.live == {journaled.backing_id}  # the kernel's open still reads through it
+    again = await recovered.open(attr.ino, os.O_RDONLY, ctx())
+    assert again.backing_id == journaled.backing_id and registry.registered == 1
+    await recovered.release(again.fh)
+    await recovered.release(missed.fh)
+    assert registry.live == {journaled.backing_id}  # kept until unmount: its opens cannot be counted
