@@ -7,7 +7,8 @@ Mounts SOURCE with `fusecache mount` and prefetches it whole, so that every byte
 Then `readers` processes read the checkpoint in a loop, half with read() and half through
 mmap, a file at a time, 4 MiB at a time, each piece compared (blake2b) with the source's; each
 holds its descriptor and mapping while the events happen. The events run one after another,
-`interval` seconds apart: `restart` is `fusecache restart MOUNTPOINT`, `kill9` a SIGKILL of the
+`interval` seconds apart (and after the last, until every reader has read the checkpoint
+whole once more): `restart` is `fusecache restart MOUNTPOINT`, `kill9` a SIGKILL of the
 serving process (the pid in `fusecache status`). Prints, per reader and in all: whole passes,
 failed reads (by errno), pieces with a wrong byte, the longest one read or open took (the pause
 a reader saw), and the bytes the daemons fetched from the source after the prefetch (which the
@@ -33,6 +34,7 @@ from tests.bench.throughput import cli, make_source
 
 GiB, MiB = 1 << 30, 1 << 20
 PIECE = 4 * MiB
+AFTER_LAST_EVENT = 300.0  # seconds the readers get for one more whole pass after the last event
 
 
 def digests(path: Path) -> list[bytes]:
@@ -57,12 +59,13 @@ def read_pieces(path: Path, use_mmap: bool):
         os.close(fd)
 
 
-def reader(number: int, mountpoint: str, wanted: dict[str, list[bytes]], stop, results) -> None:
+def reader(number: int, mountpoint: str, wanted: dict[str, list[bytes]], stop, last_pass, results) -> None:
     use_mmap = number % 2 == 1
     names = sorted(wanted)
     names = names[number % len(names):] + names[:number % len(names)]
     stats: collections.Counter = collections.Counter()
     longest = 0.0
+    pass_ends: list[float] = []  # CLOCK_MONOTONIC, the same in every process
     while not stop.is_set():
         for name in names:
             started = time.monotonic()
@@ -87,7 +90,9 @@ def reader(number: int, mountpoint: str, wanted: dict[str, list[bytes]], stop, r
                 break
         else:
             stats["passes"] += 1
-    results.put((number, "mmap" if use_mmap else "read", dict(stats), longest))
+            pass_ends.append(time.monotonic())
+            last_pass[number] = pass_ends[-1]
+    results.put((number, "mmap" if use_mmap else "read", dict(stats), longest, pass_ends))
 
 
 def status(mountpoint: Path) -> dict:
@@ -118,12 +123,13 @@ def main() -> int:
         cli("prefetch", mountpoint)
         fetched = status(mountpoint)["metrics"]["bytes_from_source"]
         stop, results = multiprocessing.Event(), multiprocessing.Queue()
-        readers = [multiprocessing.Process(target=reader, args=(n, str(mountpoint), wanted, stop, results))
+        last_pass = multiprocessing.Array("d", args.readers)
+        readers = [multiprocessing.Process(target=reader, args=(n, str(mountpoint), wanted, stop, last_pass, results))
                    for n in range(args.readers)]
         for process in readers:
             process.start()
         time.sleep(args.interval)
-        refetched, baseline = 0, fetched  # a daemon's counters start at 0: summed over daemons
+        refetched, baseline, last_event = 0, fetched, time.monotonic()  # a daemon's counters start at 0: summed over daemons
         for event in args.events.split(","):
             now = status(mountpoint)
             pid = now["pid"]
@@ -135,8 +141,12 @@ def main() -> int:
                 cli("restart", mountpoint)
             else:
                 raise SystemExit(f"unknown event {event!r}")
-            print(f"{event} of pid {pid}: {time.monotonic() - started:.2f} s", flush=True)
+            last_event = time.monotonic()
+            print(f"{event} of pid {pid}: {last_event - started:.2f} s", flush=True)
             time.sleep(args.interval)
+        deadline = time.monotonic() + AFTER_LAST_EVENT
+        while min(last_pass) < last_event and time.monotonic() < deadline:
+            time.sleep(0.1)  # until every reader has read the checkpoint whole once more
         stop.set()
         gathered = sorted(results.get(timeout=600) for _ in readers)
         for process in readers:
@@ -150,14 +160,18 @@ def main() -> int:
             shutil.rmtree(cache, ignore_errors=True)
         shutil.rmtree(top, ignore_errors=True)
     total: collections.Counter = collections.Counter()
-    for number, way, stats, longest in gathered:
+    for number, way, stats, longest, pass_ends in gathered:
         total.update(stats)
-        print(f"reader {number} ({way}): {stats.get('passes', 0)} passes, longest piece or open {longest:.2f} s, "
+        after = sum(end > last_event for end in pass_ends)
+        print(f"reader {number} ({way}): {stats.get('passes', 0)} passes ({after} after the last event), "
+              f"longest piece or open {longest:.2f} s, "
               f"{ {k: v for k, v in stats.items() if k != 'passes'} or 'no error'}")
     failed = sum(count for key, count in total.items() if key.startswith("failed"))
     print(f"{args.readers} readers, {args.size_gb:g} GiB in {args.files} files, events {args.events}, "
           f"options {args.options or 'default'}: {total['passes']} passes, {failed} failed reads, "
           f"{total['wrong pieces']} wrong pieces, longest pause {max(g[3] for g in gathered):.2f} s, "
+          f"{sum(any(end > last_event for end in g[4]) for g in gathered)} of {args.readers} readers with a pass "
+          f"after the last event, "
           f"{refetched} bytes fetched from the source again")
     return 0
 
