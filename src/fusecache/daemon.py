@@ -48,7 +48,7 @@ def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, 
     if cfg.session == "pyfuse3":
         from .session.pyfuse3_session import Pyfuse3Session  # libfuse only where asked for
         return Pyfuse3Session(operations, spec, cfg.workers)
-    return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough))
+    return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough, cfg.queues))
 
 
 def passthrough_state(cfg: MountConfig, session, store: CacheStore) -> str | None:

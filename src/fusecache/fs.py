@@ -232,7 +232,8 @@ class FuseOperations:
         fh = self._new_fh()
         self._handles[fh] = (inode, handle, mode.backing_id is not None)
         return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
-                         backing_id=mode.backing_id)
+                         backing_id=mode.backing_id,
+                         direct=None if mode.backing_id is not None else self.engine.direct(handle))
 
     async def read(self, fh: int, offset: int, size: int, buf: memoryview) -> memoryview:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply."""

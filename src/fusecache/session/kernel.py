@@ -3,11 +3,14 @@
 Why not libfuse: passthrough needs libfuse >= 3.16 and a binding that exposes backing ids,
 which pyfuse3 does not; the kernel protocol itself is stable and small for a read-only server.
 
-Concurrency: the trio thread reads requests (nonblocking descriptor, woken by poll) and runs
-one task per request, so all state changes stay on that thread. Data replies are written from
-worker threads: the kernel copies a reply into the reader's pages inside that write, and 1 MiB
-copies in parallel are what lets several readers go faster than one core's memcpy. Reads are
-limited to `workers` at a time, which bounds the reply buffers.
+Concurrency: with `queues` > 1, reader threads read the requests, each from its own clone of
+the descriptor, answer the reads of files complete in the cache themselves and hand every
+other request to the trio thread (session/queues.py); with one queue, the trio thread reads
+them itself (nonblocking descriptor, woken by poll). Either way the trio thread runs one task
+per request it answers, so all state changes stay on that thread. Its data replies are
+written from worker threads: the kernel copies a reply into the reader's pages inside that
+write, and 1 MiB copies in parallel are what lets several readers go faster than one core's
+memcpy. Reads are limited to `workers` at a time, which bounds the reply buffers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import fcntl
 import logging
 import os
 import select
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -26,9 +30,11 @@ from ..config import MAX_REQUEST
 from ..fairness import requester
 from ..livestate import Negotiated
 from . import protocol as p
+from .direct import send
 from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
-from .types import Attributes, Context, Operations, reply_errno
+from .queues import RequestThreads
+from .types import Attributes, Context, DirectFile, Operations, reply_errno
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +44,13 @@ log = logging.getLogger(__name__)
 # in INIT, which would turn an O_DIRECT read into background requests its reader waits for
 # unkillably (see docs/semantics.md, "Interrupted and killed readers").
 INTERRUPTIBLE = frozenset({p.Op.READ, p.Op.OPEN})
+# INTERRUPTs of requests not (yet) known, kept for when the request comes: with several reader
+# threads, the INTERRUPT may reach the trio thread before its request. Uniques are never
+# reused, so one that never comes only takes a place until pushed out.
+EARLY_INTERRUPTS = 1024
 # Replies this long or longer are written from a worker thread; shorter ones inline.
 THREAD_REPLY_BYTES = 64 * 1024
-MAX_WRITE = 128 * 1024  # we refuse writes; the kernel still wants a size, and reads need room for it
 MAX_PAGES = MAX_REQUEST // 4096
-READ_BUFFER = MAX_WRITE + 4096
 
 
 # A request's handler: replies, or raises what reply_errno turns into the reply.
@@ -58,6 +66,7 @@ class SessionConfig:
     workers: int  # reads served at once
     max_background: int
     passthrough: bool  # ask the kernel for passthrough if it offers it
+    queues: int = 1  # threads reading the connection (session/queues.py); 1: the trio thread reads
 
 
 class DeviceBacking:
@@ -89,6 +98,12 @@ class KernelSession:
         self.gate = ReadGate()  # pause() and resume() for a restart's hand-over
         self._made: MountIdentity | None = None  # which mount is ours, for close()
         self._interruptible: dict[int, trio.CancelScope] = {}
+        self._early_interrupts: OrderedDict[int, None] = OrderedDict()
+        # fh -> the complete file its reads are served from by the reader threads
+        self.direct: dict[int, DirectFile] = {}
+        self._threads: RequestThreads | None = None
+        # requests read from a clone (a reader thread's), while answered: unique -> that clone
+        self._origin: dict[int, int] = {}
         self._reads = trio.CapacityLimiter(config.workers)
         self._buffers: list[bytearray] = []
         self._cancel: trio.CancelScope | None = None
@@ -139,6 +154,8 @@ class KernelSession:
         if self._mounted and not self._handed_over:
             self._mounted = False
             unmount_own(self.spec.mountpoint, self._made, connected=_connected(self.fd))
+        if self._threads is not None:
+            self._threads.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -146,21 +163,41 @@ class KernelSession:
     async def serve(self) -> None:
         """Answer requests until the filesystem is unmounted, the connection aborted, or
         terminate(). A pause (self.gate) stops the reading and lets the requests in flight finish."""
-        buf = bytearray(READ_BUFFER)
+        buf = bytearray(p.READ_BUFFER)
         with trio.CancelScope() as self._cancel:
             async with trio.open_nursery() as nursery:
                 while True:
                     with self.gate.reading():
-                        if await self._read_requests(nursery, buf):
+                        if await self._receive(nursery, buf):
                             break
                     await self.gate.hold()  # paused
                 nursery.cancel_scope.cancel()
         self.gate.closed()
 
-    async def _read_requests(self, nursery: trio.Nursery, buf: bytearray) -> bool:
-        """Read and dispatch requests until the session is over (True) or the reading is
-        cancelled (pause). Cancelled only while waiting, never between reading a request and
-        dispatching it."""
+    async def _receive(self, nursery: trio.Nursery, buf: bytearray) -> bool:
+        """Take requests in until the session is over (True) or a pause cancels it: read here,
+        or, with several queues, once INIT is answered, by the reader threads."""
+        if self.config.queues <= 1:
+            return await self._read_requests(nursery, buf)
+        if not self.minor and await self._read_requests(nursery, buf, until_init=True):
+            return True
+        if self._threads is None:
+            self._threads = RequestThreads(self.fd, self.config.queues, self.direct)
+            log.info("%d threads read requests", self.config.queues)
+
+        def deliver(fd: int, data: bytes) -> bool:  # a request a thread hands over
+            try:
+                return self._dispatch(nursery, memoryview(data), fd)
+            except Exception:  # a bug in one request: never the end of the trio run
+                log.exception("dispatching a request failed")
+                return True
+
+        return await self._threads.run(deliver)
+
+    async def _read_requests(self, nursery: trio.Nursery, buf: bytearray, until_init: bool = False) -> bool:
+        """Read and dispatch requests until the session is over (True), INIT is answered if
+        until_init (False), or the reading is cancelled (pause). Cancelled only while waiting,
+        never between reading a request and dispatching it."""
         view = memoryview(buf)
         while True:
             try:
@@ -177,12 +214,16 @@ class KernelSession:
                 raise
             if not self._dispatch(nursery, view[:n]):
                 return True
+            if until_init and self.minor:
+                return False
             await trio.lowlevel.checkpoint()
 
     # ---- requests --------------------------------------------------------------------------
 
-    def _dispatch(self, nursery: trio.Nursery, data: memoryview) -> bool:
-        """Start answering one request; False once the session is over (DESTROY)."""
+    def _dispatch(self, nursery: trio.Nursery, data: memoryview, fd: int | None = None) -> bool:
+        """Start answering one request, read from fd (where its reply goes; None: the served
+        descriptor); False once the session is over (DESTROY)."""
+        fd = self.fd if fd is None else fd
         header = p.InHeader.parse(data)
         args = memoryview(bytes(data[p.IN_HEADER.size:header.length - header.extlen]))
         op = header.opcode
@@ -195,25 +236,37 @@ class KernelSession:
             self._forget([p.FORGET_ONE.unpack_from(args, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
                           for i in range(count)])
         elif op == p.Op.INTERRUPT:
-            scope = self._interruptible.get(p.INTERRUPT_IN.unpack_from(args)[0])
-            if scope is not None:
-                scope.cancel()
+            self._interrupt(p.INTERRUPT_IN.unpack_from(args)[0])
         elif op == p.Op.DESTROY:
-            self._send(header.unique, 0)
+            send(fd, header.unique, 0)
             return False
         elif op == p.Op.NOTIFY_REPLY:
             pass  # we never ask the kernel for its pages
         elif op in p.WRITE_OPS:
-            self._send(header.unique, errno.EROFS)
+            send(fd, header.unique, errno.EROFS)
         elif op in self._handlers:
             scope = trio.CancelScope()
             if op in INTERRUPTIBLE:  # now, not once its task runs: the INTERRUPT may be next in line
                 self._interruptible[header.unique] = scope
+                if header.unique in self._early_interrupts:  # it came before the request
+                    del self._early_interrupts[header.unique]
+                    scope.cancel()
+            if fd != self.fd:
+                self._origin[header.unique] = fd
             self.gate.started()
             nursery.start_soon(self._answer, self._handlers[op], header, args, scope)
         else:
-            self._send(header.unique, errno.ENOSYS)
+            send(fd, header.unique, errno.ENOSYS)
         return True
+
+    def _interrupt(self, unique: int) -> None:
+        scope = self._interruptible.get(unique)
+        if scope is not None:
+            scope.cancel()
+            return
+        self._early_interrupts[unique] = None
+        if len(self._early_interrupts) > EARLY_INTERRUPTS:
+            self._early_interrupts.popitem(last=False)
 
     def _forget(self, items: list[tuple[int, int]]) -> None:
         """FORGET has no reply: a failure is only logged, and never ends the loop."""
@@ -237,22 +290,12 @@ class KernelSession:
             self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
         finally:
             self._interruptible.pop(header.unique, None)
+            self._origin.pop(header.unique, None)
             self.gate.finished()
 
     def _send(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
-        """Write one reply; False if nobody waits for it any more (the request was interrupted
-        or the connection aborted: ENOENT, ENODEV)."""
-        parts = [p.pack_out_header(sum(len(part) for part in payload), error, unique), *payload]
-        try:
-            os.writev(self.fd, parts)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENODEV):
-                return False
-            log.error("the kernel refused a reply (%s): answering EIO instead", e)
-            if payload:  # a malformed reply must not leave the requester waiting forever
-                self._send(unique, errno.EIO)
-            return False
-        return True
+        """Write one reply, to the descriptor its request came from (direct.send)."""
+        return send(self._origin.get(unique, self.fd), unique, error, *payload)
 
     def _init(self, header: p.InHeader, args: memoryview) -> None:
         init = p.InitIn.parse(args)
@@ -295,7 +338,10 @@ class KernelSession:
             open_flags = p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH
         else:
             open_flags = p.FOPEN_NOFLUSH | (p.FOPEN_KEEP_CACHE if reply.keep_cache else 0)
+        if reply.direct is not None:  # before the reply: its first READ may come right after
+            self.direct[reply.fh] = reply.direct
         if not self._send(header.unique, 0, p.OPEN_OUT.pack(reply.fh, open_flags, reply.backing_id or 0)):
+            self.direct.pop(reply.fh, None)
             await self.operations.release(reply.fh)  # interrupted: nobody will ever release it
 
     async def _read(self, header: p.InHeader, args: memoryview) -> None:
@@ -313,7 +359,9 @@ class KernelSession:
                 self._buffers.append(buf)
 
     async def _release(self, header: p.InHeader, args: memoryview) -> None:
-        await self.operations.release(p.RELEASE_IN.unpack_from(args)[0])
+        fh = p.RELEASE_IN.unpack_from(args)[0]
+        self.direct.pop(fh, None)  # the kernel sends no READ of fh after its RELEASE
+        await self.operations.release(fh)
         self._send(header.unique, 0)
 
     async def _statfs(self, header: p.InHeader, args: memoryview) -> None:
@@ -384,7 +432,7 @@ def _connected(fd: int) -> bool:
 def _init_reply(minor: int, flags: int, init: p.InitIn, config: SessionConfig) -> p.InitOut:
     return p.InitOut(minor=minor, max_readahead=init.max_readahead, flags=flags,
                      max_background=config.max_background, congestion_threshold=config.max_background * 3 // 4,
-                     max_write=MAX_WRITE, max_pages=MAX_PAGES, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
+                     max_write=p.MAX_WRITE, max_pages=MAX_PAGES, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
 
 
 def _context(header: p.InHeader) -> Context:
