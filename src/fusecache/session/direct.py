@@ -1,29 +1,31 @@
 """Replies to reads of complete files, written by a reader thread (session/queues.py).
 
-The kernel wants a reply whole, in one write or one splice into /dev/fuse
-(fs/fuse/dev.c: fuse_dev_splice_write takes `len` bytes from the pipe and fails with EINVAL if
-the pipe holds fewer). Two ways to write one:
+The kernel wants a reply whole, in one write (or one splice) into /dev/fuse, and copies its
+data into the reader's pages inside that call. Three ways to hand it the cache file's bytes
+were measured for 1 MiB replies (docs/benchmarks.md, issue 22):
 
-- **splice** (libfuse's fuse_send_data_iov does the same): the reply header is written into a
-  pipe of the thread's own, then the cache file's range is spliced behind it (page
-  references, no copy), then the whole pipe into /dev/fuse, where the kernel copies the pages
-  into the reader's: one copy of the data in all. The pipe must hold the header's slot and a
-  slot per page of the range: 2 MiB for a 1 MiB reply, past `/proc/sys/fs/pipe-max-size`
-  (1 MiB) for a daemon without CAP_SYS_RESOURCE, which then splices only what fits.
-- **copy**: `preadv` into the thread's buffer, then `writev` of header and buffer: two copies.
-  The fallback for replies the pipe cannot hold, and for a cache filesystem or kernel that
-  refuses to splice (then for the thread's life).
+- **map** (what we do): map the range of the cache file (`MAP_POPULATE`: its pages are
+  read in, from a disk cache, here on the thread, not on a fault in the kernel's copy), write
+  the header and the mapping with one `writev`, unmap. One copy, page cache to reader.
+- **splice**, as libfuse's fuse_send_data_iov does: header and file range into a pipe, the
+  pipe into /dev/fuse. Also one copy, but the pipe must hold the header's slot and one per
+  page, 257 for 1 MiB: past `/proc/sys/fs/pipe-max-size` (1 MiB, 256 pages) for a daemon
+  without CAP_SYS_RESOURCE (root in a container often lacks it), so 1 MiB replies cannot be
+  spliced there at all; where they could (512 KiB replies) it cost the daemon more CPU than map.
+- **copy**: `preadv` into the thread's buffer, then `writev`: two copies, the most CPU. The
+  fallback, for a cache filesystem that cannot be mapped (then for the thread's life).
 
-docs/benchmarks.md (issue 22) has the two measured against each other. A read that cannot be
-served from the cache file (short: the file was truncated behind our back, or an I/O error)
-sends nothing: the caller hands the request to the trio thread, whose engine answers it.
+Afterwards the range is unmapped, so dropping its pages from the cache file's page cache
+(DirectFile.served, on a disk cache) is not refused for pages in use. A range that cannot be
+read whole (the cache file is shorter than checked: truncated behind our back) sends nothing:
+the caller hands the request to the trio thread, whose engine answers it.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -32,8 +34,6 @@ from . import protocol as p
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
-PIPE_BYTES = 2 * MAX_REQUEST  # a power of two of pages: the kernel rounds up to one anyway
 _READ = p.IN_HEADER.size + p.READ_IN.size
 
 
@@ -48,9 +48,11 @@ class ReadRequest:
 def read_request(data: memoryview) -> ReadRequest | None:
     """The READ request data holds, or None for any other request (and for a READ too short
     to be one: the trio thread's parser then answers it as it would)."""
-    if len(data) < _READ or p.IN_HEADER.unpack_from(data)[1] != p.Op.READ:
+    if len(data) < _READ:
         return None
-    unique = p.IN_HEADER.unpack_from(data)[2]
+    _length, opcode, unique = p.IN_HEADER.unpack_from(data)[:3]
+    if opcode != p.Op.READ:
+        return None
     fh, offset, size = p.READ_IN.unpack_from(data, p.IN_HEADER.size)[:3]
     return ReadRequest(unique, fh, offset, size)
 
@@ -63,82 +65,38 @@ def reply_length(size: int, offset: int, file_size: int) -> int:
 class DataReplier:
     """One reader thread's writer of data replies to its /dev/fuse descriptor."""
 
-    def __init__(self, dev_fd: int, splice: bool = True) -> None:
+    def __init__(self, dev_fd: int) -> None:
         self.dev_fd = dev_fd
+        self.mapping = True  # False once the cache filesystem refused a mapping: copied then
         self._buffer = bytearray(MAX_REQUEST)
-        self._pipe: tuple[int, int] | None = None
-        self._slots = 0  # pages the pipe holds
-        self.splicing = splice and self._open_pipe()
-
-    def _open_pipe(self) -> bool:
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        self._pipe = (read_end, write_end)
-        try:
-            self._slots = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES) // PAGE
-        except OSError:  # past pipe-max-size without CAP_SYS_RESOURCE: what it allows
-            try:
-                self._slots = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, MAX_REQUEST) // PAGE
-            except OSError:
-                self._slots = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) // PAGE
-        return True
-
-    def close(self) -> None:
-        if self._pipe is not None:
-            os.close(self._pipe[0])
-            os.close(self._pipe[1])
-            self._pipe = None
-
-    def fits(self, offset: int, length: int) -> bool:
-        """Whether the pipe holds a reply of this range: the header's slot and one per page."""
-        pages = -(-(offset % PAGE + length) // PAGE)
-        return 1 + pages <= self._slots
 
     def reply(self, unique: int, src_fd: int, offset: int, length: int) -> bool:
         """Send the reply to `unique`: length bytes of src_fd at offset. False if nothing was
         sent (the range could not be read whole: someone else must answer)."""
-        if self.splicing and self.fits(offset, length):
-            sent = self._splice(unique, src_fd, offset, length)
+        if self.mapping and length:
+            sent = self._map(unique, src_fd, offset, length)
             if sent is not None:
                 return sent
         return self._copy(unique, src_fd, offset, length)
 
-    def _splice(self, unique: int, src_fd: int, offset: int, length: int) -> bool | None:
-        """False: the range could not be read whole; None: splicing is refused here, the
-        caller copies instead (nothing was sent)."""
-        assert self._pipe is not None
-        read_end, write_end = self._pipe
-        header = p.pack_out_header(length, 0, unique)
-        os.write(write_end, header)
-        done = 0
+    def _map(self, unique: int, src_fd: int, offset: int, length: int) -> bool | None:
+        """None: mapping is refused here, the caller copies instead (nothing was sent)."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
-            while done < length:
-                n = os.splice(src_fd, write_end, length - done, offset_src=offset + done)
-                if n == 0:  # the cache file is shorter than checked: the engine looks again
-                    self._reset_pipe()
-                    return False
-                done += n
-        except OSError as e:
-            self._reset_pipe()
-            if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                log.info("the cache filesystem refuses splice (%s): replies are copied", e)
-                self.splicing = False
-                return None
+            mapped = mmap.mmap(src_fd, offset - start + length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                               prot=mmap.PROT_READ, offset=start)
+        except ValueError:  # the file is shorter than the range (mmap checks its size)
             return False
-        try:
-            os.splice(read_end, self.dev_fd, len(header) + length)
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENODEV):  # interrupted, or the connection is gone
-                return True
-            self._reset_pipe()
-            log.warning("the kernel refused a spliced reply (%s): replies are copied", e)
-            self.splicing = False
+            log.info("the cache file cannot be mapped (%s): replies are copied", e)
+            self.mapping = False
             return None
+        try:
+            with memoryview(mapped) as view:
+                send(self.dev_fd, unique, 0, view[offset - start:])
+        finally:
+            mapped.close()
         return True
-
-    def _reset_pipe(self) -> None:
-        """A pipe left holding part of a reply is thrown away: the next reply starts clean."""
-        self.close()
-        self._open_pipe()
 
     def _copy(self, unique: int, src_fd: int, offset: int, length: int) -> bool:
         view = memoryview(self._buffer)[:length]

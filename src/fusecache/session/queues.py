@@ -8,7 +8,7 @@ to what it reads; a request read from a clone must be answered on that clone). A
 open whose file was complete and checked when it was opened (a `DirectFile` in `routes`) is
 answered by the thread itself, from the cache file (session/direct.py), as long as the file
 is unchanged; the thread holds the GIL only to parse the request and look the handle up, the
-copy runs in splice or preadv and writev. Every other request is handed to the trio thread
+copy runs in the kernel's writev (from a mapping of the cache file's range). Every other request is handed to the trio thread
 (`TrioToken.run_sync_soon`: a queue append and a wakeup, no waiting), which answers it as if
 it had read it, on the clone it came from: state changes stay on that one thread.
 
@@ -73,11 +73,10 @@ class _Run:
 class RequestThreads:
     """The reader threads of one session (see the module docstring)."""
 
-    def __init__(self, master_fd: int, count: int, routes: Mapping[int, DirectFile], splice: bool = True) -> None:
+    def __init__(self, master_fd: int, count: int, routes: Mapping[int, DirectFile]) -> None:
         self.master_fd = master_fd
         self.count = count
         self.routes = routes  # fh -> its DirectFile: written on the trio thread, only read here
-        self.splice = splice
         self._clones: list[int] = []
 
     def close(self) -> None:
@@ -114,7 +113,7 @@ class RequestThreads:
     def _read(self, fd: int, run: _Run, handed: Callable[[int, bytes], None]) -> None:
         """One thread: read, answer or hand over, until stopped or the connection ends."""
         over = False
-        replier = DataReplier(fd, self.splice)
+        replier = DataReplier(fd)
         poller = select.epoll()
         buf = bytearray(p.READ_BUFFER)
         view = memoryview(buf)
@@ -146,7 +145,6 @@ class RequestThreads:
             over = True
         finally:
             poller.close()
-            replier.close()
             run.token.run_sync_soon(self._stopped, run, over)
 
     def _answer(self, replier: DataReplier, data: memoryview) -> bool:
