@@ -30,11 +30,12 @@ from ..config import MAX_REQUEST
 from ..fairness import requester
 from ..livestate import Negotiated
 from . import protocol as p
+from .answers import MetadataAnswers, context_of
 from .direct import send
 from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, identify, mount, unmount_own
 from .queues import RequestThreads
-from .types import Attributes, Context, DirectFile, Operations, reply_errno
+from .types import DirectFile, Operations, reply_errno
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,14 @@ class KernelSession:
         self._reads = trio.CapacityLimiter(config.workers)
         self._buffers: list[bytearray] = []
         self._cancel: trio.CancelScope | None = None
+        meta = MetadataAnswers(operations, self._send)
         self._handlers: dict[int, Handler] = {
-            p.Op.LOOKUP: self._lookup, p.Op.GETATTR: self._getattr, p.Op.READLINK: self._readlink,
+            p.Op.LOOKUP: meta.lookup, p.Op.GETATTR: meta.getattr, p.Op.READLINK: meta.readlink,
             p.Op.OPEN: self._open, p.Op.READ: self._read, p.Op.RELEASE: self._release,
-            p.Op.STATFS: self._statfs, p.Op.OPENDIR: self._opendir, p.Op.READDIR: self._readdir,
-            p.Op.READDIRPLUS: self._readdir, p.Op.RELEASEDIR: self._releasedir,
-            p.Op.GETXATTR: self._getxattr, p.Op.LISTXATTR: self._listxattr, p.Op.ACCESS: self._access,
-            p.Op.FLUSH: self._ok, p.Op.FSYNC: self._ok, p.Op.FSYNCDIR: self._ok,
+            p.Op.STATFS: meta.statfs, p.Op.OPENDIR: meta.opendir, p.Op.READDIR: meta.readdir,
+            p.Op.READDIRPLUS: meta.readdir, p.Op.RELEASEDIR: meta.releasedir,
+            p.Op.GETXATTR: meta.getxattr, p.Op.LISTXATTR: meta.listxattr, p.Op.ACCESS: meta.access,
+            p.Op.FLUSH: meta.ok, p.Op.FSYNC: meta.ok, p.Op.FSYNCDIR: meta.ok,
         }
 
     # ---- life cycle ------------------------------------------------------------------------
@@ -319,20 +321,9 @@ class KernelSession:
 
     # ---- handlers: each replies, or raises (see reply_errno) ------------------------------------
 
-    async def _lookup(self, header: p.InHeader, args: memoryview) -> None:
-        attr = await self.operations.lookup(header.nodeid, _name(args), _context(header))
-        self._send(header.unique, 0, p.pack_entry(attr))
-
-    async def _getattr(self, header: p.InHeader, args: memoryview) -> None:
-        attr = await self.operations.getattr(header.nodeid, _context(header))
-        self._send(header.unique, 0, p.pack_attr_out(attr))
-
-    async def _readlink(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0, await self.operations.readlink(header.nodeid, _context(header)))
-
     async def _open(self, header: p.InHeader, args: memoryview) -> None:
         flags, _open_flags = p.OPEN_IN.unpack_from(args)
-        reply = await self.operations.open(header.nodeid, flags, _context(header))
+        reply = await self.operations.open(header.nodeid, flags, context_of(header))
         # NOFLUSH: nothing is ever written, so a close need not ask us anything
         if reply.backing_id is not None:  # the kernel refuses KEEP_CACHE beside it (EIO)
             open_flags = p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH
@@ -364,63 +355,6 @@ class KernelSession:
         await self.operations.release(fh)
         self._send(header.unique, 0)
 
-    async def _statfs(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0, p.pack_statfs(await self.operations.statfs(_context(header))))
-
-    async def _opendir(self, header: p.InHeader, args: memoryview) -> None:
-        fh = await self.operations.opendir(header.nodeid, _context(header))
-        self._send(header.unique, 0, p.OPEN_OUT.pack(fh, 0, 0))
-
-    async def _readdir(self, header: p.InHeader, args: memoryview) -> None:
-        fh, offset, size = p.READ_IN.unpack_from(args)[:3]
-        plus = header.opcode == p.Op.READDIRPLUS
-        records: list[bytes] = []
-        used = 0
-
-        def add(name: bytes, attr: Attributes, next_offset: int) -> bool:
-            nonlocal used
-            if used + p.dirent_size(name, plus) > size:
-                return False
-            record = p.pack_dirent(name, attr, next_offset, plus)
-            records.append(record)
-            used += len(record)
-            return True
-
-        await self.operations.readdir(fh, offset, add, counts_lookups=plus)
-        self._send(header.unique, 0, b"".join(records))  # one buffer: writev takes 1024 at most
-
-    async def _releasedir(self, header: p.InHeader, args: memoryview) -> None:
-        await self.operations.releasedir(p.RELEASE_IN.unpack_from(args)[0])
-        self._send(header.unique, 0)
-
-    async def _getxattr(self, header: p.InHeader, args: memoryview) -> None:
-        size = p.GETXATTR_IN.unpack_from(args)[0]
-        value = await self.operations.getxattr(header.nodeid, _name(args[p.GETXATTR_IN.size:]),
-                                               _context(header))
-        self._send_sized(header.unique, size, value)
-
-    async def _listxattr(self, header: p.InHeader, args: memoryview) -> None:
-        size = p.GETXATTR_IN.unpack_from(args)[0]
-        names = await self.operations.listxattr(header.nodeid, _context(header))
-        self._send_sized(header.unique, size, b"".join(name + b"\0" for name in names))
-
-    def _send_sized(self, unique: int, size: int, value: bytes) -> None:
-        """An xattr reply: the length when asked with size 0, else the value if it fits."""
-        if size == 0:
-            self._send(unique, 0, p.GETXATTR_OUT.pack(len(value), 0))
-        elif len(value) > size:
-            self._send(unique, errno.ERANGE)
-        else:
-            self._send(unique, 0, value)
-
-    async def _access(self, header: p.InHeader, args: memoryview) -> None:
-        await self.operations.access(header.nodeid, p.ACCESS_IN.unpack_from(args)[0], _context(header))
-        self._send(header.unique, 0)
-
-    async def _ok(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0)
-
-
 def _connected(fd: int) -> bool:
     """Whether the kernel still holds the connection on fd open (POLLERR once it closed it:
     the mount was unmounted, or the connection aborted)."""
@@ -433,17 +367,6 @@ def _init_reply(minor: int, flags: int, init: p.InitIn, config: SessionConfig) -
     return p.InitOut(minor=minor, max_readahead=init.max_readahead, flags=flags,
                      max_background=config.max_background, congestion_threshold=config.max_background * 3 // 4,
                      max_write=p.MAX_WRITE, max_pages=MAX_PAGES, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
-
-
-def _context(header: p.InHeader) -> Context:
-    return Context(header.uid, header.gid, header.pid)
-
-
-def _name(args: memoryview) -> bytes:
-    """A NUL-terminated name at the start of args."""
-    data = bytes(args)
-    end = data.find(b"\0")
-    return data if end < 0 else data[:end]
 
 
 def _op_name(opcode: int) -> str:
