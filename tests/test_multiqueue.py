@@ -11,6 +11,9 @@ What it proves:
   (its bytes right, none served by the threads); once complete, a new open goes to the threads;
 - a cache file written behind the daemon's back while a handle has it open: the threads stop
   serving it, and the engine checks it again and serves the source's bytes;
+- with the cache on disk, a file read through the mount does not stay in the page cache a
+  second time as its cache file's pages (with either queue), even where the page cache holds
+  files in large folios, which a drop of each reply's own range leaves in place;
 - a read waiting for the source is interrupted when its reader is killed (the INTERRUPT reaches
   the request through whichever thread reads it);
 - unmounting, by `fusecache umount` or by umount(8) from outside, ends the daemon while its
@@ -20,6 +23,7 @@ What it proves:
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import mmap
 import os
@@ -150,6 +154,39 @@ def test_a_cache_file_written_behind_the_daemons_back_is_checked_again(tmp_path,
             os.close(fd)
         assert os.pread(dropped(f.fileno()), len(data), 0) == data
     assert m.metrics()["checksum_failures"] >= 1
+    m.unmount()
+
+
+def resident_fraction(path: str) -> float:
+    """The share of the file's pages in the page cache (mincore over a mapping of it)."""
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    vector = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        try:
+            assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) == 0, ctypes.get_errno()
+        finally:
+            del address
+    return sum(v & 1 for v in vector) / pages
+
+
+@pytest.mark.parametrize("queues", ["queues=1", QUEUES])
+def test_a_disk_caches_pages_are_dropped_after_the_replies(tmp_path, make_mount, queues):
+    src = tmp_path / "src"
+    data = fill(src, {"d.bin": 128 * MiB})["d.bin"]
+    m = make_mount(src, [queues], cache_dir=tmp_path / "cache")
+    assert file_bytes(m.mountpoint / "d.bin") == data  # the fill: its pages are written back...
+    # (128 MiB: past the first few readahead windows, where the page cache takes large folios)
+    (cache_file,) = glob.glob(str(m.cache_dir / "fusecache-v1" / "*" / "objects" / "*" / "*.data"))
+    os.sync()
+    fd = os.open(cache_file, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # ... and dropped: what follows is the reads'
+    os.close(fd)
+    assert resident_fraction(cache_file) == 0
+    assert read_all(m.mountpoint / "d.bin", "direct", len(data)) == data  # 1 MiB reads, one at a time
+    assert resident_fraction(cache_file) <= 0.1
     m.unmount()
 
 

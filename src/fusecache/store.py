@@ -65,6 +65,10 @@ _PRESENT = 0x43484B31  # "CHK1": anything else (zeros from a hole, garbage) mean
 _SEAL = struct.Struct("<8sQQqqQ")
 SEAL_MAGIC = b"FCSEAL01"
 _PAGE = 4096
+# The page cache holds a file in folios of up to 2 MiB (PMD order on x86-64), naturally
+# aligned, and POSIX_FADV_DONTNEED drops only the folios wholly inside its range: a 1 MiB
+# range drops nothing of a 2 MiB folio (measured: the cache files stayed 86% resident).
+DROP_ALIGN = 2 << 20
 MAX_PINS_FILE = 16 << 20
 
 # In-memory chunk states.
@@ -261,11 +265,13 @@ class CacheEntry:
         """Let the kernel drop the data file's pages of a range just copied into a reply: the
         mount's own page cache of the file holds those bytes now, and on a disk cache a second
         copy here would keep the model in memory twice. Dirty pages (just filled) are only
-        queued for writeback, not dropped. Safe from any thread, also after the reply went
+        queued for writeback, not dropped. The range is widened back to DROP_ALIGN, so that a
+        sequential reader's replies drop every folio behind them. Safe from any thread, also after the reply went
         out, when the handle may be released and the entry closed meanwhile (then nothing)."""
+        start = offset - offset % DROP_ALIGN  # whole large folios: see DROP_ALIGN
         with self._lock:
             if not self.closed:
-                os.posix_fadvise(self.data_fd, offset, length, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(self.data_fd, start, offset + length - start, os.POSIX_FADV_DONTNEED)
 
     def view(self, offset: int, length: int, generation: int) -> memoryview | None:
         """The cached bytes as a view of a mapping of the data file: no copy, no thread. Only

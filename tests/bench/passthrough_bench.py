@@ -2,7 +2,7 @@
 
     python3 -m tests.bench.passthrough_bench [--size-gb 16] [--files 16] [--readers 8]
         [--source-dir /dev/shm/src] [--cache-dir /dev/shm/ptcache] [--rounds 2] [-o OPTION ...]
-        [--variants direct,cold,restart,restart-always,fuse-restart,pyfuse3-restart]
+        [--variants direct,cold,restart,restart-always,fuse-restart,fuse-restart-1q,pyfuse3-restart]
 
 Each round measures, dropping the page cache before every pass (a tmpfs source and cache stay
 in memory: what is dropped is the mount's own page cache):
@@ -13,6 +13,7 @@ in memory: what is dropped is the mount's own page cache):
                     ("verified")
   restart-always    the same with verify=always: the first open of each file checks its chunks
   fuse-restart      the same with passthrough=off: every byte through the daemon (kernel session)
+  fuse-restart-1q   the same with queues=1: the trio thread reads every request (before issue 22)
   pyfuse3-restart   the same through the pyfuse3 session (the daemon before this change)
 each with read() and with mmap (safetensors' way). Rounds alternate the variants, so a noisy
 machine shows as spread, not as a bias. Also printed: the mount's page cache beyond the tmpfs
@@ -35,9 +36,9 @@ from pathlib import Path
 from tests.bench.throughput import GiB, cli, cpu_seconds, drop_caches, make_source, read_all
 
 MOUNTPOINT = Path("/tmp/ptbench-mnt")
-VARIANTS = ("direct", "cold", "restart", "restart-always", "fuse-restart", "pyfuse3-restart")
+VARIANTS = ("direct", "cold", "restart", "restart-always", "fuse-restart", "fuse-restart-1q", "pyfuse3-restart")
 VARIANT_OPTIONS = {"restart-always": ["verify=always"], "fuse-restart": ["passthrough=off"],
-                   "pyfuse3-restart": ["session=pyfuse3"]}
+                   "fuse-restart-1q": ["passthrough=off", "queues=1"], "pyfuse3-restart": ["session=pyfuse3"]}
 SEAL_MAGIC = b"FCSEAL01"  # fusecache.store.SEAL_MAGIC: the last 48 bytes of a sealed index
 SEAL_SIZE = 48
 SEAL_TIMEOUT = 120.0
