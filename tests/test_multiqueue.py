@@ -180,8 +180,8 @@ def test_a_disk_caches_pages_are_dropped_after_the_replies(tmp_path, make_mount,
     assert file_bytes(m.mountpoint / "d.bin") == data  # the fill: its pages are written back...
     # (128 MiB: past the first few readahead windows, where the page cache takes large folios)
     (cache_file,) = glob.glob(str(m.cache_dir / "fusecache-v1" / "*" / "objects" / "*" / "*.data"))
-    os.sync()
     fd = os.open(cache_file, os.O_RDONLY)
+    os.fsync(fd)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # ... and dropped: what follows is the reads'
     os.close(fd)
     assert resident_fraction(cache_file) == 0
