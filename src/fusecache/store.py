@@ -265,10 +265,12 @@ class CacheEntry:
         """Let the kernel drop the data file's pages of a range just copied into a reply: the
         mount's own page cache of the file holds those bytes now, and on a disk cache a second
         copy here would keep the model in memory twice. Dirty pages (just filled) are only
-        queued for writeback, not dropped. The range is widened back to DROP_ALIGN, so that a
-        sequential reader's replies drop every folio behind them. Safe from any thread, also after the reply went
+        queued for writeback, not dropped. The range is widened back to whole DROP_ALIGN blocks,
+        the one before it included, so that sequential replies drop every folio behind them. Safe from any thread, also after the reply went
         out, when the handle may be released and the entry closed meanwhile (then nothing)."""
-        start = offset - offset % DROP_ALIGN  # whole large folios: see DROP_ALIGN
+        # whole large folios (see DROP_ALIGN), from the block before: a folio a concurrent
+        # reply still held (mapped, or in a pipe) when its own drop came is dropped now
+        start = max(0, offset - offset % DROP_ALIGN - DROP_ALIGN)
         with self._lock:
             if not self.closed:
                 os.posix_fadvise(self.data_fd, start, offset + length - start, os.POSIX_FADV_DONTNEED)
