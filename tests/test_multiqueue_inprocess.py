@@ -109,6 +109,9 @@ class FakeDirect:
     def unchanged(self) -> bool:
         return True
 
+    def view(self, offset: int, length: int) -> None:
+        return None
+
     def served(self, offset: int, length: int) -> None:
         pass
 

@@ -38,6 +38,11 @@ class CompleteFile:
     def unchanged(self) -> bool:
         return self.entry.unchanged_since(self.generation)
 
+    def view(self, offset: int, length: int) -> memoryview | None:
+        # the entry maps its file on first use; two threads doing so at once make two
+        # mappings, one of which goes with its last view: no harm
+        return None if self.drop_pages else self.entry.view(offset, length, self.generation)
+
     def served(self, offset: int, length: int) -> None:
         self.metrics.count_served(length, from_cache=True, direct=True)
         self.metrics.count_hits(len(self.entry.chunks_for(offset, length)))

@@ -8,7 +8,8 @@ to what it reads; a request read from a clone must be answered on that clone). A
 open whose file was complete and checked when it was opened (a `DirectFile` in `routes`) is
 answered by the thread itself, from the cache file (session/direct.py), as long as the file
 is unchanged; the thread holds the GIL only to parse the request and look the handle up, the
-copy runs in the kernel's writev (from a mapping of the cache file's range). Every other request is handed to the trio thread
+copy runs in the kernel's writev, from the mapping a cache in memory keeps of the file, or
+from a mapping of the reply's range of a cache file on disk. Every other request is handed to the trio thread
 (`TrioToken.run_sync_soon`: a queue append and a wakeup, no waiting), which answers it as if
 it had read it, on the clone it came from: state changes stay on that one thread.
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import trio
 
 from . import protocol as p
-from .direct import DataReplier, read_request, reply_length
+from .direct import DataReplier, read_request, reply_length, send
 from .types import DirectFile
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,11 @@ class RequestThreads:
         if file is None or not file.unchanged():
             return False
         length = reply_length(read.size, read.offset, file.size)
-        if not replier.reply(read.unique, file.fd, read.offset, length):
+        view = file.view(read.offset, length) if length else None
+        if view is not None:
+            send(replier.dev_fd, read.unique, 0, view)
+            del view  # before the mapping could be closed (at the open's release)
+        elif not replier.reply(read.unique, file.fd, read.offset, length):
             return False
         try:
             file.served(read.offset, length)

@@ -72,6 +72,10 @@ class DirectFile(Protocol):
         """Whether every byte is still as checked (no foreign write into the cache file
         since): False sends the read to the adapter, which checks the chunks again."""
 
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """The range as a view of a mapping the cache keeps, where the cache is in memory
+        (tmpfs: no copy of our own, no mapping per reply); None where it is not."""
+
     def served(self, offset: int, length: int) -> None:
         """A reply of the range went out: counted, and on a disk cache the cache file's
         pages of it dropped (the mount's page cache holds them now)."""
