@@ -6,7 +6,9 @@ were measured for 1 MiB replies (docs/benchmarks.md, issue 22):
 
 - **map** (what we do): map the range of the cache file (`MAP_POPULATE`: its pages are
   read in, from a disk cache, here on the thread, not on a fault in the kernel's copy), write
-  the header and the mapping with one `writev`, unmap. One copy, page cache to reader.
+  the header and the mapping with one `writev`, unmap. One copy, page cache to reader. (A
+  cache in memory needs no mapping per reply: the thread writes from the one its cache entry
+  keeps, `DirectFile.view`.)
 - **splice**, as libfuse's fuse_send_data_iov does: header and file range into a pipe, the
   pipe into /dev/fuse. Also one copy, but the pipe must hold the header's slot and one per
   page, 257 for 1 MiB: past `/proc/sys/fs/pipe-max-size` (1 MiB, 256 pages) for a daemon
