@@ -110,14 +110,13 @@ def test_complete_files_are_served_by_the_threads_byte_for_byte(tmp_path, make_m
 def test_a_handle_on_a_replaced_file_keeps_its_version(tmp_path, make_mount):
     src = tmp_path / "src"
     old = fill(src, {"w.bin": 3 * MiB + 5})["w.bin"]
-    # no stream: one that opens the new version would unlink the old cache file while the
-    # old handle reads, and an fstat in the midst of an unlink may see its ctime moved before
-    # its link count (to CacheEntry a foreign write: the read then goes the engine's way)
+    # no stream: the test's own opens alone make and unlink the file's cache entries
     m = make_mount(src, [QUEUES, "readahead=off"])
     assert file_bytes(m.mountpoint / "w.bin") == old
 
     def by_threads(read):
-        """read() with what the daemon served meanwhile: all of it by the threads, some of it."""
+        """read(), checking that what the daemon served meanwhile (the mount's page cache may
+        still hold a page or two through a DONTNEED) came from the threads, all of it."""
         before = m.metrics()
         got = read()
         after = m.metrics()
