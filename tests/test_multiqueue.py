@@ -18,7 +18,8 @@ What it proves:
   the request through whichever thread reads it);
 - unmounting, by `fusecache umount` or by umount(8) from outside, ends the daemon while its
   threads wait for requests;
-- `fusecache restart` hands the connection over under live readers: no error, no wrong byte.
+- `fusecache restart` hands the connection over under live readers: no error, no wrong byte;
+  a handle open across it is served by the new daemon's threads.
 """
 
 from __future__ import annotations
@@ -309,4 +310,22 @@ def test_restart_hands_over_under_readers(tmp_path, make_mount):
     assert errors == []
     metrics = m.metrics()
     assert metrics["bytes_from_source"] == 0 and metrics["bytes_served_direct"] > 0
+    m.unmount()
+
+
+def test_handles_open_across_a_restart_are_served_by_the_new_daemons_threads(tmp_path, make_mount):
+    src = tmp_path / "src"
+    data = fill(src, {"h.bin": 5 * MiB + 3})["h.bin"]
+    m = make_mount(src, [QUEUES])
+    assert file_bytes(m.mountpoint / "h.bin") == data
+    with open(m.mountpoint / "h.bin", "rb") as f:
+        old = m.pid
+        run_cli("restart", m.mountpoint)
+        m.pid = m.status()["pid"]
+        wait_gone(old)
+        before = m.metrics()
+        assert os.pread(dropped(f.fileno()), len(data) + 1, 0) == data
+        after = m.metrics()
+    served = after["bytes_served"] - before["bytes_served"]
+    assert served > 0 and after["bytes_served_direct"] - before["bytes_served_direct"] == served
     m.unmount()

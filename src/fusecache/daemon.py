@@ -174,6 +174,7 @@ async def _adopt(cfg: MountConfig, session: KernelSession, operations: FuseOpera
         os.close(received.fd)
         raise OSError(f"the state handed over by pid {state.pid} does not hold together: {e}") from None
     session.adopt(received.fd, state.session)
+    session.direct.update(operations.direct_files())
     _set_passthrough(cfg, session, operations, store)
     log.info("took over the connection of pid %d: %d inodes, %d open files (%d lost), %d directories",
              state.pid, len(state.adapter.inodes), len(state.adapter.files), lost, len(state.adapter.dirs))

@@ -30,7 +30,7 @@ import trio
 from . import acl
 from .engine import Engine, Handle
 from .passthrough import Passthrough
-from .session.types import Attributes, Context, DirentSink, FuseError, OpenReply
+from .session.types import Attributes, Context, DirectFile, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
 from .livestate import AdapterState, OpenDir, OpenFile
 from .source import Identity
@@ -294,6 +294,17 @@ class FuseOperations:
                 log.warning("directory %r open before the restart cannot be read: %s", d.relpath, e)
         self.passthrough.import_state(state.backing, [(f.inode, f.passthrough) for f in state.files])
         return len(self._lost)
+
+    def direct_files(self) -> dict[int, DirectFile]:
+        """The DirectFile of each open FUSE-path handle whose file is complete now: after
+        import_state, so that the reads of handles opened before a restart go to the session's
+        reader threads as before it."""
+        files = {}
+        for fh, (_inode, handle, passthrough) in self._handles.items():
+            direct = None if passthrough else self.engine.direct(handle)
+            if direct is not None:
+                files[fh] = direct
+        return files
 
     async def _reopen(self, inode: int) -> Handle | None:
         """A handle on the version inode names, or None if the source no longer has it."""
