@@ -136,10 +136,11 @@ def test_malformed_command_lines(args):
 
 def test_buffers_beyond_half_the_memory_are_refused():
     """max(streams, fill_reads_max) x stream_read_size + fetch_threads x 2 x chunk_size +
-    verifying threads (one per core, at most 16) x 2 x chunk_size + workers x 1M must fit in
-    half of the memory: the defaults take 608 MiB plus 8 MiB per verifying thread."""
+    verifying threads (one per core, at most 16) x 2 x chunk_size + (workers + queues) x 1M must
+    fit in half of the memory: the defaults take 608 MiB plus 8 MiB per verifying thread and
+    1 MiB per queue."""
     defaults = MountConfig(source=Path("/s"), mountpoint=Path("/m"))
-    total = 608 * MiB + VERIFY_THREADS * 8 * MiB
+    total = 608 * MiB + VERIFY_THREADS * 8 * MiB + defaults.queues * MiB
     assert defaults.buffer_bytes() == total
     defaults.validate(memory=lambda: 2 * total)
     with pytest.raises(ConfigError, match=rf"buffers would take {total / MiB:.1f} MiB, more than half of the memory"):

@@ -185,6 +185,10 @@ class MountConfig:
     sequential_window: int = 8 * MiB
     # Concurrent FUSE requests the daemon works on; each holds one reply buffer.
     workers: int = 32
+    # Threads reading the FUSE connection, each on its own clone of the descriptor; they
+    # answer reads of files complete in the cache themselves (session/queues.py). 1: the trio
+    # thread reads every request itself. Kernel session only.
+    queues: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
     attr_timeout: float = 1.0
     # Kernel readahead of the mount. The default 128 KiB makes the kernel send 128 KiB reads;
     # 4 MiB (one chunk) gives 1 MiB reads, as fast as 16 MiB when memory is ample and far
@@ -223,9 +227,9 @@ class MountConfig:
     def buffer_bytes(self) -> int:
         """The memory the daemon's buffers take at most (engine.fetcher.Lane, session replies):
         each stream read in flight holds one stream_read_size, each demand fetch thread a run
-        of two chunks, each verifying thread a run of VERIFY_RUN_CHUNKS, each worker a reply."""
+        of two chunks, each verifying thread a run of VERIFY_RUN_CHUNKS, each worker and each queue a reply."""
         return (self.stream_reads * self.stream_read_size + self.fetch_threads * 2 * self.chunk_size
-                + VERIFY_THREADS * VERIFY_RUN_CHUNKS * self.chunk_size + self.workers * MAX_REQUEST)
+                + VERIFY_THREADS * VERIFY_RUN_CHUNKS * self.chunk_size + (self.workers + self.queues) * MAX_REQUEST)
 
     @property
     def stream_reads(self) -> int:
@@ -302,6 +306,7 @@ _OPTION_SETTERS = {
     "streams": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 64)),
     "fill_reads_max": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 256)),
     "workers": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 1024)),
+    "queues": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 64)),
     "attr_timeout": lambda c, k, v: setattr(c, k, parse_float(v, k, 0.0, 86400.0)),
     "read_ahead_kb": lambda c, k, v: setattr(c, k, parse_int(v, k, 0, 1 << 20)),
     "max_background": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 65535)),

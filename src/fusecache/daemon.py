@@ -55,7 +55,7 @@ def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, 
     if cfg.session == "pyfuse3":
         from .session.pyfuse3_session import Pyfuse3Session  # libfuse only where asked for
         return Pyfuse3Session(operations, spec, cfg.workers)
-    return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough))
+    return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough, cfg.queues))
 
 
 def passthrough_state(cfg: MountConfig, session, store: CacheStore) -> str | None:
@@ -309,6 +309,7 @@ async def _adopt(cfg: MountConfig, session: KernelSession, operations: FuseOpera
         os.close(received.fd)
         raise OSError(f"the state handed over by pid {state.pid} does not hold together: {e}") from None
     session.adopt(received.fd, state.session)
+    session.direct.update(operations.direct_files())
     _set_passthrough(cfg, session, operations, store)
     log.info("took over the connection of pid %d: %d inodes, %d open files (%d lost), %d directories",
              state.pid, len(state.adapter.inodes), len(state.adapter.files), lost, len(state.adapter.dirs))

@@ -31,7 +31,7 @@ import trio
 from . import acl
 from .engine import Engine, Handle
 from .passthrough import Passthrough
-from .session.types import Attributes, Context, DirentSink, FuseError, OpenReply
+from .session.types import Attributes, Context, DirectFile, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
 from .livestate import AdapterState, OpenDir, OpenFile
 from .source import UNREACHABLE, Identity
@@ -259,7 +259,8 @@ class FuseOperations:
         if first_backing:  # the kernel keeps one backing file per inode: the journal must know it
             await self.persist()
         return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
-                         backing_id=mode.backing_id)
+                         backing_id=mode.backing_id,
+                         direct=None if mode.backing_id is not None else self.engine.direct(handle))
 
     async def read(self, fh: int, offset: int, size: int, buf: memoryview, inode: int = 0) -> memoryview:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply.
@@ -351,6 +352,17 @@ class FuseOperations:
                 log.warning("directory %r open before the restart cannot be read: %s", d.relpath, e)
         self.passthrough.import_state(state.backing, [(f.inode, f.passthrough) for f in state.files], after_crash)
         return len(self._lost)
+
+    def direct_files(self) -> dict[int, DirectFile]:
+        """The DirectFile of each open FUSE-path handle whose file is complete now: after
+        import_state, so that the reads of handles opened before a restart go to the session's
+        reader threads as before it."""
+        files = {}
+        for fh, (_inode, handle, passthrough) in self._handles.items():
+            direct = None if passthrough else self.engine.direct(handle)
+            if direct is not None:
+                files[fh] = direct
+        return files
 
     async def _reopen(self, inode: int) -> Handle | None:
         """A handle on the version inode names, or None if the source no longer has it."""

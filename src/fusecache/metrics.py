@@ -1,7 +1,9 @@
 """Counters the daemon keeps about itself, read by `fusecache status` and the tests.
 
-Plain integers mutated on the trio thread only, so no locking is needed; `snapshot()` turns
-them into a JSON-able dict for the control channel.
+Plain integers mutated on the trio thread, so no locking is needed, except the counters of
+reads served, which the session's reader threads bump too (session/queues.py): those only
+through `count_served` and `count_hits`, under a lock. `snapshot()` turns them into a
+JSON-able dict for the control channel.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ class Metrics:
     chunk_hits: int = 0  # chunks a read found ready
     chunk_misses: int = 0  # chunks a read had to wait for
     bytes_read_through: int = 0  # served straight from the source: no room in the cache
+    bytes_served_direct: int = 0  # ... of which by the reader threads, from files complete at open
     fetch_errors: int = 0
     checksum_failures: int = 0
     files_streamed: int = 0
@@ -56,6 +60,23 @@ class Metrics:
     started_at: float = field(default_factory=time.time)
     # (time, bytes_from_source) once a second over the last few seconds, for the current rate
     _samples: deque = field(default_factory=lambda: deque(maxlen=6), repr=False)
+    _served_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_served(self, nbytes: int, from_cache: bool, read_through: bool = False, direct: bool = False) -> None:
+        """A reply of nbytes went out (from any thread)."""
+        with self._served_lock:
+            self.bytes_served += nbytes
+            if from_cache:
+                self.bytes_served_from_cache += nbytes
+            if read_through:
+                self.bytes_read_through += nbytes
+            if direct:
+                self.bytes_served_direct += nbytes
+
+    def count_hits(self, chunks: int) -> None:
+        """A read found its chunks ready (from any thread)."""
+        with self._served_lock:
+            self.chunk_hits += chunks
 
     def observe_fetch(self, seconds: float) -> None:
         self.fetch_seconds_buckets[bisect.bisect_left(FETCH_BUCKETS, seconds)] += 1

@@ -2,7 +2,7 @@
 
     python3 -m tests.bench.passthrough_bench [--size-gb 16] [--files 16] [--readers 8]
         [--source-dir /dev/shm/src] [--cache-dir /dev/shm/ptcache] [--rounds 2] [-o OPTION ...]
-        [--variants direct,cold,restart,restart-always,fuse-restart,pyfuse3-restart]
+        [--variants direct,cold,restart,restart-always,fuse-restart,fuse-restart-1q,pyfuse3-restart]
         [--libfuse-hp PATH --variants ...,libfuse-hp,libfuse-hp-clone]
 
 Each round measures, dropping the page cache before every pass (a tmpfs source and cache stay
@@ -14,6 +14,7 @@ in memory: what is dropped is the mount's own page cache):
                     ("verified")
   restart-always    the same with verify=always: the first open of each file checks its chunks
   fuse-restart      the same with passthrough=off: every byte through the daemon (kernel session)
+  fuse-restart-1q   the same with queues=1: the trio thread reads every request (before issue 22)
   pyfuse3-restart   the same through the pyfuse3 session (the daemon before this change)
   libfuse-hp        libfuse's C example passthrough_hp over the source, 16 threads, without
                     passthrough (the bar of issue 22; build it from libfuse's example/, the
@@ -42,10 +43,10 @@ from pathlib import Path
 from tests.bench.throughput import GiB, cli, cpu_seconds, drop_caches, make_source, read_all
 
 MOUNTPOINT = Path("/tmp/ptbench-mnt")
-VARIANTS = ("direct", "cold", "restart", "restart-always", "fuse-restart", "pyfuse3-restart", "libfuse-hp",
-            "libfuse-hp-clone")
+VARIANTS = ("direct", "cold", "restart", "restart-always", "fuse-restart", "fuse-restart-1q", "pyfuse3-restart",
+            "libfuse-hp", "libfuse-hp-clone")
 VARIANT_OPTIONS = {"restart-always": ["verify=always"], "fuse-restart": ["passthrough=off"],
-                   "pyfuse3-restart": ["session=pyfuse3"]}
+                   "fuse-restart-1q": ["passthrough=off", "queues=1"], "pyfuse3-restart": ["session=pyfuse3"]}
 SEAL_MAGIC = b"FCSEAL01"  # fusecache.store.SEAL_MAGIC: the last 48 bytes of a sealed index
 SEAL_SIZE = 48
 SEAL_TIMEOUT = 120.0

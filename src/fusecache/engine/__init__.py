@@ -4,6 +4,8 @@ Its parts, each with one job, dependencies pointing down this list:
 
 - `facade.Engine`: what the FUSE adapter calls; wires the parts.
 - `reader.Reader`: one read: chunks verified, then the reply from the cache (or the source).
+- `direct.CompleteFile`: a file complete and checked at open, whose reads the session's reader
+  threads serve themselves, off the trio thread (each asks it whether the cache file is unchanged).
 - `window.SequentialWindow`: which chunks to fetch ahead of a sequential reader.
 - `streams.StreamScheduler`: whole files streamed in (readahead, prefetch); one `StreamRecord`
   per path says where it stands.
@@ -22,7 +24,8 @@ The evictor and the open-file table need each other (an open that finds the cach
 full evicts; evicting closes tracked files): the table depends on nothing above it and is told
 what to call (`on_disk_full`, `on_version_gone`), which the facade wires.
 
-Everything runs on the trio thread except the blocking calls handed to worker threads.
+Everything runs on the trio thread except the blocking calls handed to worker threads, and
+what `direct.CompleteFile` is asked by the session's reader threads.
 """
 
 from .errors import CacheFull, ReadError, VersionReplaced

@@ -14,6 +14,7 @@ from ..config import MountConfig
 from ..metrics import Metrics
 from ..source import UNREACHABLE, Source
 from ..store import CacheStore
+from .direct import CompleteFile, complete_file
 from .errors import CacheFull, ReadError
 from .evictor import Evictor, EvictorConfig
 from .fetcher import Fetcher, FetcherConfig
@@ -135,6 +136,11 @@ class Engine:
         if handle.tracked.entry.cacheable:
             self.streams.opened(relpath, handle.tracked.entry.size)
         return handle
+
+    def direct(self, handle: Handle) -> CompleteFile | None:
+        """What the session's threads may serve handle's reads from, if its file is complete
+        and checked now (engine/direct.py); None: every read comes here."""
+        return complete_file(handle, self.metrics, drop_pages=not self.reader.serve_from_memory)
 
     async def read(self, handle: Handle, offset: int, size: int, buf: memoryview) -> memoryview:
         """The bytes at offset; buf (the caller's, size bytes) may be where they are put."""

@@ -181,7 +181,7 @@ class Fetcher:
                 if flight.error is not None:
                     raise ReadError(errno.EIO, f"{tracked.relpath}: {flight.error}")
         if not waited:
-            self.metrics.chunk_hits += len(chunks)
+            self.metrics.count_hits(len(chunks))
         return not waited
 
     def start_ahead(self, tracked: TrackedFile, window: range) -> None:

@@ -64,9 +64,7 @@ class Reader:
                 return await self._read_through(tracked, buf, offset)
             reply = await self._from_cache(entry, buf, offset, generation)
             if reply is not None:
-                self.metrics.bytes_served += len(reply)
-                if all_cached:
-                    self.metrics.bytes_served_from_cache += len(reply)
+                self.metrics.count_served(len(reply), from_cache=all_cached)
                 return reply
         raise ReadError(errno.EIO, f"{entry.relpath}: its cache file keeps changing behind our back")
 
@@ -93,6 +91,5 @@ class Reader:
             self.metrics.count_error(error_kind(e))
             raise ReadError(errno.EIO, f"{entry.relpath}: {e}") from None
         self.metrics.bytes_from_source += len(buf)
-        self.metrics.bytes_read_through += len(buf)
-        self.metrics.bytes_served += len(buf)
+        self.metrics.count_served(len(buf), from_cache=False, read_through=True)
         return buf

@@ -3,11 +3,14 @@
 Why not libfuse: passthrough needs libfuse >= 3.16 and a binding that exposes backing ids,
 which pyfuse3 does not; the kernel protocol itself is stable and small for a read-only server.
 
-Concurrency: the trio thread reads requests (nonblocking descriptor, woken by poll) and runs
-one task per request, so all state changes stay on that thread. Data replies are written from
-worker threads: the kernel copies a reply into the reader's pages inside that write, and 1 MiB
-copies in parallel are what lets several readers go faster than one core's memcpy. Reads are
-limited to `workers` at a time, which bounds the reply buffers.
+Concurrency: with `queues` > 1, reader threads read the requests, each from its own clone of
+the descriptor, answer the reads of files complete in the cache themselves and hand every
+other request to the trio thread (session/queues.py); with one queue, the trio thread reads
+them itself (nonblocking descriptor, woken by poll). Either way the trio thread runs one task
+per request it answers, so all state changes stay on that thread. Its data replies are
+written from worker threads: the kernel copies a reply into the reader's pages inside that
+write, and 1 MiB copies in parallel are what lets several readers go faster than one core's
+memcpy. Reads are limited to `workers` at a time, which bounds the reply buffers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -25,9 +29,12 @@ from ..config import MAX_REQUEST
 from ..fairness import requester
 from ..livestate import Negotiated
 from . import protocol as p
+from .answers import MetadataAnswers, context_of
+from .direct import send
 from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, connected, identify, mount, unmount_own
-from .types import Attributes, Context, Operations, reply_errno
+from .queues import RequestThreads
+from .types import DirectFile, Operations, reply_errno
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +44,13 @@ log = logging.getLogger(__name__)
 # in INIT, which would turn an O_DIRECT read into background requests its reader waits for
 # unkillably (see docs/semantics.md, "Interrupted and killed readers").
 INTERRUPTIBLE = frozenset({p.Op.READ, p.Op.OPEN})
+# INTERRUPTs of requests not (yet) known, kept for when the request comes: with several reader
+# threads, the INTERRUPT may reach the trio thread before its request. Uniques are never
+# reused, so one that never comes only takes a place until pushed out.
+EARLY_INTERRUPTS = 1024
 # Replies this long or longer are written from a worker thread; shorter ones inline.
 THREAD_REPLY_BYTES = 64 * 1024
-MAX_WRITE = 128 * 1024  # we refuse writes; the kernel still wants a size, and reads need room for it
 MAX_PAGES = MAX_REQUEST // 4096
-READ_BUFFER = MAX_WRITE + 4096
 
 
 # A request's handler: replies, or raises what reply_errno turns into the reply.
@@ -57,6 +66,7 @@ class SessionConfig:
     workers: int  # reads served at once
     max_background: int
     passthrough: bool  # ask the kernel for passthrough if it offers it
+    queues: int = 1  # threads reading the connection (session/queues.py); 1: the trio thread reads
 
 
 class DeviceBacking:
@@ -88,16 +98,23 @@ class KernelSession:
         self.gate = ReadGate()  # pause() and resume() for a restart's hand-over
         self._made: MountIdentity | None = None  # which mount is ours, for close()
         self._interruptible: dict[int, trio.CancelScope] = {}
+        self._early_interrupts: OrderedDict[int, None] = OrderedDict()
+        # fh -> the complete file its reads are served from by the reader threads
+        self.direct: dict[int, DirectFile] = {}
+        self._threads: RequestThreads | None = None
+        # requests read from a clone (a reader thread's), while answered: unique -> that clone
+        self._origin: dict[int, int] = {}
         self._reads = trio.CapacityLimiter(config.workers)
         self._buffers: list[bytearray] = []
         self._cancel: trio.CancelScope | None = None
+        meta = MetadataAnswers(operations, self._send)
         self._handlers: dict[int, Handler] = {
-            p.Op.LOOKUP: self._lookup, p.Op.GETATTR: self._getattr, p.Op.READLINK: self._readlink,
+            p.Op.LOOKUP: meta.lookup, p.Op.GETATTR: meta.getattr, p.Op.READLINK: meta.readlink,
             p.Op.OPEN: self._open, p.Op.READ: self._read, p.Op.RELEASE: self._release,
-            p.Op.STATFS: self._statfs, p.Op.OPENDIR: self._opendir, p.Op.READDIR: self._readdir,
-            p.Op.READDIRPLUS: self._readdir, p.Op.RELEASEDIR: self._releasedir,
-            p.Op.GETXATTR: self._getxattr, p.Op.LISTXATTR: self._listxattr, p.Op.ACCESS: self._access,
-            p.Op.FLUSH: self._ok, p.Op.FSYNC: self._ok, p.Op.FSYNCDIR: self._ok,
+            p.Op.STATFS: meta.statfs, p.Op.OPENDIR: meta.opendir, p.Op.READDIR: meta.readdir,
+            p.Op.READDIRPLUS: meta.readdir, p.Op.RELEASEDIR: meta.releasedir,
+            p.Op.GETXATTR: meta.getxattr, p.Op.LISTXATTR: meta.listxattr, p.Op.ACCESS: meta.access,
+            p.Op.FLUSH: meta.ok, p.Op.FSYNC: meta.ok, p.Op.FSYNCDIR: meta.ok,
         }
 
     # ---- life cycle ------------------------------------------------------------------------
@@ -146,6 +163,8 @@ class KernelSession:
         if self._mounted and not self._handed_over:
             self._mounted = False
             unmount_own(self.spec.mountpoint, self._made, connected=connected(self.fd))
+        if self._threads is not None:
+            self._threads.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -153,21 +172,41 @@ class KernelSession:
     async def serve(self) -> None:
         """Answer requests until the filesystem is unmounted, the connection aborted, or
         terminate(). A pause (self.gate) stops the reading and lets the requests in flight finish."""
-        buf = bytearray(READ_BUFFER)
+        buf = bytearray(p.READ_BUFFER)
         with trio.CancelScope() as self._cancel:
             async with trio.open_nursery() as nursery:
                 while True:
                     with self.gate.reading():
-                        if await self._read_requests(nursery, buf):
+                        if await self._receive(nursery, buf):
                             break
                     await self.gate.hold()  # paused
                 nursery.cancel_scope.cancel()
         self.gate.closed()
 
-    async def _read_requests(self, nursery: trio.Nursery, buf: bytearray) -> bool:
-        """Read and dispatch requests until the session is over (True) or the reading is
-        cancelled (pause). Cancelled only while waiting, never between reading a request and
-        dispatching it."""
+    async def _receive(self, nursery: trio.Nursery, buf: bytearray) -> bool:
+        """Take requests in until the session is over (True) or a pause cancels it: read here,
+        or, with several queues, once INIT is answered, by the reader threads."""
+        if self.config.queues <= 1:
+            return await self._read_requests(nursery, buf)
+        if not self.minor and await self._read_requests(nursery, buf, until_init=True):
+            return True
+        if self._threads is None:
+            self._threads = RequestThreads(self.fd, self.config.queues, self.direct)
+            log.info("%d threads read requests", self.config.queues)
+
+        def deliver(fd: int, data: bytes) -> bool:  # a request a thread hands over
+            try:
+                return self._dispatch(nursery, memoryview(data), fd)
+            except Exception:  # a bug in one request: never the end of the trio run
+                log.exception("dispatching a request failed")
+                return True
+
+        return await self._threads.run(deliver)
+
+    async def _read_requests(self, nursery: trio.Nursery, buf: bytearray, until_init: bool = False) -> bool:
+        """Read and dispatch requests until the session is over (True), INIT is answered if
+        until_init (False), or the reading is cancelled (pause). Cancelled only while waiting,
+        never between reading a request and dispatching it."""
         view = memoryview(buf)
         while True:
             try:
@@ -184,12 +223,16 @@ class KernelSession:
                 raise
             if not self._dispatch(nursery, view[:n]):
                 return True
+            if until_init and self.minor:
+                return False
             await trio.lowlevel.checkpoint()
 
     # ---- requests --------------------------------------------------------------------------
 
-    def _dispatch(self, nursery: trio.Nursery, data: memoryview) -> bool:
-        """Start answering one request; False once the session is over (DESTROY)."""
+    def _dispatch(self, nursery: trio.Nursery, data: memoryview, fd: int | None = None) -> bool:
+        """Start answering one request, read from fd (where its reply goes; None: the served
+        descriptor); False once the session is over (DESTROY)."""
+        fd = self.fd if fd is None else fd
         header = p.InHeader.parse(data)
         args = memoryview(bytes(data[p.IN_HEADER.size:header.length - header.extlen]))
         op = header.opcode
@@ -202,25 +245,37 @@ class KernelSession:
             self._forget([p.FORGET_ONE.unpack_from(args, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
                           for i in range(count)])
         elif op == p.Op.INTERRUPT:
-            scope = self._interruptible.get(p.INTERRUPT_IN.unpack_from(args)[0])
-            if scope is not None:
-                scope.cancel()
+            self._interrupt(p.INTERRUPT_IN.unpack_from(args)[0])
         elif op == p.Op.DESTROY:
-            self._send(header.unique, 0)
+            send(fd, header.unique, 0)
             return False
         elif op == p.Op.NOTIFY_REPLY:
             pass  # we never ask the kernel for its pages
         elif op in p.WRITE_OPS:
-            self._send(header.unique, errno.EROFS)
+            send(fd, header.unique, errno.EROFS)
         elif op in self._handlers:
             scope = trio.CancelScope()
             if op in INTERRUPTIBLE:  # now, not once its task runs: the INTERRUPT may be next in line
                 self._interruptible[header.unique] = scope
+                if header.unique in self._early_interrupts:  # it came before the request
+                    del self._early_interrupts[header.unique]
+                    scope.cancel()
+            if fd != self.fd:
+                self._origin[header.unique] = fd
             self.gate.started()
             nursery.start_soon(self._answer, self._handlers[op], header, args, scope)
         else:
-            self._send(header.unique, errno.ENOSYS)
+            send(fd, header.unique, errno.ENOSYS)
         return True
+
+    def _interrupt(self, unique: int) -> None:
+        scope = self._interruptible.get(unique)
+        if scope is not None:
+            scope.cancel()
+            return
+        self._early_interrupts[unique] = None
+        if len(self._early_interrupts) > EARLY_INTERRUPTS:
+            self._early_interrupts.popitem(last=False)
 
     def _forget(self, items: list[tuple[int, int]]) -> None:
         """FORGET has no reply: a failure is only logged, and never ends the loop."""
@@ -244,22 +299,12 @@ class KernelSession:
             self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
         finally:
             self._interruptible.pop(header.unique, None)
+            self._origin.pop(header.unique, None)
             self.gate.finished()
 
     def _send(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
-        """Write one reply; False if nobody waits for it any more (the request was interrupted
-        or the connection aborted: ENOENT, ENODEV)."""
-        parts = [p.pack_out_header(sum(len(part) for part in payload), error, unique), *payload]
-        try:
-            os.writev(self.fd, parts)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENODEV):
-                return False
-            log.error("the kernel refused a reply (%s): answering EIO instead", e)
-            if payload:  # a malformed reply must not leave the requester waiting forever
-                self._send(unique, errno.EIO)
-            return False
-        return True
+        """Write one reply, to the descriptor its request came from (direct.send)."""
+        return send(self._origin.get(unique, self.fd), unique, error, *payload)
 
     def _init(self, header: p.InHeader, args: memoryview) -> None:
         init = p.InitIn.parse(args)
@@ -282,26 +327,18 @@ class KernelSession:
 
     # ---- handlers: each replies, or raises (see reply_errno) ------------------------------------
 
-    async def _lookup(self, header: p.InHeader, args: memoryview) -> None:
-        attr = await self.operations.lookup(header.nodeid, _name(args), _context(header))
-        self._send(header.unique, 0, p.pack_entry(attr))
-
-    async def _getattr(self, header: p.InHeader, args: memoryview) -> None:
-        attr = await self.operations.getattr(header.nodeid, _context(header))
-        self._send(header.unique, 0, p.pack_attr_out(attr))
-
-    async def _readlink(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0, await self.operations.readlink(header.nodeid, _context(header)))
-
     async def _open(self, header: p.InHeader, args: memoryview) -> None:
         flags, _open_flags = p.OPEN_IN.unpack_from(args)
-        reply = await self.operations.open(header.nodeid, flags, _context(header))
+        reply = await self.operations.open(header.nodeid, flags, context_of(header))
         # NOFLUSH: nothing is ever written, so a close need not ask us anything
         if reply.backing_id is not None:  # the kernel refuses KEEP_CACHE beside it (EIO)
             open_flags = p.FOPEN_PASSTHROUGH | p.FOPEN_NOFLUSH
         else:
             open_flags = p.FOPEN_NOFLUSH | (p.FOPEN_KEEP_CACHE if reply.keep_cache else 0)
+        if reply.direct is not None:  # before the reply: its first READ may come right after
+            self.direct[reply.fh] = reply.direct
         if not self._send(header.unique, 0, p.OPEN_OUT.pack(reply.fh, open_flags, reply.backing_id or 0)):
+            self.direct.pop(reply.fh, None)
             await self.operations.release(reply.fh)  # interrupted: nobody will ever release it
 
     async def _read(self, header: p.InHeader, args: memoryview) -> None:
@@ -319,79 +356,17 @@ class KernelSession:
                 self._buffers.append(buf)
 
     async def _release(self, header: p.InHeader, args: memoryview) -> None:
-        await self.operations.release(p.RELEASE_IN.unpack_from(args)[0])
+        fh = p.RELEASE_IN.unpack_from(args)[0]
+        self.direct.pop(fh, None)  # the kernel sends no READ of fh after its RELEASE
+        await self.operations.release(fh)
         self._send(header.unique, 0)
 
-    async def _statfs(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0, p.pack_statfs(await self.operations.statfs(_context(header))))
-
-    async def _opendir(self, header: p.InHeader, args: memoryview) -> None:
-        fh = await self.operations.opendir(header.nodeid, _context(header))
-        self._send(header.unique, 0, p.OPEN_OUT.pack(fh, 0, 0))
-
-    async def _readdir(self, header: p.InHeader, args: memoryview) -> None:
-        fh, offset, size = p.READ_IN.unpack_from(args)[:3]
-        plus = header.opcode == p.Op.READDIRPLUS
-        records: list[bytes] = []
-        used = 0
-
-        def add(name: bytes, attr: Attributes, next_offset: int) -> bool:
-            nonlocal used
-            if used + p.dirent_size(name, plus) > size:
-                return False
-            record = p.pack_dirent(name, attr, next_offset, plus)
-            records.append(record)
-            used += len(record)
-            return True
-
-        await self.operations.readdir(fh, offset, add, counts_lookups=plus)
-        self._send(header.unique, 0, b"".join(records))  # one buffer: writev takes 1024 at most
-
-    async def _releasedir(self, header: p.InHeader, args: memoryview) -> None:
-        await self.operations.releasedir(p.RELEASE_IN.unpack_from(args)[0])
-        self._send(header.unique, 0)
-
-    async def _getxattr(self, header: p.InHeader, args: memoryview) -> None:
-        size = p.GETXATTR_IN.unpack_from(args)[0]
-        value = await self.operations.getxattr(header.nodeid, _name(args[p.GETXATTR_IN.size:]),
-                                               _context(header))
-        self._send(header.unique, *_sized(size, value))
-
-    async def _listxattr(self, header: p.InHeader, args: memoryview) -> None:
-        size = p.GETXATTR_IN.unpack_from(args)[0]
-        names = await self.operations.listxattr(header.nodeid, _context(header))
-        self._send(header.unique, *_sized(size, b"".join(name + b"\0" for name in names)))
-
-    async def _access(self, header: p.InHeader, args: memoryview) -> None:
-        await self.operations.access(header.nodeid, p.ACCESS_IN.unpack_from(args)[0], _context(header))
-        self._send(header.unique, 0)
-
-    async def _ok(self, header: p.InHeader, args: memoryview) -> None:
-        self._send(header.unique, 0)
-
-
-def _sized(size: int, value: bytes) -> tuple[int, bytes]:
-    """An xattr reply (error, payload): the length when asked with size 0, else the value if it fits."""
-    if size == 0:
-        return 0, p.GETXATTR_OUT.pack(len(value), 0)
-    return (errno.ERANGE, b"") if len(value) > size else (0, value)
 
 
 def _init_reply(minor: int, flags: int, init: p.InitIn, config: SessionConfig) -> p.InitOut:
     return p.InitOut(minor=minor, max_readahead=init.max_readahead, flags=flags,
                      max_background=config.max_background, congestion_threshold=config.max_background * 3 // 4,
-                     max_write=MAX_WRITE, max_pages=MAX_PAGES, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
-
-
-def _context(header: p.InHeader) -> Context:
-    return Context(header.uid, header.gid, header.pid)
-
-
-def _name(args: memoryview) -> bytes:
-    """A NUL-terminated name at the start of args."""
-    data = bytes(args)
-    end = data.find(b"\0")
-    return data if end < 0 else data[:end]
+                     max_write=p.MAX_WRITE, max_pages=MAX_PAGES, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
 
 
 def _op_name(opcode: int) -> str:

@@ -108,6 +108,8 @@ FOPEN_PASSTHROUGH = 1 << 7
 
 UNIQUE_RESEND = 1 << 63
 
+MAX_WRITE = 128 * 1024  # what INIT says: we refuse writes, but the kernel still wants a size
+READ_BUFFER = MAX_WRITE + 4096  # room for the largest request the kernel sends (a WRITE)
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen padding
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (then flags2 at +16 since 7.36)
@@ -145,6 +147,9 @@ def _iow(nr: int, size: int) -> int:
 
 DEV_IOC_BACKING_OPEN = _iow(1, BACKING_MAP.size)
 DEV_IOC_BACKING_CLOSE = _iow(2, 4)
+# _IOR(229, 0, uint32_t): on a new /dev/fuse descriptor, with the served one's number: attach
+# it to the same connection, with a queue of its own for the replies to what it reads
+DEV_IOC_CLONE = (2 << 30) | (4 << 16) | (229 << 8) | 0
 
 
 @dataclass(frozen=True)

@@ -59,14 +59,38 @@ class Attributes:
     generation: int = 0
 
 
+class DirectFile(Protocol):
+    """A file complete and checked in the cache when it was opened, as the session's reader
+    threads may serve its reads themselves, without the adapter (session/queues.py): the
+    cache file's descriptor and the version's size, fixed for the open's life. Every method
+    is safe from any thread."""
+
+    fd: int  # the cache data file: read-only use, valid until the open is released
+    size: int
+
+    def unchanged(self) -> bool:
+        """Whether every byte is still as checked (no foreign write into the cache file
+        since): False sends the read to the adapter, which checks the chunks again."""
+
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """The range as a view of a mapping the cache keeps, where the cache is in memory
+        (tmpfs: no copy of our own, no mapping per reply); None where it is not."""
+
+    def served(self, offset: int, length: int) -> None:
+        """A reply of the range went out: counted, and on a disk cache the cache file's
+        pages of it dropped (the mount's page cache holds them now)."""
+
+
 @dataclass(frozen=True)
 class OpenReply:
     """An open's answer: the handle, whether the kernel may keep the pages it holds of the
-    inode, and for a passthrough open the backing id the kernel reads from instead of us."""
+    inode, for a passthrough open the backing id the kernel reads from instead of us, and for
+    a file complete in the cache the `DirectFile` its reads may be served from."""
 
     fh: int
     keep_cache: bool
     backing_id: int | None = None
+    direct: DirectFile | None = None
 
 
 # readdir's sink: add(name, attributes, offset of the next entry) -> False once the reply is full

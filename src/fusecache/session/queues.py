@@ -1,0 +1,178 @@
+"""Several threads reading the FUSE connection, each on its own clone of the /dev/fuse descriptor.
+
+One trio thread reading every request, and answering each through a task, tops out well
+below what the kernel can take (issue 22): every 1 MiB reply costs a task, a thread hop and
+two copies. Here `count` threads read requests, each from its own clone of the descriptor
+(FUSE_DEV_IOC_CLONE, Linux 4.2+: the same connection, with a queue of its own for the replies
+to what it reads; a request read from a clone must be answered on that clone). A READ of an
+open whose file was complete and checked when it was opened (a `DirectFile` in `routes`) is
+answered by the thread itself, from the cache file (session/direct.py), as long as the file
+is unchanged; the thread holds the GIL only to parse the request and look the handle up, the
+copy runs in the kernel's writev, from the mapping a cache in memory keeps of the file, or
+from a mapping of the reply's range of a cache file on disk. Every other request is handed to the trio thread
+(`TrioToken.run_sync_soon`: a queue append and a wakeup, no waiting), which answers it as if
+it had read it, on the clone it came from: state changes stay on that one thread.
+
+The threads read nonblocking and, when there is nothing to read, wait in epoll on their
+clone (EPOLLEXCLUSIVE: one thread woken per request, not all) and on an eventfd that
+`stop` writes. So a pause (a restart's hand-over) stops them within one request each: every
+request a thread read is answered by it or handed over before it reports itself stopped, and
+the hand-overs go through the same queue as the report, so once every thread reported, the
+trio thread has counted every request they read (session/gate.py) and can drain them.
+
+The clones live as long as the session (closed by `close()`): a request handed to the trio
+thread may be answered after its thread stopped, and its answer goes to its clone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from . import protocol as p
+from .direct import DataReplier, read_request, reply_length, send
+from .types import DirectFile
+
+log = logging.getLogger(__name__)
+
+# Hands a request (the clone it came from, its bytes) to the trio thread; returns False once
+# the session is over (DESTROY). Called on the trio thread.
+Deliver = Callable[[int, bytes], bool]
+
+
+def clone(master_fd: int) -> int:
+    """A new descriptor on master_fd's connection, nonblocking (see the module docstring)."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, p.DEV_IOC_CLONE, bytearray(master_fd.to_bytes(4, "little")))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass
+class _Run:
+    """One period of reading: from start to stop (a pause, or the session's end)."""
+
+    token: trio.lowlevel.TrioToken
+    stop: threading.Event
+    wake: int  # eventfd: written by stop, to end the threads' waits
+    running: int
+    over: trio.Event  # a thread met the connection's end, or the trio thread a DESTROY
+    stopped: trio.Event  # every thread reported itself stopped
+
+
+class RequestThreads:
+    """The reader threads of one session (see the module docstring)."""
+
+    def __init__(self, master_fd: int, count: int, routes: Mapping[int, DirectFile]) -> None:
+        self.master_fd = master_fd
+        self.count = count
+        self.routes = routes  # fh -> its DirectFile: written on the trio thread, only read here
+        self._clones: list[int] = []
+
+    def close(self) -> None:
+        """Let go of the clones (after serving: no request is in flight)."""
+        for fd in self._clones:
+            os.close(fd)
+        self._clones = []
+
+    async def run(self, deliver: Deliver) -> bool:
+        """Read with the threads until the session is over (True); a cancel (a pause) stops
+        them, and returns once each has answered or handed over what it read."""
+        if not self._clones:
+            self._clones = [clone(self.master_fd) for _ in range(self.count)]
+        run = _Run(trio.lowlevel.current_trio_token(), threading.Event(),
+                   os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), len(self._clones), trio.Event(), trio.Event())
+
+        def handed(fd: int, data: bytes) -> None:  # on the trio thread
+            if not deliver(fd, data):
+                run.over.set()
+
+        try:
+            for fd in self._clones:
+                threading.Thread(target=self._read, args=(fd, run, handed), name=f"fuse-queue-{fd}",
+                                 daemon=True).start()
+            await run.over.wait()
+            return True
+        finally:
+            run.stop.set()
+            os.eventfd_write(run.wake, 1)
+            with trio.CancelScope(shield=True):
+                await run.stopped.wait()
+            os.close(run.wake)
+
+    def _read(self, fd: int, run: _Run, handed: Callable[[int, bytes], None]) -> None:
+        """One thread: read, answer or hand over, until stopped or the connection ends."""
+        over = False
+        replier = DataReplier(fd)
+        poller = select.epoll()
+        buf = bytearray(p.READ_BUFFER)
+        view = memoryview(buf)
+        try:
+            poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            poller.register(run.wake, select.EPOLLIN)
+            while not run.stop.is_set():
+                try:
+                    n = os.readv(fd, [buf])
+                except BlockingIOError:
+                    poller.poll()
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we read it
+                        continue
+                    if e.errno == errno.ENODEV:  # unmounted, or the connection was aborted
+                        over = True
+                        break
+                    raise
+                try:
+                    answered = self._answer(replier, view[:n])
+                except Exception:  # a bug in one request: the trio thread answers it instead
+                    log.exception("answering a request on a reader thread failed")
+                    answered = False
+                if not answered:
+                    run.token.run_sync_soon(handed, fd, bytes(view[:n]))
+        except Exception:
+            log.exception("a FUSE reader thread failed: the session ends")
+            over = True
+        finally:
+            poller.close()
+            run.token.run_sync_soon(self._stopped, run, over)
+
+    def _answer(self, replier: DataReplier, data: memoryview) -> bool:
+        """Answer a READ of a complete, unchanged file here; False: the trio thread answers."""
+        read = read_request(data)
+        if read is None:
+            return False
+        file = self.routes.get(read.fh)
+        if file is None or not file.unchanged():
+            return False
+        length = reply_length(read.size, read.offset, file.size)
+        view = file.view(read.offset, length) if length else None
+        if view is not None:
+            send(replier.dev_fd, read.unique, 0, view)
+            del view  # before the mapping could be closed (at the open's release)
+        elif not replier.reply(read.unique, file.fd, read.offset, length):
+            return False
+        try:
+            file.served(read.offset, length)
+        except OSError as e:  # answered: only the page cache keeps the pages
+            log.warning("after a reply from the cache file: %s", e)
+        return True
+
+    @staticmethod
+    def _stopped(run: _Run, over: bool) -> None:  # on the trio thread
+        if over:
+            run.over.set()
+        run.running -= 1
+        if not run.running:
+            run.stopped.set()

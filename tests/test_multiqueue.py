@@ -1,0 +1,331 @@
+"""Several reader threads on clones of /dev/fuse (queues=4), on real mounts with passthrough=off:
+every byte through the daemon (session/queues.py, session/direct.py).
+
+What it proves:
+- files complete in the cache, read at once by read(), pread() at odd offsets, mmap and
+  O_DIRECT, with the cache on disk and on tmpfs: every byte is the source's, and every byte
+  the daemon served came from the reader threads (bytes_served_direct);
+- a handle open on a file the source replaced keeps reading the version it opened (also
+  through the threads), while a new open reads the new one;
+- a file opened before it was complete is read through the trio thread for that open's life
+  (its bytes right, none served by the threads); once complete, a new open goes to the threads;
+- a cache file written behind the daemon's back while a handle has it open: the threads stop
+  serving it, and the engine checks it again and serves the source's bytes;
+- with the cache on disk, a file read through the mount does not stay in the page cache a
+  second time as its cache file's pages (with either queue), even where the page cache holds
+  files in large folios, which a drop of each reply's own range leaves in place;
+- a read waiting for the source is interrupted when its reader is killed (the INTERRUPT reaches
+  the request through whichever thread reads it);
+- unmounting, by `fusecache umount` or by umount(8) from outside, ends the daemon while its
+  threads wait for requests;
+- `fusecache restart` hands the connection over under live readers: no error, no wrong byte;
+  a handle open across it is served by the new daemon's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import mmap
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import SESSION, file_bytes, is_mounted, run_cli, wait_gone
+from .helpers import fill
+
+pytestmark = [pytest.mark.fuse,
+              pytest.mark.skipif(SESSION != "kernel", reason="the reader threads are fusecache's own session's")]
+
+MiB = 1 << 20
+QUEUES = "queues=4"
+WAIT = 60.0  # a failure bound only
+
+
+def dropped(fd: int) -> int:
+    """fd, with the mount's page cache of its file dropped: the next reads reach the daemon."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return fd
+
+
+def read_all(path: Path, kind: str, size: int) -> bytes:
+    """The file's bytes as one kind of reader gets them."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if kind == "direct" else 0))
+    try:
+        dropped(fd)
+        if kind == "mmap":
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as m:
+                return m[:]
+        if kind == "pread":  # odd sizes at odd offsets, in a shuffled order
+            rng = random.Random(size)
+            cuts = sorted({0, size, *(rng.randrange(size) for _ in range(40))})
+            pieces = list(zip(cuts, cuts[1:]))
+            rng.shuffle(pieces)
+            got = bytearray(size)
+            for start, end in pieces:
+                got[start:end] = os.pread(fd, end - start, start)
+            return bytes(got)
+        buf = mmap.mmap(-1, MiB)  # aligned, for O_DIRECT
+        out = bytearray()
+        while n := os.readv(fd, [buf]):
+            out += buf[:n]
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def test_complete_files_are_served_by_the_threads_byte_for_byte(tmp_path, make_mount, cache_location):
+    src = tmp_path / "src"
+    contents = fill(src, {"a.bin": 9 * MiB + 123, "b.bin": 5 * MiB, "c.bin": 4095})
+    m = make_mount(src, [QUEUES], cache_dir=cache_location)
+    for name, data in contents.items():  # the fill: through the trio thread
+        assert file_bytes(m.mountpoint / name) == data
+    before = m.metrics()
+    errors: list[str] = []
+
+    def reader(name: str, kind: str) -> None:
+        for _ in range(3):
+            if read_all(m.mountpoint / name, kind, len(contents[name])) != contents[name]:
+                errors.append(f"{kind} {name}: wrong bytes")
+
+    threads = [threading.Thread(target=reader, args=(name, kind))
+               for name in contents for kind in ("read", "pread", "mmap", "direct")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    after = m.metrics()
+    served = after["bytes_served"] - before["bytes_served"]
+    assert served > 0 and after["bytes_served_direct"] - before["bytes_served_direct"] == served
+    assert after["bytes_served_from_cache"] - before["bytes_served_from_cache"] == served
+    m.unmount()
+
+
+def test_a_handle_on_a_replaced_file_keeps_its_version(tmp_path, make_mount):
+    src = tmp_path / "src"
+    old = fill(src, {"w.bin": 3 * MiB + 5})["w.bin"]
+    # no stream: the test's own opens alone make and unlink the file's cache entries
+    m = make_mount(src, [QUEUES, "readahead=off"])
+    assert file_bytes(m.mountpoint / "w.bin") == old
+
+    def by_threads(read):
+        """read(), checking that what the daemon served meanwhile (the mount's page cache may
+        still hold a page or two through a DONTNEED) came from the threads, all of it."""
+        before = m.metrics()
+        got = read()
+        after = m.metrics()
+        served = after["bytes_served"] - before["bytes_served"]
+        assert served > 0 and after["bytes_served_direct"] - before["bytes_served_direct"] == served
+        return got
+
+    with open(m.mountpoint / "w.bin", "rb") as f:  # complete at open: served by the threads
+        new = bytes(reversed(old))
+        (src / "w.bin.new").write_bytes(new)
+        os.replace(src / "w.bin.new", src / "w.bin")
+        os.stat(m.mountpoint / "w.bin")  # a lookup: the daemon retires the old version
+        assert by_threads(lambda: os.pread(dropped(f.fileno()), len(old) + 1, 0)) == old
+        assert file_bytes(m.mountpoint / "w.bin") == new  # a new open reads the new version
+        assert by_threads(lambda: os.pread(dropped(f.fileno()), len(old) + 1, 0)) == old
+    m.unmount()
+
+
+def test_an_incomplete_file_is_read_through_the_trio_thread(tmp_path, make_mount):
+    src = tmp_path / "src"
+    data = fill(src, {"slow.bin": 6 * MiB})["slow.bin"]
+    m = make_mount(src, [QUEUES, "readahead=off", "sequential_window=0"])
+    with open(m.mountpoint / "slow.bin", "rb") as f:  # nothing cached at open
+        assert os.pread(f.fileno(), MiB, 2 * MiB) == data[2 * MiB:3 * MiB]
+        assert f.read() == data  # completes the file, through the trio thread
+        assert os.pread(dropped(f.fileno()), len(data), 0) == data
+    metrics = m.metrics()
+    assert metrics["bytes_served"] >= 2 * len(data) and metrics["bytes_served_direct"] == 0
+    assert read_all(m.mountpoint / "slow.bin", "read", len(data)) == data  # complete at this open
+    assert m.metrics()["bytes_served_direct"] == len(data)
+    m.unmount()
+
+
+def test_a_cache_file_written_behind_the_daemons_back_is_checked_again(tmp_path, make_mount):
+    src = tmp_path / "src"
+    data = fill(src, {"v.bin": 8 * MiB})["v.bin"]
+    m = make_mount(src, [QUEUES])
+    assert file_bytes(m.mountpoint / "v.bin") == data
+    with open(m.mountpoint / "v.bin", "rb") as f:  # complete at open: served by the threads
+        assert os.pread(dropped(f.fileno()), MiB, 0) == data[:MiB]
+        (cache_file,) = glob.glob(str(m.cache_dir / "fusecache-v1" / "*" / "objects" / "*" / "*.data"))
+        fd = os.open(cache_file, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\xff" * 4096, 5 * MiB)
+        finally:
+            os.close(fd)
+        assert os.pread(dropped(f.fileno()), len(data), 0) == data
+    assert m.metrics()["checksum_failures"] >= 1
+    m.unmount()
+
+
+def resident_fraction(path: str) -> float:
+    """The share of the file's pages in the page cache (mincore over a mapping of it)."""
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    vector = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        try:
+            assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) == 0, ctypes.get_errno()
+        finally:
+            del address
+    return sum(v & 1 for v in vector) / pages
+
+
+@pytest.mark.parametrize("queues", ["queues=1", QUEUES])
+def test_a_disk_caches_pages_are_dropped_after_the_replies(tmp_path, make_mount, queues):
+    src = tmp_path / "src"
+    data = fill(src, {"d.bin": 128 * MiB})["d.bin"]
+    m = make_mount(src, [queues], cache_dir=tmp_path / "cache")
+    assert file_bytes(m.mountpoint / "d.bin") == data  # the fill: its pages are written back...
+    # (128 MiB: past the first few readahead windows, where the page cache takes large folios)
+    (cache_file,) = glob.glob(str(m.cache_dir / "fusecache-v1" / "*" / "objects" / "*" / "*.data"))
+    fd = os.open(cache_file, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # ... and dropped: what follows is the reads'
+    os.close(fd)
+    assert resident_fraction(cache_file) == 0
+    assert read_all(m.mountpoint / "d.bin", "direct", len(data)) == data  # 1 MiB reads, one at a time
+    assert resident_fraction(cache_file) <= 0.1
+    m.unmount()
+
+
+DIRECT_READER = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+print("open", flush=True)
+os.preadv(fd, [mmap.mmap(-1, 1 << 20)], 0)
+"""
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {WAIT:.0f}s"
+        time.sleep(0.05)
+
+
+def waits_in_fuse(pid: int) -> bool:
+    try:
+        return "fuse" in Path(f"/proc/{pid}/stack").read_text()
+    except OSError:
+        return False
+
+
+def test_a_killed_reader_waiting_for_the_source_dies(tmp_path, counting_source, make_mount):
+    (counting_source.real / "big").write_bytes(os.urandom(4 * MiB))
+    counting_source.start()
+    counting_source.set_faults({"big": {"delay": 3600}})  # the source answers no read of it
+    m = make_mount(counting_source.path, [QUEUES])
+    reader = subprocess.Popen([sys.executable, "-c", DIRECT_READER, str(m.mountpoint / "big")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "open\n"
+        wait_until(lambda: waits_in_fuse(reader.pid), "the reader never waited in its read")
+        reader.kill()
+        reader.wait(timeout=WAIT)  # without the INTERRUPT: in D state until the source answers
+        assert counting_source.counts().get("big", 0) == 0
+    finally:
+        reader.kill()
+        counting_source.stop()
+    reader.wait()
+    m.unmount()
+
+
+@pytest.mark.parametrize("how", ["fusecache", "umount"])
+def test_unmounting_ends_the_daemon_while_its_threads_wait(tmp_path, make_mount, how):
+    src = tmp_path / "src"
+    data = fill(src, {"x.bin": MiB})["x.bin"]
+    m = make_mount(src, [QUEUES])
+    assert file_bytes(m.mountpoint / "x.bin") == data
+    time.sleep(0.2)  # every thread back in its wait
+    pid = m.pid
+    if how == "fusecache":
+        m.unmount()
+    else:
+        subprocess.run(["umount", str(m.mountpoint)], check=True)
+        wait_gone(pid)
+    assert not is_mounted(m.mountpoint)
+
+
+def test_restart_hands_over_under_readers(tmp_path, make_mount):
+    src = tmp_path / "src"
+    contents = fill(src, {"r/a.bin": 6 * MiB + 17, "r/b.bin": 3 * MiB})
+    m = make_mount(src, [QUEUES])
+    for name, data in contents.items():
+        assert file_bytes(m.mountpoint / name) == data
+    errors: list[str] = []
+    passes = {"held": 0, "reopened": 0}
+    stop = threading.Event()
+
+    def reader(kind: str) -> None:
+        try:
+            held = {name: open(m.mountpoint / name, "rb") for name in contents}
+            while not stop.is_set():
+                for name, want in contents.items():
+                    if kind == "held":
+                        got = os.pread(dropped(held[name].fileno()), len(want) + 1, 0)
+                    else:
+                        got = read_all(m.mountpoint / name, "pread", len(want))
+                    if got != want:
+                        errors.append(f"{kind} {name}: wrong bytes")
+                passes[kind] += 1
+            for f in held.values():
+                f.close()
+        except OSError as e:
+            errors.append(f"{kind}: {e}")
+
+    def wait_for_passes(more: int) -> None:
+        target = {kind: n + more for kind, n in passes.items()}
+        wait_until(lambda: errors or all(passes[k] >= target[k] for k in target), f"passes {passes}")
+
+    threads = [threading.Thread(target=reader, args=(kind,)) for kind in passes]
+    for t in threads:
+        t.start()
+    try:
+        wait_for_passes(2)
+        for _ in range(2):
+            old = m.pid
+            run_cli("restart", m.mountpoint)
+            m.pid = m.status()["pid"]
+            assert m.pid != old
+            wait_gone(old)
+            wait_for_passes(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    metrics = m.metrics()
+    assert metrics["bytes_from_source"] == 0 and metrics["bytes_served_direct"] > 0
+    m.unmount()
+
+
+def test_handles_open_across_a_restart_are_served_by_the_new_daemons_threads(tmp_path, make_mount):
+    src = tmp_path / "src"
+    data = fill(src, {"h.bin": 5 * MiB + 3})["h.bin"]
+    m = make_mount(src, [QUEUES])
+    assert file_bytes(m.mountpoint / "h.bin") == data
+    with open(m.mountpoint / "h.bin", "rb") as f:
+        old = m.pid
+        run_cli("restart", m.mountpoint)
+        m.pid = m.status()["pid"]
+        wait_gone(old)
+        before = m.metrics()
+        assert os.pread(dropped(f.fileno()), len(data) + 1, 0) == data
+        after = m.metrics()
+    served = after["bytes_served"] - before["bytes_served"]
+    assert served > 0 and after["bytes_served_direct"] - before["bytes_served_direct"] == served
+    m.unmount()
