@@ -6,8 +6,10 @@ again; a journal that cannot be taken ends the mount with one log line."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from fusecache import control, journal, mounts
 
 from .conftest import SESSION, file_bytes, run_cli, wait_gone
 from .helpers import fill
-from .readers import FILES, WAIT, Readers
+from .readers import FILES, WAIT, MiB, Readers, wait_for_the_journal
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(SESSION != "kernel", reason="only fusecache's own session is supervised")]
@@ -86,6 +88,42 @@ def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, m
     assert sorted(os.listdir(m.mountpoint / "ckpt")) == sorted(name.split("/")[1] for name in FILES)
     m.unmount()  # stops the daemon and the supervisor
     assert not mounts.find_mount(str(m.mountpoint))
+
+
+def test_a_read_in_flight_on_a_reader_thread_is_answered_after_a_kill9(counting_source, make_mount):
+    """A READ that a reader thread (queues > 1) took off the connection and handed to the trio
+    thread, waiting on a slow source when the serving process is killed: the next process is
+    sent it again (NOTIFY_RESEND) and answers it with the right bytes. The threads read through
+    duplicates of the supervisor's descriptor; had they read through FUSE_DEV_IOC_CLONE clones,
+    the kernel would have ended the request with the dead process (ECONNABORTED)."""
+    data = fill(counting_source.real, {"slow.bin": 2 * MiB}, seed=21)["slow.bin"]
+    counting_source.start()
+    m = make_mount(counting_source.path, ["session=kernel", "passthrough=off", "queues=4", "readahead=off"])
+    # O_DIRECT: the READ is the reader's own request (a failed readahead would be retried by
+    # the kernel with a request of its own, hiding what became of the first)
+    fd = os.open(m.mountpoint / "slow.bin", os.O_RDONLY | os.O_DIRECT)
+    try:
+        wait_for_the_journal(_journal_of(m), m.pid, {"slow.bin": data}, handles=1)
+        counting_source.set_faults({"slow.bin": {"delay": 3}})
+        outcome: dict[str, object] = {}
+
+        def read() -> None:
+            buf = mmap.mmap(-1, MiB)  # page-aligned, as O_DIRECT wants
+            try:
+                outcome["bytes"] = bytes(buf[:os.preadv(fd, [buf], 0)])
+            except OSError as e:
+                outcome["error"] = e
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(1)  # the READ reaches the daemon and waits on the source (3 s)
+        old = m.pid
+        m.kill9_serving()
+        m.pid = _new_serving_pid(m, old)
+        reader.join(WAIT)
+        assert outcome == {"bytes": data[:MiB]}
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("damage", [b"{not json", b'{"format": 999}'])

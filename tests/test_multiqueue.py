@@ -1,4 +1,4 @@
-"""Several reader threads on clones of /dev/fuse (queues=4), on real mounts with passthrough=off:
+"""Several reader threads on duplicates of the /dev/fuse descriptor (queues=4), on real mounts with passthrough=off:
 every byte through the daemon (session/queues.py, session/direct.py).
 
 What it proves:

@@ -185,7 +185,7 @@ class MountConfig:
     sequential_window: int = 8 * MiB
     # Concurrent FUSE requests the daemon works on; each holds one reply buffer.
     workers: int = 32
-    # Threads reading the FUSE connection, each on its own clone of the descriptor; they
+    # Threads reading the FUSE connection, each through its own duplicate of the descriptor; they
     # answer reads of files complete in the cache themselves (session/queues.py). 1: the trio
     # thread reads every request itself. Kernel session only.
     queues: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))

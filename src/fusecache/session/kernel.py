@@ -3,7 +3,7 @@
 Why not libfuse: passthrough needs libfuse >= 3.16 and a binding that exposes backing ids,
 which pyfuse3 does not; the kernel protocol itself is stable and small for a read-only server.
 
-Concurrency: with `queues` > 1, reader threads read the requests, each from its own clone of
+Concurrency: with `queues` > 1, reader threads read the requests, each through its own duplicate of
 the descriptor, answer the reads of files complete in the cache themselves and hand every
 other request to the trio thread (session/queues.py); with one queue, the trio thread reads
 them itself (nonblocking descriptor, woken by poll). Either way the trio thread runs one task
@@ -102,7 +102,7 @@ class KernelSession:
         # fh -> the complete file its reads are served from by the reader threads
         self.direct: dict[int, DirectFile] = {}
         self._threads: RequestThreads | None = None
-        # requests read from a clone (a reader thread's), while answered: unique -> that clone
+        # requests a reader thread read, while answered: unique -> the descriptor it read them from
         self._origin: dict[int, int] = {}
         self._reads = trio.CapacityLimiter(config.workers)
         self._buffers: list[bytearray] = []

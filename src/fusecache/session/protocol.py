@@ -147,9 +147,6 @@ def _iow(nr: int, size: int) -> int:
 
 DEV_IOC_BACKING_OPEN = _iow(1, BACKING_MAP.size)
 DEV_IOC_BACKING_CLOSE = _iow(2, 4)
-# _IOR(229, 0, uint32_t): on a new /dev/fuse descriptor, with the served one's number: attach
-# it to the same connection, with a queue of its own for the replies to what it reads
-DEV_IOC_CLONE = (2 << 30) | (4 << 16) | (229 << 8) | 0
 
 
 @dataclass(frozen=True)

@@ -1,33 +1,38 @@
-"""Several threads reading the FUSE connection, each on its own clone of the /dev/fuse descriptor.
+"""Several threads reading the FUSE connection, each through its own duplicate of the /dev/fuse
+descriptor.
 
 One trio thread reading every request, and answering each through a task, tops out well
 below what the kernel can take (issue 22): every 1 MiB reply costs a task, a thread hop and
-two copies. Here `count` threads read requests, each from its own clone of the descriptor
-(FUSE_DEV_IOC_CLONE, Linux 4.2+: the same connection, with a queue of its own for the replies
-to what it reads; a request read from a clone must be answered on that clone). A READ of an
+two copies. Here `count` threads read requests, each from its own duplicate (dup(2)) of the
+descriptor. Not a clone (FUSE_DEV_IOC_CLONE), as libfuse's clone_fd makes: a clone has a
+queue of its own for the requests read from it, and when the process holding it dies the
+kernel ends those with ECONNABORTED; they are lost to the reader, where requests read
+through the one shared descriptor stay in flight while the supervisor (or systemd's fd
+store) holds it, for the next daemon to have replayed (NOTIFY_RESEND: a kill -9 under FUSE-
+path readers is survived, tests/test_crash.py). libfuse measured clones some 10% faster on
+read() (docs/benchmarks.md, issue 22); surviving a crash comes first. A READ of an
 open whose file was complete and checked when it was opened (a `DirectFile` in `routes`) is
 answered by the thread itself, from the cache file (session/direct.py), as long as the file
 is unchanged; the thread holds the GIL only to parse the request and look the handle up, the
 copy runs in the kernel's writev, from the mapping a cache in memory keeps of the file, or
 from a mapping of the reply's range of a cache file on disk. Every other request is handed to the trio thread
 (`TrioToken.run_sync_soon`: a queue append and a wakeup, no waiting), which answers it as if
-it had read it, on the clone it came from: state changes stay on that one thread.
+it had read it, on the descriptor it came from: state changes stay on that one thread.
 
 The threads read nonblocking and, when there is nothing to read, wait in epoll on their
-clone (EPOLLEXCLUSIVE: one thread woken per request, not all) and on an eventfd that
+descriptor (EPOLLEXCLUSIVE: one thread woken per request, not all) and on an eventfd that
 `stop` writes. So a pause (a restart's hand-over) stops them within one request each: every
 request a thread read is answered by it or handed over before it reports itself stopped, and
 the hand-overs go through the same queue as the report, so once every thread reported, the
 trio thread has counted every request they read (session/gate.py) and can drain them.
 
-The clones live as long as the session (closed by `close()`): a request handed to the trio
-thread may be answered after its thread stopped, and its answer goes to its clone.
+The duplicates live as long as the session (closed by `close()`): a request handed to the
+trio thread may be answered after its thread stopped, and its answer goes to its descriptor.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import select
@@ -43,19 +48,16 @@ from .types import DirectFile
 
 log = logging.getLogger(__name__)
 
-# Hands a request (the clone it came from, its bytes) to the trio thread; returns False once
+# Hands a request (the descriptor it came from, its bytes) to the trio thread; returns False once
 # the session is over (DESTROY). Called on the trio thread.
 Deliver = Callable[[int, bytes], bool]
 
 
-def clone(master_fd: int) -> int:
-    """A new descriptor on master_fd's connection, nonblocking (see the module docstring)."""
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, p.DEV_IOC_CLONE, bytearray(master_fd.to_bytes(4, "little")))
-    except OSError:
-        os.close(fd)
-        raise
+def duplicate(master_fd: int) -> int:
+    """A thread's descriptor of master_fd's connection: the same open file, nonblocking as
+    the session's own (see the module docstring for why not a clone)."""
+    fd = os.dup(master_fd)
+    os.set_blocking(fd, False)
     return fd
 
 
@@ -78,28 +80,28 @@ class RequestThreads:
         self.master_fd = master_fd
         self.count = count
         self.routes = routes  # fh -> its DirectFile: written on the trio thread, only read here
-        self._clones: list[int] = []
+        self._fds: list[int] = []
 
     def close(self) -> None:
-        """Let go of the clones (after serving: no request is in flight)."""
-        for fd in self._clones:
+        """Let go of the duplicates (after serving: no request is in flight)."""
+        for fd in self._fds:
             os.close(fd)
-        self._clones = []
+        self._fds = []
 
     async def run(self, deliver: Deliver) -> bool:
         """Read with the threads until the session is over (True); a cancel (a pause) stops
         them, and returns once each has answered or handed over what it read."""
-        if not self._clones:
-            self._clones = [clone(self.master_fd) for _ in range(self.count)]
+        if not self._fds:
+            self._fds = [duplicate(self.master_fd) for _ in range(self.count)]
         run = _Run(trio.lowlevel.current_trio_token(), threading.Event(),
-                   os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), len(self._clones), trio.Event(), trio.Event())
+                   os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), len(self._fds), trio.Event(), trio.Event())
 
         def handed(fd: int, data: bytes) -> None:  # on the trio thread
             if not deliver(fd, data):
                 run.over.set()
 
         try:
-            for fd in self._clones:
+            for fd in self._fds:
                 threading.Thread(target=self._read, args=(fd, run, handed), name=f"fuse-queue-{fd}",
                                  daemon=True).start()
             await run.over.wait()
