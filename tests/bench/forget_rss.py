@@ -72,6 +72,12 @@ def anonymous_by_kind(pid: int) -> Counter[str]:
     return kinds
 
 
+def cpu_seconds(pid: int) -> float:
+    """The daemon's user + system CPU time so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def show(label: str, pid: int, maps: bool) -> dict[str, int]:
     sample = rss(pid)
     print(f"{label:>22}: VmRSS {sample['VmRSS'] / 2**20:6.1f} MiB, anonymous {sample['anon'] / 2**20:6.1f} MiB, "
@@ -109,13 +115,14 @@ def main() -> int:
         pid = control.call(str(mountpoint), {"command": "status"})["pid"]
         time.sleep(2)  # the mount settled (first metrics sample, threads started)
         before = show("at start", pid, args.maps)
-        started = time.monotonic()
+        started, cpu = time.monotonic(), cpu_seconds(pid)
         for d in range(args.dirs):
             for i in range(per_dir):
                 os.lstat(mountpoint / f"d{d}" / f"f{i}")
-        looked_up = time.monotonic() - started
+        looked_up, cpu = time.monotonic() - started, cpu_seconds(pid) - cpu
         time.sleep(2)
-        print(f"{args.dirs * per_dir} lookups in {looked_up:.1f} s; inodes held: {held(mountpoint)}")
+        print(f"{args.dirs * per_dir} lookups in {looked_up:.1f} s, daemon CPU {cpu:.1f} s; "
+              f"inodes held: {held(mountpoint)}")
         show("after the lookups", pid, args.maps)
         Path("/proc/sys/vm/drop_caches").write_text("2\n")  # the kernel forgets dentries and inodes
         deadline = time.monotonic() + 60
