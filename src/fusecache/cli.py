@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def on_the_c_allocator(argv: list[str]) -> None:
     """Run this command again on the C allocator (PYTHONMALLOC=malloc), unless the environment
-    names an allocator already (or is ignored, `-E`/`-I`); the allocator is chosen as the
+    names an allocator already (or is ignored, `-E`/`-I`, or there is no interpreter to run:
+    an embedding); the allocator is chosen as the
     interpreter starts, hence the exec, before anything is opened or locked. Why: the daemon's
     memory follows what the kernel holds (inodes.py), and freed memory goes back to the
     system only where the allocator can return it. pymalloc keeps each 1 MiB arena while any
@@ -140,7 +141,7 @@ def on_the_c_allocator(argv: list[str]) -> None:
     a task's) keep most of the burst's arenas after the kernel forgot it (RSS 2-3 times its
     start); glibc's malloc_trim returns each free page (linux.release_free_memory).
     `-P`: the current directory, perhaps anyone's, is not put on the module path."""
-    if "PYTHONMALLOC" in os.environ or sys.flags.ignore_environment:
+    if "PYTHONMALLOC" in os.environ or sys.flags.ignore_environment or not sys.executable:
         return
     sys.stdout.flush()
     sys.stderr.flush()
