@@ -132,14 +132,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def on_the_c_allocator(argv: list[str]) -> None:
     """Run this command again on the C allocator (PYTHONMALLOC=malloc), unless the environment
-    names an allocator already (or is ignored, `-E`/`-I`, or there is no interpreter to run:
-    an embedding); the allocator is chosen as the
-    interpreter starts, hence the exec, before anything is opened or locked. Why: the daemon's
-    memory follows what the kernel holds (inodes.py), and freed memory goes back to the
-    system only where the allocator can return it. pymalloc keeps each 1 MiB arena while any
-    object in it lives, and objects allocated during a burst of 100,000 lookups (a timer's,
-    a task's) keep most of the burst's arenas after the kernel forgot it (RSS 2-3 times its
-    start); glibc's malloc_trim returns each free page (linux.release_free_memory).
+    names an allocator already, is ignored (`-E`, `-I`), or there is no interpreter to run (an
+    embedding). The allocator is chosen as the interpreter starts, hence the exec, before
+    anything is opened or locked. Why: the daemon's memory follows what the kernel holds
+    (inodes.py), and freed memory goes back to the system only where the allocator can
+    return it. pymalloc keeps each 1 MiB arena while any object in it lives, and objects
+    allocated during a burst of 100,000 lookups (a timer's, a task's) keep a third of the
+    burst's arenas after the kernel forgot it (RSS 1.5 times its start); glibc's malloc_trim
+    returns each free page (linux.release_free_memory). The cost: some 16% more of the
+    daemon's CPU per lookup (docs/benchmarks.md, "Inode memory").
     `-P`: the current directory, perhaps anyone's, is not put on the module path."""
     if "PYTHONMALLOC" in os.environ or sys.flags.ignore_environment or not sys.executable:
         return
