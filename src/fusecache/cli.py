@@ -137,7 +137,7 @@ def on_the_c_allocator(argv: list[str]) -> None:
     anything is opened or locked. Why: the daemon's memory follows what the kernel holds
     (inodes.py), and freed memory goes back to the system only where the allocator can
     return it. pymalloc keeps each 1 MiB arena while any object in it lives, and objects
-    allocated during a burst of 100,000 lookups (a timer's, a task's) keep a third of the
+    allocated during a burst of 100,000 lookups (a timer's, a task's) keep a quarter of the
     burst's arenas after the kernel forgot it (RSS 1.5 times its start); glibc's malloc_trim
     returns each free page (linux.release_free_memory). The cost: some 16% more of the
     daemon's CPU per lookup (docs/benchmarks.md, "Inode memory").
