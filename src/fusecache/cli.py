@@ -27,6 +27,7 @@ from .config import LOG_LEVELS, ConfigError, build_config, human
 log = logging.getLogger(__name__)
 
 COMMANDS = ("mount", "umount", "unmount", "restart", "status", "prefetch", "pin", "unpin", "cache", "demo")
+DAEMON_COMMANDS = ("mount", "restart")  # the commands that become (or fork) a daemon
 FSTYPE = precheck.FUSECACHE_FSTYPE
 UMOUNT_WAIT = 30.0
 PROGRESS_INTERVAL = 0.5  # seconds between redraws of a prefetch's progress bar
@@ -102,11 +103,16 @@ def _add_mount_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line argv (sys.argv's by default). Only as a program (no argv given) does a
+    daemon command exec itself onto the C allocator: a caller in process keeps its own."""
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
             argv.insert(0, "mount")  # mount.fuse3 form: fusecache SOURCE MOUNTPOINT -o ...
         args = _parser().parse_args(argv)
+        if as_program and args.command in DAEMON_COMMANDS:
+            on_the_c_allocator(argv)
         status = COMMAND_HANDLERS[args.command](args)
         sys.stdout.flush()  # here, where a reader that left (`| head`) can be handled below
         return status
@@ -125,6 +131,26 @@ def main(argv: list[str] | None = None) -> int:
         # exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+
+
+def on_the_c_allocator(argv: list[str]) -> None:
+    """Run this command again on the C allocator (PYTHONMALLOC=malloc), unless the environment
+    names an allocator already, is ignored (`-E`, `-I`), or there is no interpreter to run (an
+    embedding). The allocator is chosen as the interpreter starts, hence the exec, before
+    anything is opened or locked. Why: the daemon's memory follows what the kernel holds
+    (inodes.py), and freed memory goes back to the system only where the allocator can
+    return it. pymalloc keeps each 1 MiB arena while any object in it lives, and objects
+    allocated during a burst of 100,000 lookups (a timer's, a task's) keep a quarter of the
+    burst's arenas after the kernel forgot it (RSS 1.5 times its start); glibc's malloc_trim
+    returns each free page (linux.release_free_memory). The cost: some 16% more of the
+    daemon's CPU per lookup (docs/benchmarks.md, "Inode memory").
+    `-P`: the current directory, perhaps anyone's, is not put on the module path."""
+    if "PYTHONMALLOC" in os.environ or sys.flags.ignore_environment or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "fusecache", *argv],
+              {**os.environ, "PYTHONMALLOC": "malloc"})
 
 
 def say(message: str) -> None:

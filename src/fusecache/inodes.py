@@ -24,8 +24,13 @@ ROOT_INODE = 1
 _FIRST = ROOT_INODE + 1
 _MASK = (1 << 63) - 1
 # A Python dict keeps its size after deletions: once the kernel has forgotten most of what
-# it held, the tables are rebuilt at their size now and the freed memory is given back.
-_COMPACT_FROM = 4096
+# it held, the tables are rebuilt at their size now and the freed memory is given back
+# (a full collection and malloc_trim, some milliseconds), again at each quarter while at
+# least this many were held. The last release comes with fewer than this held, so what
+# the kernel forgets after it (at most this many entries, about 600 bytes each) is kept
+# by the allocator until the next release (with 4096, 1-1.5 MiB more of a burst of
+# 100,000 lookups stayed).
+_COMPACT_FROM = 1024
 
 Version = tuple[int, ...]
 Key = tuple[str, Version]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import logging
 import os
 import platform
@@ -180,9 +181,14 @@ def mount_of(fd: int) -> tuple[int, int | None]:
 
 
 def release_free_memory() -> None:
-    """Give the C allocator's free memory back to the system (glibc's malloc_trim). Python
-    frees a large table into the allocator, which keeps it for reuse: after the kernel forgets
-    100,000 inodes the daemon's RSS would otherwise stay where it peaked. Nothing elsewhere."""
+    """Give the memory of freed objects back to the system. A full collection first: it also
+    empties the interpreter's free lists (up to 2000 tuples of each length, dicts, floats),
+    which keep freed objects spread over the heap's pages. Then glibc's malloc_trim, which
+    returns every free page of every arena: after the kernel forgets 100,000 inodes, the
+    daemon's RSS would otherwise stay where it peaked. Only the C allocator's pages can be
+    returned: pymalloc keeps a 1 MiB arena while any object in it lives, which is why the
+    daemon runs on the C allocator (cli.py, `on_the_c_allocator`)."""
+    gc.collect()
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
