@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 from fusecache import acl
@@ -112,3 +113,41 @@ def as_user(code: str, uid: int = NOBODY, timeout: float = 30) -> str:
 def print_load_digest(path: str, seed: int) -> None:
     """What a reader process runs (`python -c`): load a checkpoint in a seeded order, print its digest."""
     print(load_digest(Path(path), order_seed=seed))
+
+
+# Opens the file O_DIRECT, says so, and reads 1 MiB from its start into an aligned buffer.
+DIRECT_READER = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+print("open", flush=True)
+os.preadv(fd, [mmap.mmap(-1, 1 << 20)], 0)
+"""
+
+
+def wait_until(condition, what: str, timeout: float) -> None:
+    """Until condition() holds; fails the test, naming `what`, after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f}s"
+        time.sleep(0.05)
+
+
+def waits_in_fuse(pid: int) -> bool:
+    """Whether the process sleeps in the kernel's FUSE code (a request sent, no answer yet)."""
+    try:
+        return "fuse" in Path(f"/proc/{pid}/stack").read_text()
+    except OSError:
+        return False
+
+
+def mapped_kib(path: str) -> int:
+    """Resident KiB of this process's mappings of the file at path (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = line.rstrip("\n").endswith(" " + path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total

@@ -12,6 +12,8 @@ import pytest
 
 from fusecache import linux
 
+from .helpers import mapped_kib
+
 
 def test_openat2_refuses_symlinks_and_escapes(tmp_path):
     (tmp_path / "d").mkdir()
@@ -57,19 +59,6 @@ def test_fallocate_reserves_blocks_and_says_when_a_filesystem_cannot(tmp_path):
         os.close(comm)
 
 
-def _resident_kib(path: str) -> int:
-    """Resident KiB of this process's mappings of the file at path (/proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                inside = line.rstrip("\n").endswith(" " + path)
-            elif inside and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
-
-
 def test_madvise_populates_and_unmaps_a_shared_file_mapping(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(bytes(1 << 20))
@@ -80,10 +69,10 @@ def test_madvise_populates_and_unmaps_a_shared_file_mapping(tmp_path):
         except OSError as e:
             assert e.errno == errno.EINVAL  # a kernel before 5.14
         else:
-            assert _resident_kib(str(path)) == 1024  # every page mapped, none touched by us
+            assert mapped_kib(str(path)) == 1024  # every page mapped, none touched by us
         view[:5] = b"bytes"
         linux.madvise(address, 1 << 20, linux.MADV_DONTNEED)
-        assert _resident_kib(str(path)) == 0
+        assert mapped_kib(str(path)) == 0
         assert view[:5] == b"bytes"  # a shared mapping: the bytes stay in the file's pages
         with pytest.raises(OSError) as info:
             linux.madvise(address + 1, 4096, linux.MADV_DONTNEED)

@@ -14,8 +14,8 @@ What it proves:
 - with the cache on disk, a file read through the mount does not stay in the page cache a
   second time as its cache file's pages (with either queue), even where the page cache holds
   files in large folios, which a drop of each reply's own range leaves in place;
-- a read waiting for the source is interrupted when its reader is killed (the INTERRUPT reaches
-  the request through whichever thread reads it);
+- (a read waiting for the source interrupted when its reader is killed, the INTERRUPT reaching
+  the request through whichever thread reads it: test_session, with queues=1 and 4);
 - unmounting, by `fusecache umount` or by umount(8) from outside, ends the daemon while its
   threads wait for requests;
 - `fusecache restart` hands the connection over under live readers: no error, no wrong byte;
@@ -30,7 +30,6 @@ import mmap
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import SESSION, file_bytes, is_mounted, run_cli, wait_gone
-from .helpers import fill
+from .helpers import fill, wait_until
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(SESSION != "kernel", reason="the reader threads are fusecache's own session's")]
@@ -202,48 +201,6 @@ def test_a_disk_caches_pages_are_dropped_after_the_replies(tmp_path, make_mount,
     m.unmount()
 
 
-DIRECT_READER = """
-import mmap, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
-print("open", flush=True)
-os.preadv(fd, [mmap.mmap(-1, 1 << 20)], 0)
-"""
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {WAIT:.0f}s"
-        time.sleep(0.05)
-
-
-def waits_in_fuse(pid: int) -> bool:
-    try:
-        return "fuse" in Path(f"/proc/{pid}/stack").read_text()
-    except OSError:
-        return False
-
-
-def test_a_killed_reader_waiting_for_the_source_dies(tmp_path, counting_source, make_mount):
-    (counting_source.real / "big").write_bytes(os.urandom(4 * MiB))
-    counting_source.start()
-    counting_source.set_faults({"big": {"delay": 3600}})  # the source answers no read of it
-    m = make_mount(counting_source.path, [QUEUES])
-    reader = subprocess.Popen([sys.executable, "-c", DIRECT_READER, str(m.mountpoint / "big")],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert reader.stdout.readline() == "open\n"
-        wait_until(lambda: waits_in_fuse(reader.pid), "the reader never waited in its read")
-        reader.kill()
-        reader.wait(timeout=WAIT)  # without the INTERRUPT: in D state until the source answers
-        assert counting_source.counts().get("big", 0) == 0
-    finally:
-        reader.kill()
-        counting_source.stop()
-    reader.wait()
-    m.unmount()
-
-
 @pytest.mark.parametrize("how", ["fusecache", "umount"])
 def test_unmounting_ends_the_daemon_while_its_threads_wait(tmp_path, make_mount, how):
     src = tmp_path / "src"
@@ -289,7 +246,7 @@ def test_restart_hands_over_under_readers(tmp_path, make_mount):
 
     def wait_for_passes(more: int) -> None:
         target = {kind: n + more for kind, n in passes.items()}
-        wait_until(lambda: errors or all(passes[k] >= target[k] for k in target), f"passes {passes}")
+        wait_until(lambda: errors or all(passes[k] >= target[k] for k in target), f"passes {passes}", WAIT)
 
     threads = [threading.Thread(target=reader, args=(kind,)) for kind in passes]
     for t in threads:

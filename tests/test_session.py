@@ -15,51 +15,30 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from .conftest import Mount, file_bytes, force_unmount, is_mounted, run_cli, wait_gone
+from .helpers import DIRECT_READER, wait_until, waits_in_fuse
 
 pytestmark = pytest.mark.fuse
 
 WAIT = 30.0  # how long a step may take before the test calls it stuck (the source's delay is far longer)
 
-# Opens the file O_DIRECT, says so, and reads 1 MiB from its start into an aligned buffer.
-DIRECT_READER = """
-import mmap, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
-print("open", flush=True)
-os.preadv(fd, [mmap.mmap(-1, 1 << 20)], 0)
-"""
 
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not after {WAIT:.0f}s"
-        time.sleep(0.05)
-
-
-def waits_in_fuse(pid: int) -> bool:
-    """Whether the process sleeps in the kernel's FUSE code (a request sent, no answer yet)."""
-    try:
-        return "fuse" in Path(f"/proc/{pid}/stack").read_text()
-    except OSError:
-        return False
-
-
-def test_a_killed_o_direct_reader_dies_while_the_source_does_not_answer(tmp_path, counting_source, make_mount):
+@pytest.mark.parametrize("queues", [1, 4])  # read by the trio thread, or by a reader thread
+def test_a_killed_o_direct_reader_dies_while_the_source_does_not_answer(tmp_path, counting_source, make_mount,
+                                                                        queues):
     (counting_source.real / "big").write_bytes(os.urandom(4 << 20))
     counting_source.start()
     counting_source.set_faults({"big": {"delay": 3600}})  # the source answers no read of it
-    m = make_mount(counting_source.path, ["session=kernel"])  # pyfuse3's cannot: docs/semantics.md
+    # pyfuse3's session cannot: docs/semantics.md
+    m = make_mount(counting_source.path, ["session=kernel", f"queues={queues}"])
     reader = subprocess.Popen([sys.executable, "-c", DIRECT_READER, str(m.mountpoint / "big")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert reader.stdout.readline() == "open\n"
-        wait_until(lambda: waits_in_fuse(reader.pid), "the reader never waited in its read")
+        wait_until(lambda: waits_in_fuse(reader.pid), "the reader never waited in its read", WAIT)
         reader.kill()
         reader.wait(timeout=WAIT)  # without the INTERRUPT: in D state until the source answers
         assert counting_source.counts().get("big", 0) == 0  # it died before the source answered

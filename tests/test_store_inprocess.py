@@ -26,6 +26,7 @@ from fusecache.store import (_SEAL, _reserve, INDEX_MAGIC, MISSING, ON_DISK, VER
                              summarize_index)
 from fusecache.source import Identity, SourceChanged
 
+from .helpers import mapped_kib
 from .inprocess import damage
 
 CHUNK = 64 * 1024
@@ -507,19 +508,6 @@ def test_a_source_changed_during_the_read_leaves_the_run_missing_and_unrecorded(
     entry.close()
     assert entry._map.closed and kept is not None  # the mapping had no view left to hold it
     assert list(reopen(store).state) == [ON_DISK, MISSING, MISSING, MISSING]
-
-
-def mapped_kib(path: str) -> int:
-    """Resident KiB of this process's mappings of the file at path (/proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                inside = line.rstrip("\n").endswith(" " + path)
-            elif inside and fields[0] == "Rss:":
-                total += int(fields[1])
-    return total
 
 
 def test_a_fill_leaves_none_of_its_pages_mapped_into_the_daemon(store):
