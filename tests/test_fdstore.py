@@ -23,7 +23,7 @@ import pytest
 
 from fusecache import control, journal, mounts
 
-from .conftest import SESSION, file_bytes, force_unmount, is_mounted
+from .conftest import SESSION, file_bytes, force_unmount, is_mounted, run_cli
 from .helpers import fill
 from .readers import FILES, WAIT, Readers, wait_for_the_journal
 
@@ -163,6 +163,34 @@ def test_readers_see_no_error_through_a_kill9_of_a_daemon_whose_connection_is_in
     service.wait_for("FDSTOREREMOVE")
     assert second.wait(WAIT) == 0
     assert service.stored == {} and not is_mounted(mountpoint)
+
+
+@pytest.mark.parametrize("passthrough", ["on", "off"])
+def test_a_restart_of_a_daemon_systemd_runs_execs_in_place_under_readers(tmp_path, service, passthrough):
+    """`fusecache restart` (the unit's ExecReload): the daemon systemd watches cannot hand over
+    to another process, so it stops serving, writes its journal and execs the fusecache
+    installed now in the same process, which serves the kept connection from the journal.
+    Readers see a pause; nothing cached is fetched again."""
+    contents = fill(tmp_path / "src", FILES)
+    mountpoint, log = tmp_path / "mnt", tmp_path / "service.log"
+    process = service.start(_command(tmp_path, passthrough), log)
+    service.wait_for("READY")
+    for name, data in contents.items():  # the first fill
+        assert file_bytes(mountpoint / name) == data
+    with Readers(mountpoint, contents) as readers, _aborted_on_failure(mountpoint):
+        readers.wait_for_passes(2)
+        for _ in range(2):
+            run_cli("restart", mountpoint)
+            service.wait_for("READY")  # from the new program
+            readers.wait_for_passes(2)
+    assert readers.errors == []
+    status = _status(mountpoint)
+    assert status["pid"] == process.pid and process.poll() is None  # the pid systemd watches
+    assert status["metrics"]["bytes_from_source"] == 0  # nothing cached was fetched again
+    assert log.read_text().count("restarting in place") == 2
+    process.send_signal(signal.SIGTERM)  # systemctl stop: unmount, and the store is emptied
+    service.wait_for("FDSTOREREMOVE")
+    assert process.wait(WAIT) == 0 and not is_mounted(mountpoint)
 
 
 def test_a_refused_journal_drops_the_kept_connection_and_the_next_start_mounts_anew(tmp_path, service):

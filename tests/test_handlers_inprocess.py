@@ -20,7 +20,7 @@ import trio
 from fusecache.control import ControlError, send_request
 from fusecache.controlserver import ControlServer
 from fusecache.engine import Engine
-from fusecache.handlers import ControlHandlers, DaemonParts
+from fusecache.handlers import PROGRAM_STARTED, ControlHandlers, DaemonParts
 from fusecache.source import Source
 
 from .inprocess import CHUNK, allocated, harness, read_file  # noqa: F401 - fixture
@@ -65,7 +65,8 @@ async def test_status_and_cache_ls_list_the_store_and_the_open_files(harness):
         assert not any(f["pinned"] for f in files.values())
         listing = await handlers.cache_ls({"command": "cache_ls"})
         assert listing["files"] == status["files"] and listing["cache_limit"] == engine.budget.limit
-        assert (await handlers.pid({"command": "pid"})) == {"pid": os.getpid(), "supervisor_pid": None}
+        assert (await handlers.pid({"command": "pid"})) == {"pid": os.getpid(), "supervisor_pid": None,
+                                                            "started": PROGRAM_STARTED}
     finally:
         await engine.release(held)
 
@@ -202,7 +203,8 @@ async def test_the_commands_are_reached_through_the_control_socket(harness, tmp_
         def ask(request: dict) -> dict:
             return send_request(tmp_path / "c.sock", request, 5.0, MOUNTPOINT)
 
-        assert await trio.to_thread.run_sync(ask, {"command": "pid"}) == {"pid": os.getpid(), "supervisor_pid": None}
+        assert await trio.to_thread.run_sync(ask, {"command": "pid"}) == {"pid": os.getpid(), "supervisor_pid": None,
+                                                                          "started": PROGRAM_STARTED}
         queued = await trio.to_thread.run_sync(ask, {"command": "prefetch", "paths": ["f"]})
         assert queued["files"] == 1
         nursery.cancel_scope.cancel()

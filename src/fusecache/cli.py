@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, control, logs, mounts, precheck, private, supervisor
+from . import __version__, control, logs, mounts, precheck, private, sdnotify, supervisor
 from .precheck import MountError
 from .config import LOG_LEVELS, ConfigError, build_config, human
 
@@ -30,6 +30,7 @@ COMMANDS = ("mount", "umount", "unmount", "restart", "status", "prefetch", "pin"
 DAEMON_COMMANDS = ("mount", "restart")  # the commands that become (or fork) a daemon
 FSTYPE = precheck.FUSECACHE_FSTYPE
 UMOUNT_WAIT = 30.0
+RESTART_WAIT = 120.0  # a daemon restarting in place loads its store again before it answers
 PROGRESS_INTERVAL = 0.5  # seconds between redraws of a prefetch's progress bar
 STATUS_TIMEOUT = 10.0  # a status answer takes milliseconds; silence this long is a hung daemon
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
             argv.insert(0, "mount")  # mount.fuse3 form: fusecache SOURCE MOUNTPOINT -o ...
         args = _parser().parse_args(argv)
+        args.argv = argv  # a daemon restarting in place runs its command line again
         if as_program and args.command in DAEMON_COMMANDS:
             on_the_c_allocator(argv)
         status = COMMAND_HANDLERS[args.command](args)
@@ -203,22 +205,42 @@ def cmd_mount(args: argparse.Namespace) -> int:
             say(f"warning: {message}")
     setup_logging(cfg.log_level)
     if cfg.foreground:
-        return _mount_in_foreground(cfg)
+        return _mount_in_foreground(cfg, args.argv)
     return _mount_detached(cfg, precheck.check_request(cfg))
 
 
-def _mount_in_foreground(cfg) -> int:
+def _mount_in_foreground(cfg, argv: list[str]) -> int:
     """Serve in this process (systemd runs it so). Started again by systemd after a crash, it
     serves the connection systemd's fd store kept, from the journal, instead of mounting:
-    the checks of a new mount would touch the mountpoint, which waits on this very process."""
+    the checks of a new mount would touch the mountpoint, which waits on this very process.
+    Asked to restart in place, it execs `argv` (this command line) once it stopped serving."""
     from . import daemon  # loaded (trio, the engine) only by the commands that start one
     stored = daemon.stored_connection(cfg)
     if stored is not None:
         recovering, fuse_fd = stored
-        daemon.run(recovering, precheck.store_for(recovering), ready=lambda: None, recover_fd=fuse_fd)
-        return 0
-    daemon.run(cfg, precheck.check_request(cfg), ready=lambda: None)
+        exec_fd = daemon.run(recovering, precheck.store_for(recovering), ready=lambda: None, recover_fd=fuse_fd)
+    else:
+        exec_fd = daemon.run(cfg, precheck.check_request(cfg), ready=lambda: None)
+    if exec_fd is not None:
+        exec_in_place(argv, exec_fd)
     return 0
+
+
+def exec_in_place(argv: list[str], fuse_fd: int) -> NoReturn:
+    """Run this command line again, from the fusecache installed now, in this process (the
+    pid systemd watches), with the FUSE connection at descriptor 3 named as systemd's fd store
+    names it: the new program serves it from the journal (handover.py, "restarts in place").
+    Nothing may write to descriptor 3 between the dup2 and the exec: no logging here."""
+    log.info("exec of %s -m fusecache", sys.executable)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = {**os.environ, "LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid()), "LISTEN_FDNAMES": sdnotify.FUSE_FD_NAME}
+    if fuse_fd == sdnotify.LISTEN_FDS_START:
+        os.set_inheritable(fuse_fd, True)
+    else:
+        os.dup2(fuse_fd, sdnotify.LISTEN_FDS_START)  # inheritable, whatever 3 held is closed
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "fusecache", *argv], env)
 
 
 def _mount_detached(cfg, store, takeover: bool = False) -> int:
@@ -348,6 +370,8 @@ def cmd_restart(args: argparse.Namespace) -> int:
     if info is None or info.fstype != FSTYPE:
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
     given = control.call(mountpoint, {"command": "mount_args"}, timeout=STATUS_TIMEOUT)
+    if given.get("in_place"):  # systemd runs it: the same process execs the fusecache installed now
+        return _restart_in_place(mountpoint)
     try:
         cfg = build_config(given["source"], mountpoint, given["options"], cache_dir=Path(given["cache_dir"]),
                            foreground=False, log_level=given["log_level"])
@@ -356,6 +380,23 @@ def cmd_restart(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level)
     store = precheck.store_for(cfg)
     return _mount_detached(cfg, store, takeover=True)
+
+
+def _restart_in_place(mountpoint: str) -> int:
+    """Ask the daemon to restart in place, and wait until the new program answers (the same
+    pid: told apart by when its program started)."""
+    before = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT).get("started")
+    pid = control.call(mountpoint, {"command": "restart_in_place"}, timeout=STATUS_TIMEOUT)["pid"]
+    deadline = time.monotonic() + RESTART_WAIT
+    while time.monotonic() < deadline:
+        try:
+            if control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT).get("started") != before:
+                return 0
+        except control.ControlError:
+            pass  # the old program gone, the new one not answering yet
+        time.sleep(0.1)
+    raise Failure(f"the daemon (pid {pid}) did not serve again within {RESTART_WAIT:.0f}s after restarting in place; "
+                  f"see its log")
 
 
 # ---- status and prefetch -------------------------------------------------------------------

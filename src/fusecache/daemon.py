@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 Ready = Callable[[], None]
 DEFAULT_CACHE_FRACTION = 0.8
 STORE_WAIT = 30.0  # seconds a restarted daemon waits for the old one to let go of the store
-FUSE_FD_NAME = "fuse"  # what systemd's fd store keeps the /dev/fuse connection under
 
 
 def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str) -> Session:
@@ -70,19 +69,20 @@ def passthrough_state(cfg: MountConfig, session, store: CacheStore) -> str | Non
 
 
 def run(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool = False,
-        recover_fd: int | None = None) -> None:
+        recover_fd: int | None = None) -> int | None:
     """Mount and serve until unmounted; `ready` is called once the mount is live. takeover:
     serve the mount cfg names by taking it over from the daemon serving it (handover.py);
     recover_fd: serve the connection on this descriptor, whose serving process died, from
     the journal (journal.py; started by the supervisor, or by systemd with the descriptor
     its fd store kept). In both the store is not locked yet (the old daemon holds it until
-    it exits)."""
+    it exits). Returns None once unmounted or handed over, or the connection's descriptor
+    when the daemon stopped serving to restart in place (handover.py): the caller execs."""
     raise_fd_limit()
     try:
-        trio.run(_serve, cfg, store, ready, takeover, recover_fd)
+        return trio.run(_serve, cfg, store, ready, takeover, recover_fd)
     except MountError:
         if recover_fd is not None and uses_fd_store(cfg):
-            sdnotify.remove_fd(FUSE_FD_NAME)  # never served: the mount ends, as with a supervisor
+            sdnotify.remove_fd(sdnotify.FUSE_FD_NAME)  # never served: the mount ends, as with a supervisor
         raise
 
 
@@ -99,7 +99,7 @@ def stored_connection(cfg: MountConfig) -> tuple[MountConfig, int] | None:
     very process); None for a first start. A kept connection that has ended meanwhile
     (unmounted, aborted) is dropped from the store, and the mount is made anew."""
     passed = sdnotify.passed_fds()
-    kept = passed.pop(FUSE_FD_NAME, [])
+    kept = passed.pop(sdnotify.FUSE_FD_NAME, [])
     for fd in [fd for fds in passed.values() for fd in fds] + kept[1:]:
         os.close(fd)  # not ours, or a second copy of the same connection
     if not kept:
@@ -110,7 +110,7 @@ def stored_connection(cfg: MountConfig) -> tuple[MountConfig, int] | None:
     if info is None or info.fstype != FUSECACHE_FSTYPE or not connected(fd):
         log.warning("the connection the fd store kept for %s has ended: mounting anew", mountpoint)
         os.close(fd)
-        sdnotify.remove_fd(FUSE_FD_NAME)
+        sdnotify.remove_fd(sdnotify.FUSE_FD_NAME)
         return None
     log.info("the fd store kept the connection of %s: serving it again from the journal", mountpoint)
     return replace(cfg, mountpoint=Path(mountpoint)), fd
@@ -139,7 +139,8 @@ def stable_inodes(cfg: MountConfig, fstype: str | None) -> bool:
     return stable
 
 
-async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool, recover_fd: int | None) -> None:
+async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bool,
+                 recover_fd: int | None) -> int | None:
     for message in cfg.deprecations:
         log.warning("%s", message)
     source_fstype = mounts.fstype_of(str(cfg.source))
@@ -161,7 +162,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     journal_ = _journal(store, kernel, operations)
     restarts = HandoverServer(session if isinstance(session, KernelSession) else None, operations.export_state,
                               MountArguments(str(cfg.source), cfg.options, str(cfg.cache_dir), cfg.log_level,
-                                             cfg.foreground))
+                                             cfg.foreground),
+                              persist=journal_.flush if fd_store and journal_ is not None else None)
     control = ControlServer(socket_path(mountpoint, os.getuid()), handlers.table() | restarts.table(),
                             owner_uid=os.getuid())
     registry = prometheus_registry(metrics)
@@ -198,7 +200,7 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                     supervised.register(recover_fd)
                     _resend(session)
             if fd_store and kernel is not None:
-                sdnotify.store_fd(kernel.fd, FUSE_FD_NAME)
+                sdnotify.store_fd(kernel.fd, sdnotify.FUSE_FD_NAME)
         except OSError as e:
             failure = f"cannot mount {mountpoint}: {e}"  # raised out of the nursery, as itself
         else:
@@ -229,13 +231,14 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                     if journal_ is not None:
                         journal_.remove()
                     if fd_store:
-                        sdnotify.remove_fd(FUSE_FD_NAME)
+                        sdnotify.remove_fd(sdnotify.FUSE_FD_NAME)
             finally:
                 session.close()
                 log.info("handed %s over" if restarts.taken else "unmounted %s", mountpoint)
         nursery.cancel_scope.cancel()
     if failure is not None:
         raise MountError(failure)
+    return restarts.exec_fd
 
 
 @dataclass

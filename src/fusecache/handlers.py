@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +27,7 @@ from .source import Source, is_under, is_valid_name
 from .store import CacheStore
 
 
+PROGRAM_STARTED = time.time_ns()  # set as this program loads: an exec in place starts anew
 MAX_JOBS = 256  # unfinished prefetch jobs kept (those no client waits for are dropped oldest first)
 # A progress request may wait up to this long for its job to finish, so that the client hears
 # of the end at once instead of at its next poll (and polls less).
@@ -65,8 +67,9 @@ class ControlHandlers:
                 "pin": self.pin, "unpin": self.unpin, "cache_ls": self.cache_ls, "cache_clear": self.cache_clear}
 
     async def pid(self, request: dict) -> dict:
-        """The daemon's pid, and its supervisor's: what `umount` waits on."""
-        return {"pid": os.getpid(), "supervisor_pid": self.parts.supervisor_pid()}
+        """The daemon's pid, and its supervisor's: what `umount` waits on; and when this program
+        started, which tells a daemon that restarted in place (the same pid) from before."""
+        return {"pid": os.getpid(), "supervisor_pid": self.parts.supervisor_pid(), "started": PROGRAM_STARTED}
 
     async def status(self, request: dict) -> dict:
         engine = self.engine

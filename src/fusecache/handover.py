@@ -8,6 +8,14 @@ with the /dev/fuse descriptor (SCM_RIGHTS). The new daemon checks the state and 
 only then does the old one end, without unmounting. Without that word (the new daemon
 refused the state or died) the old one reads requests again: a failed restart costs a pause.
 
+A daemon that systemd runs (in the foreground, its connection in the service's fd store) has
+no second process to hand over to: systemd watches its pid. It restarts in place instead
+(`restart_in_place`, what `fusecache restart` and the unit's ExecReload ask of it): it stops
+reading requests and waits for those it has read as for a hand-over, writes its journal,
+leaves the connection alone and execs the fusecache installed now, in the same process, with
+the connection at descriptor 3 as systemd's fd store passes it after a crash
+(cli.exec_in_place); the new program serves it from the journal (daemon.stored_connection).
+
 The kernel queues requests meanwhile: readers see a pause, not an error. Backing ids belong
 to the connection, so passthrough opens keep theirs. The store lock passes when the old
 daemon exits (the new one waits for it, CacheStore.lock), and the control socket is bound
@@ -21,7 +29,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -55,33 +63,51 @@ class HandoverServer:
     """The serving daemon's side: the `mount_args` and `handover` control commands."""
 
     def __init__(self, session: KernelSession | None, export: Callable[[], AdapterState],
-                 arguments: MountArguments) -> None:
-        """session: None where the session cannot hand over (pyfuse3's)."""
+                 arguments: MountArguments, persist: Callable[[], Awaitable[None]] | None = None) -> None:
+        """session: None where the session cannot hand over (pyfuse3's). persist: writes the
+        journal now, for a daemon whose connection systemd's fd store keeps (it restarts in
+        place); None for any other."""
         self.session = session
         self.export = export
         self.arguments = arguments
+        self.persist = persist
         self._busy = False
         self.taken = False  # the connection was handed over: this daemon ends without unmounting
+        self.exec_fd: int | None = None  # restarting in place: the connection, for the new program
 
     def table(self) -> dict[str, Handler]:
-        return {"mount_args": self.mount_args, "handover": self.handover}
+        return {"mount_args": self.mount_args, "handover": self.handover, "restart_in_place": self.restart_in_place}
 
     async def mount_args(self, request: dict) -> dict:
-        if self.arguments.foreground:
-            raise ControlError("this daemon runs in the foreground (a systemd service?): restart its service instead")
+        if self.arguments.foreground and self.persist is None:
+            raise ControlError("this daemon runs in the foreground without systemd's fd store: restart it by hand")
         return {"source": self.arguments.source, "options": self.arguments.options,
-                "cache_dir": self.arguments.cache_dir, "log_level": self.arguments.log_level}
+                "cache_dir": self.arguments.cache_dir, "log_level": self.arguments.log_level,
+                "in_place": self.persist is not None}
 
-    async def handover(self, request: dict) -> dict | _Delivery:
-        if request.get("format") != FORMAT:
-            raise ControlError(f"the new daemon reads state format {request.get('format')!r}, this one writes "
-                               f"format {FORMAT}: restart refused, the mount stays with pid {os.getpid()}")
-        if self.session is None:
-            raise ControlError("the pyfuse3 session cannot hand its connection over: unmount and mount instead")
+    async def restart_in_place(self, request: dict) -> _InPlace:
+        """Stop serving without unmounting, the journal current, for an exec of the fusecache
+        installed now in this process (see the module docstring); the reply goes out first."""
+        if self.session is None or self.persist is None:
+            raise ControlError("only a daemon whose connection systemd's fd store keeps restarts in place")
+        await self._pause("restart in place")
+        try:
+            await self.persist()
+            self.exec_fd = os.dup(self.session.fd)  # the session closes its own at the end
+        except BaseException:
+            self._busy = False
+            self.session.gate.resume()
+            raise
+        return _InPlace(self)
+
+    async def _pause(self, what: str) -> None:
+        """Stop reading requests and wait until those read are answered; refused if it takes
+        longer than DRAIN_TIMEOUT (the mount stays as it was)."""
+        assert self.session is not None
         if self._busy:
             raise ControlError("a restart of this mount is already under way")
         self._busy = True
-        log.info("restart asked for: pausing to hand the connection over")
+        log.info("%s asked for: pausing", what)
         try:
             drained = await self.session.gate.pause(DRAIN_TIMEOUT)
         except BaseException:
@@ -91,6 +117,14 @@ class HandoverServer:
             self._busy = False
             raise ControlError(f"requests in flight did not finish within {DRAIN_TIMEOUT:g}s (a slow source?): "
                                f"restart refused, the mount stays with pid {os.getpid()}")
+
+    async def handover(self, request: dict) -> dict | _Delivery:
+        if request.get("format") != FORMAT:
+            raise ControlError(f"the new daemon reads state format {request.get('format')!r}, this one writes "
+                               f"format {FORMAT}: restart refused, the mount stays with pid {os.getpid()}")
+        if self.session is None:
+            raise ControlError("the pyfuse3 session cannot hand its connection over: unmount and mount instead")
+        await self._pause("restart")
         state = LiveState(FORMAT, os.getpid(), self.session.negotiated(), self.export())
         return _Delivery(self, encode(state))
 
@@ -130,6 +164,22 @@ class _Delivery:
             log.warning("handing the connection over failed: %s", e)
         finally:
             self.server.finished(taken)
+
+
+@dataclass
+class _InPlace:
+    server: HandoverServer
+
+    async def deliver(self, stream: trio.SocketStream) -> None:
+        """Answer, then end serving: the exec follows once the daemon has wound down."""
+        assert self.server.session is not None
+        try:
+            await stream.send_all(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        except (OSError, trio.BrokenResourceError):
+            pass  # the client left; the restart goes on
+        self.server.taken = True
+        log.info("restarting in place: the fusecache installed now serves the connection next")
+        self.server.session.handed_over()
 
 
 @dataclass

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 log = logging.getLogger(__name__)
 
 LISTEN_FDS_START = 3
+FUSE_FD_NAME = "fuse"  # what the fd store keeps the /dev/fuse connection under
 _LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
