@@ -145,14 +145,19 @@ def on_the_c_allocator(argv: list[str]) -> None:
     allocated during a burst of 100,000 lookups (a timer's, a task's) keep a quarter of the
     burst's arenas after the kernel forgot it (RSS 1.5 times its start); glibc's malloc_trim
     returns each free page (linux.release_free_memory). The cost: some 16% more of the
-    daemon's CPU per lookup (docs/benchmarks.md, "Inode memory").
-    `-P`: the current directory, perhaps anyone's, is not put on the module path."""
+    daemon's CPU per lookup (docs/benchmarks.md, "Inode memory")."""
     if "PYTHONMALLOC" in os.environ or sys.flags.ignore_environment or not sys.executable:
         return
+    _run_again(argv, {"PYTHONMALLOC": "malloc"})
+
+
+def _run_again(argv: list[str], env: dict[str, str]) -> NoReturn:
+    """Exec `fusecache argv` from the fusecache installed now, in this process, with env added
+    to the environment. `-P`: the current directory, perhaps anyone's, is not put on the
+    module path."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-P", "-m", "fusecache", *argv],
-              {**os.environ, "PYTHONMALLOC": "malloc"})
+    os.execve(sys.executable, [sys.executable, "-P", "-m", "fusecache", *argv], {**os.environ, **env})
 
 
 def say(message: str) -> None:
@@ -233,14 +238,11 @@ def exec_in_place(argv: list[str], fuse_fd: int) -> NoReturn:
     Nothing may write to descriptor 3 between the dup2 and the exec: no logging here."""
     log.info("exec of %s -m fusecache", sys.executable)
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    env = {**os.environ, "LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid()), "LISTEN_FDNAMES": sdnotify.FUSE_FD_NAME}
     if fuse_fd == sdnotify.LISTEN_FDS_START:
         os.set_inheritable(fuse_fd, True)
     else:
         os.dup2(fuse_fd, sdnotify.LISTEN_FDS_START)  # inheritable, whatever 3 held is closed
-    os.execve(sys.executable, [sys.executable, "-P", "-m", "fusecache", *argv], env)
+    _run_again(argv, {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid()), "LISTEN_FDNAMES": sdnotify.FUSE_FD_NAME})
 
 
 def _mount_detached(cfg, store, takeover: bool = False) -> int:
@@ -477,9 +479,10 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 
 def _wait_for(mountpoint: str, job: int, total: int, show: bool) -> dict:
     """Ask the daemon until no file of the prefetch job is still being fetched, drawing a
-    progress bar: each answer comes when the job ends or PROGRESS_INTERVAL has passed. `total` (the listed size) stands in until every file's current version is
-    known. The job is asked for by its id: a request listing its paths would outgrow the
-    request limit with a large tree."""
+    progress bar: each answer comes when the job ends or PROGRESS_INTERVAL has passed.
+    `total` (the listed size) stands in until every file's current version is known. The job
+    is asked for by its id: a request listing its paths would outgrow the request limit with
+    a large tree."""
     started = time.monotonic()
     while True:
         progress = control.call(mountpoint, {"command": "progress", "job": job, "wait": PROGRESS_INTERVAL})

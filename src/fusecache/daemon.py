@@ -160,7 +160,7 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     kernel = session if isinstance(session, KernelSession) else None
     fd_store = uses_fd_store(cfg)
     journal_ = _journal(store, kernel, operations)
-    restarts = HandoverServer(session if isinstance(session, KernelSession) else None, operations.export_state,
+    restarts = HandoverServer(kernel, operations.export_state,
                               MountArguments(str(cfg.source), cfg.options, str(cfg.cache_dir), cfg.log_level,
                                              cfg.foreground),
                               persist=journal_.flush if fd_store and journal_ is not None else None)
