@@ -112,6 +112,9 @@ class FakeDirect:
     def view(self, offset: int, length: int) -> None:
         return None
 
+    def serving(self, offset: int, length: int) -> None:
+        pass
+
     def served(self, offset: int, length: int) -> None:
         pass
 

@@ -43,9 +43,11 @@ class CompleteFile:
         # mappings, one of which goes with its last view: no harm
         return None if self.drop_pages else self.entry.view(offset, length, self.generation)
 
-    def served(self, offset: int, length: int) -> None:
+    def serving(self, offset: int, length: int) -> None:
         self.metrics.count_served(length, from_cache=True, direct=True)
         self.metrics.count_hits(len(self.entry.chunks_for(offset, length)))
+
+    def served(self, offset: int, length: int) -> None:
         if self.drop_pages and length:
             self.entry.drop_pages(offset, length)
 

@@ -29,6 +29,7 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import MAX_REQUEST
@@ -72,16 +73,19 @@ class DataReplier:
         self.mapping = True  # False once the cache filesystem refused a mapping: copied then
         self._buffer = bytearray(MAX_REQUEST)
 
-    def reply(self, unique: int, src_fd: int, offset: int, length: int) -> bool:
-        """Send the reply to `unique`: length bytes of src_fd at offset. False if nothing was
-        sent (the range could not be read whole: someone else must answer)."""
+    def reply(self, unique: int, src_fd: int, offset: int, length: int,
+              before: Callable[[], None] = lambda: None) -> bool:
+        """Send the reply to `unique`: length bytes of src_fd at offset, calling `before` just
+        before it goes out. False if nothing was sent (the range could not be read whole:
+        someone else must answer)."""
         if self.mapping and length:
-            sent = self._map(unique, src_fd, offset, length)
+            sent = self._map(unique, src_fd, offset, length, before)
             if sent is not None:
                 return sent
-        return self._copy(unique, src_fd, offset, length)
+        return self._copy(unique, src_fd, offset, length, before)
 
-    def _map(self, unique: int, src_fd: int, offset: int, length: int) -> bool | None:
+    def _map(self, unique: int, src_fd: int, offset: int, length: int,
+             before: Callable[[], None]) -> bool | None:
         """None: mapping is refused here, the caller copies instead (nothing was sent)."""
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
@@ -94,13 +98,14 @@ class DataReplier:
             self.mapping = False
             return None
         try:
+            before()
             with memoryview(mapped) as view:
                 send(self.dev_fd, unique, 0, view[offset - start:])
         finally:
             mapped.close()
         return True
 
-    def _copy(self, unique: int, src_fd: int, offset: int, length: int) -> bool:
+    def _copy(self, unique: int, src_fd: int, offset: int, length: int, before: Callable[[], None]) -> bool:
         view = memoryview(self._buffer)[:length]
         done = 0
         try:
@@ -111,6 +116,7 @@ class DataReplier:
                 done += n
         except OSError:
             return False
+        before()
         send(self.dev_fd, unique, 0, view)
         return True
 

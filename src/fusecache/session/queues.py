@@ -161,9 +161,11 @@ class RequestThreads:
         length = reply_length(read.size, read.offset, file.size)
         view = file.view(read.offset, length) if length else None
         if view is not None:
+            file.serving(read.offset, length)
             send(replier.dev_fd, read.unique, 0, view)
             del view  # before the mapping could be closed (at the open's release)
-        elif not replier.reply(read.unique, file.fd, read.offset, length):
+        elif not replier.reply(read.unique, file.fd, read.offset, length,
+                               before=lambda: file.serving(read.offset, length)):
             return False
         try:
             file.served(read.offset, length)

@@ -76,9 +76,13 @@ class DirectFile(Protocol):
         """The range as a view of a mapping the cache keeps, where the cache is in memory
         (tmpfs: no copy of our own, no mapping per reply); None where it is not."""
 
+    def serving(self, offset: int, length: int) -> None:
+        """A reply of the range is about to go out: counted first, so that a reader whose read
+        has returned finds it in the metrics (as the trio path counts before it replies)."""
+
     def served(self, offset: int, length: int) -> None:
-        """A reply of the range went out: counted, and on a disk cache the cache file's
-        pages of it dropped (the mount's page cache holds them now)."""
+        """A reply of the range went out: on a disk cache the cache file's pages of it
+        dropped (the mount's page cache holds them now)."""
 
 
 @dataclass(frozen=True)
