@@ -132,6 +132,20 @@ def wait_until(condition, what: str, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def settled(value, quiet: float = 0.5, timeout: float = 30) -> int:
+    """value() once it has not changed for `quiet` seconds (a counter still moving after the
+    process that drove it was killed: its last requests are answered after it died)."""
+    deadline = time.monotonic() + timeout
+    last, since = value(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"still changing after {timeout:.0f}s"
+        time.sleep(0.05)
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def waits_in_fuse(pid: int) -> bool:
     """Whether the process sleeps in the kernel's FUSE code (a request sent, no answer yet)."""
     try:

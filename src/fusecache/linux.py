@@ -1,6 +1,6 @@
 """Linux system calls that Python's os module lacks: openat2, getdents64, fallocate, madvise
-without the GIL, and the mount calls (mount, umount2, statx for a mount's id). The one place
-that loads libc.
+without the GIL, the mount calls (mount, umount2, statx for a mount's id), and two calls made
+holding the GIL (a file's stamp, a nonblocking read). The one place that loads libc.
 
 openat2 resolves a whole relative path beneath a directory fd in one call while refusing
 every symlink on the way (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): the kernel does what would
@@ -178,6 +178,45 @@ def mount_of(fd: int) -> tuple[int, int | None]:
         _raise()
     mask, major, minor, mount_id = _STATX.unpack(buf.raw)
     return os.makedev(major, minor), mount_id if mask & _STATX_MNT_ID_UNIQUE else None
+
+
+# Calls that never wait, made holding the GIL (ctypes.PyDLL): the FUSE reader threads make two
+# per request (session/queues.py), and releasing the GIL around a syscall of a microsecond is
+# what cost there: the thread must win the GIL back afterwards, against seven others. Profiled
+# on the 16-core device (issue 22), each of 8 threads spent most of its time waiting for the
+# GIL in a futex, while it was held less than a third of the time.
+_held = ctypes.PyDLL(None, use_errno=True)
+_held_statx = getattr(_held, "statx", None)
+_held.read.restype = ctypes.c_ssize_t
+_held.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+_STATX_BASIC_STATS = 0x7FF
+# stx_nlink at 16, stx_size at 40, stx_ctime (tv_sec, tv_nsec) at 96, stx_mtime at 112
+_STATX_STAMP = struct.Struct("=16xI20xQ48xqI4xqI")
+_STATX_SIZE = 256
+
+
+def stamp(fd: int) -> tuple[int, int, int, int]:
+    """(size, ctime_ns, mtime_ns, nlink) of fd's file, what any write to it moves. statx is
+    called holding the GIL: only for files on local filesystems (a cache file), where it never
+    waits. Raises OSError."""
+    if _held_statx is None:  # glibc before 2.28
+        st = os.fstat(fd)
+        return st.st_size, st.st_ctime_ns, st.st_mtime_ns, st.st_nlink
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _held_statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BASIC_STATS, buf) != 0:
+        _raise()
+    nlink, size, ctime, ctime_ns, mtime, mtime_ns = _STATX_STAMP.unpack_from(buf)
+    return size, ctime * 1_000_000_000 + ctime_ns, mtime * 1_000_000_000 + mtime_ns, nlink
+
+
+def read_nowait(fd: int, buffer: ctypes.Array) -> int:
+    """read(2) into buffer holding the GIL, for a nonblocking descriptor whose reads never
+    wait (a /dev/fuse duplicate: a request, or EAGAIN at once). Raises OSError (BlockingIOError
+    when there is nothing to read)."""
+    n = _held.read(fd, buffer, len(buffer))
+    if n < 0:
+        _raise()
+    return n
 
 
 def release_free_memory() -> None:

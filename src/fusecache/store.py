@@ -46,7 +46,7 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import xxhash
 
@@ -262,6 +262,8 @@ class CacheEntry:
         """The shared read-write mapping of the whole data file, made once: fills write into it,
         replies from a cache in memory are views of it. The data file never shrinks (we never
         truncate one), so no page of it is ever past the end of the file."""
+        if self._map is not None:  # made once, never replaced: no lock needed to find it
+            return self._map
         with self._lock:
             if self._map is None:
                 self._map = mmap.mmap(self.data_fd, self.size, flags=mmap.MAP_SHARED,
@@ -345,6 +347,11 @@ class CacheEntry:
         None as for read_into."""
         if not self.unchanged_since(generation):
             return None
+        return self.mapped(offset, length)
+
+    def mapped(self, offset: int, length: int) -> memoryview:
+        """The range as a view of the data file's mapping, unchecked: for a caller that has
+        just asked `unchanged_since` itself (a reader thread, once per reply)."""
         return memoryview(self._mapping())[offset:offset + length]
 
     def recheck(self) -> None:
@@ -410,10 +417,10 @@ def _is_own_file(fd: int) -> bool:
     return own
 
 
-@dataclass(frozen=True)
-class _Stamp:
+class _Stamp(NamedTuple):
     """What a write into a data file moves: its size and ctime (which no one can set back),
-    and its mtime, for once the file has no name."""
+    and its mtime, for once the file has no name. (A tuple: taken before every reply a reader
+    thread sends, session/queues.py.)"""
 
     size: int
     ctime_ns: int
@@ -422,8 +429,7 @@ class _Stamp:
 
 
 def _stamp(fd: int) -> _Stamp:
-    st = os.fstat(fd)
-    return _Stamp(st.st_size, st.st_ctime_ns, st.st_mtime_ns, st.st_nlink)
+    return _Stamp(*linux.stamp(fd))
 
 
 def _same_content(now: _Stamp, before: _Stamp | None) -> bool:

@@ -39,9 +39,8 @@ class CompleteFile:
         return self.entry.unchanged_since(self.generation)
 
     def view(self, offset: int, length: int) -> memoryview | None:
-        # the entry maps its file on first use; two threads doing so at once make two
-        # mappings, one of which goes with its last view: no harm
-        return None if self.drop_pages else self.entry.view(offset, length, self.generation)
+        # asked right after unchanged() (session.types.DirectFile), so not checked again
+        return None if self.drop_pages else self.entry.mapped(offset, length)
 
     def serving(self, offset: int, length: int) -> None:
         self.metrics.count_served(length, from_cache=True, direct=True)

@@ -29,19 +29,21 @@ import errno
 import logging
 import mmap
 import os
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..config import MAX_REQUEST
 from . import protocol as p
 
 log = logging.getLogger(__name__)
 
-_READ = p.IN_HEADER.size + p.READ_IN.size
+# The header's opcode and unique, then READ_IN's fh, offset and size: one unpack per request.
+_READ = struct.Struct("<4xIQ" + f"{p.IN_HEADER.size - 16}x" + "QQI" + f"{p.READ_IN.size - 20}x")
+_OP_READ = int(p.Op.READ)
 
 
-@dataclass(frozen=True)
-class ReadRequest:
+class ReadRequest(NamedTuple):
     unique: int
     fh: int
     offset: int
@@ -51,12 +53,11 @@ class ReadRequest:
 def read_request(data: memoryview) -> ReadRequest | None:
     """The READ request data holds, or None for any other request (and for a READ too short
     to be one: the trio thread's parser then answers it as it would)."""
-    if len(data) < _READ:
+    if len(data) < _READ.size:
         return None
-    _length, opcode, unique = p.IN_HEADER.unpack_from(data)[:3]
-    if opcode != p.Op.READ:
+    opcode, unique, fh, offset, size = _READ.unpack_from(data)
+    if opcode != _OP_READ:
         return None
-    fh, offset, size = p.READ_IN.unpack_from(data, p.IN_HEADER.size)[:3]
     return ReadRequest(unique, fh, offset, size)
 
 

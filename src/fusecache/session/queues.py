@@ -15,7 +15,10 @@ open whose file was complete and checked when it was opened (a `DirectFile` in `
 answered by the thread itself, from the cache file (session/direct.py), as long as the file
 is unchanged; the thread holds the GIL only to parse the request and look the handle up, the
 copy runs in the kernel's writev, from the mapping a cache in memory keeps of the file, or
-from a mapping of the reply's range of a cache file on disk. Every other request is handed to the trio thread
+from a mapping of the reply's range of a cache file on disk. The two system calls of a request
+that never wait (the nonblocking read of it, the cache file's stamp) are made holding the GIL
+(linux.read_nowait, linux.stamp): so a reply costs a thread one wait for the GIL, after its
+writev, not three or more. Every other request is handed to the trio thread
 (`TrioToken.run_sync_soon`: a queue append and a wakeup, no waiting), which answers it as if
 it had read it, on the descriptor it came from: state changes stay on that one thread.
 
@@ -32,6 +35,7 @@ trio thread may be answered after its thread stopped, and its answer goes to its
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .. import linux
 from . import protocol as p
 from .direct import DataReplier, read_request, reply_length, send
 from .types import DirectFile
@@ -119,13 +124,14 @@ class RequestThreads:
         replier = DataReplier(fd)
         poller = select.epoll()
         buf = bytearray(p.READ_BUFFER)
+        raw = (ctypes.c_char * len(buf)).from_buffer(buf)
         view = memoryview(buf)
         try:
             poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
             poller.register(run.wake, select.EPOLLIN)
             while not run.stop.is_set():
                 try:
-                    n = os.readv(fd, [buf])
+                    n = linux.read_nowait(fd, raw)
                 except BlockingIOError:
                     poller.poll()
                     continue
@@ -155,20 +161,20 @@ class RequestThreads:
         read = read_request(data)
         if read is None:
             return False
-        file = self.routes.get(read.fh)
+        unique, fh, offset, size = read
+        file = self.routes.get(fh)
         if file is None or not file.unchanged():
             return False
-        length = reply_length(read.size, read.offset, file.size)
-        view = file.view(read.offset, length) if length else None
+        length = reply_length(size, offset, file.size)
+        view = file.view(offset, length) if length else None
         if view is not None:
-            file.serving(read.offset, length)
-            send(replier.dev_fd, read.unique, 0, view)
+            file.serving(offset, length)
+            send(replier.dev_fd, unique, 0, view)
             del view  # before the mapping could be closed (at the open's release)
-        elif not replier.reply(read.unique, file.fd, read.offset, length,
-                               before=lambda: file.serving(read.offset, length)):
+        elif not replier.reply(unique, file.fd, offset, length, before=lambda: file.serving(offset, length)):
             return False
         try:
-            file.served(read.offset, length)
+            file.served(offset, length)
         except OSError as e:  # answered: only the page cache keeps the pages
             log.warning("after a reply from the cache file: %s", e)
         return True

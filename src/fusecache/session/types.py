@@ -74,7 +74,8 @@ class DirectFile(Protocol):
 
     def view(self, offset: int, length: int) -> memoryview | None:
         """The range as a view of a mapping the cache keeps, where the cache is in memory
-        (tmpfs: no copy of our own, no mapping per reply); None where it is not."""
+        (tmpfs: no copy of our own, no mapping per reply); None where it is not. Asked right
+        after `unchanged()` answered True, which it does not repeat."""
 
     def serving(self, offset: int, length: int) -> None:
         """A reply of the range is about to go out: counted first, so that a reader whose read
