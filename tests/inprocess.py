@@ -62,7 +62,8 @@ class Gate:
 
 
 class CountingSource(Source):
-    """A Source that logs, holds, alters and fails reads of file contents (read_exact)."""
+    """A Source that logs, holds, alters and fails reads of file contents (read_exact, and
+    copy_exact, the fill's copy of them into the cache)."""
 
     def __init__(self, root: Path, stable_inodes: bool = True) -> None:
         super().__init__(root, stable_inodes=stable_inodes)
@@ -93,8 +94,17 @@ class CountingSource(Source):
                 gate.open()
 
     def read_exact(self, fd: int, buf: memoryview, offset: int, relpath: str, identity: Identity) -> None:
+        self._reading(relpath, offset, len(buf))
+        super().read_exact(fd, buf, offset, relpath, identity)
+
+    def copy_exact(self, fd: int, dst_fd: int, offset: int, length: int, relpath: str, identity: Identity) -> bool:
+        self._reading(relpath, offset, length)
+        return super().copy_exact(fd, dst_fd, offset, length, relpath, identity)
+
+    def _reading(self, relpath: str, offset: int, length: int) -> None:
+        """Record a read (or copy) of the source, then hold, alter or fail it as set up."""
         with self.lock:
-            self.reads.append((relpath, offset, len(buf)))
+            self.reads.append((relpath, offset, length))
             gates = [gate for gate in self.gates if gate.matches(relpath, offset)]
             for gate in gates:
                 gate.entered.set()
@@ -107,7 +117,6 @@ class CountingSource(Source):
         err = self.faults.get(relpath)
         if err is not None:
             raise OSError(err, f"injected: {os.strerror(err)}")
-        super().read_exact(fd, buf, offset, relpath, identity)
 
     # -- what was read --
 

@@ -31,7 +31,7 @@ import pytest
 import trio
 import trio.testing
 
-from fusecache import acl, linux
+from fusecache import acl, kernelcopy, linux
 from fusecache.engine import ReadError
 from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheStore
@@ -287,13 +287,21 @@ async def test_without_room_on_the_cache_filesystem_reads_go_to_the_source(harne
     assert engine.stream_state("f") == (False, "no space in the cache")
 
 
-async def test_no_room_when_a_fill_reserves_its_run_sends_reads_to_the_source(harness, monkeypatch):
-    def full(fd: int, offset: int, length: int) -> None:  # the cache filesystem fills up mid-run
+@pytest.mark.parametrize("fill", ["copy", "mapped"])
+async def test_no_room_when_a_fill_writes_its_run_sends_reads_to_the_source(harness, monkeypatch, fill):
+    def full(*args: int) -> None:  # the cache filesystem fills up mid-run
         raise OSError(errno.ENOSPC, "No space left on device")
+
+    def unsupported(*args: int) -> None:
+        raise kernelcopy.Unsupported()
 
     data = harness.write("f", 3 * CHUNK)
     engine = await harness.start()
-    monkeypatch.setattr(linux, "fallocate", full)
+    if fill == "copy":  # the kernel's copy into the cache file runs out of room
+        monkeypatch.setattr(kernelcopy, "_copy_file_range", full)
+    else:  # no copy between these files: the reservation for the mapping finds no room
+        monkeypatch.setattr(kernelcopy.KernelCopy, "copy", unsupported)
+        monkeypatch.setattr(linux, "fallocate", full)
     assert await read_file(engine, "f") == data
     assert engine.metrics.bytes_read_through == len(data)
     assert "ENOSPC" in engine.metrics.errors

@@ -22,6 +22,7 @@ import time
 import pytest
 
 from fusecache import linux
+from fusecache.kernelcopy import KernelCopy
 from fusecache.store import (_SEAL, _reserve, INDEX_MAGIC, MISSING, ON_DISK, VERIFIED, CacheEntry, CacheStore, StoreError,
                              summarize_index)
 from fusecache.source import Identity, SourceChanged
@@ -508,6 +509,65 @@ def test_a_source_changed_during_the_read_leaves_the_run_missing_and_unrecorded(
     entry.close()
     assert entry._map.closed and kept is not None  # the mapping had no view left to hold it
     assert list(reopen(store).state) == [ON_DISK, MISSING, MISSING, MISSING]
+
+
+def copier_of(data: bytes, tmp_path, kernel: KernelCopy, calls: list[int]):
+    """A copy function (fill_run's `copy`) over a real source file holding data, beside the
+    cache: the kernel's own copy_file_range."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    src_fd = os.open(source, os.O_RDONLY)
+
+    def copy(data_fd: int, offset: int, length: int) -> bool:
+        calls.append(offset)
+        copied = kernel.copy(src_fd, data_fd, offset, length)
+        assert copied == length
+        return True
+    return copy
+
+
+def test_a_copied_fill_round_trips_through_a_restart_and_leaves_nothing_mapped(store, tmp_path):
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    copies: list[int] = []
+    copy = copier_of(data, tmp_path, KernelCopy(), copies)
+    for run in (range(0, 2), range(2, 4)):  # the second run ends with the short chunk
+        assert entry.fill_run(run, reader_of(data, entry, run, []), NO_SCRATCH, copy) == entry.run_extent(run)[1]
+    assert copies == [0, 2 * CHUNK] and list(entry.state) == [VERIFIED] * 4
+    assert mapped_kib(str(store.paths("f")[0])) == 0  # hashed through the mapping, then unmapped
+    assert entry.seal()
+    entry.close()
+    assert served(reopen(store)) == data
+    checked = reopen(store, trust=False)
+    assert list(checked.state) == [ON_DISK] * 4 and served(checked) == data  # every checksum holds
+
+
+def test_a_copy_the_kernel_cannot_make_reads_into_the_mapping_instead(store):
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    reads: list[int] = []
+    assert entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), reads), NO_SCRATCH,
+                          lambda data_fd, offset, length: False) == SIZE
+    assert reads == [0] and served(entry) == data
+    entry.close()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_copy_that_fails_records_nothing_and_leaves_the_entry_usable(store, tmp_path, code):
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+
+    def failing(data_fd: int, offset: int, length: int) -> bool:
+        os.pwrite(data_fd, data[:CHUNK], 0)  # some bytes may have landed before the error
+        raise OSError(code, os.strerror(code))
+    with pytest.raises(OSError) as failure:
+        entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), []), NO_SCRATCH, failing)
+    assert failure.value.errno == code and list(entry.state) == [MISSING] * 4
+    assert entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), []), NO_SCRATCH,
+                          copier_of(data, tmp_path, KernelCopy(), [])) == SIZE
+    assert entry.seal()  # our own failed write was not taken for someone else's
+    entry.close()
+    assert served(reopen(store, trust=False)) == data
 
 
 def test_a_fill_leaves_none_of_its_pages_mapped_into_the_daemon(store):

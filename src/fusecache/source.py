@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import acl, linux
+from . import acl, kernelcopy, linux
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class Source:
         self._root_fd = os.open(self.root, _DIR_PATH)
         self._openat2 = linux.has_openat2(self._root_fd)
         self.has_acls = self._probe_acls()
+        self._copier = kernelcopy.KernelCopy()
 
     def _probe_acls(self) -> bool:
         """Whether the source has POSIX ACLs (its root says so). NFSv4's own ACLs are of
@@ -354,6 +355,18 @@ class Source:
             done += n
         if self._changed_since(fd, relpath, identity):
             raise SourceChanged(relpath)
+
+    def copy_exact(self, fd: int, dst_fd: int, offset: int, length: int, relpath: str, identity: Identity) -> bool:
+        """Copy length bytes from offset into dst_fd at the same offset inside the kernel
+        (kernelcopy: no buffer of ours, no page to zero), then check as read_exact does. False
+        where the kernel cannot copy between the two files: then the caller reads instead."""
+        try:
+            copied = self._copier.copy(fd, dst_fd, offset, length)
+        except kernelcopy.Unsupported:
+            return False
+        if copied < length or self._changed_since(fd, relpath, identity):
+            raise SourceChanged(relpath)
+        return True
 
     def _changed_since(self, fd: int, relpath: str, identity: Identity) -> bool:
         """Whether the file open at fd may hold other bytes than at `identity`.

@@ -11,9 +11,10 @@ A chunk's index record (checksum of its bytes, PRESENT marker) is written only a
 were written to the data file, by the same thread. A crash (kill -9) therefore leaves either
 no record or a record for bytes that are in the file; a power loss that loses data pages but
 keeps the record is caught by the checksum, which is checked before a chunk is first served in
-each daemon lifetime, unless the entry is sealed. Fills write through one shared mapping of
-the data file, only into blocks reserved first (fill_run); the data file never shrinks, so no
-page of the mapping lies past its end (a truncation by someone else would be a SIGBUS).
+each daemon lifetime, unless the entry is sealed. Fills copy the source's bytes into the data
+file inside the kernel where they can (kernelcopy.py), else write through one shared mapping
+of the data file, only into blocks reserved first (fill_run); the data file never shrinks, so
+no page of the mapping lies past its end (a truncation by someone else would be a SIGBUS).
 
 A *seal* is what lets a restart serve a complete file without reading it. Once every chunk of
 an entry is verified, its data file and records are made durable (fdatasync), and then a seal
@@ -44,9 +45,10 @@ import struct
 import threading
 import time
 from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import xxhash
 
@@ -199,25 +201,38 @@ class CacheEntry:
         finally:
             self._end_write()
 
-    def fill_run(self, run: range, read: Callable[[memoryview], None], scratch: memoryview) -> int:
-        """Fill a run of contiguous chunks with the bytes `read` puts into the view it is given
-        (the run's extent); returns the run's length. `read` raises if it cannot vouch for the
-        bytes (the source changed): then they may be in the data file, but no chunk of the run
-        is recorded, so all stay missing.
+    def fill_run(self, run: range, read: Callable[[memoryview], None], scratch: memoryview,
+                 copy: Callable[[int, int, int], bool] | None = None) -> int:
+        """Fill a run of contiguous chunks from the source; returns the run's length. `read`
+        puts the run's bytes into the view it is given (the run's extent); `copy(data_fd,
+        offset, length)`, where given, copies them into the data file at the same offset
+        inside the kernel, or returns False where it cannot. Either raises if it cannot vouch
+        for the bytes (the source changed): then they may be in the data file, but no chunk of
+        the run is recorded, so all stay missing.
 
-        One copy per byte: the run's space is reserved first (fallocate: a full cache
-        filesystem raises ENOSPC/EDQUOT here, as a write would), then `read` fills a shared
-        mapping of the data file directly, then each chunk is hashed from the mapping and its
-        record written after its bytes, as store_chunk does. Only reserved pages are touched: a
+        One copy per byte, the cheapest way there is (kernelcopy.py says why in this order):
+        `copy`, then each chunk hashed from a mapping of its range of the data file (the page
+        cache: what the cache will serve); else the run's space reserved (fallocate: a full cache
+        filesystem raises ENOSPC/EDQUOT here, as a write would) and `read` into a shared
+        mapping of the data file, hashed there. Each chunk's record is written after its
+        bytes, as store_chunk does. Only reserved pages are written through the mapping: a
         write fault into a hole the filesystem has no room for is a SIGBUS, not an error. A
-        cache filesystem that cannot reserve falls back, for this entry from then on, to reading
-        into `scratch` and store_chunk."""
+        cache filesystem that cannot reserve falls back, for this entry from then on, to
+        reading into `scratch` and store_chunk."""
+        start, length = self.run_extent(run)
+        lengths = [self.chunk_extent(i)[1] for i in run]
+        if copy is not None:
+            self._begin_write()
+            try:
+                if copy(self.data_fd, start, length):
+                    self._record(run, _checksums_in_file(self.data_fd, start, lengths))
+                    return length
+            finally:
+                self._end_write()
         if self._reservable:
-            start, length = self.run_extent(run)
             self._begin_write()
             try:
                 if _reserve(self.data_fd, start, length):
-                    lengths = [self.chunk_extent(i)[1] for i in run]
                     self._record(run, _fill_mapped(self._mapping(), start, lengths, read))
                     return length
                 log.info("cache filesystem cannot reserve space (fallocate); filling %s by writes", self.relpath)
@@ -456,30 +471,51 @@ def _reserve(fd: int, offset: int, length: int) -> bool:
     return True
 
 
-def _fill_mapped(mapping: mmap.mmap, start: int, lengths: list[int],
-                 read: Callable[[memoryview], None]) -> list[int]:
-    """Have `read` fill the mapping's range of consecutive chunks of these lengths from start;
-    their checksums. Every view of the mapping is released (mmap.close raises while one is
-    left), and the range is unmapped from our page tables again, whatever happens: the bytes
-    stay in the page cache (the mapping is shared), but pages left mapped would count as the
-    daemon's memory (its RSS, which the OOM killer weighs) and would not be dropped by
-    fadvise, so the daemon would seem to hold every file it filled. Both madvise calls are
-    made while the view is held, so the mapping is still there to advise."""
-    length = sum(lengths)
+@contextmanager
+def _mapped_range(mapping: mmap.mmap, start: int, length: int) -> Iterator[tuple[memoryview, int]]:
+    """A view of the mapping's range and its address, unmapped from our page tables again
+    afterwards, whatever happens: the bytes stay in the page cache (the mapping is shared),
+    but pages left mapped would count as the daemon's memory (its RSS, which the OOM killer
+    weighs) and would not be dropped by fadvise, so the daemon would seem to hold every file
+    it filled. Every view is released on the way out (mmap.close raises while one is left);
+    the madvise comes first, while the view still holds the mapping there to advise."""
     with memoryview(mapping) as whole, whole[start:start + length] as target:
         address = linux.address_of(target)
         try:
-            _prefault(address, length)
-            read(target)
-            sums = []
-            offset = 0
-            for n in lengths:
-                with target[offset:offset + n] as chunk:
-                    sums.append(xxhash.xxh3_64_intdigest(chunk))
-                offset += n
-            return sums
+            yield target, address
         finally:
             linux.madvise(address, length, linux.MADV_DONTNEED)
+
+
+def _checksums(target: memoryview, lengths: list[int]) -> list[int]:
+    """The checksums of consecutive chunks of these lengths at the start of target."""
+    sums = []
+    offset = 0
+    for n in lengths:
+        with target[offset:offset + n] as chunk:
+            sums.append(xxhash.xxh3_64_intdigest(chunk))
+        offset += n
+    return sums
+
+
+def _checksums_in_file(fd: int, start: int, lengths: list[int]) -> list[int]:
+    """The checksums of consecutive chunks of these lengths at start in the data file, read
+    from its page cache through a mapping of just their range, unmapped after: the page
+    faults of the reading map neighbouring pages too (fault-around), which a mapping of the
+    whole file would keep (its RSS, see _mapped_range)."""
+    with mmap.mmap(fd, sum(lengths), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start) as mapped:
+        with memoryview(mapped) as target:
+            return _checksums(target, lengths)
+
+
+def _fill_mapped(mapping: mmap.mmap, start: int, lengths: list[int],
+                 read: Callable[[memoryview], None]) -> list[int]:
+    """Have `read` fill the mapping's range of consecutive chunks of these lengths from start,
+    populated writable first; their checksums."""
+    with _mapped_range(mapping, start, sum(lengths)) as (target, address):
+        _prefault(address, len(target))
+        read(target)
+        return _checksums(target, lengths)
 
 
 def _prefault(address: int, length: int) -> None:

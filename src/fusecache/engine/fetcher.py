@@ -251,10 +251,10 @@ class Fetcher:
 
     def _materialize(self, tracked: TrackedFile, chunks: range, buf: memoryview) -> tuple[int, int]:
         """Worker thread: make chunks verified. Chunks recorded by an earlier run are checked
-        against their checksum; the rest are read from the source in one sequential read per
-        contiguous run, straight into the cache file (CacheEntry.fill_run; buf only where the
-        cache filesystem cannot reserve space). Returns (bytes read from source, checksum
-        failures)."""
+        against their checksum; the rest are copied from the source in one sequential copy
+        per contiguous run, straight into the cache file (CacheEntry.fill_run: inside the
+        kernel, or read into a mapping of it; buf only where the cache filesystem cannot
+        reserve space). Returns (bytes read from source, checksum failures)."""
         entry = tracked.entry
         bad = entry.verify_recorded(chunks, buf)
         fetched = 0
@@ -264,7 +264,10 @@ class Fetcher:
             def read(target: memoryview, start: int = start) -> None:
                 self.source.read_exact(tracked.src_fd, target, start, entry.relpath, entry.identity)
 
-            length = entry.fill_run(run, read, buf)
+            def copy(data_fd: int, offset: int, length: int) -> bool:
+                return self.source.copy_exact(tracked.src_fd, data_fd, offset, length, entry.relpath, entry.identity)
+
+            length = entry.fill_run(run, read, buf, copy)
             self.drop_source_pages(tracked, start, length)
             fetched += length
         return fetched, bad

@@ -1,0 +1,69 @@
+"""Copying a range of a source file into its cache file inside the kernel, where the kernel
+can: the fill's cheapest copy (issue 20).
+
+Reading the source into a shared mapping of the cache file is one copy too, but each page of
+the cache file is new there: the kernel zeroes it before the read fills it, a second pass over
+the memory. A write into the page cache, which copy_file_range(2) ends in, takes a fresh page
+without zeroing it when the write covers it whole, and a reflink (XFS, Btrfs) or a server-side
+copy (NFS 4.2) copies nothing at all. On the 16-core device, tmpfs to tmpfs with the checksum
+included, copy_file_range filled at 17 GB/s and 0.9 CPU-s per GB against about 12 GB/s and
+1.27 for the mapping (docs/benchmarks.md, issue 20).
+
+The kernel copies only within one filesystem (since Linux 5.19; EXDEV between two), so this is
+the way for a source and a cache on the same filesystem. Between two (Lustre or NFS to a local
+cache), splice(2) through a pipe would be the same single copy, but it was measured and left
+out: it moves a pipe's worth (1 MiB) at a time, and the kernel's readahead behind those steps
+reads past the end of each run, into runs other threads had already copied and dropped from
+the source's page cache (Source.drop_pages): 1.5% of a file fetched twice from a FUSE source in
+a test, where a read of the whole run at once fetches each byte once. The first refusal
+(EXDEV, EINVAL, ENOSYS, EOPNOTSUPP) turns the copy off for good; `copy` raises `Unsupported`
+from then on and the caller reads into the mapping. Any other error (ENOSPC, EIO) is the
+caller's, as a write's or a read's would be.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+_REFUSED = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+class Unsupported(Exception):
+    """The kernel does not copy between these files here: nothing was copied, read instead."""
+
+
+class KernelCopy:
+    """Whether copy_file_range still works between a source and the cache (one per Source,
+    any thread)."""
+
+    def __init__(self) -> None:
+        self.works = True
+
+    def copy(self, src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+        """Copy up to length bytes at offset in src_fd to the same offset in dst_fd; the bytes
+        copied, fewer only where the source ended. Raises Unsupported (nothing copied by the
+        refused call) or OSError."""
+        if self.works:
+            try:
+                return _copy_file_range(src_fd, dst_fd, offset, length)
+            except OSError as e:
+                if e.errno not in _REFUSED:
+                    raise
+                self.works = False
+                log.info("the kernel does not copy from the source to the cache (%s): filling by reads",
+                         e.strerror)
+        raise Unsupported()
+
+
+def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
