@@ -211,7 +211,7 @@ class CacheEntry:
         the run is recorded, so all stay missing.
 
         One copy per byte, the cheapest way there is (kernelcopy.py says why in this order):
-        `copy`, then each chunk hashed from a mapping of its range of the data file (the page
+        `copy`, then each chunk hashed from the shared mapping of the data file (the page
         cache: what the cache will serve); else the run's space reserved (fallocate: a full cache
         filesystem raises ENOSPC/EDQUOT here, as a write would) and `read` into a shared
         mapping of the data file, hashed there. Each chunk's record is written after its
@@ -225,7 +225,8 @@ class CacheEntry:
             self._begin_write()
             try:
                 if copy(self.data_fd, start, length):
-                    self._record(run, _checksums_in_file(self.data_fd, start, lengths))
+                    with _mapped_range(self._mapping(), start, length, FAULT_AROUND_MAX) as (target, _):
+                        self._record(run, _checksums(target, lengths))
                     return length
             finally:
                 self._end_write()
@@ -471,20 +472,31 @@ def _reserve(fd: int, offset: int, length: int) -> bool:
     return True
 
 
+# The most the kernel maps around a read fault (fault_around_bytes is at most one page table,
+# 2 MiB on x86-64 and arm64 with 4 KiB pages; 64 KiB by default).
+FAULT_AROUND_MAX = 2 << 20
+
+
 @contextmanager
-def _mapped_range(mapping: mmap.mmap, start: int, length: int) -> Iterator[tuple[memoryview, int]]:
+def _mapped_range(mapping: mmap.mmap, start: int, length: int, margin: int = 0) -> Iterator[tuple[memoryview, int]]:
     """A view of the mapping's range and its address, unmapped from our page tables again
-    afterwards, whatever happens: the bytes stay in the page cache (the mapping is shared),
-    but pages left mapped would count as the daemon's memory (its RSS, which the OOM killer
+    afterwards, whatever happens, with `margin` bytes on either side: reading the range faults
+    in neighbouring pages too (fault-around), which nothing else would unmap (writes do not
+    fault around: no margin). The bytes stay in the page cache (the mapping is shared), but
+    pages left mapped would count as the daemon's memory (its RSS, which the OOM killer
     weighs) and would not be dropped by fadvise, so the daemon would seem to hold every file
-    it filled. Every view is released on the way out (mmap.close raises while one is left);
-    the madvise comes first, while the view still holds the mapping there to advise."""
+    it filled. A neighbour another thread is filling or hashing just faults its pages in again.
+    Not an mmap and munmap per range: both take the address space's lock for writing, where
+    madvise reads it, and with 16 threads filling, half of them waited there (device, issue
+    20). Every view is released on the way out (mmap.close raises while one is left); the
+    madvise comes first, while the view still holds the mapping there to advise."""
     with memoryview(mapping) as whole, whole[start:start + length] as target:
-        address = linux.address_of(target)
+        base = linux.address_of(whole)
         try:
-            yield target, address
+            yield target, base + start
         finally:
-            linux.madvise(address, length, linux.MADV_DONTNEED)
+            low, high = max(0, start - margin), min(len(whole), start + length + margin)
+            linux.madvise(base + low, high - low, linux.MADV_DONTNEED)
 
 
 def _checksums(target: memoryview, lengths: list[int]) -> list[int]:
@@ -496,16 +508,6 @@ def _checksums(target: memoryview, lengths: list[int]) -> list[int]:
             sums.append(xxhash.xxh3_64_intdigest(chunk))
         offset += n
     return sums
-
-
-def _checksums_in_file(fd: int, start: int, lengths: list[int]) -> list[int]:
-    """The checksums of consecutive chunks of these lengths at start in the data file, read
-    from its page cache through a mapping of just their range, unmapped after: the page
-    faults of the reading map neighbouring pages too (fault-around), which a mapping of the
-    whole file would keep (its RSS, see _mapped_range)."""
-    with mmap.mmap(fd, sum(lengths), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start) as mapped:
-        with memoryview(mapped) as target:
-            return _checksums(target, lengths)
 
 
 def _fill_mapped(mapping: mmap.mmap, start: int, lengths: list[int],

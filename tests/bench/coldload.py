@@ -14,7 +14,9 @@ with `split` the ranks share the files out (each byte is loaded by one rank). Ra
 the last rank's end, that rate against the node cap, the bytes the daemon read from the source
 against the checkpoint (each byte once is 1.000x), and the same load again on the same mount
 once everything is cached ("warm": what the ranks themselves cost, the floor of any cold
-load). Source and cache on tmpfs (/dev/shm) by default.
+load), and how much of the source the page cache holds right after the cold load (a source
+on disk: a second copy of the checkpoint in RAM unless the daemon drops it). Source and cache
+on tmpfs (/dev/shm) by default.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def load(files: list[Path], args: argparse.Namespace) -> float:
     return time.monotonic() - started
 
 
+def resident_bytes(files: list[Path]) -> int:
+    """How much of the files the page cache holds now (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *map(str, files)],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(line) for line in out.split())
+
+
 def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -> tuple[float, float, dict]:
     """One cold load: (seconds, seconds of a warm load after it, the daemon's metrics after
     the cold one)."""
@@ -59,6 +68,7 @@ def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -
         mounted = [MOUNTPOINT / f.name for f in files]
         seconds = load(mounted, args)
         metrics = json.loads(cli("status", MOUNTPOINT, "--json"))["metrics"]
+        metrics["source_resident"] = resident_bytes(files)
         warm = load(mounted, args)
     finally:
         cli("umount", MOUNTPOINT)
@@ -95,7 +105,8 @@ def main() -> int:
             samples[variant].append((seconds, warm, metrics))
             print(f"  {variant or 'defaults'}: {size / seconds / 1e9:.2f} GB/s (warm {size / warm / 1e9:.2f}), "
                   f"source {metrics['bytes_from_source'] / size:.3f}x, daemon served "
-                  f"{metrics['bytes_served'] / size:.2f}x, passthrough opens {metrics['passthrough_opens']}", flush=True)
+                  f"{metrics['bytes_served'] / size:.2f}x, passthrough opens {metrics['passthrough_opens']}, "
+                  f"source in RAM after it {metrics['source_resident'] / size:.1%}", flush=True)
     shutil.rmtree(args.cache_dir, ignore_errors=True)
     print(f"{args.ranks} ranks ({args.pattern}, {'read()' if args.read else 'mmap'}) loading {args.size_gb:g} GiB in "
           f"{args.files} files from a source of {args.rtt_ms:g} ms a {args.request} request, "
