@@ -358,11 +358,17 @@ class FuseOperations:
         import_state, so that the reads of handles opened before a restart go to the session's
         reader threads as before it."""
         files = {}
-        for fh, (_inode, handle, passthrough) in self._handles.items():
-            direct = None if passthrough else self.engine.direct(handle)
+        for fh in self._handles:
+            direct = self.direct_file(fh)
             if direct is not None:
                 files[fh] = direct
         return files
+
+    def direct_file(self, fh: int) -> DirectFile | None:
+        opened = self._handles.get(fh)
+        if opened is None or opened[2]:  # released, or read by the kernel itself (passthrough)
+            return None
+        return self.engine.direct(opened[1])
 
     async def _reopen(self, inode: int) -> Handle | None:
         """A handle on the version inode names, or None if the source no longer has it."""

@@ -53,7 +53,7 @@ class CompleteFile:
 
 def complete_file(handle: Handle, metrics: Metrics, drop_pages: bool) -> CompleteFile | None:
     """The CompleteFile of handle's version if every chunk of it is verified now, else None
-    (its reads go through the engine for the open's whole life)."""
+    (its reads go through the engine, until it is asked again once the file completed)."""
     entry = handle.tracked.entry
     if not entry.cacheable:
         return None

@@ -354,6 +354,12 @@ class KernelSession:
                 del data  # a view of buf or of a cache mapping: released before buf is reused
             finally:
                 self._buffers.append(buf)
+        if self._threads is not None and fh not in self.direct:
+            # a file that completed after it was opened: the reader threads take its next reads
+            # (asked with no await since the read: a RELEASE in between has removed the handle)
+            direct = self.operations.direct_file(fh)
+            if direct is not None:
+                self.direct[fh] = direct
 
     async def _release(self, header: p.InHeader, args: memoryview) -> None:
         fh = p.RELEASE_IN.unpack_from(args)[0]

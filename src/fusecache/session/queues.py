@@ -11,7 +11,8 @@ through the one shared descriptor stay in flight while the supervisor (or system
 store) holds it, for the next daemon to have replayed (NOTIFY_RESEND: a kill -9 under FUSE-
 path readers is survived, tests/test_crash.py). libfuse measured clones some 10% faster on
 read() (docs/benchmarks.md, issue 22); surviving a crash comes first. A READ of an
-open whose file was complete and checked when it was opened (a `DirectFile` in `routes`) is
+open whose file was complete and checked when it was opened, or became so since (a
+`DirectFile` in `routes`, added by the trio thread after one of its replies), is
 answered by the thread itself, from the cache file (session/direct.py), as long as the file
 is unchanged; the thread holds the GIL only to parse the request and look the handle up, the
 copy runs in the kernel's writev, from the mapping a cache in memory keeps of the file, or

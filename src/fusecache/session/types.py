@@ -60,10 +60,10 @@ class Attributes:
 
 
 class DirectFile(Protocol):
-    """A file complete and checked in the cache when it was opened, as the session's reader
-    threads may serve its reads themselves, without the adapter (session/queues.py): the
-    cache file's descriptor and the version's size, fixed for the open's life. Every method
-    is safe from any thread."""
+    """A file complete and checked in the cache (when it was opened, or since), as the
+    session's reader threads may serve its reads themselves, without the adapter
+    (session/queues.py): the cache file's descriptor and the version's size, fixed for the
+    open's life. Every method is safe from any thread."""
 
     fd: int  # the cache data file: read-only use, valid until the open is released
     size: int
@@ -146,6 +146,10 @@ class Operations(Protocol):
     async def read(self, fh: int, offset: int, size: int, buf: memoryview, inode: int = 0) -> memoryview | bytes:
         """Up to size bytes at offset; buf (size bytes, the session's) may hold the reply,
         which the session sends before it reuses buf."""
+
+    def direct_file(self, fh: int) -> DirectFile | None:
+        """The DirectFile of an open FUSE-path handle whose file is complete and checked now
+        (one that completed after it was opened); None otherwise, or once it was released."""
 
     async def release(self, fh: int) -> None: ...
 
