@@ -357,18 +357,12 @@ class FuseOperations:
         """The DirectFile of each open FUSE-path handle whose file is complete now: after
         import_state, so that the reads of handles opened before a restart go to the session's
         reader threads as before it."""
-        files = {}
-        for fh in self._handles:
-            direct = self.direct_file(fh)
-            if direct is not None:
-                files[fh] = direct
-        return files
+        files = {fh: self.direct_file(fh) for fh in self._handles}
+        return {fh: file for fh, file in files.items() if file is not None}
 
     def direct_file(self, fh: int) -> DirectFile | None:
-        opened = self._handles.get(fh)
-        if opened is None or opened[2]:  # released, or read by the kernel itself (passthrough)
-            return None
-        return self.engine.direct(opened[1])
+        opened = self._handles.get(fh)  # (inode, handle, passthrough: read by the kernel itself)
+        return None if opened is None or opened[2] else self.engine.direct(opened[1])
 
     async def _reopen(self, inode: int) -> Handle | None:
         """A handle on the version inode names, or None if the source no longer has it."""

@@ -357,9 +357,8 @@ class Source:
             raise SourceChanged(relpath)
 
     def copy_exact(self, fd: int, dst_fd: int, offset: int, length: int, relpath: str, identity: Identity) -> bool:
-        """Copy length bytes from offset into dst_fd at the same offset inside the kernel
-        (kernelcopy: no buffer of ours, no page to zero), then check as read_exact does. False
-        where the kernel cannot copy between the two files: then the caller reads instead."""
+        """read_exact's copy into dst_fd at the same offset, inside the kernel (kernelcopy.py);
+        False where the kernel cannot copy between the two files: the caller reads instead."""
         try:
             copied = self._copier.copy(fd, dst_fd, offset, length)
         except kernelcopy.Unsupported:

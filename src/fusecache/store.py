@@ -90,7 +90,68 @@ def _key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-class CacheEntry:
+class ChunkStates:
+    """Which chunk of a version holds which bytes, and what each chunk's state says: the
+    arithmetic of a CacheEntry, apart from its files (which move the states)."""
+
+    identity: Identity
+    chunk_size: int
+    state: bytearray
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    @property
+    def nchunks(self) -> int:
+        return len(self.state)
+
+    def chunk_extent(self, index: int) -> tuple[int, int]:
+        """(offset, length) of a chunk; the last one is short."""
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self.size - offset)
+
+    def run_extent(self, chunks: range) -> tuple[int, int]:
+        """(offset, length) of a run of contiguous chunks."""
+        offset = self.chunk_extent(chunks.start)[0]
+        last_offset, last_length = self.chunk_extent(chunks.stop - 1)
+        return offset, last_offset + last_length - offset
+
+    def chunks_for(self, offset: int, length: int) -> range:
+        """Indices of the chunks that hold bytes [offset, offset+length), clamped to the file."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return range(0)
+        return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
+
+    def cached_bytes(self) -> int:
+        return sum(self.chunk_extent(i)[1] for i, s in enumerate(self.state) if s != MISSING)
+
+    # The questions the fetcher asks; the chunk state machine (MISSING -> VERIFIED, ON_DISK ->
+    # VERIFIED or MISSING, VERIFIED -> ON_DISK on a foreign write) is CacheEntry's.
+
+    def unverified(self, chunks: range) -> list[int]:
+        """The chunks of the range that must be fetched or checked before they are served."""
+        return [i for i in chunks if self.state[i] != VERIFIED]
+
+    def unverified_count(self) -> int:
+        return sum(1 for s in self.state if s != VERIFIED)
+
+    @property
+    def complete(self) -> bool:
+        """Every chunk is in the cache file and checked in this daemon's lifetime."""
+        return all(s == VERIFIED for s in self.state)
+
+    def missing_bytes(self, chunks: range) -> int:
+        """Bytes of the range not in the cache file at all: what fetching it adds to the cache."""
+        return sum(self.chunk_extent(i)[1] for i in chunks if self.state[i] == MISSING)
+
+    def missing(self, chunks: range) -> list[int]:
+        """The chunks of the range that must be read from the source."""
+        return [i for i in chunks if self.state[i] == MISSING]
+
+
+class CacheEntry(ChunkStates):
     """The cached copy of one version (Identity) of one source file."""
 
     def __init__(self, relpath: str, identity: Identity, chunk_size: int, data_fd: int,
@@ -126,35 +187,6 @@ class CacheEntry:
     def cacheable(self) -> bool:
         return self.data_fd >= 0
 
-    @property
-    def size(self) -> int:
-        return self.identity.size
-
-    @property
-    def nchunks(self) -> int:
-        return len(self.state)
-
-    def chunk_extent(self, index: int) -> tuple[int, int]:
-        """(offset, length) of a chunk; the last one is short."""
-        offset = index * self.chunk_size
-        return offset, min(self.chunk_size, self.size - offset)
-
-    def run_extent(self, chunks: range) -> tuple[int, int]:
-        """(offset, length) of a run of contiguous chunks."""
-        offset = self.chunk_extent(chunks.start)[0]
-        last_offset, last_length = self.chunk_extent(chunks.stop - 1)
-        return offset, last_offset + last_length - offset
-
-    def chunks_for(self, offset: int, length: int) -> range:
-        """Indices of the chunks that hold bytes [offset, offset+length), clamped to the file."""
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return range(0)
-        return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
-
-    def cached_bytes(self) -> int:
-        return sum(self.chunk_extent(i)[1] for i, s in enumerate(self.state) if s != MISSING)
-
     def disk_bytes(self) -> int:
         """What this entry takes on the cache filesystem: the blocks allocated to its data file
         and its index (an uncached stand-in takes none)."""
@@ -162,33 +194,10 @@ class CacheEntry:
             return 0
         return allocated(os.fstat(self.data_fd)) + allocated(os.fstat(self.index_fd))
 
-    # The questions the fetcher asks; the chunk state machine (MISSING -> VERIFIED, ON_DISK ->
-    # VERIFIED or MISSING, VERIFIED -> ON_DISK on a foreign write) stays in this class.
-
-    def unverified(self, chunks: range) -> list[int]:
-        """The chunks of the range that must be fetched or checked before they are served."""
-        return [i for i in chunks if self.state[i] != VERIFIED]
-
-    def unverified_count(self) -> int:
-        return sum(1 for s in self.state if s != VERIFIED)
-
-    @property
-    def complete(self) -> bool:
-        """Every chunk is in the cache file and checked in this daemon's lifetime."""
-        return all(s == VERIFIED for s in self.state)
-
-    def missing_bytes(self, chunks: range) -> int:
-        """Bytes of the range not in the cache file at all: what fetching it adds to the cache."""
-        return sum(self.chunk_extent(i)[1] for i in chunks if self.state[i] == MISSING)
-
     def verify_recorded(self, chunks: range, scratch: memoryview) -> int:
         """Check the chunks of the range recorded by an earlier run against their checksums
         (failures become missing); returns how many failed."""
         return sum(1 for i in chunks if self.state[i] == ON_DISK and not self.verify_chunk(i, scratch))
-
-    def missing(self, chunks: range) -> list[int]:
-        """The chunks of the range that must be read from the source."""
-        return [i for i in chunks if self.state[i] == MISSING]
 
     def store_chunk(self, index: int, data: memoryview) -> None:
         """Write a chunk's bytes, then its index record. Order matters for crash safety."""
