@@ -2,8 +2,9 @@
 
 What it proves: a copy lands at the same offset as it was read, whole or up to the source's
 end; between two filesystems, where the kernel refuses (EXDEV), Unsupported says so, nothing
-is copied and the refusal is remembered, so the caller reads from then on; errors that are
-not refusals (a full cache) are the caller's and leave the copy on.
+is copied and the refusal is remembered for that source filesystem, so the caller reads from
+then on, while sources on another filesystem still copy; errors that are not refusals (a full
+cache) are the caller's and leave the copy on.
 """
 
 from __future__ import annotations
@@ -48,15 +49,20 @@ def test_between_two_filesystems_the_caller_is_told_to_read_and_that_is_remember
         kernel = KernelCopy()
         with pytest.raises(Unsupported):  # EXDEV
             kernel.copy(src, dst, 0, MiB)
-        assert not kernel.works and os.fstat(dst).st_size == 0
+        assert kernel.refused == {os.stat(tmp_path).st_dev} and os.fstat(dst).st_size == 0
 
         def asked(*args: int) -> int:
             raise AssertionError("asked again")
         monkeypatch.setattr(os, "copy_file_range", asked)
         with pytest.raises(Unsupported):
             kernel.copy(src, dst, 0, MiB)
-        os.close(src)
-        os.close(dst)
+        monkeypatch.undo()
+        same = os.open(target / "u", os.O_RDWR | os.O_CREAT, 0o600)  # a source on the cache's filesystem still copies
+        (target / "s").write_bytes(b"x" * MiB)
+        near = os.open(target / "s", os.O_RDONLY)
+        assert kernel.copy(near, same, 0, MiB) == MiB and os.pread(same, MiB, 0) == b"x" * MiB
+        for fd in (src, dst, same, near):
+            os.close(fd)
     finally:
         for name in os.listdir(target):
             os.unlink(target / name)
@@ -71,6 +77,6 @@ def test_a_full_cache_is_the_callers_error_not_a_refusal(tmp_path, monkeypatch):
     monkeypatch.setattr(kernelcopy, "_copy_file_range", full)
     with pytest.raises(OSError) as failure:
         kernel.copy(src, dst, 0, MiB)
-    assert failure.value.errno == errno.ENOSPC and kernel.works  # still the way to copy
+    assert failure.value.errno == errno.ENOSPC and not kernel.refused  # still the way to copy
     os.close(src)
     os.close(dst)

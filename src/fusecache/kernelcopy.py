@@ -15,10 +15,11 @@ cache), splice(2) through a pipe would be the same single copy, but it was measu
 out: it moves a pipe's worth (1 MiB) at a time, and the kernel's readahead behind those steps
 reads past the end of each run, into runs other threads had already copied and dropped from
 the source's page cache (Source.drop_pages): 1.5% of a file fetched twice from a FUSE source in
-a test, where a read of the whole run at once fetches each byte once. The first refusal
-(EXDEV, EINVAL, ENOSYS, EOPNOTSUPP) turns the copy off for good; `copy` raises `Unsupported`
-from then on and the caller reads into the mapping. Any other error (ENOSPC, EIO) is the
-caller's, as a write's or a read's would be.
+a test, where a read of the whole run at once fetches each byte once. A refusal (EXDEV,
+EINVAL, ENOSYS, EOPNOTSUPP) turns the copy off for good for sources on that filesystem (a
+source tree may hold mounts of others); `copy` raises `Unsupported` for them from then on and
+the caller reads into the mapping. Any other error (ENOSPC, EIO) is the caller's, as a
+write's or a read's would be.
 """
 
 from __future__ import annotations
@@ -37,25 +38,26 @@ class Unsupported(Exception):
 
 
 class KernelCopy:
-    """Whether copy_file_range still works between a source and the cache (one per Source,
+    """The source filesystems the kernel refused to copy from into the cache (one per Source,
     any thread)."""
 
     def __init__(self) -> None:
-        self.works = True
+        self.refused: set[int] = set()  # st_dev of each
 
     def copy(self, src_fd: int, dst_fd: int, offset: int, length: int) -> int:
         """Copy up to length bytes at offset in src_fd to the same offset in dst_fd; the bytes
         copied, fewer only where the source ended. Raises Unsupported (nothing copied by the
         refused call) or OSError."""
-        if self.works:
+        device = os.fstat(src_fd).st_dev
+        if device not in self.refused:
             try:
                 return _copy_file_range(src_fd, dst_fd, offset, length)
             except OSError as e:
                 if e.errno not in _REFUSED:
                     raise
-                self.works = False
-                log.info("the kernel does not copy from the source to the cache (%s): filling by reads",
-                         e.strerror)
+                self.refused.add(device)
+                log.info("the kernel does not copy from the source's filesystem %d:%d to the cache (%s): "
+                         "filling by reads", os.major(device), os.minor(device), e.strerror)
         raise Unsupported()
 
 
