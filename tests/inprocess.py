@@ -97,9 +97,14 @@ class CountingSource(Source):
         self._reading(relpath, offset, len(buf))
         super().read_exact(fd, buf, offset, relpath, identity)
 
-    def copy_exact(self, fd: int, dst_fd: int, offset: int, length: int, relpath: str, identity: Identity) -> bool:
+    def copy_exact(self, fd: int, dev: int, dst_fd: int, offset: int, length: int, relpath: str,
+                   identity: Identity) -> bool:
         self._reading(relpath, offset, length)
-        return super().copy_exact(fd, dst_fd, offset, length, relpath, identity)
+        if super().copy_exact(fd, dev, dst_fd, offset, length, relpath, identity):
+            return True
+        with self.lock:  # not copied: the read that follows is the one to count
+            self.reads.remove((relpath, offset, length))
+        return False
 
     def _reading(self, relpath: str, offset: int, length: int) -> None:
         """Record a read (or copy) of the source, then hold, alter or fail it as set up."""

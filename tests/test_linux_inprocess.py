@@ -1,9 +1,12 @@
 """The system calls Python lacks (fusecache.linux): openat2 refuses symlinks and escapes,
 getdents64 reports errors as OSError, fallocate reserves blocks or says the filesystem cannot,
-madvise populates and unmaps a range of a mapping."""
+madvise populates and unmaps a range of a mapping; the calls made holding the GIL: a file's
+stamp is what fstat says, also after a write moved it, and a nonblocking read with nothing
+to read says so."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -77,3 +80,34 @@ def test_madvise_populates_and_unmaps_a_shared_file_mapping(tmp_path):
         with pytest.raises(OSError) as info:
             linux.madvise(address + 1, 4096, linux.MADV_DONTNEED)
         assert info.value.errno == errno.EINVAL
+
+
+def test_a_stamp_is_what_fstat_says_and_moves_with_a_write(tmp_path):
+    """linux.stamp unpacks struct statx by offset: a wrong one would let a foreign write into
+    a cache file go unnoticed (store._notice_foreign_writes)."""
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"x" * 5000, 0)
+        os.link(tmp_path / "f", tmp_path / "g")  # nlink 2
+        st = os.fstat(fd)
+        assert linux.stamp(fd) == (5000, st.st_ctime_ns, st.st_mtime_ns, 2)
+        os.utime(fd, ns=(1, 1_234_567_891))  # an mtime set back: ctime moves anyway
+        os.pwrite(fd, b"y", 9000)
+        st = os.fstat(fd)
+        assert linux.stamp(fd) == (9001, st.st_ctime_ns, st.st_mtime_ns, 2)
+    finally:
+        os.close(fd)
+
+
+def test_a_nonblocking_read_with_nothing_to_read_says_so():
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(read_end, False)
+        buffer = (ctypes.c_char * 16)()
+        with pytest.raises(BlockingIOError):
+            linux.read_nowait(read_end, buffer)
+        os.write(write_end, b"request")
+        assert linux.read_nowait(read_end, buffer) == 7 and buffer.raw[:7] == b"request"
+    finally:
+        os.close(read_end)
+        os.close(write_end)

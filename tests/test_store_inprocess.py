@@ -520,7 +520,7 @@ def copier_of(data: bytes, tmp_path, kernel: KernelCopy, calls: list[int]):
 
     def copy(data_fd: int, offset: int, length: int) -> bool:
         calls.append(offset)
-        copied = kernel.copy(src_fd, data_fd, offset, length)
+        copied = kernel.copy(src_fd, os.fstat(src_fd).st_dev, data_fd, offset, length)
         assert copied == length
         return True
     return copy

@@ -356,11 +356,12 @@ class Source:
         if self._changed_since(fd, relpath, identity):
             raise SourceChanged(relpath)
 
-    def copy_exact(self, fd: int, dst_fd: int, offset: int, length: int, relpath: str, identity: Identity) -> bool:
-        """read_exact's copy into dst_fd at the same offset, inside the kernel (kernelcopy.py);
-        False where the kernel cannot copy between the two files: the caller reads instead."""
+    def copy_exact(self, fd: int, dev: int, dst_fd: int, offset: int, length: int, relpath: str,
+                   identity: Identity) -> bool:
+        """read_exact's copy of fd (on dev) into dst_fd, inside the kernel (kernelcopy.py);
+        False where the kernel does not copy between the two: the caller reads instead."""
         try:
-            copied = self._copier.copy(fd, dst_fd, offset, length)
+            copied = self._copier.copy(fd, dev, dst_fd, offset, length)
         except kernelcopy.Unsupported:
             return False
         if copied < length or self._changed_since(fd, relpath, identity):

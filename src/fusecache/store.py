@@ -357,20 +357,28 @@ class CacheEntry(ChunkStates):
         mount's own page cache of the file holds those bytes now, and on a disk cache a second
         copy here would keep the model in memory twice. Dirty pages (just filled) are only
         queued for writeback, not dropped. The range is widened back to whole DROP_ALIGN blocks,
-        the one before it included, so that sequential replies drop every folio behind them;
-        a reply that reaches the end of the file drops the whole file: reading a range in
-        (session/direct.py) reads around it too, up to the disk's read_ahead_kb past its end,
-        and where the reply of those bytes went out first (the threads answer out of order),
-        no drop behind a later reply is sure to reach them (cache files were left up to 16%
-        resident after a pass). Pages in use (mapped for a reply) are left alone. Safe from
-        any thread, also after the reply went out, when the handle may be released and the
-        entry closed meanwhile (then nothing)."""
+        the one before it included, so that sequential replies drop every folio behind them.
+        Safe from any thread, also after the reply went out, when the handle may be released
+        and the entry closed meanwhile (then nothing)."""
         # whole large folios (see DROP_ALIGN), from the block before: a folio a concurrent
         # reply still held (mapped, or in a pipe) when its own drop came is dropped now
-        start = 0 if offset + length >= self.size else max(0, offset - offset % DROP_ALIGN - DROP_ALIGN)
+        start = max(0, offset - offset % DROP_ALIGN - DROP_ALIGN)
         with self._lock:
             if not self.closed:
                 os.posix_fadvise(self.data_fd, start, offset + length - start, os.POSIX_FADV_DONTNEED)
+
+    def drop_before(self, end: int) -> None:
+        """drop_pages for [0, end) (pages in use are left), for a reply that knows no reader
+        wants them (engine/direct.py). Through a duplicate of the descriptor, outside the
+        lock: over a large file this takes a while, and every reply's stamp check takes the lock."""
+        with self._lock:
+            if self.closed:
+                return
+            fd = os.dup(self.data_fd)
+        try:
+            os.posix_fadvise(fd, 0, end, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
     def view(self, offset: int, length: int, generation: int) -> memoryview | None:
         """The cached bytes as a view of a mapping of the data file: no copy, no thread. Only

@@ -75,12 +75,13 @@ class LatencySource(Source):
             self.link.transfer(min(self.request_size, len(buf) - start))
         super().read_exact(fd, buf, offset, relpath, identity)
 
-    def copy_exact(self, fd: int, dst_fd: int, offset: int, length: int, relpath: str, identity: Identity) -> bool:
-        # the link's time is spent before the copy, as before a read; where the kernel cannot
-        # copy (never between two tmpfs) the read that follows spends it again
-        for start in range(0, length, self.request_size):
+    def copy_exact(self, fd: int, dev: int, dst_fd: int, offset: int, length: int, relpath: str,
+                   identity: Identity) -> bool:
+        if not super().copy_exact(fd, dev, dst_fd, offset, length, relpath, identity):
+            return False  # the read that follows spends the link's time
+        for start in range(0, length, self.request_size):  # after the copy: the same wall time a run
             self.link.transfer(min(self.request_size, length - start))
-        return super().copy_exact(fd, dst_fd, offset, length, relpath, identity)
+        return True
 
 
 def copy_once(source_dir: Path, names: list[str], cache: Path, link_shape: tuple[float, float, float],

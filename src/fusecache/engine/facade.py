@@ -14,7 +14,7 @@ from ..config import MountConfig
 from ..metrics import Metrics
 from ..source import UNREACHABLE, Source
 from ..store import CacheStore
-from .direct import CompleteFile, complete_file
+from .direct import CompleteFile, RepliesInFlight, complete_file
 from .errors import CacheFull, ReadError
 from .evictor import Evictor, EvictorConfig
 from .fetcher import Fetcher, FetcherConfig
@@ -51,6 +51,7 @@ class Engine:
                                        metrics, self.tasks)
         self.reader = Reader(source, self.fetcher, SequentialWindow.from_mount(config), metrics, self.tasks,
                              config.workers, serve_from_memory)
+        self._replies = RepliesInFlight()  # the reader threads' replies from each cache file (direct)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load what the store holds, then own the background work (flights, streams)."""
@@ -140,7 +141,8 @@ class Engine:
     def direct(self, handle: Handle) -> CompleteFile | None:
         """What the session's threads may serve handle's reads from, if its file is complete
         and checked now (engine/direct.py); None: every read comes here."""
-        return complete_file(handle, self.metrics, drop_pages=not self.reader.serve_from_memory)
+        return complete_file(handle, self.metrics, drop_pages=not self.reader.serve_from_memory,
+                             replies=self._replies)
 
     async def read(self, handle: Handle, offset: int, size: int, buf: memoryview) -> memoryview:
         """The bytes at offset; buf (the caller's, size bytes) may be where they are put."""

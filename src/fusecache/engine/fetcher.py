@@ -265,7 +265,8 @@ class Fetcher:
                 self.source.read_exact(tracked.src_fd, target, start, entry.relpath, entry.identity)
 
             def copy(data_fd: int, offset: int, length: int) -> bool:
-                return self.source.copy_exact(tracked.src_fd, data_fd, offset, length, entry.relpath, entry.identity)
+                return self.source.copy_exact(tracked.src_fd, tracked.opened.st_dev, data_fd, offset, length,
+                                              entry.relpath, entry.identity)
 
             length = entry.fill_run(run, read, buf, copy)
             self.drop_source_pages(tracked, start, length)

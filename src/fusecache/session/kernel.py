@@ -355,8 +355,9 @@ class KernelSession:
             finally:
                 self._buffers.append(buf)
         if self._threads is not None and fh not in self.direct:
-            # a file that completed after it was opened: the reader threads take its next reads
-            # (asked with no await since the read: a RELEASE in between has removed the handle)
+            # a file that completed after it was opened: the reader threads take its next reads.
+            # A RELEASE handled meanwhile has removed the handle before its first await, so
+            # direct_file says None; nothing awaits between its answer and the route.
             direct = self.operations.direct_file(fh)
             if direct is not None:
                 self.direct[fh] = direct

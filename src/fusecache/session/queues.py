@@ -124,6 +124,10 @@ class RequestThreads:
         over = False
         replier = DataReplier(fd)
         poller = select.epoll()
+        # read_nowait holds the GIL: a blocking read would stop every thread of the daemon.
+        # O_NONBLOCK belongs to the connection's open file, which other processes share (a
+        # new daemon in a refused hand-over): set again at each start, never assumed.
+        os.set_blocking(fd, False)
         buf = bytearray(p.READ_BUFFER)
         raw = (ctypes.c_char * len(buf)).from_buffer(buf)
         view = memoryview(buf)
