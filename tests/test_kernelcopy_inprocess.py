@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,31 +42,31 @@ def test_a_copy_lands_at_its_offset_whole_or_up_to_the_sources_end(tmp_path):
     os.close(dst)
 
 
-def test_between_two_filesystems_the_kernel_is_not_asked(tmp_path, monkeypatch):
-    other = Path("/dev/shm")
-    if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
-        pytest.skip("tmp_path is on /dev/shm: no second filesystem to copy across")
-    target = other / f"fusecache-test-{os.getpid()}"
-    target.mkdir()
+@pytest.fixture
+def other_filesystem(tmp_path):
+    """A directory on /dev/shm, another filesystem than tmp_path's (skipped where it is not)."""
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("tmp_path is on /dev/shm: no second filesystem")
+    directory = Path("/dev/shm") / f"fusecache-test-{os.getpid()}"
+    directory.mkdir()
+    yield directory
+    shutil.rmtree(directory)
 
+
+def test_between_two_filesystems_the_kernel_is_not_asked(tmp_path, other_filesystem, monkeypatch):
     def asked(*args: int) -> int:
         raise AssertionError("copy_file_range asked across filesystems")
-    try:
-        src, dev, dst = pair(tmp_path, target, os.urandom(MiB))
-        monkeypatch.setattr(os, "copy_file_range", asked)
-        kernel = KernelCopy()
-        with pytest.raises(Unsupported):
-            kernel.copy(src, dev, dst, 0, MiB)
-        assert os.fstat(dst).st_size == 0 and not kernel.refused  # not a refusal: nothing to remember
-        os.close(src)
-        os.close(dst)
-    finally:
-        for name in os.listdir(target):
-            os.unlink(target / name)
-        target.rmdir()
+    src, dev, dst = pair(tmp_path, other_filesystem, os.urandom(MiB))
+    monkeypatch.setattr(os, "copy_file_range", asked)
+    kernel = KernelCopy()
+    with pytest.raises(Unsupported):
+        kernel.copy(src, dev, dst, 0, MiB)
+    assert os.fstat(dst).st_size == 0 and not kernel.refused  # not a refusal: nothing to remember
+    os.close(src)
+    os.close(dst)
 
 
-def test_a_refusal_is_remembered_for_its_filesystem_only(tmp_path, monkeypatch):
+def test_a_refusal_is_remembered_for_its_filesystem_only(tmp_path, other_filesystem, monkeypatch):
     def refused(*args: int) -> int:
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     src, dev, dst = pair(tmp_path, tmp_path, os.urandom(MiB))
@@ -77,20 +78,10 @@ def test_a_refusal_is_remembered_for_its_filesystem_only(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(Unsupported):  # remembered: not asked again
         kernel.copy(src, dev, dst, 0, MiB)
-    shm = Path("/dev/shm") / f"fusecache-test-{os.getpid()}"
-    if os.stat("/dev/shm").st_dev != dev:  # another filesystem still copies
-        shm.mkdir()
-        try:
-            near, near_dev, same = pair(shm, shm, b"x" * MiB)
-            assert kernel.copy(near, near_dev, same, 0, MiB) == MiB and os.pread(same, MiB, 0) == b"x" * MiB
-            os.close(near)
-            os.close(same)
-        finally:
-            for name in os.listdir(shm):
-                os.unlink(shm / name)
-            shm.rmdir()
-    os.close(src)
-    os.close(dst)
+    near, near_dev, same = pair(other_filesystem, other_filesystem, b"x" * MiB)  # another filesystem still copies
+    assert kernel.copy(near, near_dev, same, 0, MiB) == MiB and os.pread(same, MiB, 0) == b"x" * MiB
+    for fd in (src, dst, near, same):
+        os.close(fd)
 
 
 def test_a_full_cache_is_the_callers_error_not_a_refusal(tmp_path, monkeypatch):
