@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from fusecache import control, mounts
+from fusecache import config, control, mounts
 from fusecache.cli import printable
 from fusecache.config import GiB, MountConfig, memory_limit
 
@@ -423,5 +423,6 @@ def test_status_json(dirs, make_mount):
     assert report["metrics"]["bytes_served"] == 3 * MiB
     files = {f["path"]: f for f in report["files"]}
     assert files["w.safetensors"]["cached"] == files["w.safetensors"]["size"] == 3 * MiB
-    human = run_cli("status", m.mountpoint).stdout
-    assert "w.safetensors" in human and "100.0%" in human
+    text = run_cli("status", m.mountpoint).stdout
+    assert "w.safetensors" in text and "100.0%" in text
+    assert f"{config.human(report['metrics']['bytes_served_direct'])} by its reader threads" in text, text
