@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from fusecache.store import summarize_index
 
 from .conftest import file_bytes, run_cli
-from .helpers import fill
+from .helpers import fill, resident_fraction
 
 pytestmark = pytest.mark.fuse
 
@@ -164,14 +162,6 @@ def test_damaged_or_older_format_index_is_removed_at_start(tmp_path, make_mount)
         assert file_bytes(m.mountpoint / name) == data
 
 
-def _resident_fraction(path: Path) -> float:
-    """The share of path's pages in the page cache (fincore, util-linux)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", str(path)],
-                         capture_output=True, text=True, check=True).stdout.split()
-    return int(out[0]) / int(out[1])
-
-
-@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
 def test_the_source_is_not_left_in_memory_beside_the_cache(tmp_path, make_mount):
     """Issue 20, item 3: every chunk the daemon read from a buffered source stayed in the
     source's page cache, a second copy of the checkpoint in RAM beside the cache."""
@@ -184,10 +174,9 @@ def test_the_source_is_not_left_in_memory_beside_the_cache(tmp_path, make_mount)
     m = make_mount(src)
     assert file_bytes(m.mountpoint / "model.safetensors") == data
     assert m.metrics()["bytes_from_source"] == len(data)
-    assert _resident_fraction(src / "model.safetensors") <= 0.05
+    assert resident_fraction(src / "model.safetensors") <= 0.05
 
 
-@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs fincore (util-linux)")
 def test_a_disk_cache_is_not_kept_in_memory_beside_the_mount(tmp_path, make_mount):
     """Issue 22, item 3: served through the daemon (no passthrough), a disk cache file's pages
     stayed resident beside the mount's own pages of the same bytes: the model twice in RAM."""
@@ -204,4 +193,4 @@ def test_a_disk_cache_is_not_kept_in_memory_beside_the_mount(tmp_path, make_moun
     assert file_bytes(m.mountpoint / "model.safetensors") == data
     assert m.metrics()["bytes_served_from_cache"] == len(data)
     (cache_file,) = m.cache_dir.rglob("*.data")
-    assert _resident_fraction(cache_file) <= 0.10
+    assert resident_fraction(cache_file) <= 0.10

@@ -25,7 +25,6 @@ What it proves:
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import mmap
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import SESSION, file_bytes, is_mounted, run_cli, wait_gone
-from .helpers import fill, wait_until
+from .helpers import fill, resident_fraction, wait_until
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(SESSION != "kernel", reason="the reader threads are fusecache's own session's")]
@@ -170,21 +169,6 @@ def test_a_cache_file_written_behind_the_daemons_back_is_checked_again(tmp_path,
         assert os.pread(dropped(f.fileno()), len(data), 0) == data
     assert m.metrics()["checksum_failures"] >= 1
     m.unmount()
-
-
-def resident_fraction(path: str) -> float:
-    """The share of the file's pages in the page cache (mincore over a mapping of it)."""
-    size = os.path.getsize(path)
-    pages = -(-size // mmap.PAGESIZE)
-    libc = ctypes.CDLL(None, use_errno=True)
-    vector = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        try:
-            assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) == 0, ctypes.get_errno()
-        finally:
-            del address
-    return sum(v & 1 for v in vector) / pages
 
 
 @pytest.mark.parametrize("queues", ["queues=1", QUEUES])

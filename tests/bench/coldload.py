@@ -22,9 +22,7 @@ on tmpfs (/dev/shm) by default.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import mmap
 import os
 import shutil
 import statistics
@@ -35,7 +33,7 @@ from pathlib import Path
 
 from fusecache.config import parse_size
 
-from .throughput import GiB, cli, drop_caches, make_source, read_all
+from .throughput import GiB, cli, drop_caches, make_source, read_all, resident_fraction
 
 MOUNTPOINT = Path("/tmp/coldload-mnt")
 
@@ -46,25 +44,6 @@ def load(files: list[Path], args: argparse.Namespace) -> float:
     started = time.monotonic()
     read_all(files, args.ranks, args.pattern, use_mmap=not args.read)  # "all": each rank from its own file on
     return time.monotonic() - started
-
-
-def resident_bytes(files: list[Path]) -> int:
-    """How much of the files the page cache holds now (mincore over a mapping of each)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    total = 0
-    for path in files:
-        size = path.stat().st_size
-        if not size:
-            continue
-        pages = -(-size // mmap.PAGESIZE)
-        vector = (ctypes.c_ubyte * pages)()
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-            address = ctypes.addressof(ctypes.c_char.from_buffer(m))
-            if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0:
-                raise OSError(ctypes.get_errno(), "mincore")
-            del address
-        total += sum(v & 1 for v in vector) * mmap.PAGESIZE
-    return total
 
 
 def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -> tuple[float, float, dict]:
@@ -82,7 +61,7 @@ def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -
         mounted = [MOUNTPOINT / f.name for f in files]
         seconds = load(mounted, args)
         metrics = json.loads(cli("status", MOUNTPOINT, "--json"))["metrics"]
-        metrics["source_resident"] = resident_bytes(files)
+        metrics["source_resident"] = sum(resident_fraction(f) * f.stat().st_size for f in files)
         warm = load(mounted, args)
     finally:
         cli("umount", MOUNTPOINT)

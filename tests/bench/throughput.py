@@ -19,6 +19,7 @@ Also reports the daemon's user and system CPU seconds during the cold pass. Need
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import mmap
 import os
@@ -141,6 +142,21 @@ def measure(source: Path, paths: list[Path], cache: Path, chunk: str, args: argp
         mountpoint.rmdir()
         shutil.rmtree(cache, ignore_errors=True)
     return row
+
+
+def resident_fraction(path: str) -> float:
+    """The share of the file's pages in the page cache (mincore over a mapping of it): what the
+    tests and the benchmarks measure of a cache or a source file left in memory."""
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    vector = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        failed = libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vector) != 0
+    if failed:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(v & 1 for v in vector) / pages
 
 
 def main() -> int:
