@@ -362,21 +362,27 @@ class CacheEntry(ChunkStates):
         and the entry closed meanwhile (then nothing)."""
         # whole large folios (see DROP_ALIGN), from the block before: a folio a concurrent
         # reply still held (mapped, or in a pipe) when its own drop came is dropped now
-        start = max(0, offset - offset % DROP_ALIGN - DROP_ALIGN)
-        with self._lock:
-            if not self.closed:
-                os.posix_fadvise(self.data_fd, start, offset + length - start, os.POSIX_FADV_DONTNEED)
+        self._drop(max(0, offset - offset % DROP_ALIGN - DROP_ALIGN), offset + length)
 
     def drop_before(self, end: int) -> None:
         """drop_pages for [0, end) (pages in use are left), for a reply that knows no reader
-        wants them (engine/direct.py). Through a duplicate of the descriptor, outside the
-        lock: over a large file this takes a while, and every reply's stamp check takes the lock."""
+        wants them (engine/direct.py)."""
+        self._drop(0, end)
+
+    def _drop(self, start: int, end: int) -> None:
+        """POSIX_FADV_DONTNEED over [start, end), through a duplicate of the descriptor taken
+        under the lock (close() cannot hand its number to another file meanwhile) and used
+        outside it: over a large range this takes a while, and every reply's stamp check
+        takes the lock. (An empty range is no range: fadvise would read a length 0 as "to the
+        end of the file".)"""
+        if end <= start:
+            return
         with self._lock:
             if self.closed:
                 return
             fd = os.dup(self.data_fd)
         try:
-            os.posix_fadvise(fd, 0, end, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 

@@ -88,11 +88,12 @@ class CompleteFile:
         if not (self.drop_pages and length):
             return
         lowest = self.replies.end(self.entry, offset)
-        self.entry.drop_pages(offset, length)
-        if lowest is None:  # nothing of this file going out: all behind this reply, or all of it
-            self.entry.drop_before(self.size if offset + length >= self.size else offset + length)
-        elif lowest > 0:
-            self.entry.drop_before(lowest)
+        if lowest is None:  # nothing of this file going out: all up to this reply's end (all of it at the end)
+            self.entry.drop_before(offset + length)
+        else:  # its own range, and all below the lowest reply still going out
+            self.entry.drop_pages(offset, length)
+            if lowest > 0:
+                self.entry.drop_before(lowest)
 
 
 def complete_file(handle: Handle, metrics: Metrics, drop_pages: bool, replies: RepliesInFlight) -> CompleteFile | None:
