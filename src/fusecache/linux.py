@@ -161,9 +161,20 @@ def umount2(target: str, flags: int) -> None:
 _AT_EMPTY_PATH = 0x1000
 _AT_STATX_DONT_SYNC = 0x4000
 _STATX_MNT_ID_UNIQUE = 0x4000
-# stx_mask, then stx_dev_major/minor at 136 and stx_mnt_id at 144; 256 bytes in all
-_STATX = struct.Struct("=I132xIIQ104x")
+_STATX_SIZE = 256  # struct statx
+# stx_mask, then stx_dev_major/minor at 136 and stx_mnt_id at 144
+_STATX_MOUNT = struct.Struct("=I132xIIQ")
 _statx = getattr(_libc, "statx", None)
+
+
+def _statx_of(call, fd: int, mask: int) -> ctypes.Array:
+    """struct statx of fd's file, asked through `call` (libc's statx, through a library that
+    releases the GIL or one that holds it) without a request to its filesystem
+    (AT_STATX_DONT_SYNC). Raises OSError."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if call(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, mask, buf) != 0:
+        _raise()
+    return buf
 
 
 def mount_of(fd: int) -> tuple[int, int | None]:
@@ -173,10 +184,7 @@ def mount_of(fd: int) -> tuple[int, int | None]:
     Raises OSError (ENOSYS without statx)."""
     if _statx is None:
         raise OSError(errno.ENOSYS, "statx is not available")
-    buf = ctypes.create_string_buffer(_STATX.size)
-    if _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_MNT_ID_UNIQUE, buf) != 0:
-        _raise()
-    mask, major, minor, mount_id = _STATX.unpack(buf.raw)
+    mask, major, minor, mount_id = _STATX_MOUNT.unpack_from(_statx_of(_statx, fd, _STATX_MNT_ID_UNIQUE))
     return os.makedev(major, minor), mount_id if mask & _STATX_MNT_ID_UNIQUE else None
 
 
@@ -192,7 +200,6 @@ _held.read.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
 _STATX_BASIC_STATS = 0x7FF
 # stx_nlink at 16, stx_size at 40, stx_ctime (tv_sec, tv_nsec) at 96, stx_mtime at 112
 _STATX_STAMP = struct.Struct("=16xI20xQ48xqI4xqI")
-_STATX_SIZE = 256
 
 
 def stamp(fd: int) -> tuple[int, int, int, int]:
@@ -202,9 +209,7 @@ def stamp(fd: int) -> tuple[int, int, int, int]:
     if _held_statx is None:  # glibc before 2.28
         st = os.fstat(fd)
         return st.st_size, st.st_ctime_ns, st.st_mtime_ns, st.st_nlink
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if _held_statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_BASIC_STATS, buf) != 0:
-        _raise()
+    buf = _statx_of(_held_statx, fd, _STATX_BASIC_STATS)
     nlink, size, ctime, ctime_ns, mtime, mtime_ns = _STATX_STAMP.unpack_from(buf)
     return size, ctime * 1_000_000_000 + ctime_ns, mtime * 1_000_000_000 + mtime_ns, nlink
 
