@@ -8,6 +8,7 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fusecache import journal
@@ -72,6 +73,13 @@ class Readers:
         what changed in the last 0.5 s before a crash is not promised (docs/semantics.md),
         and a test of a crash must not trip over it by chance."""
         wait_for_the_journal(path, pid, self.contents, handles=len(self.passes) * len(self.contents))
+
+    def around(self, event: Callable[[], None], times: int = 2) -> None:
+        """event() `times` times, every reader making two passes before each and after the last."""
+        self.wait_for_passes(2)
+        for _ in range(times):
+            event()
+            self.wait_for_passes(2)
 
     def wait_for_passes(self, more: int) -> None:
         """Until every reader has done `more` passes from now (or one failed)."""

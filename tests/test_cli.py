@@ -425,4 +425,4 @@ def test_status_json(dirs, make_mount):
     assert files["w.safetensors"]["cached"] == files["w.safetensors"]["size"] == 3 * MiB
     text = run_cli("status", m.mountpoint).stdout
     assert "w.safetensors" in text and "100.0%" in text
-    assert f"{config.human(report['metrics']['bytes_served_direct'])} by its reader threads" in text, text
+    assert f"{config.human(report['metrics']['bytes_served_direct'])} by its readers" in text, text

@@ -185,6 +185,7 @@ def test_memory_limit_of_this_process():
     (["cache_size=100K"], "must be at least 1M"),
     (["cache_size=200%"], "between 0.1 and 100.0"),
     (["readahead=maybe"], "expected one of all, shards, off"),
+    (["readers=fibers"], "expected one of auto, threads, processes"),
     (["allow_other=perhaps"], "expected on/off"),
     (["streams"], "needs a value"),
     (["attr_timeout=soon"], "expected a number"),

@@ -1,5 +1,6 @@
-"""Several reader threads on duplicates of the /dev/fuse descriptor (queues=4), on real mounts with passthrough=off:
-every byte through the daemon (session/queues.py, session/direct.py).
+"""Several reader threads or processes on duplicates of the /dev/fuse descriptor (queues=4), on
+real mounts with passthrough=off: every byte through the daemon (session/queues.py,
+session/processes.py, session/direct.py).
 
 What it proves:
 - files complete in the cache, read at once by read(), pread() at odd offsets, mmap and
@@ -20,7 +21,11 @@ What it proves:
 - unmounting, by `fusecache umount` or by umount(8) from outside, ends the daemon while its
   threads wait for requests;
 - `fusecache restart` hands the connection over under live readers: no error, no wrong byte;
-  a handle open across it is served by the new daemon's threads.
+  a handle open across it is served by the new daemon's threads;
+- the same with reader processes (readers=processes, where a cache in memory gets them by
+  default) for an open that completes, a foreign write, a restart and a handle open across
+  it; and a reader process killed under live readers is replaced, what it held sent again
+  (NOTIFY_RESEND): no error, no wrong byte.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import glob
 import mmap
 import os
 import random
+import signal
 import subprocess
 import threading
 import time
@@ -38,12 +44,14 @@ import pytest
 
 from .conftest import SESSION, file_bytes, is_mounted, run_cli, wait_gone
 from .helpers import fill, resident_fraction, wait_until
+from .readers import Readers
 
 pytestmark = [pytest.mark.fuse,
               pytest.mark.skipif(SESSION != "kernel", reason="the reader threads are fusecache's own session's")]
 
 MiB = 1 << 20
 QUEUES = "queues=4"
+READERS = ["readers=threads", "readers=processes"]
 WAIT = 60.0  # a failure bound only
 
 
@@ -135,10 +143,11 @@ def test_a_handle_on_a_replaced_file_keeps_its_version(tmp_path, make_mount):
     m.unmount()
 
 
-def test_an_incomplete_file_is_read_through_the_trio_thread_until_it_completes(tmp_path, make_mount):
+@pytest.mark.parametrize("readers", READERS)
+def test_an_incomplete_file_is_read_through_the_trio_thread_until_it_completes(tmp_path, make_mount, readers):
     src = tmp_path / "src"
     data = fill(src, {"slow.bin": 6 * MiB})["slow.bin"]
-    m = make_mount(src, [QUEUES, "readahead=off", "sequential_window=0"])
+    m = make_mount(src, [QUEUES, readers, "readahead=off", "sequential_window=0"])
     with open(m.mountpoint / "slow.bin", "rb") as f:  # nothing cached at open
         assert os.pread(f.fileno(), MiB, 2 * MiB) == data[2 * MiB:3 * MiB]
         assert m.metrics()["bytes_served_direct"] == 0
@@ -153,10 +162,11 @@ def test_an_incomplete_file_is_read_through_the_trio_thread_until_it_completes(t
     m.unmount()
 
 
-def test_a_cache_file_written_behind_the_daemons_back_is_checked_again(tmp_path, make_mount):
+@pytest.mark.parametrize("readers", READERS)
+def test_a_cache_file_written_behind_the_daemons_back_is_checked_again(tmp_path, make_mount, readers):
     src = tmp_path / "src"
     data = fill(src, {"v.bin": 8 * MiB})["v.bin"]
-    m = make_mount(src, [QUEUES])
+    m = make_mount(src, [QUEUES, readers])
     assert file_bytes(m.mountpoint / "v.bin") == data
     with open(m.mountpoint / "v.bin", "rb") as f:  # complete at open: served by the threads
         assert os.pread(dropped(f.fileno()), MiB, 0) == data[:MiB]
@@ -205,63 +215,70 @@ def test_unmounting_ends_the_daemon_while_its_threads_wait(tmp_path, make_mount,
     assert not is_mounted(m.mountpoint)
 
 
-def test_restart_hands_over_under_readers(tmp_path, make_mount):
+@pytest.mark.parametrize("readers", READERS)
+def test_restart_hands_over_under_readers(tmp_path, make_mount, readers):
     src = tmp_path / "src"
     contents = fill(src, {"r/a.bin": 6 * MiB + 17, "r/b.bin": 3 * MiB})
-    m = make_mount(src, [QUEUES])
+    m = make_mount(src, [QUEUES, readers])
     for name, data in contents.items():
         assert file_bytes(m.mountpoint / name) == data
-    errors: list[str] = []
-    passes = {"held": 0, "reopened": 0}
-    stop = threading.Event()
 
-    def reader(kind: str) -> None:
-        try:
-            held = {name: open(m.mountpoint / name, "rb") for name in contents}
-            while not stop.is_set():
-                for name, want in contents.items():
-                    if kind == "held":
-                        got = os.pread(dropped(held[name].fileno()), len(want) + 1, 0)
-                    else:
-                        got = read_all(m.mountpoint / name, "pread", len(want))
-                    if got != want:
-                        errors.append(f"{kind} {name}: wrong bytes")
-                passes[kind] += 1
-            for f in held.values():
-                f.close()
-        except OSError as e:
-            errors.append(f"{kind}: {e}")
+    def restart() -> None:
+        old = m.pid
+        run_cli("restart", m.mountpoint)
+        m.pid = m.status()["pid"]
+        assert m.pid != old
+        wait_gone(old)
 
-    def wait_for_passes(more: int) -> None:
-        target = {kind: n + more for kind, n in passes.items()}
-        wait_until(lambda: errors or all(passes[k] >= target[k] for k in target), f"passes {passes}", WAIT)
-
-    threads = [threading.Thread(target=reader, args=(kind,)) for kind in passes]
-    for t in threads:
-        t.start()
-    try:
-        wait_for_passes(2)
-        for _ in range(2):
-            old = m.pid
-            run_cli("restart", m.mountpoint)
-            m.pid = m.status()["pid"]
-            assert m.pid != old
-            wait_gone(old)
-            wait_for_passes(2)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert errors == []
-    metrics = m.metrics()
-    assert metrics["bytes_from_source"] == 0 and metrics["bytes_served_direct"] > 0
+    with Readers(m.mountpoint, contents) as readers:
+        readers.around(restart)
+    assert readers.errors == []
+    assert m.metrics()["bytes_from_source"] == 0
+    served_by_readers(m, contents)
     m.unmount()
 
 
-def test_handles_open_across_a_restart_are_served_by_the_new_daemons_threads(tmp_path, make_mount):
+def served_by_readers(m, contents: dict[str, bytes]) -> None:
+    """Every file read once more (no reader holds a mapping now, whose pages the page cache
+    would keep): all of it served by the readers."""
+    before = m.metrics()["bytes_served_direct"]
+    for name, data in contents.items():
+        assert read_all(m.mountpoint / name, "read", len(data)) == data
+    assert m.metrics()["bytes_served_direct"] - before == sum(map(len, contents.values()))
+
+
+def reader_processes(pid: int) -> list[int]:
+    children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children"))
+    return [int(child) for child in children.split()]
+
+
+def test_a_reader_process_killed_under_readers_is_replaced(tmp_path, make_mount):
+    src = tmp_path / "src"
+    contents = fill(src, {"k/a.bin": 6 * MiB + 5, "k/b.bin": 4 * MiB})
+    m = make_mount(src, [QUEUES, "readers=processes"])
+    for name, data in contents.items():
+        assert file_bytes(m.mountpoint / name) == data
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        pids = reader_processes(m.pid)
+        assert len(pids) == 4
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
+        wait_until(lambda: len(set(reader_processes(m.pid)) - set(killed)) == 4, "a new reader process", WAIT)
+
+    with Readers(m.mountpoint, contents) as readers:
+        readers.around(kill_one)
+    assert readers.errors == []
+    served_by_readers(m, contents)
+    m.unmount()
+
+
+@pytest.mark.parametrize("readers", READERS)
+def test_handles_open_across_a_restart_are_served_by_the_new_daemons_threads(tmp_path, make_mount, readers):
     src = tmp_path / "src"
     data = fill(src, {"h.bin": 5 * MiB + 3})["h.bin"]
-    m = make_mount(src, [QUEUES])
+    m = make_mount(src, [QUEUES, readers])
     assert file_bytes(m.mountpoint / "h.bin") == data
     with open(m.mountpoint / "h.bin", "rb") as f:
         old = m.pid

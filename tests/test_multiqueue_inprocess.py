@@ -157,9 +157,9 @@ async def test_an_opens_direct_file_is_served_from_until_its_release(device):
                 session._dispatch(nursery, request(p.Op.OPEN, 1, p.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=2))
                 unique, error, payload = await reply_of(device[0])
                 assert (unique, error, p.OPEN_OUT.unpack(payload)[0]) == (1, 0, 5)
-                assert session.direct == {5: direct}
+                assert dict(session.direct) == {5: direct}
                 session._dispatch(nursery, request(p.Op.RELEASE, 2, p.RELEASE_IN.pack(5, 0, 0, 0), nodeid=2))
                 assert await reply_of(device[0]) == (2, 0, b"")
-        assert session.direct == {} and operations.released == [5]
+        assert dict(session.direct) == {} and operations.released == [5]
     finally:
         os.close(session.fd)

@@ -443,7 +443,7 @@ def _print_status(report: dict) -> None:
     print(f"  cache:        {printable(report['cache'])}")
     print(f"  from source:  {human(m['bytes_from_source'])}  now {human(m['source_rate'])}/s")
     print(f"  served:       {human(m['bytes_served'])} by the daemon ({human(m['bytes_served_from_cache'])} from cache, "
-          f"{human(m['bytes_served_direct'])} by its reader threads), "
+          f"{human(m['bytes_served_direct'])} by its readers), "
           f"{human(m['passthrough_bytes'])} opened through passthrough")
     print(f"  hit ratio:    {hit}  errors: {m['fetch_errors']}  checksum failures: {m['checksum_failures']}")
     print(f"  filling:      {m['fill_reads']} of {m['fill_reads_limit']} stream reads in flight, "

@@ -42,6 +42,7 @@ _GENERIC_MOUNT_PREFIXES = ("x-", "comment=", "x-systemd.")
 READAHEAD_MODES = ("all", "shards", "off")
 SESSIONS = ("kernel", "pyfuse3")
 VERIFY_MODES = ("sealed", "always")
+READERS = ("auto", "threads", "processes")
 # Threads that check a cached file's chunks before its first passthrough open (CPU and memory
 # bound: as wide as the machine), each with a buffer of VERIFY_RUN_CHUNKS chunks.
 VERIFY_THREADS = min(16, os.cpu_count() or 1)
@@ -189,6 +190,10 @@ class MountConfig:
     # answer reads of files complete in the cache themselves (session/queues.py). 1: the trio
     # thread reads every request itself. Kernel session only.
     queues: int = field(default_factory=lambda: min(os.cpu_count() or 1, 8))
+    # What reads it with queues > 1: processes, each with a GIL of its own (session/reader_process.py),
+    # or threads of the daemon. auto: processes where the cache is in memory (tmpfs), threads on a
+    # disk, whose replies drop the cache file's pages together (engine/direct.py).
+    readers: str = "auto"
     attr_timeout: float = 1.0
     # Kernel readahead of the mount. The default 128 KiB makes the kernel send 128 KiB reads;
     # 4 MiB (one chunk) gives 1 MiB reads, as fast as 16 MiB when memory is ample and far
@@ -307,6 +312,7 @@ _OPTION_SETTERS = {
     "fill_reads_max": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 256)),
     "workers": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 1024)),
     "queues": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 64)),
+    "readers": lambda c, k, v: setattr(c, k, parse_choice(v, k, READERS)),
     "attr_timeout": lambda c, k, v: setattr(c, k, parse_float(v, k, 0.0, 86400.0)),
     "read_ahead_kb": lambda c, k, v: setattr(c, k, parse_int(v, k, 0, 1 << 20)),
     "max_background": lambda c, k, v: setattr(c, k, parse_int(v, k, 1, 65535)),

@@ -48,13 +48,17 @@ DEFAULT_CACHE_FRACTION = 0.8
 STORE_WAIT = 30.0  # seconds a restarted daemon waits for the old one to let go of the store
 
 
-def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str) -> Session:
-    """The FUSE session cfg asks for: ours (kernel protocol), or pyfuse3's."""
+def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, source_root: str,
+                 in_memory: bool = False) -> Session:
+    """The FUSE session cfg asks for: ours (kernel protocol), or pyfuse3's; its readers processes
+    or threads (readers=auto: processes for a cache in memory, session/reader_process.py)."""
     spec = MountSpec(mountpoint=mountpoint, fsname=source_root, allow_other=cfg.allow_other)
     if cfg.session == "pyfuse3":
         from .session.pyfuse3_session import Pyfuse3Session  # libfuse only where asked for
         return Pyfuse3Session(operations, spec, cfg.workers)
-    return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough, cfg.queues))
+    return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough, cfg.queues,
+                                                         processes=cfg.readers == "processes"
+                                                         or (cfg.readers == "auto" and in_memory)))
 
 
 def passthrough_state(cfg: MountConfig, session, store: CacheStore) -> str | None:
@@ -156,8 +160,10 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     handlers = ControlHandlers(DaemonParts(
         mountpoint, engine, store, metrics, passthrough_opens=operations.passthrough_opens,
         passthrough_state=lambda: operations.passthrough.off_reason or "on", supervisor_pid=supervised.pid))
-    session = make_session(cfg, operations, mountpoint, source.root)
+    session = make_session(cfg, operations, mountpoint, source.root, in_memory)
     kernel = session if isinstance(session, KernelSession) else None
+    if kernel is not None:
+        metrics.count_elsewhere(kernel.served_by_processes)
     fd_store = uses_fd_store(cfg)
     journal_ = _journal(store, kernel, operations)
     restarts = HandoverServer(kernel, operations.export_state,
@@ -312,7 +318,8 @@ async def _adopt(cfg: MountConfig, session: KernelSession, operations: FuseOpera
         os.close(received.fd)
         raise OSError(f"the state handed over by pid {state.pid} does not hold together: {e}") from None
     session.adopt(received.fd, state.session)
-    session.direct.update(operations.direct_files())
+    for fh, file in operations.direct_files().items():
+        session.direct.add(fh, file)
     _set_passthrough(cfg, session, operations, store)
     log.info("took over the connection of pid %d: %d inodes, %d open files (%d lost), %d directories",
              state.pid, len(state.adapter.inodes), len(state.adapter.files), lost, len(state.adapter.dirs))

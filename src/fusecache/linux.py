@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import platform
+import signal
 import struct
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,15 @@ def stamp(fd: int) -> tuple[int, int, int, int]:
     buf = _statx_of(_held_statx, fd, _STATX_BASIC_STATS)
     nlink, size, ctime, ctime_ns, mtime, mtime_ns = _STATX_STAMP.unpack_from(buf)
     return size, ctime * 1_000_000_000 + ctime_ns, mtime * 1_000_000_000 + mtime_ns, nlink
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process (SIGKILL) when the thread that started it ends."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        _raise()
 
 
 def read_nowait(fd: int, buffer: ctypes.Array) -> int:

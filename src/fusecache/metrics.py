@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -23,6 +24,13 @@ log = logging.getLogger(__name__)
 
 
 FETCH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class _Elsewhere:
+    counts: Callable[[], tuple[int, int]]  # cumulative bytes served, chunk hits
+    served: int = 0  # ... of which already in the counters
+    hits: int = 0
 
 
 @dataclass
@@ -61,6 +69,25 @@ class Metrics:
     # (time, bytes_from_source) once a second over the last few seconds, for the current rate
     _samples: deque = field(default_factory=lambda: deque(maxlen=6), repr=False)
     _served_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # replies counted in other processes (the session's reader processes)
+    _elsewhere: list[_Elsewhere] = field(default_factory=list, repr=False, compare=False)
+
+    def count_elsewhere(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Fold what counts() says was served elsewhere (cumulative bytes and chunk hits, all
+        from the cache, as direct replies) into the counters at each snapshot."""
+        self._elsewhere.append(_Elsewhere(counts))
+
+    def fold(self) -> None:
+        """Bring the counters kept elsewhere in (any thread)."""
+        with self._served_lock:
+            for source in self._elsewhere:
+                served, hits = source.counts()
+                new_bytes, new_hits = served - source.served, hits - source.hits
+                source.served, source.hits = served, hits
+                self.bytes_served += new_bytes
+                self.bytes_served_from_cache += new_bytes
+                self.bytes_served_direct += new_bytes
+                self.chunk_hits += new_hits
 
     def count_served(self, nbytes: int, from_cache: bool, read_through: bool = False, direct: bool = False) -> None:
         """A reply of nbytes went out (from any thread)."""
@@ -104,6 +131,7 @@ class Metrics:
         return (self.bytes_served_from_cache + self.passthrough_bytes) / asked if asked else None
 
     def snapshot(self) -> dict:
+        self.fold()
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
         data["source_rate"] = self.source_rate()
         data["hit_ratio"] = self.hit_ratio()
@@ -120,6 +148,7 @@ class PrometheusCollector:
 
     def collect(self):
         m = self.metrics
+        m.fold()
         yield CounterMetricFamily("fusecache_source_bytes", "Bytes read from the source.", value=m.bytes_from_source)
         served = CounterMetricFamily("fusecache_served_bytes", "Bytes served to readers, by origin.", labels=["origin"])
         served.add_metric(["cache"], m.bytes_served_from_cache)

@@ -342,11 +342,9 @@ class Source:
             os.close(fd)
 
     def read_exact(self, fd: int, buf: memoryview, offset: int, relpath: str, identity: Identity) -> None:
-        """Fill buf from offset, then check the file did not change underneath the read.
-
-        A short read means the file shrank; a changed fstat means it was modified in place.
-        Either way the bytes are from a different version of the file and must not be cached.
-        """
+        """Fill buf from offset, then check the file did not change underneath the read. A
+        short read means the file shrank; a changed fstat means it was modified in place.
+        Either way the bytes are from a different version of the file and must not be cached."""
         done = 0
         while done < len(buf):
             n = os.preadv(fd, [buf[done:]], offset + done)

@@ -46,7 +46,6 @@ import threading
 import time
 from array import array
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -320,7 +319,7 @@ class CacheEntry(ChunkStates):
             records = os.pread(self.index_fd, self.nchunks * _RECORD.size, self.records_offset)
             os.fdatasync(self.index_fd)
             st = os.fstat(self.data_fd)
-            if not _same_content(_stamp(self.data_fd), self._stamp):
+            if not same_content(_stamp(self.data_fd), self._stamp):
                 return False  # written by someone else meanwhile: left to the checksums
             seal = _SEAL.pack(SEAL_MAGIC, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                               xxhash.xxh3_64_intdigest(records))
@@ -428,7 +427,7 @@ class CacheEntry(ChunkStates):
         """Called with _lock held and none of our writes in progress: if the data file's
         stamp moved, someone else wrote it, and every verified chunk must pass its checksum again."""
         stamp = _stamp(self.data_fd)
-        if _same_content(stamp, self._stamp):
+        if same_content(stamp, self._stamp):
             self._stamp = stamp
             return
         log.warning("cache file of %s was modified behind fusecache's back; re-verifying it", self.relpath)
@@ -462,7 +461,7 @@ def _is_own_file(fd: int) -> bool:
     return own
 
 
-class _Stamp(NamedTuple):
+class Stamp(NamedTuple):
     """What a write into a data file moves: its size and ctime (which no one can set back),
     and its mtime, for once the file has no name. (A tuple: taken before every reply a reader
     thread sends, session/queues.py.)"""
@@ -473,11 +472,11 @@ class _Stamp(NamedTuple):
     nlink: int
 
 
-def _stamp(fd: int) -> _Stamp:
-    return _Stamp(*linux.stamp(fd))
+def _stamp(fd: int) -> Stamp:
+    return Stamp(*linux.stamp(fd))
 
 
-def _same_content(now: _Stamp, before: _Stamp | None) -> bool:
+def same_content(now: Stamp, before: Stamp | None) -> bool:
     """Whether nobody wrote the data file between two stamps. Replacing or evicting an entry
     unlinks its data file, which moves the ctime too; the store is the daemon user's alone
     (private.py), so a file that lost its last name lost it to us: then size and mtime tell."""

@@ -23,14 +23,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.bench.throughput import GiB, cli, drop_caches, make_source, read_all
+from tests.bench.throughput import GiB, cli, cpu_ticks, drop_caches, make_source, read_all
 
 MOUNTPOINT = Path("/tmp/ticks-mnt")
 
 
 def ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime
+    return sum(cpu_ticks(pid))  # user + system, the reader processes' too
 
 
 def mount(source: Path, cache: Path, options: list[str]) -> int:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.bench.throughput import GiB, make_source
+from tests.bench.throughput import GiB, cpu_ticks, make_source
 
 MOUNTPOINT = Path("/tmp/fillab-mnt")
 
@@ -37,11 +37,6 @@ def cli(build: Path, *args: object) -> str:
     if result.returncode != 0:
         raise SystemExit(f"fusecache {args[0]}: {result.stderr.strip()}")
     return result.stdout
-
-
-def user_system(pid: int) -> tuple[int, int]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]), int(fields[12])
 
 
 def prefetch(build: Path, source: Path, cache: Path, options: list[str], perf: Path | None) -> tuple[float, int, int]:
@@ -58,11 +53,11 @@ def prefetch(build: Path, source: Path, cache: Path, options: list[str], perf: P
         recorder = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-p", str(pid), "-o", str(perf)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # perf attached
-    user, system = user_system(pid)
+    user, system = cpu_ticks(pid)
     started = time.monotonic()
     cli(build, "prefetch", MOUNTPOINT)
     wall = time.monotonic() - started
-    user_after, system_after = user_system(pid)
+    user_after, system_after = cpu_ticks(pid)
     if recorder is not None:
         recorder.send_signal(signal.SIGINT)
         recorder.wait()

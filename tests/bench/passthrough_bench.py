@@ -2,7 +2,8 @@
 
     python3 -m tests.bench.passthrough_bench [--size-gb 16] [--files 16] [--readers 8]
         [--source-dir /dev/shm/src] [--cache-dir /dev/shm/ptcache] [--rounds 2] [-o OPTION ...]
-        [--variants direct,cold,restart,restart-always,fuse-restart,fuse-restart-1q,fuse-restart-16q,pyfuse3-restart]
+        [--variants direct,cold,restart,restart-always,fuse-restart,fuse-restart-1q,fuse-restart-16q,
+        fuse-restart-threads,pyfuse3-restart]
         [--libfuse-hp PATH --variants ...,libfuse-hp,libfuse-hp-clone]
 
 Each round measures, dropping the page cache before every pass (a tmpfs source and cache stay
@@ -15,7 +16,8 @@ in memory: what is dropped is the mount's own page cache):
   restart-always    the same with verify=always: the first open of each file checks its chunks
   fuse-restart      the same with passthrough=off: every byte through the daemon (kernel session)
   fuse-restart-1q   the same with queues=1: the trio thread reads every request (before issue 22)
-  fuse-restart-16q  the same with 16 reader threads (the default is one per core, at most 8)
+  fuse-restart-16q  the same with 16 readers (the default is one per core, at most 8)
+  fuse-restart-threads  fuse-restart with reader threads where a cache in memory gets processes
   pyfuse3-restart   the same through the pyfuse3 session (the daemon before this change)
   libfuse-hp        libfuse's C example passthrough_hp over the source, 16 threads, without
                     passthrough (the bar of issue 22; build it from libfuse's example/, the
@@ -45,10 +47,11 @@ from tests.bench.throughput import GiB, cli, cpu_seconds, drop_caches, make_sour
 
 MOUNTPOINT = Path("/tmp/ptbench-mnt")
 VARIANTS = ("direct", "cold", "restart", "restart-always", "fuse-restart", "fuse-restart-1q", "fuse-restart-16q",
-            "pyfuse3-restart", "libfuse-hp", "libfuse-hp-clone")
+            "fuse-restart-threads", "pyfuse3-restart", "libfuse-hp", "libfuse-hp-clone")
 VARIANT_OPTIONS = {"restart-always": ["verify=always"], "fuse-restart": ["passthrough=off"],
                    "fuse-restart-1q": ["passthrough=off", "queues=1"],
-                   "fuse-restart-16q": ["passthrough=off", "queues=16"], "pyfuse3-restart": ["session=pyfuse3"]}
+                   "fuse-restart-16q": ["passthrough=off", "queues=16"], "pyfuse3-restart": ["session=pyfuse3"],
+                   "fuse-restart-threads": ["passthrough=off", "readers=threads"]}
 SEAL_MAGIC = b"FCSEAL01"  # fusecache.store.SEAL_MAGIC: the last 48 bytes of a sealed index
 SEAL_SIZE = 48
 SEAL_TIMEOUT = 120.0

@@ -104,9 +104,23 @@ def make_source(directory: Path, size: int, files: int) -> list[Path]:
     return paths
 
 
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks of the daemon pid and of its reader processes (its children)."""
+    user = system = 0
+    children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children"))
+    for one in [pid, *map(int, children.split())]:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # it ended meanwhile
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user, system
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+    """cpu_ticks in seconds."""
+    user, system = cpu_ticks(pid)
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def measure(source: Path, paths: list[Path], cache: Path, chunk: str, args: argparse.Namespace) -> dict:

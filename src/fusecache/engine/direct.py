@@ -26,7 +26,9 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 
+from .. import linux
 from ..metrics import Metrics
+from ..session.types import Ticket
 from ..store import CacheEntry
 from .files import Handle
 
@@ -73,6 +75,12 @@ class CompleteFile:
 
     def unchanged(self) -> bool:
         return self.entry.unchanged_since(self.generation)
+
+    def ticket(self) -> Ticket | None:
+        # the stamp first: a write before it is noticed by unchanged(), one after it moves the
+        # file's stamp past it, which the reader process compares before every reply
+        stamp = linux.stamp(self.entry.data_fd)
+        return Ticket(self.entry.size, self.entry.chunk_size, stamp) if self.unchanged() else None
 
     def view(self, offset: int, length: int) -> memoryview | None:
         # asked right after unchanged() (session.types.DirectFile), so not checked again

@@ -1,35 +1,43 @@
-"""Replies to reads of complete files, written by a reader thread (session/queues.py).
+"""Replies to reads of complete files, written by a reader thread (session/queues.py) or a
+reader process (session/reader_process.py).
 
 The kernel wants a reply whole, in one write (or one splice) into /dev/fuse, and copies its
 data into the reader's pages inside that call. Three ways to hand it the cache file's bytes
 were measured for 1 MiB replies (docs/benchmarks.md, issue 22):
 
-- **map** (what we do): map the range of the cache file (`MAP_POPULATE`: its pages are
-  read in, from a disk cache, here on the thread, not on a fault in the kernel's copy), write
-  the header and the mapping with one `writev`, unmap. One copy, page cache to reader. (A
-  cache in memory needs no mapping per reply: the thread writes from the one its cache entry
-  keeps, `DirectFile.view`.)
-- **splice**, as libfuse's fuse_send_data_iov does: header and file range into a pipe, the
-  pipe into /dev/fuse. Also one copy, but the pipe must hold the header's slot and one per
-  page, 257 for 1 MiB: past `/proc/sys/fs/pipe-max-size` (1 MiB, 256 pages) for a daemon
-  without CAP_SYS_RESOURCE (root in a container often lacks it), so 1 MiB replies cannot be
-  spliced there at all; where they could (512 KiB replies) it cost the daemon more CPU than map.
-- **copy**: `preadv` into the thread's buffer, then `writev`: two copies, the most CPU. The
-  fallback, for a cache filesystem that cannot be mapped (then for the thread's life).
+- **map** (the threads' way, `DataReplier`): map the range of the cache file (`MAP_POPULATE`:
+  its pages are read in, from a disk cache, here on the thread, not on a fault in the
+  kernel's copy), write the header and the mapping with one `writev`, unmap. One copy, page
+  cache to reader. (A cache in memory needs no mapping per reply: the thread writes from the
+  one its cache entry keeps, `DirectFile.view`.) Afterwards the range is unmapped, so dropping
+  its pages from the cache file's page cache (DirectFile.served, on a disk cache) is not
+  refused for pages in use.
+- **splice** (the processes' way, `SplicingReplier`), as libfuse's fuse_send_data_iov does:
+  header and file range into a pipe, the pipe into /dev/fuse. One copy, page to page, and
+  no page tables to fill and empty: the cheapest in a process of its own (16 processes on
+  the device: 16.3-16.7 GB/s against 10.5-12.7 mapping). The pipe must hold the header's slot
+  and one per page, 257 for 1 MiB: past `/proc/sys/fs/pipe-max-size` (1 MiB, 256 pages) for a
+  daemon without CAP_SYS_RESOURCE (root in a container often lacks it); there 1 MiB replies
+  are copied.
+- **copy**: `preadv` into a buffer, then `writev`: two copies. A reader process's fallback
+  (14.3-14.9 GB/s with 16 of them), a thread's for a cache filesystem that cannot be mapped
+  (then for the thread's life).
 
-Afterwards the range is unmapped, so dropping its pages from the cache file's page cache
-(DirectFile.served, on a disk cache) is not refused for pages in use. A range that cannot be
-read whole (the cache file is shorter than checked: truncated behind our back) sends nothing:
-the caller hands the request to the trio thread, whose engine answers it.
+A range that cannot be read whole (the cache file is shorter than checked: truncated behind
+our back) sends nothing: the caller hands the request to the trio thread, whose engine
+answers it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
+import select
 import struct
+from pathlib import Path
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -48,6 +56,24 @@ class ReadRequest(NamedTuple):
     fh: int
     offset: int
     size: int
+
+
+def next_request(read: Callable[[], int], poller: select.epoll) -> int | None:
+    """The length of one request, read with `read` (a nonblocking read of the connection into
+    the reader's buffer); 0 if there was none (then after waiting in poller, for a request or
+    for whatever else it watches) or it was interrupted before it was read: look again; None
+    once the connection ended (unmounted, or aborted)."""
+    try:
+        return read()
+    except BlockingIOError:
+        poller.poll()
+        return 0
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EINTR):
+            return 0
+        if e.errno == errno.ENODEV:
+            return None
+        raise
 
 
 def read_request(data: memoryview) -> ReadRequest | None:
@@ -120,6 +146,111 @@ class DataReplier:
         before()
         send(self.dev_fd, unique, 0, view)
         return True
+
+
+class SplicingReplier:
+    """A reader process's writer of data replies: the header and the cache file's pages into a
+    pipe, the pipe into /dev/fuse (splice(2), as libfuse's fuse_send_data_iov does). The
+    kernel makes the one copy, page to page, with no mapping to set up or tear down: on the
+    16-core device, 16 processes served 16.3-16.7 GB/s to read() this way at 6-7 CPU-seconds
+    per 16 GiB, against 14.3-14.9 (8-10 s) copying through a buffer and 10.5-12.7 (12-17 s)
+    from a mapping (docs/benchmarks.md, issue 22). The kernel wants the whole reply in the
+    pipe before it takes it, a slot per page and one for the header: a reply the pipe cannot
+    hold, or a cache file that cannot be spliced, is copied instead (DataReplier)."""
+
+    def __init__(self, dev_fd: int) -> None:
+        self.dev_fd = dev_fd
+        self.copier = DataReplier(dev_fd)
+        self.copier.mapping = False  # a reader process copies faster than it maps (see above)
+        self.splicing = True  # False once the cache filesystem refused a splice
+        self._pipe = _reply_pipe()
+        self._room = _pipe_pages(self._pipe[1])  # slots: one per page, one for the header
+
+    def close(self) -> None:
+        for fd in self._pipe:
+            os.close(fd)
+
+    def reply(self, unique: int, src_fd: int, offset: int, length: int,
+              before: Callable[[], None] = lambda: None) -> bool:
+        """As DataReplier.reply."""
+        if self.splicing and length and _pages(offset, length) < self._room:
+            sent = self._splice(unique, src_fd, offset, length, before)
+            if sent is not None:
+                return sent
+        return self.copier.reply(unique, src_fd, offset, length, before)
+
+    def _splice(self, unique: int, src_fd: int, offset: int, length: int,
+                before: Callable[[], None]) -> bool | None:
+        """None: splicing is refused here, the caller copies instead (nothing was sent)."""
+        pipe_out, pipe_in = self._pipe
+        try:
+            os.write(pipe_in, p.pack_out_header(length, 0, unique))
+            done = 0
+            while done < length:
+                n = os.splice(src_fd, pipe_in, length - done, offset_src=offset + done)
+                if n == 0:  # the file is shorter than checked
+                    self._renew()
+                    return False
+                done += n
+        except OSError as e:
+            self._renew()
+            if e.errno != errno.EINVAL:
+                return False
+            log.info("the cache file cannot be spliced (%s): replies are copied", e)
+            self.splicing = False
+            return None
+        before()
+        total = p.OUT_HEADER.size + length
+        try:
+            while total:  # the kernel takes the whole reply at once; the loop is only for form
+                total -= os.splice(pipe_out, self.dev_fd, total)
+        except OSError as e:  # the kernel took the pipe's pages whatever it did with them
+            if e.errno not in (errno.ENOENT, errno.ENODEV):  # not: nobody waits for it any more
+                log.error("the kernel refused a reply (%s): answering EIO instead", e)
+                send(self.dev_fd, unique, errno.EIO)
+        return True
+
+    def _renew(self) -> None:
+        """A new pipe for one left holding part of a reply."""
+        self.close()
+        self._pipe = _reply_pipe()
+
+
+def _reply_pipe() -> tuple[int, int]:
+    """A pipe that holds a whole reply of MAX_REQUEST bytes where the system allows one that
+    large (fs.pipe-max-size, 1 MiB by default, binds a process without CAP_SYS_RESOURCE)."""
+    pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, 2 * MAX_REQUEST)
+    except PermissionError:  # as large as it may be: replies it cannot hold are copied
+        fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, _pipe_max_size())
+    return pipe_out, pipe_in
+
+
+def splices_whole_replies() -> bool:
+    """Whether a pipe here holds a reply of MAX_REQUEST bytes (else those are copied)."""
+    pipe = _reply_pipe()
+    try:
+        return _pipe_pages(pipe[1]) > MAX_REQUEST // mmap.PAGESIZE
+    finally:
+        for fd in pipe:
+            os.close(fd)
+
+
+def _pipe_max_size() -> int:
+    try:
+        return int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    except (OSError, ValueError):
+        return MAX_REQUEST  # the kernel's default
+
+
+def _pipe_pages(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) // mmap.PAGESIZE
+
+
+def _pages(offset: int, length: int) -> int:
+    """Pages a range of a file spans (a spliced reply takes a pipe slot for each)."""
+    return (offset + length - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE + 1
 
 
 def send(fd: int, unique: int, error: int, *payload: bytes | memoryview) -> bool:

@@ -33,8 +33,10 @@ from .answers import MetadataAnswers, context_of
 from .direct import send
 from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, connected, identify, mount, unmount_own
+from .processes import ReaderProcesses
 from .queues import RequestThreads
-from .types import DirectFile, Operations, reply_errno
+from .routes import Routes
+from .types import Operations, reply_errno
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class SessionConfig:
     max_background: int
     passthrough: bool  # ask the kernel for passthrough if it offers it
     queues: int = 1  # threads reading the connection (session/queues.py); 1: the trio thread reads
+    processes: bool = False  # processes read it instead of threads (session/processes.py)
 
 
 class DeviceBacking:
@@ -99,9 +102,9 @@ class KernelSession:
         self._made: MountIdentity | None = None  # which mount is ours, for close()
         self._interruptible: dict[int, trio.CancelScope] = {}
         self._early_interrupts: OrderedDict[int, None] = OrderedDict()
-        # fh -> the complete file its reads are served from by the reader threads
-        self.direct: dict[int, DirectFile] = {}
-        self._threads: RequestThreads | None = None
+        # fh -> the complete file its reads are served from by the reader threads or processes
+        self.direct = Routes()
+        self._readers: RequestThreads | ReaderProcesses | None = None
         # requests a reader thread read, while answered: unique -> the descriptor it read them from
         self._origin: dict[int, int] = {}
         self._reads = trio.CapacityLimiter(config.workers)
@@ -144,6 +147,11 @@ class KernelSession:
         os.write(self.fd, p.pack_notify(p.NOTIFY_RESEND))
         return True
 
+    def served_by_processes(self) -> tuple[int, int]:
+        """Bytes served and chunk hits by the reader processes (any thread), for the metrics."""
+        readers = self._readers
+        return readers.counts() if isinstance(readers, ReaderProcesses) else (0, 0)
+
     def negotiated(self) -> Negotiated:
         return Negotiated(self.minor, self.flags)
 
@@ -163,8 +171,8 @@ class KernelSession:
         if self._mounted and not self._handed_over:
             self._mounted = False
             unmount_own(self.spec.mountpoint, self._made, connected=connected(self.fd))
-        if self._threads is not None:
-            self._threads.close()
+        if self._readers is not None:
+            self._readers.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -190,9 +198,12 @@ class KernelSession:
             return await self._read_requests(nursery, buf)
         if not self.minor and await self._read_requests(nursery, buf, until_init=True):
             return True
-        if self._threads is None:
-            self._threads = RequestThreads(self.fd, self.config.queues, self.direct)
-            log.info("%d threads read requests", self.config.queues)
+        if self._readers is None:
+            if self.config.processes:
+                self._readers = ReaderProcesses(self.fd, self.config.queues, self.direct, self.resend)
+            else:
+                self._readers = RequestThreads(self.fd, self.config.queues, self.direct)
+            log.info("%d %s read requests", self.config.queues, "processes" if self.config.processes else "threads")
 
         def deliver(fd: int, data: bytes) -> bool:  # a request a thread hands over
             try:
@@ -201,7 +212,7 @@ class KernelSession:
                 log.exception("dispatching a request failed")
                 return True
 
-        return await self._threads.run(deliver)
+        return await self._readers.run(deliver)
 
     async def _read_requests(self, nursery: trio.Nursery, buf: bytearray, until_init: bool = False) -> bool:
         """Read and dispatch requests until the session is over (True), INIT is answered if
@@ -336,9 +347,9 @@ class KernelSession:
         else:
             open_flags = p.FOPEN_NOFLUSH | (p.FOPEN_KEEP_CACHE if reply.keep_cache else 0)
         if reply.direct is not None:  # before the reply: its first READ may come right after
-            self.direct[reply.fh] = reply.direct
+            self.direct.add(reply.fh, reply.direct)
         if not self._send(header.unique, 0, p.OPEN_OUT.pack(reply.fh, open_flags, reply.backing_id or 0)):
-            self.direct.pop(reply.fh, None)
+            self.direct.remove(reply.fh)
             await self.operations.release(reply.fh)  # interrupted: nobody will ever release it
 
     async def _read(self, header: p.InHeader, args: memoryview) -> None:
@@ -354,17 +365,17 @@ class KernelSession:
                 del data  # a view of buf or of a cache mapping: released before buf is reused
             finally:
                 self._buffers.append(buf)
-        if self._threads is not None and fh not in self.direct:
-            # a file that completed after it was opened: the reader threads take its next reads.
+        if self._readers is not None and fh not in self.direct:
+            # a file that completed after it was opened: the readers take its next reads.
             # A RELEASE handled meanwhile has removed the handle before its first await, so
             # direct_file says None; nothing awaits between its answer and the route.
             direct = self.operations.direct_file(fh)
             if direct is not None:
-                self.direct[fh] = direct
+                self.direct.add(fh, direct)
 
     async def _release(self, header: p.InHeader, args: memoryview) -> None:
         fh = p.RELEASE_IN.unpack_from(args)[0]
-        self.direct.pop(fh, None)  # the kernel sends no READ of fh after its RELEASE
+        self.direct.remove(fh)  # the kernel sends no READ of fh after its RELEASE
         await self.operations.release(fh)
         self._send(header.unique, 0)
 

@@ -37,20 +37,19 @@ trio thread may be answered after its thread stopped, and its answer goes to its
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import select
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from .. import linux
 from . import protocol as p
-from .direct import DataReplier, read_request, reply_length, send
-from .types import DirectFile
+from .direct import DataReplier, next_request, read_request, reply_length, send
+from .routes import Routes
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ class _Run:
 class RequestThreads:
     """The reader threads of one session (see the module docstring)."""
 
-    def __init__(self, master_fd: int, count: int, routes: Mapping[int, DirectFile]) -> None:
+    def __init__(self, master_fd: int, count: int, routes: Routes) -> None:
         self.master_fd = master_fd
         self.count = count
         self.routes = routes  # fh -> its DirectFile: written on the trio thread, only read here
@@ -135,18 +134,12 @@ class RequestThreads:
             poller.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
             poller.register(run.wake, select.EPOLLIN)
             while not run.stop.is_set():
-                try:
-                    n = linux.read_nowait(fd, raw)
-                except BlockingIOError:
-                    poller.poll()
+                n = next_request(lambda: linux.read_nowait(fd, raw), poller)
+                if n is None:
+                    over = True
+                    break
+                if not n:
                     continue
-                except OSError as e:
-                    if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we read it
-                        continue
-                    if e.errno == errno.ENODEV:  # unmounted, or the connection was aborted
-                        over = True
-                        break
-                    raise
                 try:
                     answered = self._answer(replier, view[:n])
                 except Exception:  # a bug in one request: the trio thread answers it instead

@@ -85,6 +85,22 @@ class DirectFile(Protocol):
         """A reply of the range went out: on a disk cache the cache file's pages of it
         dropped (the mount's page cache holds them now)."""
 
+    def ticket(self) -> Ticket | None:
+        """What a reader process needs to serve the open's reads without asking again
+        (session/processes.py); None if the cache file changed since it was checked."""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An open's complete file as a reader process holds it (session/processes.py), besides
+    the cache file's descriptor: the version's size and chunk size (to count hits), and the
+    cache file's stamp (store.Stamp) while its bytes are as checked. A reply goes out only
+    while the stamp is unchanged (store.same_content): any write into the file moves it."""
+
+    size: int
+    chunk_size: int
+    stamp: tuple[int, int, int, int]
+
 
 @dataclass(frozen=True)
 class OpenReply:

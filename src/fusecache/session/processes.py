@@ -1,0 +1,239 @@
+"""Reader processes: the daemon's side of session/reader_process.py.
+
+Where the cache is in memory, the session reads the connection with `count` processes
+instead of threads (why: session/reader_process.py). This side starts them for each period
+of reading (run), tells them which opens they may answer (a watcher of the session's
+Routes), takes in the requests they forward and hands each to the trio thread as the reader
+threads do (`deliver`), and adds up what they served for the metrics (`counts`).
+
+A pause (a restart's hand-over) sends each STOP and returns once each reported STOPPED:
+its forwarded requests come before that report on the same socket, so by then the trio
+thread has counted every request they read (session/gate.py), as with the threads. The
+processes then exit; the next run starts new ones and routes every open again.
+
+A process that dies unasked (killed, or a bug) took the requests it had read with it: the
+kernel holds them as read and not answered. Where the kernel can (FUSE_HAS_RESEND) they
+are sent again (`resend`), and a new process takes the dead one's place; a process that
+keeps dying ends the session, as a failed reader thread does.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ..config import MAX_REQUEST
+from .direct import splices_whole_replies
+from .queues import Deliver
+from .reader_process import (CONTROL_MESSAGE, COUNTS, FORWARD, LOG, LOG_LEVEL, OP_ROUTE, OP_STOP, OP_UNROUTE,
+                             OVER, ROUTE, STOPPED, UNROUTE)
+from .routes import Routes
+from .types import DirectFile
+
+log = logging.getLogger(__name__)
+
+# deaths of reader processes one run survives (each: a new process, the requests sent again)
+REPLACEMENTS = 8
+# seconds a process has to report STOPPED (it answers one request at most first); then killed
+STOP_WAIT = 10.0
+# the directory fusecache is imported from, for the processes' interpreter
+_IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class _Process:
+    slot: int
+    popen: subprocess.Popen
+    control: socket.socket  # our end: nonblocking
+    listening: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
+
+
+class ReaderProcesses:
+    """The reader processes of one session (see the module docstring)."""
+
+    def __init__(self, master_fd: int, count: int, routes: Routes, resend: Callable[[], bool]) -> None:
+        self.master_fd = master_fd
+        self.count = count
+        self.routes = routes
+        self.resend = resend  # have the kernel send again the requests read and not answered
+        routes.watch(self)
+        self._processes: list[_Process] = []
+        self._counters: mmap.mmap | None = None
+        self._counters_fd = -1
+        self._counts_lock = threading.Lock()  # counts() may be asked from another thread
+        self._retired = (0, 0)  # what processes that ended served: bytes, chunk hits
+        self._replaced = 0
+        self._stopping = False  # STOP was sent: no process is started any more this run
+        if not splices_whole_replies():
+            log.info("replies of %d KiB are copied, not spliced: a pipe cannot hold one here (fs.pipe-max-size "
+                     "of 2 MiB lets them be spliced, docs/operations.md)", MAX_REQUEST >> 10)
+
+    # ---- what they served ------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int]:
+        """Bytes served and chunk hits by every reader process so far (any thread)."""
+        with self._counts_lock:
+            served, hits = self._retired
+            if self._counters is not None:
+                for slot in range(self.count):
+                    b, h = COUNTS.unpack_from(self._counters, slot * COUNTS.size)
+                    served, hits = served + b, hits + h
+            return served, hits
+
+    def _retire(self, slot: int) -> None:
+        """Keep what slot's process served, and clear the slot for a new one."""
+        with self._counts_lock:
+            assert self._counters is not None
+            b, h = COUNTS.unpack_from(self._counters, slot * COUNTS.size)
+            self._retired = (self._retired[0] + b, self._retired[1] + h)
+            COUNTS.pack_into(self._counters, slot * COUNTS.size, 0, 0)
+
+    # ---- routes (Routes' watcher; the trio thread) ------------------------------------------
+
+    def added(self, fh: int, file: DirectFile) -> None:
+        ticket = file.ticket()
+        if ticket is None:  # changed since checked: its reads go to the engine
+            return
+        message = ROUTE.pack(OP_ROUTE, fh, ticket.size, ticket.chunk_size, *ticket.stamp)
+        for process in self._processes:
+            self._tell(process, message, file.fd)
+
+    def removed(self, fh: int) -> None:
+        for process in self._processes:
+            self._tell(process, UNROUTE.pack(OP_UNROUTE, fh))
+
+    def _tell(self, process: _Process, message: bytes, fd: int | None = None) -> None:
+        """Never waits: a process that does not take its messages (it reads them before every
+        request) is stuck, and what it misses of routes only sends reads to the engine."""
+        try:
+            socket.send_fds(process.control, [message], [] if fd is None else [fd])
+        except BlockingIOError:
+            log.warning("reader process %d does not take its messages; one was dropped", process.popen.pid)
+        except OSError as e:  # it died: its listener finds out
+            log.debug("reader process %d: %s", process.popen.pid, e)
+
+    # ---- life cycle --------------------------------------------------------------------------
+
+    async def run(self, deliver: Deliver) -> bool:
+        """Read with the processes until the session is over (True); a cancel (a pause) stops
+        them, and returns once each has answered or handed over what it read."""
+        self._counters_fd = os.memfd_create("fusecache-readers", os.MFD_CLOEXEC)
+        os.ftruncate(self._counters_fd, self.count * COUNTS.size)
+        self._counters = mmap.mmap(self._counters_fd, self.count * COUNTS.size)
+        self._replaced = 0
+        self._stopping = False
+        over = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                for slot in range(self.count):
+                    nursery.start_soon(self._listen, self._start(slot), deliver, over)
+                try:
+                    await over.wait()
+                finally:
+                    self._stopping = True
+                    for process in self._processes:
+                        self._tell(process, OP_STOP)
+                        process.listening.deadline = trio.current_time() + STOP_WAIT
+            return True
+        finally:
+            for process in self._processes:
+                process.popen.kill()  # all stopped or gone already; none is left behind
+                process.control.close()
+            with trio.CancelScope(shield=True):
+                for process in self._processes:
+                    await trio.to_thread.run_sync(process.popen.wait)
+            self._processes = []
+            for slot in range(self.count):
+                self._retire(slot)
+            with self._counts_lock:
+                self._counters.close()
+                self._counters = None
+            os.close(self._counters_fd)
+
+    def close(self) -> None:
+        """Nothing is left running once run() returned."""
+
+    def _start(self, slot: int) -> _Process:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_IMPORT_ROOT, os.environ.get("PYTHONPATH")])))
+            popen = subprocess.Popen(  # -P: no module from the working directory
+                [sys.executable, "-P", "-m", "fusecache.session.reader_process", str(self.master_fd),
+                 str(theirs.fileno()), str(self._counters_fd), str(slot), str(os.getpid())],
+                pass_fds=(self.master_fd, theirs.fileno(), self._counters_fd), env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ours.setblocking(False)
+        process = _Process(slot, popen, ours)
+        self._processes.append(process)
+        for fh, file in self.routes:
+            ticket = file.ticket()
+            if ticket is not None:
+                self._tell(process, ROUTE.pack(OP_ROUTE, fh, ticket.size, ticket.chunk_size, *ticket.stamp), file.fd)
+        return process
+
+    async def _listen(self, process: _Process, deliver: Deliver, over: trio.Event) -> None:
+        """Take in what one process says until it stopped; shielded, so that a pause cannot
+        leave a request it forwarded unread."""
+        while process is not None:
+            process = await self._take_in(process, deliver, over)
+
+    async def _take_in(self, process: _Process, deliver: Deliver, over: trio.Event) -> _Process | None:
+        """Take in what one process says until it stopped (None), or died and was replaced
+        (the new one)."""
+        with process.listening:
+            while True:
+                await trio.lowlevel.wait_readable(process.control)
+                try:
+                    message = process.control.recv(CONTROL_MESSAGE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    message = b""
+                tag = message[:1]
+                if tag == FORWARD:
+                    if not deliver(self.master_fd, message[1:]):
+                        over.set()
+                elif tag == LOG:
+                    level = LOG_LEVEL.unpack_from(message)[1]
+                    log.log(level, "reader process %d: %s", process.popen.pid,
+                            message[LOG_LEVEL.size:].decode("utf-8", "replace"))
+                elif tag == STOPPED:
+                    return
+                elif tag == OVER:
+                    over.set()
+                    return
+                else:  # it died unasked
+                    return self._replace(process, over)
+        log.error("reader process %d did not stop: killed", process.popen.pid)
+        process.popen.kill()
+        self.resend()
+        return None
+
+    def _replace(self, dead: _Process, over: trio.Event) -> _Process | None:
+        """A new process in the place of one that died unasked; None if the run ends instead."""
+        code = dead.popen.wait()
+        dead.control.close()
+        self._processes.remove(dead)
+        self._retire(dead.slot)
+        resent = self.resend()
+        if over.is_set() or self._stopping:
+            return None
+        if self._replaced >= REPLACEMENTS:
+            log.error("reader process %d died (status %d), the %dth this run: the session ends",
+                      dead.popen.pid, code, self._replaced + 1)
+            over.set()
+            return None
+        self._replaced += 1
+        log.error("reader process %d died (status %d); %s", dead.popen.pid, code,
+                  "the requests it held were sent again" if resent else
+                  "the requests it held get no answer (the kernel cannot send them again, Linux < 6.9)")
+        return self._start(dead.slot)

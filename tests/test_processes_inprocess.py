@@ -1,0 +1,221 @@
+"""The reader processes (session/reader_process.py, session/processes.py), without a mount
+and without root: a SOCK_SEQPACKET socket stands in for /dev/fuse (one write is one message,
+as a reply to the kernel is; one read one request).
+
+What it proves:
+- a spliced reply is the header and the bytes, whole; a range past the file's end sends
+  nothing and leaves nothing behind; one larger than a pipe can hold is copied instead;
+- a READ of a routed open is answered from the cache file, byte for byte, and counted (in
+  the process's slot of the shared counters) before the reply goes out;
+- everything else reaches the daemon as it was read: a READ of an open not routed, or no
+  longer (UNROUTE), or whose cache file was written since its ticket (the stamp moved), and
+  every other request;
+- STOP is answered STOPPED once everything read was answered or forwarded;
+- with real processes: routes reach a process started before and after they were made,
+  counts() adds up what every process served, a process that dies unasked is replaced and
+  the kernel asked to send its requests again, and a pause stops them all.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from fusecache import linux
+from fusecache.session import protocol as p
+from fusecache.session.direct import SplicingReplier
+from fusecache.session.processes import ReaderProcesses
+from fusecache.session.reader_process import (COUNTS, FORWARD, OP_ROUTE, OP_STOP, OP_UNROUTE, ROUTE, STOPPED,
+                                              UNROUTE, Reader)
+from fusecache.session.routes import Routes
+from fusecache.session.types import Ticket
+
+HANG_GUARD = 20.0
+CHUNK = 65536
+
+
+def request(opcode: int, unique: int, args: bytes = b"", nodeid: int = 1) -> bytes:
+    return p.IN_HEADER.pack(p.IN_HEADER.size + len(args), opcode, unique, nodeid, 0, 0, 1, 0, 0) + args
+
+
+def read(unique: int, fh: int, offset: int, size: int) -> bytes:
+    return request(p.Op.READ, unique, p.READ_IN.pack(fh, offset, size, 0, 0, 0, 0))
+
+
+def reply(kernel: socket.socket) -> tuple[int, int, bytes]:
+    """The next reply; a spliced one may come as several messages (/dev/fuse takes it as one)."""
+    data = kernel.recv(1 << 21)
+    length, error, unique = p.OUT_HEADER.unpack_from(data)
+    while len(data) < length:
+        data += kernel.recv(1 << 21)
+    return unique, -error, data[p.OUT_HEADER.size:]
+
+
+@pytest.fixture
+def device():
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    kernel.settimeout(HANG_GUARD)
+    yield kernel, ours
+    kernel.close()
+    ours.close()
+
+
+@pytest.fixture
+def cache_file(tmp_path):
+    data = os.urandom(5 * CHUNK + 100)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    yield path, fd, data
+    os.close(fd)
+
+
+def ticket_of(fd: int, size: int) -> Ticket:
+    return Ticket(size, CHUNK, linux.stamp(fd))
+
+
+def route(daemon: socket.socket, fh: int, fd: int, ticket: Ticket) -> None:
+    socket.send_fds(daemon, [ROUTE.pack(OP_ROUTE, fh, ticket.size, ticket.chunk_size, *ticket.stamp)], [fd])
+
+
+def test_a_reader_answers_routed_reads_and_forwards_the_rest(device, cache_file):
+    kernel, ours = device
+    path, fd, data = cache_file
+    daemon, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    daemon.settimeout(HANG_GUARD)
+    counts = memoryview(bytearray(COUNTS.size))
+    reader = Reader(ours.fileno(), theirs, counts)
+    reader.replier.splicing = False  # a socket takes a splice as several messages; /dev/fuse as one
+    route(daemon, 7, fd, ticket_of(fd, len(data)))
+    thread = threading.Thread(target=reader.run)
+    thread.start()
+    try:
+        kernel.send(read(1, 7, CHUNK - 10, 3 * CHUNK))  # across four chunks
+        assert reply(kernel) == (1, 0, data[CHUNK - 10:4 * CHUNK - 10])
+        assert COUNTS.unpack(counts) == (3 * CHUNK, 4)
+        kernel.send(read(2, 7, len(data) - 50, CHUNK))  # up to the end, none past it
+        assert reply(kernel) == (2, 0, data[-50:])
+
+        kernel.send(read(3, 8, 0, 4096))  # not routed
+        assert daemon.recv(1 << 20) == FORWARD + read(3, 8, 0, 4096)
+        kernel.send(request(p.Op.GETATTR, 4, bytes(16)))
+        assert daemon.recv(1 << 20) == FORWARD + request(p.Op.GETATTR, 4, bytes(16))
+
+        with open(path, "r+b") as f:  # a foreign write: the stamp moves
+            f.write(b"x")
+        kernel.send(read(5, 7, 0, 4096))
+        assert daemon.recv(1 << 20) == FORWARD + read(5, 7, 0, 4096)
+
+        route(daemon, 9, fd, ticket_of(fd, len(data)))  # checked again since
+        daemon.send(UNROUTE.pack(OP_UNROUTE, 9))
+        kernel.send(read(6, 9, 0, 4096))
+        assert daemon.recv(1 << 20) == FORWARD + read(6, 9, 0, 4096)
+        assert COUNTS.unpack(counts) == (3 * CHUNK + 50, 5)
+
+        daemon.send(OP_STOP)
+        assert daemon.recv(1 << 20) == STOPPED
+    finally:
+        daemon.send(OP_STOP)
+        thread.join(HANG_GUARD)
+        daemon.close()
+        theirs.close()
+    assert not thread.is_alive() and reader.routes == {}
+
+
+def test_a_spliced_reply_is_the_header_and_the_bytes_whole(cache_file):
+    path, fd, data = cache_file
+    device_out, device_in = os.pipe()  # a byte stream: each reply is read back by its length
+    received = bytearray()
+    drain = threading.Thread(target=lambda: [received.extend(b) for b in iter(lambda: os.read(device_out, 1 << 20), b"")])
+    drain.start()
+
+    def sent(length: int) -> bytes:
+        deadline = time.monotonic() + HANG_GUARD
+        while len(received) < p.OUT_HEADER.size + length and time.monotonic() < deadline:
+            time.sleep(0.001)
+        out = bytes(received)
+        received.clear()
+        return out
+
+    replier = SplicingReplier(device_in)
+    try:
+        for unique, (offset, length) in enumerate(((0, CHUNK), (CHUNK + 5, 100_000), (len(data) - 10, 10)), 1):
+            assert replier.reply(unique, fd, offset, length)
+            assert sent(length) == p.pack_out_header(length, 0, unique) + data[offset:offset + length]
+        assert replier.splicing
+        assert not replier.reply(9, fd, len(data) - 10, 20)  # past the end: nothing is sent
+        assert replier.reply(10, fd, 0, 100)  # and the pipe holds nothing of it
+        assert sent(100) == p.pack_out_header(100, 0, 10) + data[:100]
+        big = os.urandom(replier._room * mmap.PAGESIZE)  # more than a pipe holds, with the header: copied
+        path.write_bytes(big)
+        assert replier.reply(11, fd, 0, len(big))
+        assert sent(len(big)) == p.pack_out_header(len(big), 0, 11) + big
+    finally:
+        replier.close()
+        os.close(device_in)
+        drain.join(HANG_GUARD)
+        os.close(device_out)
+
+
+@dataclass
+class FileOnDisk:
+    """A DirectFile for the processes: only its descriptor and ticket are asked for."""
+
+    fd: int
+    size: int
+
+    def ticket(self) -> Ticket | None:
+        return ticket_of(self.fd, self.size)
+
+
+async def test_reader_processes_serve_routes_and_forward_the_rest(device, cache_file):
+    kernel, ours = device
+    _path, fd, data = cache_file
+    os.set_blocking(ours.fileno(), False)
+    routes = Routes()
+    resent: list[bool] = []
+    processes = ReaderProcesses(ours.fileno(), 2, routes, resend=lambda: resent.append(True) or True)
+    routes.add(3, FileOnDisk(fd, len(data)))  # before the processes start
+    delivered: list[bytes] = []
+
+    def deliver(fd: int, data: bytes) -> bool:
+        delivered.append(data)
+        return True
+
+    async def ask(message: bytes) -> tuple[int, int, bytes]:
+        kernel.send(message)
+        return await trio.to_thread.run_sync(reply, kernel)
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(processes.run, deliver)
+            await trio.sleep(0)
+            assert await ask(read(1, 3, 0, CHUNK)) == (1, 0, data[:CHUNK])
+            routes.add(4, FileOnDisk(fd, len(data)))  # while they run
+            for unique in range(2, 10):  # whichever process reads it
+                assert await ask(read(unique, 4, CHUNK, 100)) == (unique, 0, data[CHUNK:CHUNK + 100])
+            assert processes.counts() == (CHUNK + 8 * 100, 9)
+
+            kernel.send(request(p.Op.STATFS, 20))
+            while not delivered:
+                await trio.sleep(0.01)
+            assert delivered == [request(p.Op.STATFS, 20)]
+
+            victim = processes._processes[0].popen.pid
+            os.kill(victim, signal.SIGKILL)
+            while not resent:
+                await trio.sleep(0.01)
+            assert len(processes._processes) == 2 and victim not in [q.popen.pid for q in processes._processes]
+            for unique in range(30, 36):  # the new one has the routes too
+                assert await ask(read(unique, 3, 0, 10)) == (unique, 0, data[:10])
+            assert processes.counts() == (CHUNK + 8 * 100 + 60, 15)
+            nursery.cancel_scope.cancel()  # a pause: every process stops
+    assert processes._processes == [] and processes.counts() == (CHUNK + 8 * 100 + 60, 15)
