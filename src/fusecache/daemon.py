@@ -164,6 +164,9 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     kernel = session if isinstance(session, KernelSession) else None
     if kernel is not None:
         metrics.count_elsewhere(kernel.served_by_processes)
+    if cfg.readers == "processes" and not in_memory:
+        log.warning("readers=processes on a cache on disk: the cache files' pages read for replies stay in "
+                    "the page cache beside the mount's (readers=auto gives threads here, which drop them)")
     fd_store = uses_fd_store(cfg)
     journal_ = _journal(store, kernel, operations)
     restarts = HandoverServer(kernel, operations.export_state,
@@ -347,7 +350,11 @@ async def _announce_when_live(cfg: MountConfig, mountpoint: str, ready: Ready, s
     since the kernel sets the mount's readahead from the INIT reply. Passthrough is probed
     after INIT too: the kernel accepts backing files only once it negotiated passthrough.
     """
-    await trio.to_thread.run_sync(os.stat, mountpoint)
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+    except OSError as e:  # the session ended first (its log says why): nothing to announce
+        log.error("the mount ended before it came up: %s", e)
+        return
     mounts.tune_fuse_mount(mountpoint, cfg.read_ahead_kb, cfg.max_background)
     _set_passthrough(cfg, session, operations, store)
     ready()

@@ -31,6 +31,7 @@ class _Elsewhere:
     counts: Callable[[], tuple[int, int]]  # cumulative bytes served, chunk hits
     served: int = 0  # ... of which already in the counters
     hits: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)  # two threads never fold the same bytes
 
 
 @dataclass
@@ -79,15 +80,13 @@ class Metrics:
 
     def fold(self) -> None:
         """Bring the counters kept elsewhere in (any thread)."""
-        with self._served_lock:
-            for source in self._elsewhere:
+        for source in self._elsewhere:
+            with source.lock:
                 served, hits = source.counts()
                 new_bytes, new_hits = served - source.served, hits - source.hits
                 source.served, source.hits = served, hits
-                self.bytes_served += new_bytes
-                self.bytes_served_from_cache += new_bytes
-                self.bytes_served_direct += new_bytes
-                self.chunk_hits += new_hits
+            self.count_served(new_bytes, from_cache=True, direct=True)
+            self.count_hits(new_hits)
 
     def count_served(self, nbytes: int, from_cache: bool, read_through: bool = False, direct: bool = False) -> None:
         """A reply of nbytes went out (from any thread)."""

@@ -464,7 +464,7 @@ def _is_own_file(fd: int) -> bool:
 class Stamp(NamedTuple):
     """What a write into a data file moves: its size and ctime (which no one can set back),
     and its mtime, for once the file has no name. (A tuple: taken before every reply a reader
-    thread sends, session/queues.py.)"""
+    thread or process sends, session/queues.py, session/reader_process.py.)"""
 
     size: int
     ctime_ns: int

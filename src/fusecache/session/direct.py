@@ -95,9 +95,9 @@ def reply_length(size: int, offset: int, file_size: int) -> int:
 class DataReplier:
     """One reader thread's writer of data replies to its /dev/fuse descriptor."""
 
-    def __init__(self, dev_fd: int) -> None:
+    def __init__(self, dev_fd: int, mapping: bool = True) -> None:
         self.dev_fd = dev_fd
-        self.mapping = True  # False once the cache filesystem refused a mapping: copied then
+        self.mapping = mapping  # False: copied (also once the cache filesystem refused a mapping)
         self._buffer = bytearray(MAX_REQUEST)
 
     def reply(self, unique: int, src_fd: int, offset: int, length: int,
@@ -160,8 +160,7 @@ class SplicingReplier:
 
     def __init__(self, dev_fd: int) -> None:
         self.dev_fd = dev_fd
-        self.copier = DataReplier(dev_fd)
-        self.copier.mapping = False  # a reader process copies faster than it maps (see above)
+        self.copier = DataReplier(dev_fd, mapping=False)  # a process copies faster than it maps (above)
         self.splicing = True  # False once the cache filesystem refused a splice
         self._pipe = _reply_pipe()
         self._room = _pipe_pages(self._pipe[1])  # slots: one per page, one for the header
@@ -173,7 +172,7 @@ class SplicingReplier:
     def reply(self, unique: int, src_fd: int, offset: int, length: int,
               before: Callable[[], None] = lambda: None) -> bool:
         """As DataReplier.reply."""
-        if self.splicing and length and _pages(offset, length) < self._room:
+        if self.splicing and length and spanned(offset, length, mmap.PAGESIZE) < self._room:
             sent = self._splice(unique, src_fd, offset, length, before)
             if sent is not None:
                 return sent
@@ -192,7 +191,7 @@ class SplicingReplier:
                     self._renew()
                     return False
                 done += n
-        except OSError as e:
+        except OSError as e:  # (EAGAIN: the pipe is fuller than its room said; never waited for)
             self._renew()
             if e.errno != errno.EINVAL:
                 return False
@@ -204,26 +203,33 @@ class SplicingReplier:
         try:
             while total:  # the kernel takes the whole reply at once; the loop is only for form
                 total -= os.splice(pipe_out, self.dev_fd, total)
-        except OSError as e:  # the kernel took the pipe's pages whatever it did with them
+        except OSError as e:
+            # some refusals leave the reply in the pipe, where it would prefix the next one
+            self._renew()
             if e.errno not in (errno.ENOENT, errno.ENODEV):  # not: nobody waits for it any more
                 log.error("the kernel refused a reply (%s): answering EIO instead", e)
                 send(self.dev_fd, unique, errno.EIO)
         return True
 
     def _renew(self) -> None:
-        """A new pipe for one left holding part of a reply."""
+        """A new pipe for one that may hold part of a reply (made before the old one is closed:
+        a failure leaves the old one, which the next reply's error renews again)."""
+        pipe = _reply_pipe()
         self.close()
-        self._pipe = _reply_pipe()
+        self._pipe = pipe
+        self._room = _pipe_pages(pipe[1])
 
 
 def _reply_pipe() -> tuple[int, int]:
     """A pipe that holds a whole reply of MAX_REQUEST bytes where the system allows one that
     large (fs.pipe-max-size, 1 MiB by default, binds a process without CAP_SYS_RESOURCE)."""
-    pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, 2 * MAX_REQUEST)
-    except PermissionError:  # as large as it may be: replies it cannot hold are copied
-        fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, _pipe_max_size())
+    pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # never waited on: see _splice
+    for size in (2 * MAX_REQUEST, _pipe_max_size()):
+        try:
+            fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, size)
+            break
+        except OSError:  # past fs.pipe-max-size, or the user's pipe pages: replies it cannot hold are copied
+            continue
     return pipe_out, pipe_in
 
 
@@ -248,9 +254,9 @@ def _pipe_pages(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) // mmap.PAGESIZE
 
 
-def _pages(offset: int, length: int) -> int:
-    """Pages a range of a file spans (a spliced reply takes a pipe slot for each)."""
-    return (offset + length - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE + 1
+def spanned(offset: int, length: int, unit: int) -> int:
+    """How many units (pages, chunks) a non-empty range spans."""
+    return (offset + length - 1) // unit - offset // unit + 1
 
 
 def send(fd: int, unique: int, error: int, *payload: bytes | memoryview) -> bool:

@@ -20,6 +20,7 @@ keeps dying ends the session, as a failed reader thread does.
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import socket
@@ -55,6 +56,11 @@ class _Process:
     popen: subprocess.Popen
     control: socket.socket  # our end: nonblocking
     listening: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
+    # messages that found its socket full, in order (with a duplicate of the descriptor a ROUTE
+    # carries), and how many of them are not sent yet
+    outbox: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = field(
+        default_factory=lambda: trio.open_memory_channel(math.inf))
+    backlog: int = 0
 
 
 class ReaderProcesses:
@@ -112,14 +118,54 @@ class ReaderProcesses:
             self._tell(process, UNROUTE.pack(OP_UNROUTE, fh))
 
     def _tell(self, process: _Process, message: bytes, fd: int | None = None) -> None:
-        """Never waits: a process that does not take its messages (it reads them before every
-        request) is stuck, and what it misses of routes only sends reads to the engine."""
+        """Send a message to process now (a ROUTE before the open's reply, so that it knows
+        the open by its first READ), or, behind others or where its socket is full, queue it
+        for its listener to send in order (`_send_out`), with a duplicate of the descriptor:
+        the open's own may be closed, and its number taken by another file, before it goes."""
+        if not process.backlog:
+            try:
+                socket.send_fds(process.control, [message], [] if fd is None else [fd])
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:  # it died: its listener finds out
+                log.debug("reader process %d: %s", process.popen.pid, e)
+                return
+        fd = None if fd is None else os.dup(fd)
         try:
-            socket.send_fds(process.control, [message], [] if fd is None else [fd])
-        except BlockingIOError:
-            log.warning("reader process %d does not take its messages; one was dropped", process.popen.pid)
-        except OSError as e:  # it died: its listener finds out
-            log.debug("reader process %d: %s", process.popen.pid, e)
+            process.outbox[0].send_nowait((message, fd))
+            process.backlog += 1
+        except trio.ClosedResourceError:  # it stopped or died: nothing more goes to it
+            if fd is not None:
+                os.close(fd)
+
+    async def _send_out(self, process: _Process) -> None:
+        """Hand process its messages, waiting for room in its socket: a burst (every route,
+        sent to a new process) can be larger than the socket holds, and none may be dropped."""
+        try:
+            async for message, fd in process.outbox[1]:
+                try:
+                    while True:
+                        try:
+                            socket.send_fds(process.control, [message], [] if fd is None else [fd])
+                            break
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(process.control)
+                except OSError as e:  # it died: its listener finds out
+                    log.debug("reader process %d: %s", process.popen.pid, e)
+                finally:
+                    process.backlog -= 1
+                    if fd is not None:
+                        os.close(fd)
+        finally:
+            process.outbox[0].close()
+            while True:
+                try:
+                    _message, fd = process.outbox[1].receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if fd is not None:
+                    os.close(fd)
 
     # ---- life cycle --------------------------------------------------------------------------
 
@@ -127,8 +173,12 @@ class ReaderProcesses:
         """Read with the processes until the session is over (True); a cancel (a pause) stops
         them, and returns once each has answered or handed over what it read."""
         self._counters_fd = os.memfd_create("fusecache-readers", os.MFD_CLOEXEC)
-        os.ftruncate(self._counters_fd, self.count * COUNTS.size)
-        self._counters = mmap.mmap(self._counters_fd, self.count * COUNTS.size)
+        try:
+            os.ftruncate(self._counters_fd, self.count * COUNTS.size)
+            self._counters = mmap.mmap(self._counters_fd, self.count * COUNTS.size)
+        except OSError:
+            os.close(self._counters_fd)
+            raise
         self._replaced = 0
         self._stopping = False
         over = trio.Event()
@@ -165,6 +215,8 @@ class ReaderProcesses:
     def _start(self, slot: int) -> _Process:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
+            # room for a forwarded request in one message (net.core.wmem_max may cap it)
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CONTROL_MESSAGE)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_IMPORT_ROOT, os.environ.get("PYTHONPATH")])))
             popen = subprocess.Popen(  # -P: no module from the working directory
                 [sys.executable, "-P", "-m", "fusecache.session.reader_process", str(self.master_fd),
@@ -187,44 +239,60 @@ class ReaderProcesses:
             process = await self._take_in(process, deliver, over)
 
     async def _take_in(self, process: _Process, deliver: Deliver, over: trio.Event) -> _Process | None:
-        """Take in what one process says until it stopped (None), or died and was replaced
-        (the new one)."""
+        """Send one process its messages and take in what it says until it stopped (None),
+        or died and was replaced (the new one)."""
         with process.listening:
-            while True:
-                await trio.lowlevel.wait_readable(process.control)
-                try:
-                    message = process.control.recv(CONTROL_MESSAGE)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    message = b""
-                tag = message[:1]
-                if tag == FORWARD:
-                    if not deliver(self.master_fd, message[1:]):
-                        over.set()
-                elif tag == LOG:
-                    level = LOG_LEVEL.unpack_from(message)[1]
-                    log.log(level, "reader process %d: %s", process.popen.pid,
-                            message[LOG_LEVEL.size:].decode("utf-8", "replace"))
-                elif tag == STOPPED:
-                    return
-                elif tag == OVER:
-                    over.set()
-                    return
-                else:  # it died unasked
-                    return self._replace(process, over)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_out, process)
+                stopped = await self._hear(process, deliver, over)
+                nursery.cancel_scope.cancel()
+            return None if stopped else self._replace(process, over)
         log.error("reader process %d did not stop: killed", process.popen.pid)
         process.popen.kill()
-        self.resend()
+        self._resend()
         return None
+
+    async def _hear(self, process: _Process, deliver: Deliver, over: trio.Event) -> bool:
+        """Take in what one process says: True once it stopped (STOPPED, or OVER: the
+        connection ended), False if it died unasked."""
+        while True:
+            await trio.lowlevel.wait_readable(process.control)
+            try:
+                message = process.control.recv(CONTROL_MESSAGE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                message = b""
+            tag = message[:1]
+            if tag == FORWARD:
+                if not deliver(self.master_fd, message[1:]):
+                    over.set()
+            elif tag == LOG:
+                level = LOG_LEVEL.unpack_from(message)[1]
+                log.log(level, "reader process %d: %s", process.popen.pid, message[LOG_LEVEL.size:].decode("utf-8", "replace"))
+            elif tag in (STOPPED, OVER):
+                if tag == OVER:
+                    over.set()
+                return True
+            else:
+                return False
+
+    def _resend(self) -> bool:
+        """Have the kernel send again what a process that died had read; False if it cannot."""
+        try:
+            return self.resend()
+        except OSError as e:  # the connection ended meanwhile
+            log.debug("NOTIFY_RESEND: %s", e)
+            return False
 
     def _replace(self, dead: _Process, over: trio.Event) -> _Process | None:
         """A new process in the place of one that died unasked; None if the run ends instead."""
+        dead.popen.kill()  # its socket failed: it is gone, or going
         code = dead.popen.wait()
         dead.control.close()
         self._processes.remove(dead)
         self._retire(dead.slot)
-        resent = self.resend()
+        resent = self._resend()
         if over.is_set() or self._stopping:
             return None
         if self._replaced >= REPLACEMENTS:
@@ -236,4 +304,9 @@ class ReaderProcesses:
         log.error("reader process %d died (status %d); %s", dead.popen.pid, code,
                   "the requests it held were sent again" if resent else
                   "the requests it held get no answer (the kernel cannot send them again, Linux < 6.9)")
-        return self._start(dead.slot)
+        try:
+            return self._start(dead.slot)
+        except OSError as e:
+            log.error("a new reader process could not be started (%s): the session ends", e)
+            over.set()
+            return None

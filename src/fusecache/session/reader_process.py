@@ -23,8 +23,9 @@ A READ is answered here only if its handle is routed and the cache file's stamp 
 ticket says (store.same_content, asked before every reply: any write into the file moves
 it), else it is forwarded and the daemon's engine checks the chunks again. The control
 socket is looked at before every request, so a ROUTE sent before an open's reply is known
-by the time its first READ comes. Handles are never reused within a daemon (fs.py), so a
-route that outlived its handle (its UNROUTE not read yet) is never asked for.
+by the time its first READ comes, as a rule (one that is not, or that came without its
+descriptor, only has its reads forwarded). Handles are never reused within a daemon
+(fs.py), so a route that outlived its handle (its UNROUTE not read yet) is never asked for.
 
 What it served is counted in its slot of a shared memory file (COUNTS), before the reply
 goes out, which the daemon folds into its metrics. It dies with the daemon (PDEATHSIG):
@@ -35,6 +36,7 @@ daemon has replayed (NOTIFY_RESEND), as after a crash of the daemon with its thr
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import mmap
 import os
@@ -48,8 +50,7 @@ from dataclasses import dataclass
 from .. import linux
 from ..store import Stamp, same_content
 from . import protocol as p
-from .direct import SplicingReplier, next_request, read_request, reply_length
-from .types import Ticket
+from .direct import SplicingReplier, next_request, read_request, reply_length, send, spanned
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,12 @@ _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)  # room for the one des
 
 @dataclass(frozen=True)
 class Route:
-    fd: int  # this process's descriptor of the cache file
-    ticket: Ticket
+    """An open this process answers: its cache file (this process's descriptor of it), the
+    version's size and chunk size, and the stamp the file had when it was verified."""
+
+    fd: int
+    size: int
+    chunk_size: int
     stamp: Stamp
 
 
@@ -84,6 +89,7 @@ class Reader:
         self.served = 0
         self.hits = 0
         self.routes: dict[int, Route] = {}
+        self._routes_refused = False  # a ROUTE came without its descriptor (logged once)
         self.replier = SplicingReplier(dev_fd)
 
     def run(self) -> None:
@@ -110,7 +116,7 @@ class Reader:
                     log.exception("answering a request in a reader process failed")
                     answered = False
                 if not answered:
-                    self.control.sendmsg([FORWARD, view[:n]])
+                    self._forward(view[:n])
             self.control.send(STOPPED)
         finally:
             poller.close()
@@ -124,7 +130,7 @@ class Reader:
         while True:
             try:
                 # (socket.recv_fds would drop the flags before Python 3.12)
-                data, ancillary, _flags, _addr = self.control.recvmsg(ROUTE.size, _FD_SPACE, socket.MSG_DONTWAIT)
+                data, ancillary, flags, _addr = self.control.recvmsg(ROUTE.size, _FD_SPACE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return True
             fds = [fd for level, kind, payload in ancillary if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
@@ -132,20 +138,36 @@ class Reader:
             if not data:
                 raise ConnectionError("the daemon closed the control socket")
             op = data[:1]
-            if op == OP_ROUTE:
+            if op == OP_ROUTE and fds:
                 _op, fh, size, chunk_size, *stamp = ROUTE.unpack(data)
                 stale = self.routes.pop(fh, None)
                 if stale is not None:
                     os.close(stale.fd)
-                self.routes[fh] = Route(fds[0], Ticket(size, chunk_size, tuple(stamp)), Stamp(*stamp))
+                self.routes[fh] = Route(fds[0], size, chunk_size, Stamp(*stamp))
+            elif op == OP_ROUTE:  # its descriptor did not come (this process has no room for one):
+                if not self._routes_refused:  # the open's reads are forwarded
+                    log.warning("a route came without its cache file (%s): its reads go through the daemon",
+                                "descriptors exhausted" if flags & socket.MSG_CTRUNC else "none sent")
+                self._routes_refused = True
             elif op == OP_UNROUTE:
                 route = self.routes.pop(UNROUTE.unpack(data)[1], None)
                 if route is not None:
                     os.close(route.fd)
             elif op == OP_STOP:
                 return False
-            for fd in fds[1:] if op == OP_ROUTE else fds:  # none is ever sent; never kept
+            for fd in fds[1:] if op == OP_ROUTE else fds:  # none else is ever sent; never kept
                 os.close(fd)
+
+    def _forward(self, request: memoryview) -> None:
+        try:
+            self.control.sendmsg([FORWARD, request])
+        except OSError as e:
+            if e.errno != errno.EMSGSIZE:
+                raise
+            # larger than the socket takes at once (its send buffer was cut below CONTROL_MESSAGE
+            # by net.core.wmem_max): only a WRITE could be, which a read-only mount never gets
+            log.error("a request of %d bytes could not be handed to the daemon: answered EIO", len(request))
+            send(self.dev_fd, p.InHeader.parse(request).unique, errno.EIO)
 
     def _answer(self, data: memoryview) -> bool:
         """Answer a READ of a routed, unchanged file here; False: forward it."""
@@ -156,14 +178,13 @@ class Reader:
         route = self.routes.get(fh)
         if route is None or not same_content(Stamp(*linux.stamp(route.fd)), route.stamp):
             return False
-        ticket = route.ticket
-        length = reply_length(size, offset, ticket.size)
-        return self.replier.reply(unique, route.fd, offset, length, before=lambda: self._count(ticket, offset, length))
+        length = reply_length(size, offset, route.size)
+        return self.replier.reply(unique, route.fd, offset, length, before=lambda: self._count(route, offset, length))
 
-    def _count(self, ticket: Ticket, offset: int, length: int) -> None:
+    def _count(self, route: Route, offset: int, length: int) -> None:
         self.served += length
         if length:
-            self.hits += (offset + length - 1) // ticket.chunk_size - offset // ticket.chunk_size + 1
+            self.hits += spanned(offset, length, route.chunk_size)
         COUNTS.pack_into(self.counts, 0, self.served, self.hits)
 
 
