@@ -2,8 +2,9 @@
 
 Plain integers mutated on the trio thread, so no locking is needed, except the counters of
 reads served, which the session's reader threads bump too (session/queues.py): those only
-through `count_served` and `count_hits`, under a lock. `snapshot()` turns them into a
-JSON-able dict for the control channel.
+through `count_served` and `count_hits`, under a lock. Reader processes count in shared
+memory of their own (session/processes.py), folded in (`fold`) at each snapshot and each
+Prometheus collection. `snapshot()` turns them into a JSON-able dict for the control channel.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Metrics:
     chunk_hits: int = 0  # chunks a read found ready
     chunk_misses: int = 0  # chunks a read had to wait for
     bytes_read_through: int = 0  # served straight from the source: no room in the cache
-    bytes_served_direct: int = 0  # ... of which by the reader threads, from files complete at open
+    bytes_served_direct: int = 0  # ... of which by the readers (threads or processes), from complete files
     fetch_errors: int = 0
     checksum_failures: int = 0
     files_streamed: int = 0

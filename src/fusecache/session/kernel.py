@@ -5,7 +5,8 @@ which pyfuse3 does not; the kernel protocol itself is stable and small for a rea
 
 Concurrency: with `queues` > 1, reader threads read the requests, each through its own duplicate of
 the descriptor, answer the reads of files complete in the cache themselves and hand every
-other request to the trio thread (session/queues.py); with one queue, the trio thread reads
+other request to the trio thread (session/queues.py; where the cache is in memory, reader
+processes do the same, session/processes.py); with one queue, the trio thread reads
 them itself (nonblocking descriptor, woken by poll). Either way the trio thread runs one task
 per request it answers, so all state changes stay on that thread. Its data replies are
 written from worker threads: the kernel copies a reply into the reader's pages inside that
