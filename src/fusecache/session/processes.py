@@ -106,12 +106,10 @@ class ReaderProcesses:
     # ---- routes (Routes' watcher; the trio thread) ------------------------------------------
 
     def added(self, fh: int, file: DirectFile) -> None:
-        ticket = file.ticket()
-        if ticket is None:  # changed since checked: its reads go to the engine
-            return
-        message = ROUTE.pack(OP_ROUTE, fh, ticket.size, ticket.chunk_size, *ticket.stamp)
-        for process in self._processes:
-            self._tell(process, message, file.fd)
+        message = _route(fh, file)
+        if message is not None:
+            for process in self._processes:
+                self._tell(process, message, file.fd)
 
     def removed(self, fh: int) -> None:
         for process in self._processes:
@@ -227,9 +225,9 @@ class ReaderProcesses:
         process = _Process(slot, popen, ours)
         self._processes.append(process)
         for fh, file in self.routes:
-            ticket = file.ticket()
-            if ticket is not None:
-                self._tell(process, ROUTE.pack(OP_ROUTE, fh, ticket.size, ticket.chunk_size, *ticket.stamp), file.fd)
+            message = _route(fh, file)
+            if message is not None:
+                self._tell(process, message, file.fd)
         return process
 
     async def _listen(self, process: _Process, deliver: Deliver, over: trio.Event) -> None:
@@ -310,3 +308,12 @@ class ReaderProcesses:
             log.error("a new reader process could not be started (%s): the session ends", e)
             over.set()
             return None
+
+
+def _route(fh: int, file: DirectFile) -> bytes | None:
+    """The ROUTE of an open (its descriptor goes with it); None if the file changed since it
+    was checked: its reads go to the engine."""
+    ticket = file.ticket()
+    if ticket is None:
+        return None
+    return ROUTE.pack(OP_ROUTE, fh, ticket.size, ticket.chunk_size, *ticket.stamp)
