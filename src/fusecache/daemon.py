@@ -56,9 +56,12 @@ def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, 
     if cfg.session == "pyfuse3":
         from .session.pyfuse3_session import Pyfuse3Session  # libfuse only where asked for
         return Pyfuse3Session(operations, spec, cfg.workers)
+    if cfg.readers == "processes" and not in_memory:
+        log.warning("readers=processes on a cache on disk: the cache files' pages read for replies stay in "
+                    "the page cache beside the mount's (readers=auto gives threads here, which drop them)")
+    processes = cfg.readers == "processes" or (cfg.readers == "auto" and in_memory)
     return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough, cfg.queues,
-                                                         processes=cfg.readers == "processes"
-                                                         or (cfg.readers == "auto" and in_memory)))
+                                                         processes=processes))
 
 
 def passthrough_state(cfg: MountConfig, session, store: CacheStore) -> str | None:
@@ -164,9 +167,6 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     kernel = session if isinstance(session, KernelSession) else None
     if kernel is not None:
         metrics.count_elsewhere(kernel.served_by_processes)
-    if cfg.readers == "processes" and not in_memory:
-        log.warning("readers=processes on a cache on disk: the cache files' pages read for replies stay in "
-                    "the page cache beside the mount's (readers=auto gives threads here, which drop them)")
     fd_store = uses_fd_store(cfg)
     journal_ = _journal(store, kernel, operations)
     restarts = HandoverServer(kernel, operations.export_state,
