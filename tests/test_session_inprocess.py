@@ -8,7 +8,8 @@ What it proves:
 - what the adapter raises becomes the reply's errno in one place, the same for both sessions:
   OSError and the engine's ReadError give their errno, FuseError its own, anything else EIO,
   logged once with the request's name; a failing request or FORGET never ends the loop;
-- INIT does not ask for FUSE_ASYNC_DIO (for which the kernel never sends INTERRUPT);
+- INIT does not ask for FUSE_ASYNC_DIO (for which the kernel never sends INTERRUPT), and asks
+  reader processes' connections for reads whose replies a pipe holds whole;
 - a session's mount identity: only the never-reused mount id, or the device while our
   connection is open, says that the mount at the path is still ours.
 """
@@ -16,7 +17,9 @@ What it proves:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import socket
 
@@ -25,6 +28,7 @@ import trio
 
 from fusecache.engine import ReadError
 from fusecache.session import protocol as p
+from fusecache.session.direct import pages_spliced_whole
 from fusecache.session.kernel import KernelSession, SessionConfig
 from fusecache.session.mount import MountIdentity, MountSpec, identify
 from fusecache.session.types import Attributes, Context, FuseError, reply_errno
@@ -211,3 +215,45 @@ async def test_a_kernel_without_passthrough_negotiates_without_it(kernel):
     cfg = MountConfig(Path("/s"), Path("/m"), passthrough=True, session="kernel")
     assert passthrough_state(cfg, k.session, store=None) == (
         "the kernel does not offer it (Linux 6.9 or newer with CONFIG_FUSE_PASSTHROUGH needed)")
+
+
+def pipe_room() -> int:
+    """Slots (pages) of the largest pipe a process may have here: 2 MiB, else fs.pipe-max-size."""
+    pipe_out, pipe_in = os.pipe()
+    try:
+        for size in (2 << 20, int(open("/proc/sys/fs/pipe-max-size").read())):
+            try:
+                fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, size)
+                break
+            except OSError:
+                continue
+        return fcntl.fcntl(pipe_in, fcntl.F_GETPIPE_SZ) // mmap.PAGESIZE
+    finally:
+        os.close(pipe_out)
+        os.close(pipe_in)
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
+async def test_init_asks_for_reads_whose_spliced_replies_a_pipe_holds(kernel, processes):
+    """Reader processes splice each reply through a pipe, which must hold it whole, a slot per
+    page and one for the header. Under the default fs.pipe-max-size (1 MiB) a 1 MiB read does
+    not fit, so the kernel is asked for 512 KiB reads instead; threads are asked for 1 MiB."""
+    k = kernel(FailingOperations())
+    k.session.config = SessionConfig(workers=2, max_background=4, passthrough=False, queues=2, processes=processes)
+    init = p.INIT_IN.pack(p.KERNEL_VERSION, p.KERNEL_MINOR_VERSION, 1 << 20, 0xFFFFFFFF) + p.INIT_IN_FLAGS2.pack(0xFFFFFFFF)
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            k.session._dispatch(nursery, k.request(p.Op.INIT, 1, init + bytes(64)))
+            unique, error, payload = await k.reply()
+    assert (unique, error) == (1, 0)
+    max_pages = p.INIT_OUT.unpack_from(payload)[8]
+    full = (1 << 20) // mmap.PAGESIZE
+    if not processes or pipe_room() > full:
+        assert max_pages == full
+    else:
+        assert max_pages == (full // 2 if pipe_room() > full // 2 else full)
+
+
+def test_reads_are_halved_only_where_that_lets_a_pipe_hold_the_reply():
+    assert [pages_spliced_whole(room) for room in (1024, 512, 257, 256, 129, 128, 16)] == [
+        256, 256, 256, 128, 128, None, None]

@@ -46,6 +46,9 @@ from . import protocol as p
 
 log = logging.getLogger(__name__)
 
+# The most pages one READ asks for: what a buffer of MAX_REQUEST holds.
+MAX_PAGES = MAX_REQUEST // mmap.PAGESIZE
+
 # The header's opcode and unique, then READ_IN's fh, offset and size: one unpack per request.
 _READ = struct.Struct("<4xIQ" + f"{p.IN_HEADER.size - 16}x" + "QQI" + f"{p.READ_IN.size - 20}x")
 _OP_READ = int(p.Op.READ)
@@ -155,7 +158,8 @@ class SplicingReplier:
     16-core device, 16 processes served 16.3-16.7 GB/s to read() this way at 6-7 CPU-seconds
     per 16 GiB, against 14.3-14.9 (8-10 s) copying through a buffer and 10.5-12.7 (12-17 s)
     from a mapping (docs/benchmarks.md, issue 22). The kernel wants the whole reply in the
-    pipe before it takes it, a slot per page and one for the header: a reply the pipe cannot
+    pipe before it takes it, a slot per page and one for the header (the kernel is asked for
+    reads no larger than a pipe here holds that way: request_pages): a reply the pipe cannot
     hold, or a cache file that cannot be spliced, is copied instead (DataReplier)."""
 
     def __init__(self, dev_fd: int) -> None:
@@ -233,14 +237,39 @@ def _reply_pipe() -> tuple[int, int]:
     return pipe_out, pipe_in
 
 
-def splices_whole_replies() -> bool:
-    """Whether a pipe here holds a reply of MAX_REQUEST bytes (else those are copied)."""
+def request_pages() -> int:
+    """The most pages the kernel is to ask for in one READ (INIT's max_pages) where reader
+    processes splice the replies: MAX_PAGES where a pipe here holds such a reply whole; half
+    of that where only half does. That is the default fs.pipe-max-size (1 MiB) for a daemon
+    without CAP_SYS_RESOURCE, and there 512 KiB reads, spliced, beat 1 MiB reads copied: on
+    the 2-core test machine 15-20% faster at a third less daemon CPU, and within 5% of 1 MiB
+    reads spliced (docs/benchmarks.md, issue 22). Smaller still would be more requests than
+    copies save, so a pipe that holds less gets MAX_PAGES, copied. The mount's log says
+    which."""
     pipe = _reply_pipe()
     try:
-        return _pipe_pages(pipe[1]) > MAX_REQUEST // mmap.PAGESIZE
+        room = _pipe_pages(pipe[1])
     finally:
         for fd in pipe:
             os.close(fd)
+    pages = pages_spliced_whole(room)
+    if pages is None:
+        log.info("replies are copied, not spliced: a pipe holds no more than %d KiB here (fs.pipe-max-size of "
+                 "2 MiB lets them be spliced, docs/operations.md)", room * mmap.PAGESIZE >> 10)
+        return MAX_PAGES
+    if pages < MAX_PAGES:
+        log.info("reads of %d KiB asked for, whose replies a pipe here holds whole (fs.pipe-max-size of 2 MiB "
+                 "lets reads of %d KiB be spliced, docs/operations.md)", pages * mmap.PAGESIZE >> 10, MAX_REQUEST >> 10)
+    return pages
+
+
+def pages_spliced_whole(room: int) -> int | None:
+    """MAX_PAGES, or half of it, whichever is the larger whose page-aligned reply a pipe of
+    `room` slots holds whole (a slot per page and one for the header); None if neither."""
+    for pages in (MAX_PAGES, MAX_PAGES // 2):
+        if pages < room:
+            return pages
+    return None
 
 
 def _pipe_max_size() -> int:

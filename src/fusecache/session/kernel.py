@@ -31,7 +31,7 @@ from ..fairness import requester
 from ..livestate import Negotiated
 from . import protocol as p
 from .answers import MetadataAnswers, context_of
-from .direct import send
+from .direct import MAX_PAGES, request_pages, send
 from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, connected, identify, mount, unmount_own
 from .processes import ReaderProcesses
@@ -53,7 +53,6 @@ INTERRUPTIBLE = frozenset({p.Op.READ, p.Op.OPEN})
 EARLY_INTERRUPTS = 1024
 # Replies this long or longer are written from a worker thread; shorter ones inline.
 THREAD_REPLY_BYTES = 64 * 1024
-MAX_PAGES = MAX_REQUEST // 4096
 
 
 # A request's handler: replies, or raises what reply_errno turns into the reply.
@@ -71,6 +70,10 @@ class SessionConfig:
     passthrough: bool  # ask the kernel for passthrough if it offers it
     queues: int = 1  # threads reading the connection (session/queues.py); 1: the trio thread reads
     processes: bool = False  # processes read it instead of threads (session/processes.py)
+
+    def reads_by_processes(self) -> bool:
+        """Whether reader processes read the connection (with one queue the trio thread does)."""
+        return self.processes and self.queues > 1
 
 
 class DeviceBacking:
@@ -200,11 +203,11 @@ class KernelSession:
         if not self.minor and await self._read_requests(nursery, buf, until_init=True):
             return True
         if self._readers is None:
-            if self.config.processes:
+            if self.config.reads_by_processes():
                 self._readers = ReaderProcesses(self.fd, self.config.queues, self.direct, self.resend)
             else:
                 self._readers = RequestThreads(self.fd, self.config.queues, self.direct)
-            log.info("%d %s read requests", self.config.queues, "processes" if self.config.processes else "threads")
+            log.info("%d %s read requests", self.config.queues, "processes" if self.config.reads_by_processes() else "threads")
 
         def deliver(fd: int, data: bytes) -> bool:  # a request a thread hands over
             try:
@@ -333,7 +336,8 @@ class KernelSession:
         self.flags = wanted & init.flags
         if self.flags & p.PASSTHROUGH:
             self.backing = DeviceBacking(self.fd)
-        self._send(header.unique, 0, _init_reply(self.minor, self.flags, init, self.config).pack())
+        pages = request_pages() if self.config.reads_by_processes() else MAX_PAGES  # the sizes they splice
+        self._send(header.unique, 0, _init_reply(self.minor, self.flags, init, self.config, pages).pack())
         log.info("FUSE protocol %d.%d (kernel %d.%d), passthrough %s", p.KERNEL_VERSION, self.minor,
                  init.major, init.minor, "offered" if init.flags & p.PASSTHROUGH else "not offered")
 
@@ -382,10 +386,10 @@ class KernelSession:
 
 
 
-def _init_reply(minor: int, flags: int, init: p.InitIn, config: SessionConfig) -> p.InitOut:
+def _init_reply(minor: int, flags: int, init: p.InitIn, config: SessionConfig, max_pages: int) -> p.InitOut:
     return p.InitOut(minor=minor, max_readahead=init.max_readahead, flags=flags,
                      max_background=config.max_background, congestion_threshold=config.max_background * 3 // 4,
-                     max_write=p.MAX_WRITE, max_pages=MAX_PAGES, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
+                     max_write=p.MAX_WRITE, max_pages=max_pages, max_stack_depth=1 if flags & p.PASSTHROUGH else 0)
 
 
 def _op_name(opcode: int) -> str:

@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..config import MAX_REQUEST
-from .direct import splices_whole_replies
 from .queues import Deliver
 from .reader_process import (CONTROL_MESSAGE, COUNTS, FORWARD, LOG, LOG_LEVEL, OP_ROUTE, OP_STOP, OP_UNROUTE,
                              OVER, ROUTE, STOPPED, UNROUTE)
@@ -79,9 +77,6 @@ class ReaderProcesses:
         self._retired = (0, 0)  # what processes that ended served: bytes, chunk hits
         self._replaced = 0
         self._stopping = False  # STOP was sent: no process is started any more this run
-        if not splices_whole_replies():
-            log.info("replies of %d KiB are copied, not spliced: a pipe cannot hold one here (fs.pipe-max-size "
-                     "of 2 MiB lets them be spliced, docs/operations.md)", MAX_REQUEST >> 10)
 
     # ---- what they served ------------------------------------------------------------------
 
