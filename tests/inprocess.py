@@ -72,6 +72,7 @@ class CountingSource(Source):
         self.faults: dict[str, int] = {}  # relpath -> errno its reads fail with
         self.hooks: dict[str, Callable[[int], None]] = {}  # relpath -> run before each read (offset)
         self.gates: list[Gate] = []
+        self.kernel_copies = True  # False: as a source on another filesystem than the cache
 
     # -- fault injection --
 
@@ -99,6 +100,8 @@ class CountingSource(Source):
 
     def copy_exact(self, fd: int, dev: int, dst_fd: int, offset: int, length: int, relpath: str,
                    identity: Identity) -> bool:
+        if not self.kernel_copies:
+            return False
         self._reading(relpath, offset, length)
         if super().copy_exact(fd, dev, dst_fd, offset, length, relpath, identity):
             return True

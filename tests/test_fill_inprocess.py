@@ -55,8 +55,11 @@ def test_start_and_ceiling_are_kept_in_order():
 
 
 async def test_a_stream_keeps_several_reads_of_one_file_in_flight(harness):
+    """From a source on another filesystem than the cache (a network one: its latency is
+    what several reads in flight hide)."""
     data = harness.write("f", 4 * 4 * CHUNK)  # four stream reads
     engine = await harness.start(streams=2, fill_reads_max=4)
+    harness.source.kernel_copies = False
     gate = harness.source.hold("f", offset=0)
     engine.prefetch("f")
     await gate.wait_entered()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import shutil
 import struct
 import time
@@ -540,6 +541,38 @@ def test_a_copied_fill_round_trips_through_a_restart_and_leaves_nothing_mapped(s
     assert served(reopen(store)) == data
     checked = reopen(store, trust=False)
     assert list(checked.state) == [ON_DISK] * 4 and served(checked) == data  # every checksum holds
+
+
+@pytest.mark.parametrize("take_turns", [True, False])
+def test_copies_that_take_turns_into_one_file_never_overlap(store, tmp_path, take_turns):
+    """Streams' copies into one data file take turns (the kernel would serialize them on the
+    inode's lock, spinning); a reader's copy (take_turns=False) never waits behind them."""
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    copy = copier_of(data, tmp_path, KernelCopy(), [])
+    first_in, first_go = threading.Event(), threading.Event()
+    second_in = threading.Event()
+
+    def held(data_fd: int, offset: int, length: int) -> bool:
+        (first_in if offset == 0 else second_in).set()
+        if offset == 0:
+            assert first_go.wait(10)
+        return copy(data_fd, offset, length)
+
+    def fill(run: range, turns: bool) -> None:
+        entry.fill_run(run, reader_of(data, entry, run, []), NO_SCRATCH, held, take_turns=turns)
+    first = threading.Thread(target=fill, args=(range(0, 2), True))
+    first.start()
+    assert first_in.wait(10)
+    second = threading.Thread(target=fill, args=(range(2, 4), take_turns))
+    second.start()
+    assert second_in.wait(0.5) is not take_turns  # waits for the first copy, or goes ahead
+    first_go.set()
+    first.join(10)
+    second.join(10)
+    assert second_in.is_set() and list(entry.state) == [VERIFIED] * 4
+    entry.close()
+    assert served(reopen(store, trust=False)) == data
 
 
 def test_a_copy_the_kernel_cannot_make_reads_into_the_mapping_instead(store):

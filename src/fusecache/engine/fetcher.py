@@ -218,7 +218,7 @@ class Fetcher:
                 self.budget.reserved += room
                 reserved = room
                 fetched, bad = await self.tasks.io(self._materialize, tracked, flight.chunks, buf,
-                                                   limiter=lane.limiter)
+                                                   lane is not self.demand, limiter=lane.limiter)
             self.metrics.bytes_from_source += fetched
             self.metrics.checksum_failures += bad
             self.metrics.observe_fetch(time.monotonic() - started)
@@ -249,12 +249,15 @@ class Fetcher:
             flight.done.set()
             self.files.unref(tracked)
 
-    def _materialize(self, tracked: TrackedFile, chunks: range, buf: memoryview) -> tuple[int, int]:
+    def _materialize(self, tracked: TrackedFile, chunks: range, buf: memoryview,
+                     take_turns: bool) -> tuple[int, int]:
         """Worker thread: make chunks verified. Chunks recorded by an earlier run are checked
         against their checksum; the rest are copied from the source in one sequential copy
         per contiguous run, straight into the cache file (CacheEntry.fill_run: inside the
         kernel, or read into a mapping of it; buf only where the cache filesystem cannot
-        reserve space). Returns (bytes read from source, checksum failures)."""
+        reserve space). Copies of the streams' lanes take turns in a file; a reader's (the
+        demand lane's) never waits behind them. Returns (bytes read from source, checksum
+        failures)."""
         entry = tracked.entry
         bad = entry.verify_recorded(chunks, buf)
         fetched = 0
@@ -268,7 +271,7 @@ class Fetcher:
                 return self.source.copy_exact(tracked.src_fd, tracked.opened.st_dev, data_fd, offset, length,
                                               entry.relpath, entry.identity)
 
-            length = entry.fill_run(run, read, buf, copy)
+            length = entry.fill_run(run, read, buf, copy, take_turns)
             self.drop_source_pages(tracked, start, length)
             fetched += length
         return fetched, bad
