@@ -227,9 +227,9 @@ class CacheEntry(ChunkStates):
         run's space reserved (fallocate: a full cache filesystem raises ENOSPC/EDQUOT here, as
         a write would) and `read` into a shared mapping of the data file, hashed there: only
         reserved pages are written through it, as a write fault into a hole the filesystem
-        has no room for is a SIGBUS, not an error. Each chunk's record is written after its bytes. A cache
-        filesystem that cannot reserve falls back, for this entry from then on, to reading
-        into `scratch` and store_chunk."""
+        has no room for is a SIGBUS, not an error. Each chunk's record is written after its
+        bytes. A cache filesystem that cannot reserve falls back, for this entry from then
+        on, to reading into `scratch` and store_chunk."""
         start, length = self.run_extent(run)
         lengths = [self.chunk_extent(i)[1] for i in run]
         if copy is not None:
@@ -402,6 +402,11 @@ class CacheEntry(ChunkStates):
         just asked `unchanged_since` itself (a reader thread, once per reply)."""
         return memoryview(self._mapping())[offset:offset + length]
 
+    def recheck(self) -> None:
+        """Notice writes into the data file by anyone else now, before the kernel reads it."""
+        with self._lock:
+            self._notice_foreign_writes()
+
     def verified_generation(self) -> int | None:
         """The generation at which every chunk is verified, or None if some chunk is not:
         read together under the lock, so a demotion (a foreign write noticed on another
@@ -410,11 +415,6 @@ class CacheEntry(ChunkStates):
         with self._lock:
             self._notice_foreign_writes()
             return self.generation if self.complete else None
-
-    def recheck(self) -> None:
-        """Notice writes into the data file by anyone else now, before the kernel reads it."""
-        with self._lock:
-            self._notice_foreign_writes()
 
     def unchanged_since(self, generation: int) -> bool:
         """Whether no foreign write was noticed since `generation` (noticing one now if the

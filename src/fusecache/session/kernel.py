@@ -207,7 +207,8 @@ class KernelSession:
                 self._readers = ReaderProcesses(self.fd, self.config.queues, self.direct, self.resend)
             else:
                 self._readers = RequestThreads(self.fd, self.config.queues, self.direct)
-            log.info("%d %s read requests", self.config.queues, "processes" if self.config.reads_by_processes() else "threads")
+            log.info("%d %s read requests", self.config.queues,
+                     "processes" if self.config.reads_by_processes() else "threads")
 
         def deliver(fd: int, data: bytes) -> bool:  # a request a thread hands over
             try:
