@@ -72,7 +72,6 @@ class CountingSource(Source):
         self.faults: dict[str, int] = {}  # relpath -> errno its reads fail with
         self.hooks: dict[str, Callable[[int], None]] = {}  # relpath -> run before each read (offset)
         self.gates: list[Gate] = []
-        self.kernel_copies = True  # False: as a source on another filesystem than the cache
 
     # -- fault injection --
 
@@ -100,8 +99,6 @@ class CountingSource(Source):
 
     def copy_exact(self, fd: int, dev: int, dst_fd: int, offset: int, length: int, relpath: str,
                    identity: Identity) -> bool:
-        if not self.kernel_copies:
-            return False
         self._reading(relpath, offset, length)
         if super().copy_exact(fd, dev, dst_fd, offset, length, relpath, identity):
             return True
@@ -210,12 +207,12 @@ class Harness:
         return store
 
     async def start(self, *, store: CacheStore | None = None, source: CountingSource | None = None,
-                    serve_from_memory: bool = False, **config: object) -> Engine:
+                    cache_in_memory: bool = False, **config: object) -> Engine:
         self.source = source or CountingSource(self.src)
         self.sources.append(self.source)
         self.store = store or self.new_store()
         engine = Engine(self.config(**config), self.source, self.store, Metrics(), CacheBudget(sys.maxsize),
-                        serve_from_memory=serve_from_memory)
+                        cache_in_memory=cache_in_memory)
         await self.nursery.start(self._serve, engine)
         return engine
 

@@ -43,10 +43,10 @@ from .inprocess import ctx, fuse_errno, operations, read_all
 
 # ---- the fetcher -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("serve_from_memory", [False, True], ids=["threads", "mapped"])
-async def test_a_read_fetches_its_chunks_once_and_then_serves_them(harness, serve_from_memory):
+@pytest.mark.parametrize("cache_in_memory", [False, True], ids=["threads", "mapped"])
+async def test_a_read_fetches_its_chunks_once_and_then_serves_them(harness, cache_in_memory):
     data = harness.write("dir/f", 5 * CHUNK + 77)
-    engine = await harness.start(serve_from_memory=serve_from_memory)
+    engine = await harness.start(cache_in_memory=cache_in_memory)
     src = harness.source
     assert await read_file(engine, "dir/f", step=CHUNK // 3) == data
     assert src.counts("dir/f", len(data)).tolist() == [1] * len(data)
@@ -96,9 +96,11 @@ async def test_concurrent_reads_of_one_range_fetch_each_byte_once(harness):
         await engine.release(handle)
 
 
-async def test_demand_reads_during_a_prefetch_read_each_byte_once(harness):
+@pytest.mark.parametrize("cache_in_memory", [False, True], ids=["disk", "memory"])
+async def test_demand_reads_during_a_prefetch_read_each_byte_once(harness, cache_in_memory):
+    """In memory the stream's copies into the file take turns: the demand read's does not."""
     data = harness.write("f", 12 * CHUNK)  # three stream blocks of four chunks
-    engine = await harness.start()
+    engine = await harness.start(cache_in_memory=cache_in_memory)
     src = harness.source
     stream_gate = src.hold("f", offset=0)
     demand_gate = src.hold("f", offset=9 * CHUNK)

@@ -1,5 +1,7 @@
 """Parallel fill, in process: a stream keeps several reads of one file in flight, and the fill
-controller sizes how many by what the source delivers (engine/fill.py)."""
+controller sizes how many by what the source delivers (engine/fill.py); on a cache in memory,
+where the kernel copies a source on the cache's filesystem, the stream's copies into one file
+take turns instead (CacheEntry.fill_run)."""
 
 from __future__ import annotations
 
@@ -55,17 +57,34 @@ def test_start_and_ceiling_are_kept_in_order():
 
 
 async def test_a_stream_keeps_several_reads_of_one_file_in_flight(harness):
-    """From a source on another filesystem than the cache (a network one: its latency is
-    what several reads in flight hide)."""
     data = harness.write("f", 4 * 4 * CHUNK)  # four stream reads
     engine = await harness.start(streams=2, fill_reads_max=4)
-    harness.source.kernel_copies = False
     gate = harness.source.hold("f", offset=0)
     engine.prefetch("f")
     await gate.wait_entered()
     with trio.fail_after(5):  # the next reads go ahead while the first is held
         while harness.source.calls("f") < 2:
             await trio.sleep(0.01)
+    await check_fill(engine, harness, gate, data)
+
+
+async def test_on_a_cache_in_memory_a_streams_copies_into_one_file_take_turns(harness):
+    data = harness.write("f", 4 * 4 * CHUNK)
+    engine = await harness.start(streams=2, fill_reads_max=4, cache_in_memory=True)
+    gate = harness.source.hold("f", offset=0)
+    engine.prefetch("f")
+    await gate.wait_entered()  # (another flight may have had its turn first)
+    copies = harness.source.calls("f")
+    with trio.move_on_after(0.5):  # the next flights start, and wait for the held copy's turn
+        while harness.source.calls("f") == copies:
+            await trio.sleep(0.01)
+    assert harness.source.calls("f") == copies and engine.fill()[0] > 1  # started, waiting for their turn
+    await check_fill(engine, harness, gate, data)
+
+
+async def check_fill(engine, harness, gate, data: bytes) -> None:
+    """Once a stream's first read is held: what status shows, then the whole file, each byte
+    read once, after the read goes on."""
     in_flight, limit, buffers = engine.fill()  # what status shows
     assert 1 <= in_flight <= limit and buffers == in_flight * 4 * CHUNK  # the held read at least
     gate.open()

@@ -4,7 +4,8 @@ as a reply to the kernel is; one read one request).
 
 What it proves:
 - a spliced reply is the header and the bytes, whole; a range past the file's end sends
-  nothing and leaves nothing behind; one larger than a pipe can hold is copied instead;
+  nothing and leaves nothing behind; one larger than a pipe can hold is copied instead, and
+  the log says so once;
 - a READ of a routed open is answered from the cache file, byte for byte, and counted (in
   the process's slot of the shared counters) before the reply goes out;
 - everything else reaches the daemon as it was read: a READ of an open not routed, or no
@@ -20,6 +21,7 @@ What it proves:
 from __future__ import annotations
 
 import fcntl
+import logging
 import mmap
 import os
 import signal
@@ -136,7 +138,7 @@ def test_a_reader_answers_routed_reads_and_forwards_the_rest(device, cache_file)
     assert not thread.is_alive() and reader.routes == {}
 
 
-def test_a_spliced_reply_is_the_header_and_the_bytes_whole(cache_file):
+def test_a_spliced_reply_is_the_header_and_the_bytes_whole(cache_file, caplog):
     path, fd, data = cache_file
     device_out, device_in = os.pipe()  # a byte stream: each reply is read back by its length
     # room for a spliced reply at once: pipe to pipe, the replier's nonblocking pipe never waits
@@ -164,8 +166,12 @@ def test_a_spliced_reply_is_the_header_and_the_bytes_whole(cache_file):
         assert sent(100) == p.pack_out_header(100, 0, 10) + data[:100]
         big = os.urandom(replier._room * mmap.PAGESIZE)  # more than a pipe holds, with the header: copied
         path.write_bytes(big)
-        assert replier.reply(11, fd, 0, len(big))
-        assert sent(len(big)) == p.pack_out_header(len(big), 0, 11) + big
+        caplog.set_level(logging.INFO)
+        for unique in (11, 12):
+            assert replier.reply(unique, fd, 0, len(big))
+            assert sent(len(big)) == p.pack_out_header(len(big), 0, unique) + big
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == [  # said once
+            f"replies of {len(big) >> 10} KiB are copied"]
     finally:
         replier.close()
         os.close(device_in)

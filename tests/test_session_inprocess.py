@@ -17,9 +17,7 @@ What it proves:
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
-import mmap
 import os
 import socket
 
@@ -27,7 +25,7 @@ import pytest
 import trio
 
 from fusecache.engine import ReadError
-from fusecache.session import protocol as p
+from fusecache.session import direct, protocol as p
 from fusecache.session.direct import pages_spliced_whole
 from fusecache.session.kernel import KernelSession, SessionConfig
 from fusecache.session.mount import MountIdentity, MountSpec, identify
@@ -217,27 +215,14 @@ async def test_a_kernel_without_passthrough_negotiates_without_it(kernel):
         "the kernel does not offer it (Linux 6.9 or newer with CONFIG_FUSE_PASSTHROUGH needed)")
 
 
-def pipe_room() -> int:
-    """Slots (pages) of the largest pipe a process may have here: 2 MiB, else fs.pipe-max-size."""
-    pipe_out, pipe_in = os.pipe()
-    try:
-        for size in (2 << 20, int(open("/proc/sys/fs/pipe-max-size").read())):
-            try:
-                fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, size)
-                break
-            except OSError:
-                continue
-        return fcntl.fcntl(pipe_in, fcntl.F_GETPIPE_SZ) // mmap.PAGESIZE
-    finally:
-        os.close(pipe_out)
-        os.close(pipe_in)
-
-
-@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
-async def test_init_asks_for_reads_whose_spliced_replies_a_pipe_holds(kernel, processes):
+@pytest.mark.parametrize("processes, room, pages", [(False, 16, 256), (True, 512, 256), (True, 256, 128), (True, 16, 256)],
+                         ids=["threads", "processes-2MiB-pipe", "processes-1MiB-pipe", "processes-64KiB-pipe"])
+async def test_init_asks_for_reads_whose_spliced_replies_a_pipe_holds(kernel, monkeypatch, processes, room, pages):
     """Reader processes splice each reply through a pipe, which must hold it whole, a slot per
-    page and one for the header. Under the default fs.pipe-max-size (1 MiB) a 1 MiB read does
-    not fit, so the kernel is asked for 512 KiB reads instead; threads are asked for 1 MiB."""
+    page and one for the header. Under the default fs.pipe-max-size (1 MiB, 256 slots) a 1 MiB
+    read does not fit, so the kernel is asked for 512 KiB reads instead; a pipe that cannot
+    grow at all gets 1 MiB reads, copied; threads are asked for 1 MiB."""
+    monkeypatch.setattr(direct, "_pipe_pages", lambda fd: room)
     k = kernel(FailingOperations())
     k.session.config = SessionConfig(workers=2, max_background=4, passthrough=False, queues=2, processes=processes)
     init = p.INIT_IN.pack(p.KERNEL_VERSION, p.KERNEL_MINOR_VERSION, 1 << 20, 0xFFFFFFFF) + p.INIT_IN_FLAGS2.pack(0xFFFFFFFF)
@@ -246,14 +231,10 @@ async def test_init_asks_for_reads_whose_spliced_replies_a_pipe_holds(kernel, pr
             k.session._dispatch(nursery, k.request(p.Op.INIT, 1, init + bytes(64)))
             unique, error, payload = await k.reply()
     assert (unique, error) == (1, 0)
-    max_pages = p.INIT_OUT.unpack_from(payload)[8]
-    full = (1 << 20) // mmap.PAGESIZE
-    if not processes or pipe_room() > full:
-        assert max_pages == full
-    else:
-        assert max_pages == (full // 2 if pipe_room() > full // 2 else full)
+    assert p.INIT_OUT.unpack_from(payload)[8] == pages  # max_pages
 
 
 def test_reads_are_halved_only_where_that_lets_a_pipe_hold_the_reply():
-    assert [pages_spliced_whole(room) for room in (1024, 512, 257, 256, 129, 128, 16)] == [
-        256, 256, 256, 128, 128, None, None]
+    """Pipes come in powers of two pages; a reply that starts mid-page spans one page more."""
+    assert [pages_spliced_whole(room) for room in (1024, 512, 258, 257, 256, 130, 129, 16)] == [
+        256, 256, 256, 128, 128, 128, None, None]

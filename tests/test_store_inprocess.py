@@ -15,9 +15,9 @@ from __future__ import annotations
 import errno
 import json
 import os
-import threading
 import shutil
 import struct
+import threading
 import time
 
 import pytest
@@ -566,7 +566,10 @@ def test_copies_that_take_turns_into_one_file_never_overlap(store, tmp_path, tak
     assert first_in.wait(10)
     second = threading.Thread(target=fill, args=(range(2, 4), take_turns))
     second.start()
-    assert second_in.wait(0.5) is not take_turns  # waits for the first copy, or goes ahead
+    if take_turns:
+        assert not second_in.wait(0.5)  # waits for the first copy's turn to end
+    else:
+        assert second_in.wait(10)  # goes ahead
     first_go.set()
     first.join(10)
     second.join(10)

@@ -196,9 +196,10 @@ class MountConfig:
     readers: str = "auto"
     attr_timeout: float = 1.0
     # Kernel readahead of the mount. The default 128 KiB makes the kernel send 128 KiB reads;
-    # 4 MiB (one chunk) gives 1 MiB reads, as fast as 16 MiB when memory is ample and far
-    # cheaper under a memory cap, where pages read far ahead are evicted before use
-    # (docs/benchmarks.md).
+    # 4 MiB (one chunk) gives reads of the most INIT allows (1 MiB, or 512 KiB where reader
+    # processes' pipes hold no more: session/direct.py), as fast as 16 MiB when memory is
+    # ample and far cheaper under a memory cap, where pages read far ahead are evicted before
+    # use (docs/benchmarks.md).
     read_ahead_kb: int = 4096
     max_background: int = 64
     # Cache size: bytes, or a percentage of the cache filesystem's size. None: 80% of the

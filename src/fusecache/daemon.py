@@ -155,7 +155,7 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     metrics = Metrics()
     budget = CacheBudget(limit=sys.maxsize)  # the real limit is set once the store is loaded
     in_memory = mounts.fstype_of(str(store.root)) == "tmpfs"
-    engine = Engine(cfg, source, store, metrics, budget, serve_from_memory=in_memory)
+    engine = Engine(cfg, source, store, metrics, budget, cache_in_memory=in_memory)
     operations = FuseOperations(engine, cfg.attr_timeout)
     # resolved by the supervisor for a recovery: a stat of the mountpoint would wait for this process
     mountpoint = str(cfg.mountpoint) if recover_fd is not None else os.path.realpath(cfg.mountpoint)

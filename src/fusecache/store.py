@@ -33,7 +33,6 @@ every user as the source's bytes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -46,7 +45,7 @@ import struct
 import threading
 import time
 from array import array
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -217,32 +216,32 @@ class CacheEntry(ChunkStates):
         puts the run's bytes into the view it is given (the run's extent); `copy(data_fd,
         offset, length)`, where given, copies them into the data file at the same offset
         inside the kernel, or returns False where it cannot. Either raises if it cannot vouch
-        for the bytes (the source changed): then no chunk of the run is recorded.
+        for the bytes (the source changed): then they may be in the data file, but no chunk
+        of the run is recorded.
 
         One copy per byte, the cheapest way there is (kernelcopy.py says why in this order):
-        `copy` (with take_turns, one at a time into a file: the kernel takes them one at a
-        time anyway, on the inode's lock, where a waiter spins on a CPU; here it sleeps: 15%
-        less daemon CPU per prefetch, docs/benchmarks.md), each chunk then hashed from the
-        shared mapping of the data file (the page cache: what the cache will serve); else the
-        run's space reserved (fallocate: a full cache filesystem raises ENOSPC/EDQUOT here, as
-        a write would) and `read` into a shared mapping of the data file, hashed there: only
-        reserved pages are written through it, as a write fault into a hole the filesystem
-        has no room for is a SIGBUS, not an error. Each chunk's record is written after its
-        bytes. A cache filesystem that cannot reserve falls back, for this entry from then
-        on, to reading into `scratch` and store_chunk."""
+        `copy` (with take_turns, on a cache in memory, one at a time into a file: the kernel
+        writes them one at a time anyway, on the inode's lock, where a waiter spins on a CPU;
+        here it sleeps: 8-15% less daemon CPU per prefetch, docs/benchmarks.md), each chunk then
+        hashed from the shared mapping of the data file (the page cache: what the cache will serve);
+        else the run's space reserved (fallocate: a full cache filesystem raises ENOSPC/EDQUOT here,
+        as a write would) and `read` into a shared mapping of the data file, hashed there: only
+        reserved pages are written through it, as a write fault into a hole the filesystem has no
+        room for is a SIGBUS, not an error. Each chunk's record is written after its bytes. A cache
+        filesystem that cannot reserve falls back, for this entry from then on, to reading into
+        `scratch` and store_chunk."""
         start, length = self.run_extent(run)
         lengths = [self.chunk_extent(i)[1] for i in run]
         if copy is not None:
-            self._begin_write()
-            try:
-                with self._copying if take_turns else contextlib.nullcontext():
-                    copied = copy(self.data_fd, start, length)
-                if copied:
-                    with _mapped_range(self._mapping(), start, length, FAULT_AROUND_MAX) as (target, _):
-                        self._record(run, _checksums(target, lengths))
-                    return length
-            finally:
-                self._end_write()
+            with self._copying if take_turns else nullcontext():  # waiting is not writing: the turn first
+                self._begin_write()
+                try:
+                    if copy(self.data_fd, start, length):
+                        with _mapped_range(self._mapping(), start, length, FAULT_AROUND_MAX) as (target, _):
+                            self._record(run, _checksums(target, lengths))
+                        return length
+                finally:
+                    self._end_write()
         if self._reservable:
             self._begin_write()
             try:
@@ -425,7 +424,7 @@ class CacheEntry(ChunkStates):
 
     def _notice_foreign_writes(self) -> None:
         """With _lock held (and nothing while a write of ours is in progress): if the data
-        file's stamp moved, someone else wrote it, and every chunk must pass its checksum again."""
+        file's stamp moved, someone else wrote it, and every verified chunk is checked again."""
         if self._writing:
             return
         stamp = _stamp(self.data_fd)

@@ -35,7 +35,7 @@ class Engine:
     """Wires the parts (see the package docstring) and answers the adapter's calls."""
 
     def __init__(self, config: MountConfig, source: Source, store: CacheStore, metrics: Metrics,
-                 budget: CacheBudget, serve_from_memory: bool = False) -> None:
+                 budget: CacheBudget, cache_in_memory: bool = False) -> None:
         self.source = source
         self.metrics = metrics
         self.budget = budget
@@ -45,12 +45,12 @@ class Engine:
                                on_version_gone=lambda relpath: self.streams.version_gone(relpath))
         self.evictor = Evictor(EvictorConfig.from_mount(config), store, budget, metrics, self.files, self.tasks)
         self.fetcher = Fetcher(FetcherConfig.from_mount(config), source, self.files, self.evictor, budget,
-                               metrics, self.tasks)
+                               metrics, self.tasks, copies_take_turns=cache_in_memory)
         policy = CheckpointPolicy(source, config.readahead, config.readahead_min_size)
         self.streams = StreamScheduler(StreamConfig.from_mount(config), self.files, self.fetcher, policy,
                                        metrics, self.tasks)
         self.reader = Reader(source, self.fetcher, SequentialWindow.from_mount(config), metrics, self.tasks,
-                             config.workers, serve_from_memory)
+                             config.workers, serve_from_memory=cache_in_memory)
         self._replies = RepliesInFlight()  # the reader threads' replies from each cache file (direct)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -112,13 +112,16 @@ class Fetcher:
     (their own lane), and speculative flights ahead of sequential readers."""
 
     def __init__(self, config: FetcherConfig, source: Source, files: OpenFiles, evictor: Evictor,
-                 budget: CacheBudget, metrics: Metrics, tasks: Tasks) -> None:
+                 budget: CacheBudget, metrics: Metrics, tasks: Tasks, copies_take_turns: bool = False) -> None:
+        """copies_take_turns: a cache in memory (tmpfs), where a kernel copy into a cache file
+        is all memory work under the file's inode lock (CacheEntry.fill_run)."""
         self.source = source
         self.files = files
         self.evictor = evictor
         self.budget = budget
         self.metrics = metrics
         self.tasks = tasks
+        self.copies_take_turns = copies_take_turns
         self.demand = Lane(config.fetch_threads, 2 * config.chunk_size, config.chunk_size)
         # Checking a whole file recorded by an earlier daemon before the kernel may read it
         # directly: CPU and memory bound (no source reads), so as wide as the machine.
@@ -217,8 +220,9 @@ class Fetcher:
                 await self.evictor.make_room(tracked.relpath, room)
                 self.budget.reserved += room
                 reserved = room
-                fetched, bad = await self.tasks.io(self._materialize, tracked, flight.chunks, buf,
-                                                   lane is not self.demand, limiter=lane.limiter)
+                take_turns = self.copies_take_turns and lane is not self.demand
+                fetched, bad = await self.tasks.io(self._materialize, tracked, flight.chunks, buf, take_turns,
+                                                   limiter=lane.limiter)
             self.metrics.bytes_from_source += fetched
             self.metrics.checksum_failures += bad
             self.metrics.observe_fetch(time.monotonic() - started)
@@ -255,9 +259,9 @@ class Fetcher:
         against their checksum; the rest are copied from the source in one sequential copy
         per contiguous run, straight into the cache file (CacheEntry.fill_run: inside the
         kernel, or read into a mapping of it; buf only where the cache filesystem cannot
-        reserve space). Copies of the streams' lanes take turns in a file; a reader's (the
-        demand lane's) never waits behind them. Returns (bytes read from source, checksum
-        failures)."""
+        reserve space). With take_turns (the streams' lanes, on a cache in memory) kernel copies
+        into one file take turns; a reader's (the demand lane's) never waits behind them.
+        Returns (bytes read from source, checksum failures)."""
         entry = tracked.entry
         bad = entry.verify_recorded(chunks, buf)
         fetched = 0

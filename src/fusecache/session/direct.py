@@ -17,8 +17,8 @@ were measured for 1 MiB replies (docs/benchmarks.md, issue 22):
   no page tables to fill and empty: the cheapest in a process of its own (16 processes on
   the device: 16.3-16.7 GB/s against 10.5-12.7 mapping). The pipe must hold the header's slot
   and one per page, 257 for 1 MiB: past `/proc/sys/fs/pipe-max-size` (1 MiB, 256 pages) for a
-  daemon without CAP_SYS_RESOURCE (root in a container often lacks it); there 1 MiB replies
-  are copied.
+  daemon without CAP_SYS_RESOURCE (root in a container often lacks it); there the kernel is
+  asked for 512 KiB reads instead (`request_pages`), whose replies fit.
 - **copy**: `preadv` into a buffer, then `writev`: two copies. A reader process's fallback
   (14.3-14.9 GB/s with 16 of them), a thread's for a cache filesystem that cannot be mapped
   (then for the thread's life).
@@ -47,7 +47,7 @@ from . import protocol as p
 log = logging.getLogger(__name__)
 
 # The most pages one READ asks for: what a buffer of MAX_REQUEST holds.
-MAX_PAGES = MAX_REQUEST // mmap.PAGESIZE
+MAX_READ_PAGES = MAX_REQUEST // mmap.PAGESIZE
 
 # The header's opcode and unique, then READ_IN's fh, offset and size: one unpack per request.
 _READ = struct.Struct("<4xIQ" + f"{p.IN_HEADER.size - 16}x" + "QQI" + f"{p.READ_IN.size - 20}x")
@@ -168,6 +168,7 @@ class SplicingReplier:
         self.splicing = True  # False once the cache filesystem refused a splice
         self._pipe = _reply_pipe()
         self._room = _pipe_pages(self._pipe[1])  # slots: one per page, one for the header
+        self._told = False  # that a reply was copied for want of room (logged once)
 
     def close(self) -> None:
         for fd in self._pipe:
@@ -176,10 +177,15 @@ class SplicingReplier:
     def reply(self, unique: int, src_fd: int, offset: int, length: int,
               before: Callable[[], None] = lambda: None) -> bool:
         """As DataReplier.reply."""
-        if self.splicing and length and spanned(offset, length, mmap.PAGESIZE) < self._room:
-            sent = self._splice(unique, src_fd, offset, length, before)
-            if sent is not None:
-                return sent
+        if self.splicing and length:
+            if spanned(offset, length, mmap.PAGESIZE) < self._room:
+                sent = self._splice(unique, src_fd, offset, length, before)
+                if sent is not None:
+                    return sent
+            elif not self._told:  # a pipe that stayed small, or reads a mount from before a restart asks for
+                self._told = True
+                log.info("replies of %d KiB are copied: this reader's pipe holds %d KiB (fs.pipe-max-size, "
+                         "fs.pipe-user-pages-soft: docs/operations.md)", length >> 10, self._room * mmap.PAGESIZE >> 10)
         return self.copier.reply(unique, src_fd, offset, length, before)
 
     def _splice(self, unique: int, src_fd: int, offset: int, length: int,
@@ -239,13 +245,13 @@ def _reply_pipe() -> tuple[int, int]:
 
 def request_pages() -> int:
     """The most pages the kernel is to ask for in one READ (INIT's max_pages) where reader
-    processes splice the replies: MAX_PAGES where a pipe here holds such a reply whole; half
-    of that where only half does. That is the default fs.pipe-max-size (1 MiB) for a daemon
-    without CAP_SYS_RESOURCE, and there 512 KiB reads, spliced, beat 1 MiB reads copied: on
-    the 2-core test machine 15-20% faster at a third less daemon CPU, and within 5% of 1 MiB
-    reads spliced (docs/benchmarks.md, issue 22). Smaller still would be more requests than
-    copies save, so a pipe that holds less gets MAX_PAGES, copied. The mount's log says
-    which."""
+    processes splice the replies: MAX_READ_PAGES where a pipe here holds such a reply whole;
+    half of that where only half does. That is the default fs.pipe-max-size (1 MiB) for a
+    daemon without CAP_SYS_RESOURCE, and there 512 KiB reads, spliced, beat 1 MiB reads
+    copied: on the 2-core test machine 1.13-1.27x on read() and 1.08-1.15x on mmap at a third
+    less daemon CPU, and within 7% of 1 MiB reads spliced (docs/benchmarks.md, issue 22).
+    Smaller reads were not measured: a pipe that holds less gets MAX_READ_PAGES, copied. The
+    mount's log says which. Decided once, at INIT: a live restart keeps the mount's size."""
     pipe = _reply_pipe()
     try:
         room = _pipe_pages(pipe[1])
@@ -256,18 +262,19 @@ def request_pages() -> int:
     if pages is None:
         log.info("replies are copied, not spliced: a pipe holds no more than %d KiB here (fs.pipe-max-size of "
                  "2 MiB lets them be spliced, docs/operations.md)", room * mmap.PAGESIZE >> 10)
-        return MAX_PAGES
-    if pages < MAX_PAGES:
+        return MAX_READ_PAGES
+    if pages < MAX_READ_PAGES:
         log.info("reads of %d KiB asked for, whose replies a pipe here holds whole (fs.pipe-max-size of 2 MiB "
                  "lets reads of %d KiB be spliced, docs/operations.md)", pages * mmap.PAGESIZE >> 10, MAX_REQUEST >> 10)
     return pages
 
 
 def pages_spliced_whole(room: int) -> int | None:
-    """MAX_PAGES, or half of it, whichever is the larger whose page-aligned reply a pipe of
-    `room` slots holds whole (a slot per page and one for the header); None if neither."""
-    for pages in (MAX_PAGES, MAX_PAGES // 2):
-        if pages < room:
+    """MAX_READ_PAGES, or half of it, whichever is the larger whose reply a pipe of `room`
+    slots holds whole, even one that starts mid-page (a slot per page it spans, one for the
+    header); None if neither."""
+    for pages in (MAX_READ_PAGES, MAX_READ_PAGES // 2):
+        if pages + 1 < room:
             return pages
     return None
 

@@ -31,7 +31,7 @@ from ..fairness import requester
 from ..livestate import Negotiated
 from . import protocol as p
 from .answers import MetadataAnswers, context_of
-from .direct import MAX_PAGES, request_pages, send
+from .direct import MAX_READ_PAGES, request_pages, send
 from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, connected, identify, mount, unmount_own
 from .processes import ReaderProcesses
@@ -337,7 +337,7 @@ class KernelSession:
         self.flags = wanted & init.flags
         if self.flags & p.PASSTHROUGH:
             self.backing = DeviceBacking(self.fd)
-        pages = request_pages() if self.config.reads_by_processes() else MAX_PAGES  # the sizes they splice
+        pages = request_pages() if self.config.reads_by_processes() else MAX_READ_PAGES  # the sizes they splice
         self._send(header.unique, 0, _init_reply(self.minor, self.flags, init, self.config, pages).pack())
         log.info("FUSE protocol %d.%d (kernel %d.%d), passthrough %s", p.KERNEL_VERSION, self.minor,
                  init.major, init.minor, "offered" if init.flags & p.PASSTHROUGH else "not offered")
