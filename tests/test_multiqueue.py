@@ -5,8 +5,9 @@ session/processes.py, session/direct.py).
 What it proves:
 - files complete in the cache, read at once by read(), pread() at odd offsets, mmap and
   O_DIRECT (from the start, and mid-page: requests that span a page more than their size,
-  which a reader process must still splice or copy whole), with the cache on disk and on tmpfs: every byte is the source's, and every byte
-  the daemon served came from the reader threads (bytes_served_direct);
+  which a reader process must still splice or copy whole), with the cache on disk and on
+  tmpfs: every byte is the source's, and every byte the daemon served came from the reader
+  threads (bytes_served_direct);
 - a handle open on a file the source replaced keeps reading the version it opened (also
   through the threads), while a new open reads the new one;
 - a file opened before it was complete is read through the trio thread (its bytes right,

@@ -215,7 +215,8 @@ async def test_a_kernel_without_passthrough_negotiates_without_it(kernel):
         "the kernel does not offer it (Linux 6.9 or newer with CONFIG_FUSE_PASSTHROUGH needed)")
 
 
-@pytest.mark.parametrize("processes, room, pages", [(False, 16, 256), (True, 512, 256), (True, 256, 128), (True, 16, 256)],
+@pytest.mark.parametrize("processes, room, pages",
+                         [(False, 16, 256), (True, 512, 256), (True, 256, 128), (True, 16, 256)],
                          ids=["threads", "processes-2MiB-pipe", "processes-1MiB-pipe", "processes-64KiB-pipe"])
 async def test_init_asks_for_reads_whose_spliced_replies_a_pipe_holds(kernel, monkeypatch, processes, room, pages):
     """Reader processes splice each reply through a pipe, which must hold it whole, a slot per
@@ -225,7 +226,8 @@ async def test_init_asks_for_reads_whose_spliced_replies_a_pipe_holds(kernel, mo
     monkeypatch.setattr(direct, "_pipe_pages", lambda fd: room)
     k = kernel(FailingOperations())
     k.session.config = SessionConfig(workers=2, max_background=4, passthrough=False, queues=2, processes=processes)
-    init = p.INIT_IN.pack(p.KERNEL_VERSION, p.KERNEL_MINOR_VERSION, 1 << 20, 0xFFFFFFFF) + p.INIT_IN_FLAGS2.pack(0xFFFFFFFF)
+    init = p.INIT_IN.pack(p.KERNEL_VERSION, p.KERNEL_MINOR_VERSION, 1 << 20, 0xFFFFFFFF)
+    init += p.INIT_IN_FLAGS2.pack(0xFFFFFFFF)
     with trio.fail_after(HANG_GUARD):
         async with trio.open_nursery() as nursery:
             k.session._dispatch(nursery, k.request(p.Op.INIT, 1, init + bytes(64)))

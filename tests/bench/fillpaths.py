@@ -24,7 +24,8 @@ def one(mode):
     for n in names:
         s = os.open(os.path.join(src_dir, n), os.O_RDONLY); size = os.fstat(s).st_size
         d = os.open(os.path.join(dst_dir, n), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600); os.ftruncate(d, size)
-        m = mmap.mmap(d, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) if mode not in ("pwrite", "steps") else None
+        mapped = mode not in ("pwrite", "steps")
+        m = mmap.mmap(d, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) if mapped else None
         files.append((s, d, size, m))
     queue = [(f, off) for off in range(0, max(f[2] for f in files), RUN) for f in files if off < f[2]]
     queue.reverse(); lock = threading.Lock(); total = sum(f[2] for f in files)
