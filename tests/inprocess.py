@@ -197,6 +197,7 @@ class Harness:
     def config(self, **overrides: object) -> MountConfig:
         settings = dict(source=self.src, mountpoint=self.tmp / "mnt", cache_dir=self.cache,
                         chunk_size=CHUNK, stream_read_size=4 * CHUNK, fetch_threads=4, streams=1,
+                        fill_reads_max=2,  # a stream starts with one read in flight (engine/fill.py)
                         readahead="off", readahead_min_size=0, sequential_window=0, workers=4)
         settings.update(overrides)
         return MountConfig(**settings)

@@ -92,3 +92,11 @@ async def check_fill(engine, harness, gate, data: bytes) -> None:
     assert engine.stream_state("f") == (False, None)
     assert engine.cached_extent("f") == (len(data), len(data))
     assert harness.source.counts("f", len(data)).max() == 1  # each byte read once
+
+
+async def test_the_limit_starts_at_half_its_ceiling_or_at_streams(harness):
+    """A doubling takes a second that a short load cannot spare: few streams still start with
+    reads enough in flight (engine/fill.py)."""
+    for streams, ceiling, start in [(2, 16, 8), (12, 16, 12), (1, 1, 1)]:
+        engine = await harness.start(streams=streams, fill_reads_max=ceiling)
+        assert engine.fill()[1] == start  # what status shows as the limit

@@ -3,11 +3,14 @@
 A network filesystem gives one sequential reader a fraction of what the node can pull (Lustre:
 about 2 GiB/s a stream, 8.5 GiB/s with 32 per node; NFS with nconnect: 192 MB/s to 9 GB/s).
 So streams keep several reads in flight, per file and across files, under one node-wide limit
-(a trio.CapacityLimiter whose size this part tunes): it starts at `streams`, doubles while the
-bytes the source delivers grow by a tenth or more for it and reads are waiting for a slot, and
-goes back to the best size once they stop growing. The window right after a change is not
-judged: reads started under the new limit land only a read's time later. Idle (nothing streaming), it starts over:
-the next load may meet a source in another state. Demand reads do not take these slots.
+(a trio.CapacityLimiter whose size this part tunes): it starts at `streams` or at half its
+ceiling, whichever is more, doubles while the bytes the source delivers grow by a tenth or more
+for it and reads are waiting for a slot, and goes back to the best size once they stop growing.
+The window right after a change is not judged: reads started under the new limit land only a
+read's time later, so a doubling takes a second, which a load of a few seconds cannot spare
+(starting at `streams=2`, a cold load from the latency-bound source reached 62-64% of its cap,
+starting at half the ceiling 75-80%: docs/benchmarks.md). Idle (nothing streaming), it starts
+over: the next load may meet a source in another state. Demand reads do not take these slots.
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ class StreamScheduler:
         self.metrics = metrics
         self.tasks = tasks
         self.lane = Lane(config.fill_reads_max, config.stream_read_size, config.chunk_size)
-        self.fill = FillController(config.streams, config.fill_reads_max, lambda: metrics.bytes_from_source)
+        self.fill = FillController(max(config.streams, config.fill_reads_max // 2), config.fill_reads_max,
+                                   lambda: metrics.bytes_from_source)
         self._send, self._receive = trio.open_memory_channel[str](math.inf)
         self._records: dict[str, StreamRecord] = {}
         self._streaming: set[TrackedFile] = set()  # the versions being streamed now
