@@ -91,9 +91,9 @@ def test_demand_read_jumps_ahead_of_the_stream(counting_source, make_mount):
     data = bytes(range(256)) * (64 * MiB // 256)
     (counting_source.real / "huge.safetensors").write_bytes(data)
     counting_source.start()
-    # a slow link: every source read of the file waits, so streaming it takes a while
+    # a slow link: every source read of the file waits, so streaming it (one read at a time) takes a while
     counting_source.set_faults({"huge.safetensors": {"delay": 0.05}})
-    m = make_mount(counting_source.path, ["chunk_size=1M", "stream_read_size=4M", "streams=1"])
+    m = make_mount(counting_source.path, ["chunk_size=1M", "stream_read_size=4M", "streams=1", "fill_reads_max=1"])
     with open(m.mountpoint / "huge.safetensors", "rb") as f:
         f.read(1)  # first open: the stream starts at the beginning
         f.seek(len(data) - MiB)
@@ -184,7 +184,8 @@ def test_prefetch_of_a_file_replaced_while_streaming_fetches_the_new_version(cou
     (counting_source.real / "s.bin").write_bytes(random.Random(18).randbytes(24 * MiB))
     counting_source.start()
     counting_source.set_faults({"s.bin": {"delay": 0.01}})
-    m = make_mount(counting_source.path, ["readahead=off", "chunk_size=1M", "stream_read_size=2M", "streams=1"])
+    m = make_mount(counting_source.path, ["readahead=off", "chunk_size=1M", "stream_read_size=2M", "streams=1",
+                                          "fill_reads_max=1"])  # one read at a time: the replacement lands mid-stream
     prefetch = subprocess.Popen([sys.executable, "-m", "fusecache", "prefetch", str(m.mountpoint / "s.bin"), "--json"],
                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
     wait_until(lambda: counting_source.total() >= 4 * MiB)

@@ -48,7 +48,7 @@ def test_kill9_mid_stream_then_remount(counting_source, make_mount):
     contents = fill(counting_source.real, {"big.safetensors": 48 * MiB}, seed=31)
     counting_source.start()
     counting_source.set_faults({"big.safetensors": {"delay": 0.01}})
-    m = make_mount(counting_source.path, ["chunk_size=1M", "stream_read_size=4M", "streams=1"])
+    m = make_mount(counting_source.path, ["chunk_size=1M", "stream_read_size=4M", "streams=1", "fill_reads_max=1"])
     with open(m.mountpoint / "big.safetensors", "rb") as f:
         f.read(1)  # starts the stream
     wait_until(lambda: 8 * MiB < counting_source.total())
@@ -191,7 +191,8 @@ def test_replaced_while_streaming(counting_source, make_mount):
     old = fill(counting_source.real, {"s.safetensors": 24 * MiB}, seed=36)["s.safetensors"]
     counting_source.start()
     counting_source.set_faults({"s.safetensors": {"delay": 0.01}})
-    m = make_mount(counting_source.path, ["chunk_size=1M", "stream_read_size=2M", "streams=1", "attr_timeout=0"])
+    m = make_mount(counting_source.path, ["chunk_size=1M", "stream_read_size=2M", "streams=1", "fill_reads_max=1",
+                                          "attr_timeout=0"])
     with open(m.mountpoint / "s.safetensors", "rb") as held:
         assert held.read(MiB) == old[:MiB]
         wait_until(lambda: counting_source.total() > 4 * MiB)
