@@ -223,13 +223,13 @@ class CacheEntry(ChunkStates):
         `copy` (with take_turns, on a cache in memory, one at a time into a file: the kernel
         writes them one at a time anyway, on the inode's lock, where a waiter spins on a CPU;
         here it sleeps: 8-15% less daemon CPU per prefetch, docs/benchmarks.md), each chunk then
-        hashed from the shared mapping of the data file (the page cache: what the cache will serve);
-        else the run's space reserved (fallocate: a full cache filesystem raises ENOSPC/EDQUOT here,
-        as a write would) and `read` into a shared mapping of the data file, hashed there: only
-        reserved pages are written through it, as a write fault into a hole the filesystem has no
-        room for is a SIGBUS, not an error. Each chunk's record is written after its bytes. A cache
-        filesystem that cannot reserve falls back, for this entry from then on, to reading into
-        `scratch` and store_chunk."""
+        hashed from the shared mapping of the data file (the page cache: what the cache will
+        serve); else the run's space reserved (fallocate: a full cache filesystem raises
+        ENOSPC/EDQUOT here, as a write would) and `read` into a shared mapping of the data file,
+        hashed there: only reserved pages are written through it, as a write fault into a hole
+        the filesystem has no room for is a SIGBUS, not an error. Each chunk's record is written
+        after its bytes. A cache filesystem that cannot reserve falls back, for this entry from
+        then on, to reading into `scratch` and store_chunk."""
         start, length = self.run_extent(run)
         lengths = [self.chunk_extent(i)[1] for i in run]
         if copy is not None:

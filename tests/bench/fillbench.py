@@ -77,8 +77,8 @@ class LatencySource(Source):
 
     def copy_exact(self, fd: int, dev: int, dst_fd: int, offset: int, length: int, relpath: str,
                    identity: Identity) -> bool:
-        """Never: a network filesystem is never the cache's, and the kernel copies nothing
-        between two (EXDEV since Linux 5.19): the fill reads, as it does from Lustre or NFS."""
+        """Never: a network source and a local cache are two filesystems, between which the
+        kernel copies nothing (EXDEV since Linux 5.19): the fill reads, as from Lustre or NFS."""
         return False
 
 
