@@ -23,6 +23,7 @@ import time
 import pytest
 
 from fusecache import linux
+from fusecache import store as store_module
 from fusecache.kernelcopy import KernelCopy
 from fusecache.store import (_SEAL, _reserve, INDEX_MAGIC, MISSING, ON_DISK, VERIFIED, CacheEntry, CacheStore, StoreError,
                              summarize_index)
@@ -385,6 +386,85 @@ def test_a_write_of_ours_removes_the_seal_first(store):
     again = reopen(store)
     assert not again.sealed and list(again.state) == [ON_DISK] * 4
     assert served(again) == data
+
+
+class SealSyncing:
+    """A complete entry whose seal() is in its first sync, on a thread, held there until
+    finish(): os.fdatasync waits, as on a disk writing back a large file. What is tested is
+    what the entry does meanwhile, not the kernel's sync."""
+
+    def __init__(self, store: CacheStore, monkeypatch) -> None:
+        self.data = os.urandom(SIZE)
+        self.entry = store.open_entry("f", V1, CHUNK)
+        fill(self.entry, self.data)
+        entered, self._release = threading.Event(), threading.Event()
+        real = os.fdatasync
+
+        def held(fd: int) -> None:
+            entered.set()
+            assert self._release.wait(10)
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", held)
+        self._sealed: list[bool] = []
+        self._sealing = threading.Thread(target=lambda: self._sealed.append(self.entry.seal()))
+        self._sealing.start()
+        assert entered.wait(10)
+
+    def finish(self) -> bool:
+        """Let the syncs go; what seal() returned. The entry is closed."""
+        self._release.set()
+        self._sealing.join(10)
+        self.entry.close()
+        return self._sealed == [True]
+
+
+def test_reads_are_not_held_up_while_a_seal_syncs(store, monkeypatch):
+    syncing = SealSyncing(store, monkeypatch)
+    checked = threading.Thread(target=lambda: cached(syncing.entry))  # every read's stamp check takes the entry's lock
+    checked.start()
+    checked.join(5)
+    stuck = checked.is_alive()
+    assert syncing.finish()
+    checked.join(10)
+    assert not stuck, "a read waited for the seal's sync"
+    assert reopen(store).sealed
+
+
+@pytest.mark.parametrize("writer", ["ours", "foreign"])
+def test_a_write_during_the_seals_syncs_leaves_the_entry_unsealed(store, monkeypatch, writer):
+    syncing = SealSyncing(store, monkeypatch)
+    if writer == "ours":  # e.g. a chunk fetched again: its bytes came after the sync
+        syncing.entry.store_chunk(1, memoryview(syncing.data)[CHUNK:2 * CHUNK])
+    else:
+        time.sleep(0.02)  # a new ctime even where timestamps are coarse
+        damage(store, "f", CHUNK + 10)
+    assert not syncing.finish()
+    assert not reopen(store).sealed
+
+
+def test_a_chunk_checked_as_someone_else_writes_it_is_checked_again(store, monkeypatch):
+    """verify_chunk hashes bytes it read before a foreign write landed: the chunk stays to be
+    checked at the new generation instead of being taken as verified at it."""
+    data = os.urandom(SIZE)
+    complete_entry(store, data, seal=False)
+    entry = reopen(store)
+    assert list(entry.state) == [ON_DISK] * 4
+    real = store_module._pread_all
+
+    def read_then_damaged(fd: int, buf: memoryview, offset: int) -> int:
+        n = real(fd, buf, offset)
+        time.sleep(0.02)  # a new ctime even where timestamps are coarse
+        damage(store, "f", CHUNK + 10)  # after the read: the bytes hashed are the old ones
+        return n
+
+    monkeypatch.setattr(store_module, "_pread_all", read_then_damaged)
+    scratch = memoryview(bytearray(CHUNK))
+    assert entry.verify_chunk(1, scratch)  # the bytes it read were good...
+    assert entry.state[1] == ON_DISK  # ...but they are not what the file holds now
+    monkeypatch.setattr(store_module, "_pread_all", real)
+    assert not entry.verify_chunk(1, scratch) and entry.state[1] == MISSING
+    entry.close()
 
 
 def test_an_unsealed_index_of_an_older_daemon_still_loads(store):

@@ -18,11 +18,11 @@ no page of the mapping lies past its end (a truncation by someone else would be 
 
 A *seal* is what lets a restart serve a complete file without reading it. Once every chunk of
 an entry is verified, its data file and records are made durable (fdatasync), and then a seal
-is appended to the index: the data file's inode number, size, mtime and ctime (any write to
-the file moves its ctime, which no one can set back) and a checksum of the records. A later
-daemon that finds the seal matching the data file's fstat and the records trusts the chunks
-as verified (`verify=sealed`, the default); anything else, or `verify=always`, checks them
-chunk by chunk as before. A write of ours into a sealed entry removes the seal first (the
+is appended to the index: the data file's inode number, size, mtime and ctime (a write moves
+its ctime, which no one can set back; docs/reliability.md lists the few writes that escape
+that) and a checksum of the records. A later daemon that finds the seal matching the data
+file's fstat and the records trusts the chunks as verified (`verify=sealed`, the default);
+anything else, or `verify=always`, checks them chunk by chunk as before. A write of ours into a sealed entry removes the seal first (the
 index is truncated back to its records), so a crash never leaves a seal over bytes that are
 not those it describes. All methods block: call them from worker threads.
 
@@ -168,6 +168,7 @@ class CacheEntry(ChunkStates):
         # last write left it. While one of our writes is in progress the check is skipped.
         self._lock = threading.Lock()
         self._writing = 0
+        self._writes = 0  # writes of ours begun: a seal is written only if none began during its syncs
         self._stamp = _stamp(data_fd) if data_fd >= 0 else None
         # bumped when chunks are demoted for re-verification, so that reads which checked
         # their chunks before that cannot serve from them
@@ -188,8 +189,7 @@ class CacheEntry(ChunkStates):
         return self.data_fd >= 0
 
     def disk_bytes(self) -> int:
-        """What this entry takes on the cache filesystem: the blocks allocated to its data file
-        and its index (an uncached stand-in takes none)."""
+        """The blocks its data file and index take on the cache filesystem (none: a stand-in)."""
         if not self.cacheable:
             return 0
         return allocated(os.fstat(self.data_fd)) + allocated(os.fstat(self.index_fd))
@@ -216,20 +216,15 @@ class CacheEntry(ChunkStates):
         puts the run's bytes into the view it is given (the run's extent); `copy(data_fd,
         offset, length)`, where given, copies them into the data file at the same offset
         inside the kernel, or returns False where it cannot. Either raises if it cannot vouch
-        for the bytes (the source changed): then they may be in the data file, but no chunk
-        of the run is recorded.
+        for the bytes (the source changed): then no chunk of the run is recorded.
 
-        One copy per byte, the cheapest way there is (kernelcopy.py says why in this order):
-        `copy` (with take_turns, on a cache in memory, one at a time into a file: the kernel
-        writes them one at a time anyway, on the inode's lock, where a waiter spins on a CPU;
-        here it sleeps: 8-15% less daemon CPU per prefetch, docs/benchmarks.md), each chunk then
-        hashed from the shared mapping of the data file (the page cache: what the cache will
-        serve); else the run's space reserved (fallocate: a full cache filesystem raises
-        ENOSPC/EDQUOT here, as a write would) and `read` into a shared mapping of the data file,
-        hashed there: only reserved pages are written through it, as a write fault into a hole
-        the filesystem has no room for is a SIGBUS, not an error. Each chunk's record is written
-        after its bytes. A cache filesystem that cannot reserve falls back, for this entry from
-        then on, to reading into `scratch` and store_chunk."""
+        One copy per byte, the cheapest way there is (kernelcopy.py): `copy`, then each chunk
+        hashed from the data file's shared mapping (with take_turns, on a cache in memory,
+        copies into one file take turns: the kernel writes them one at a time anyway, and a
+        waiter on the inode's lock spins where ours sleeps); else the run's space reserved
+        (fallocate: a full cache gives ENOSPC here, never a SIGBUS at a write fault) and `read`
+        into the mapping, hashed there; else, where the cache cannot reserve, `read` into
+        `scratch` and store_chunk. Each chunk's record is written after its bytes."""
         start, length = self.run_extent(run)
         lengths = [self.chunk_extent(i)[1] for i in run]
         if copy is not None:
@@ -279,6 +274,7 @@ class CacheEntry(ChunkStates):
             self._notice_foreign_writes()
             self._unseal()
             self._writing += 1
+            self._writes += 1
 
     def _end_write(self) -> None:
         with self._lock:
@@ -298,12 +294,19 @@ class CacheEntry(ChunkStates):
             return self._map
 
     def verify_chunk(self, index: int, scratch: memoryview) -> bool:
-        """Check a chunk recorded by an earlier run against its checksum; forget it if bad."""
+        """Check a chunk recorded by an earlier run against its checksum; forget it if bad. A
+        good one stays to be checked again if a foreign write was noticed meanwhile."""
         offset, length = self.chunk_extent(index)
         view = scratch[:length]
+        with self._lock:
+            self._notice_foreign_writes()
+            generation = self.generation
         ok = _pread_all(self.data_fd, view, offset) == length and xxhash.xxh3_64_intdigest(view) == self.sums[index]
         if ok:
-            self.state[index] = VERIFIED
+            with self._lock:
+                self._notice_foreign_writes()
+                if self.generation == generation:
+                    self.state[index] = VERIFIED
         else:
             log.warning("cached chunk %d of %s failed its checksum; fetching it again", index, self.relpath)
             with self._lock:
@@ -313,28 +316,42 @@ class CacheEntry(ChunkStates):
         return ok
 
     def seal(self) -> bool:
-        """Seal a complete entry (see the module docstring): its bytes and records made
-        durable first, then the seal appended. Returns whether it is sealed now."""
+        """Seal a complete entry (module docstring): bytes and records made durable, then the
+        seal appended; whether it is sealed now. The syncs (on a disk, a write-back of the file)
+        run outside the lock every read's stamp check takes; a write of ours meanwhile
+        (counted) or anyone else's (the stamp) leaves the entry unsealed."""
         with self._lock:
             if self.sealed or self._writing or not self.cacheable or not self.complete:
                 return self.sealed
-            os.fdatasync(self.data_fd)
-            records = os.pread(self.index_fd, self.nchunks * _RECORD.size, self.records_offset)
-            os.fdatasync(self.index_fd)
-            st = os.fstat(self.data_fd)
-            if not same_content(_stamp(self.data_fd), self._stamp):
-                return False  # written by someone else meanwhile: left to the checksums
-            seal = _SEAL.pack(SEAL_MAGIC, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                              xxhash.xxh3_64_intdigest(records))
-            os.pwrite(self.index_fd, seal, self.records_offset + len(records))
-            self.sealed = True
-            return True
+            writes = self._writes
+            data_fd, index_fd = os.dup(self.data_fd), os.dup(self.index_fd)  # close() may come meanwhile
+        try:
+            os.fdatasync(data_fd)
+            records = os.pread(index_fd, self.nchunks * _RECORD.size, self.records_offset)
+            os.fdatasync(index_fd)
+            with self._lock:
+                if self.sealed or self.closed or self._writing or self._writes != writes or not self.complete:
+                    return self.sealed
+                stamp = _stamp(self.data_fd)
+                if not same_content(stamp, self._stamp):
+                    return False  # written by someone else meanwhile: left to the checksums
+                st = os.fstat(self.data_fd)
+                seal = _SEAL.pack(SEAL_MAGIC, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                  xxhash.xxh3_64_intdigest(records))
+                os.pwrite(self.index_fd, seal, self.records_offset + len(records))
+                self.sealed = True
+                return True
+        finally:
+            os.close(data_fd)
+            os.close(index_fd)
 
     def _unseal(self) -> None:
         """Called with _lock held, before any write of ours into the entry: the seal goes
-        first, so it never outlives the bytes it describes."""
+        first, durably (a power loss could keep the seal and our write, not its ctime), so it
+        never outlives the bytes it describes. Rare: a write into a complete file."""
         if self.sealed:
             os.ftruncate(self.index_fd, self.records_offset + self.nchunks * _RECORD.size)
+            os.fdatasync(self.index_fd)
             self.sealed = False
 
     def read_into(self, buf: memoryview, offset: int, generation: int, nowait: bool = False) -> int | None:
@@ -354,29 +371,12 @@ class CacheEntry(ChunkStates):
                 return 0
             raise
 
-    def drop_pages(self, offset: int, length: int) -> None:
-        """Let the kernel drop the data file's pages of a range just copied into a reply: the
-        mount's own page cache of the file holds those bytes now, and on a disk cache a second
-        copy here would keep the model in memory twice. Dirty pages (just filled) are only
-        queued for writeback, not dropped. The range is widened back to whole DROP_ALIGN blocks,
-        the one before it included, so that sequential replies drop every folio behind them.
-        Safe from any thread, also after the reply went out, when the handle may be released
-        and the entry closed meanwhile (then nothing)."""
-        # whole large folios (see DROP_ALIGN), from the block before: a folio a concurrent
-        # reply still held (mapped, or in a pipe) when its own drop came is dropped now
-        self._drop(max(0, offset - offset % DROP_ALIGN - DROP_ALIGN), offset + length)
-
-    def drop_before(self, end: int) -> None:
-        """drop_pages for [0, end) (pages in use are left), for a reply that knows no reader
-        wants them (engine/direct.py)."""
-        self._drop(0, end)
-
-    def _drop(self, start: int, end: int) -> None:
-        """POSIX_FADV_DONTNEED over [start, end), through a duplicate of the descriptor taken
-        under the lock (close() cannot hand its number to another file meanwhile) and used
-        outside it: over a large range this takes a while, and every reply's stamp check
-        takes the lock. (An empty range is no range: fadvise would read a length 0 as "to the
-        end of the file".)"""
+    def drop(self, start: int, end: int) -> None:
+        """Let the kernel drop the data file's pages of [start, end) (pages in use stay; dirty
+        ones are queued for writeback). Any thread; nothing once closed. Through a duplicate of
+        the descriptor, taken under the lock (close() cannot give its number away meanwhile)
+        and used outside it: over a large range this takes a while. (fadvise reads a length 0
+        as "to the end of the file": an empty range does nothing.)"""
         if end <= start:
             return
         with self._lock:
@@ -439,7 +439,7 @@ class CacheEntry(ChunkStates):
                 self.state[i] = ON_DISK
 
     def close(self) -> None:
-        with self._lock:  # drop_pages() on a reader thread never meets a closed descriptor
+        with self._lock:  # drop() on a reader thread never meets a closed descriptor
             if self.closed or not self.cacheable:
                 return
             self.closed = True
@@ -576,6 +576,15 @@ def _pread_all(fd: int, buf: memoryview, offset: int) -> int:
         done += n
     return done
 
+
+def drop_reply_pages(entry: CacheEntry, offset: int, length: int) -> None:
+    """Let the kernel drop a data file's pages of a range just copied into a reply: the mount's
+    own page cache of the file holds those bytes now, and on a disk cache a second copy here
+    would keep the model in memory twice. The range is widened back to whole DROP_ALIGN
+    blocks (whole large folios), the one before it included: a folio a concurrent reply
+    still held (mapped, or in a pipe) when its own drop came is dropped now, so sequential
+    replies drop every folio behind them."""
+    entry.drop(max(0, offset - offset % DROP_ALIGN - DROP_ALIGN), offset + length)
 
 class CacheStore:
     """The part of a cache dir that belongs to one source tree."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from .. import linux
 from ..metrics import Metrics
 from ..session.types import Ticket
-from ..store import CacheEntry
+from ..store import CacheEntry, drop_reply_pages
 from .files import Handle
 
 
@@ -97,11 +97,11 @@ class CompleteFile:
             return
         lowest = self.replies.end(self.entry, offset)
         if lowest is None:  # nothing of this file going out: all up to this reply's end (all of it at the end)
-            self.entry.drop_before(offset + length)
+            self.entry.drop(0, offset + length)
         else:  # its own range, and all below the lowest reply still going out
-            self.entry.drop_pages(offset, length)
+            drop_reply_pages(self.entry, offset, length)
             if lowest > 0:
-                self.entry.drop_before(lowest)
+                self.entry.drop(0, lowest)
 
 
 def complete_file(handle: Handle, metrics: Metrics, drop_pages: bool, replies: RepliesInFlight) -> CompleteFile | None:

@@ -18,7 +18,7 @@ import trio
 
 from ..metrics import Metrics
 from ..source import Source
-from ..store import CacheEntry
+from ..store import CacheEntry, drop_reply_pages
 from .errors import CacheFull, ReadError, error_kind
 from .fetcher import Fetcher
 from .files import Handle, TrackedFile
@@ -78,7 +78,7 @@ class Reader:
             rest = await self.tasks.io(entry.read_into, buf[n:], offset + n, generation, limiter=self._serve_limiter)
             n = None if rest is None else n + rest
         if n:  # the reply's copy goes to the mount's page cache: not kept twice
-            entry.drop_pages(offset, n)
+            drop_reply_pages(entry, offset, n)
         return None if n is None else buf[:n]
 
     async def _read_through(self, tracked: TrackedFile, buf: memoryview, offset: int) -> memoryview:
