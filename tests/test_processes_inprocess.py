@@ -4,31 +4,36 @@ as a reply to the kernel is; one read one request).
 
 What it proves:
 - a spliced reply is the header and the bytes, whole; a range past the file's end sends
-  nothing and leaves nothing behind; one larger than a pipe can hold is copied instead, and
-  the log says so once;
+  nothing and leaves nothing behind, also where no new pipe could be made; one larger than
+  a pipe can hold is copied instead, and the log says so once;
 - a READ of a routed open is answered from the cache file, byte for byte, and counted (in
   the process's slot of the shared counters) before the reply goes out;
 - everything else reaches the daemon as it was read: a READ of an open not routed, or no
   longer (UNROUTE), or whose ROUTE came without its descriptor, or whose cache file was
   written since its ticket (the stamp moved), and every other request;
 - STOP is answered STOPPED once everything read was answered or forwarded;
+- a READ of an open whose ROUTE came after the loop last looked is answered, not forwarded;
+- routes queued for a full socket take no descriptor while they wait, and the ROUTE of an
+  open released meanwhile is not sent;
 - with real processes: routes reach a process started before and after they were made, all
-  of a burst larger than its socket holds,
-  counts() adds up what every process served, a process that dies unasked is replaced and
+  of a burst larger than its socket holds, counts() adds up what every process served, a process that dies unasked is replaced and
   the kernel asked to send its requests again, and a pause stops them all.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import mmap
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -36,7 +41,7 @@ import trio
 from fusecache import linux
 from fusecache.session import protocol as p
 from fusecache.session.direct import SplicingReplier
-from fusecache.session.processes import ReaderProcesses
+from fusecache.session.processes import ReaderProcesses, _Process
 from fusecache.session.reader_process import (COUNTS, FORWARD, OP_ROUTE, OP_STOP, OP_UNROUTE, ROUTE, STOPPED,
                                               UNROUTE, Reader)
 from fusecache.session.routes import Routes
@@ -138,6 +143,32 @@ def test_a_reader_answers_routed_reads_and_forwards_the_rest(device, cache_file)
     assert not thread.is_alive() and reader.routes == {}
 
 
+def test_a_read_whose_route_came_after_the_loop_looked_is_answered_not_forwarded(device, cache_file):
+    """The daemon sends an open's ROUTE before the open's reply, but a busy process may have
+    looked at its control socket just before the ROUTE came and read the open's first READ
+    right after: it looks again before it forwards a READ of an open it does not know."""
+    kernel, ours = device
+    _path, fd, data = cache_file
+    daemon, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reader = Reader(ours.fileno(), theirs, memoryview(bytearray(COUNTS.size)))
+    reader.replier.splicing = False  # a socket takes a splice as several messages
+    try:
+        assert reader._take_control()  # the loop looked: nothing yet
+        route(daemon, 7, fd, ticket_of(fd, len(data)))  # then the ROUTE, then the open's first READ
+        assert reader._answer(memoryview(read(1, 7, 0, 4096)))
+        assert reply(kernel) == (1, 0, data[:4096])
+        assert not reader._answer(memoryview(read(2, 8, 0, 4096)))  # an open never routed: forwarded
+        daemon.send(OP_STOP)
+        assert not reader._answer(memoryview(read(3, 9, 0, 4096)))  # a STOP taken in on the way is kept
+        assert not reader._take_control()
+    finally:
+        for kept in reader.routes.values():
+            os.close(kept.fd)
+        reader.replier.close()
+        daemon.close()
+        theirs.close()
+
+
 def test_a_spliced_reply_is_the_header_and_the_bytes_whole(cache_file, caplog):
     path, fd, data = cache_file
     device_out, device_in = os.pipe()  # a byte stream: each reply is read back by its length
@@ -179,6 +210,30 @@ def test_a_spliced_reply_is_the_header_and_the_bytes_whole(cache_file, caplog):
         os.close(device_out)
 
 
+def test_a_failed_splice_leaves_nothing_for_the_next_reply_even_with_no_pipe_to_spare(cache_file, monkeypatch):
+    """A reply past the end of the file splices part of it into the pipe, then stops: what it
+    left must not prefix the next reply, also when no new pipe can be made (out of
+    descriptors): that next reply is its own header and bytes, whole."""
+    path, fd, data = cache_file
+    device_out, device_in = os.pipe()
+    fcntl.fcntl(device_in, fcntl.F_SETPIPE_SZ, 1 << 20)
+    replier = SplicingReplier(device_in)
+
+    def no_descriptors(*args: object) -> tuple[int, int]:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "pipe2", no_descriptors)
+    try:
+        assert not replier.reply(9, fd, len(data) - 10, 20)  # 10 bytes spliced, then the end
+        assert replier.reply(10, fd, 0, 100)
+        expected = p.pack_out_header(100, 0, 10) + data[:100]
+        assert os.read(device_out, 1 << 20) == expected
+    finally:
+        replier.close()
+        os.close(device_in)
+        os.close(device_out)
+
+
 @dataclass
 class FileOnDisk:
     """A DirectFile for the processes: only its descriptor and ticket are asked for."""
@@ -188,6 +243,58 @@ class FileOnDisk:
 
     def ticket(self) -> Ticket | None:
         return ticket_of(self.fd, self.size)
+
+
+async def test_routes_queued_for_a_full_socket_take_no_descriptor_and_a_released_ones_is_dropped(cache_file):
+    """A new process is told every route at once, more than its socket holds: those queued
+    take no descriptor of ours while they wait (thousands of opens would take thousands),
+    and the ROUTE of an open released meanwhile is not sent with whatever file its number
+    names by then. A stand-in process: only its socket is used here."""
+    _path, fd, data = cache_file
+    routes = Routes()
+    processes = ReaderProcesses(-1, 1, routes, resend=lambda: True)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.settimeout(HANG_GUARD)
+    process = _Process(0, SimpleNamespace(pid=0), ours)
+    processes._processes.append(process)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for fh in range(1000):
+        routes.add(fh, FileOnDisk(fd, len(data)))
+    assert process.backlog > 0 and len(os.listdir("/proc/self/fd")) == descriptors
+    for fh in range(0, 1000, 2):  # released: some of these ROUTEs went, the queued ones must not
+        routes.remove(fh)
+
+    told: list[tuple[bytes, int, int]] = []  # (op, fh, descriptors received)
+
+    def hear() -> None:
+        while not told or told[-1][0] != OP_STOP:
+            message, fds, _flags, _addr = socket.recv_fds(theirs, 1 << 16, 4)
+            for received in fds:
+                os.close(received)
+            told.append((message[:1], 0 if message[:1] == OP_STOP else struct.unpack_from("<Q", message, 1)[0],
+                         len(fds)))
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(processes._send_out, process)
+            nursery.start_soon(trio.to_thread.run_sync, hear)
+            processes._tell(process, OP_STOP)
+            while process.backlog:
+                await trio.sleep(0.01)
+            process.outbox[0].close()
+    routed: set[int] = set()
+    for op, fh, fds in told:
+        if op == OP_ROUTE:
+            assert fds == 1 and fh not in routed
+            routed.add(fh)
+        elif op == OP_UNROUTE:
+            assert fds == 0
+            routed.discard(fh)
+    assert routed == set(range(1, 1000, 2))  # every open still there, and only those
+    assert len([t for t in told if t[0] == OP_ROUTE]) < 1000  # the queued ROUTEs of released opens: dropped
+    ours.close()
+    theirs.close()
 
 
 async def test_reader_processes_serve_routes_and_forward_the_rest(device, cache_file):

@@ -198,11 +198,11 @@ class SplicingReplier:
             while done < length:
                 n = os.splice(src_fd, pipe_in, length - done, offset_src=offset + done)
                 if n == 0:  # the file is shorter than checked
-                    self._renew()
+                    self._empty()
                     return False
                 done += n
         except OSError as e:  # (EAGAIN: the pipe is fuller than its room said; never waited for)
-            self._renew()
+            self._empty()
             if e.errno != errno.EINVAL:
                 return False
             log.info("the cache file cannot be spliced (%s): replies are copied", e)
@@ -215,19 +215,23 @@ class SplicingReplier:
                 total -= os.splice(pipe_out, self.dev_fd, total)
         except OSError as e:
             # some refusals leave the reply in the pipe, where it would prefix the next one
-            self._renew()
+            self._empty()
             if e.errno not in (errno.ENOENT, errno.ENODEV):  # not: nobody waits for it any more
                 log.error("the kernel refused a reply (%s): answering EIO instead", e)
                 send(self.dev_fd, unique, errno.EIO)
         return True
 
-    def _renew(self) -> None:
-        """A new pipe for one that may hold part of a reply (made before the old one is closed:
-        a failure leaves the old one, which the next reply's error renews again)."""
-        pipe = _reply_pipe()
-        self.close()
-        self._pipe = pipe
-        self._room = _pipe_pages(pipe[1])
+    def _empty(self) -> None:
+        """Read away what a reply that failed left in the pipe, where it would prefix the next
+        reply (the kernel would take the old header's request and its bytes, or stale bytes as
+        the next request's). The pipe is nonblocking: read until it is empty. Emptied, not
+        replaced: making a pipe can fail (EMFILE), and the old one would then be used again."""
+        while True:
+            try:
+                if not os.read(self._pipe[0], MAX_REQUEST + p.OUT_HEADER.size):
+                    return
+            except BlockingIOError:
+                return
 
 
 def _reply_pipe() -> tuple[int, int]:

@@ -54,8 +54,8 @@ class _Process:
     popen: subprocess.Popen
     control: socket.socket  # our end: nonblocking
     listening: trio.CancelScope = field(default_factory=lambda: trio.CancelScope(shield=True))
-    # messages that found its socket full, in order (with a duplicate of the descriptor a ROUTE
-    # carries), and how many of them are not sent yet
+    # messages that found its socket full, in order (a ROUTE with the route it tells of, whose
+    # descriptor is taken when it goes), and how many of them are not sent yet
     outbox: tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel] = field(
         default_factory=lambda: trio.open_memory_channel(math.inf))
     backlog: int = 0
@@ -104,43 +104,48 @@ class ReaderProcesses:
         message = _route(fh, file)
         if message is not None:
             for process in self._processes:
-                self._tell(process, message, file.fd)
+                self._tell(process, message, (fh, file))
 
     def removed(self, fh: int) -> None:
         for process in self._processes:
             self._tell(process, UNROUTE.pack(OP_UNROUTE, fh))
 
-    def _tell(self, process: _Process, message: bytes, fd: int | None = None) -> None:
+    def _tell(self, process: _Process, message: bytes, route: tuple[int, DirectFile] | None = None) -> None:
         """Send a message to process now (a ROUTE before the open's reply, so that it knows
         the open by its first READ), or, behind others or where its socket is full, queue it
-        for its listener to send in order (`_send_out`), with a duplicate of the descriptor:
-        the open's own may be closed, and its number taken by another file, before it goes."""
+        for its listener to send in order (`_send_out`). A queued ROUTE takes no descriptor of
+        its own (a burst of every route to every new process would take thousands): its
+        route's descriptor goes with it, if the route is still there then; if not, the open
+        was released, its number may be another file's, and the ROUTE is dropped (its UNROUTE
+        is behind it)."""
         if not process.backlog:
             try:
-                socket.send_fds(process.control, [message], [] if fd is None else [fd])
+                socket.send_fds(process.control, [message], [] if route is None else [route[1].fd])
                 return
             except BlockingIOError:
                 pass
             except OSError as e:  # it died: its listener finds out
                 log.debug("reader process %d: %s", process.popen.pid, e)
                 return
-        fd = None if fd is None else os.dup(fd)
         try:
-            process.outbox[0].send_nowait((message, fd))
+            process.outbox[0].send_nowait((message, route))
             process.backlog += 1
         except trio.ClosedResourceError:  # it stopped or died: nothing more goes to it
-            if fd is not None:
-                os.close(fd)
+            pass
 
     async def _send_out(self, process: _Process) -> None:
         """Hand process its messages, waiting for room in its socket: a burst (every route,
-        sent to a new process) can be larger than the socket holds, and none may be dropped."""
+        sent to a new process) can be larger than the socket holds, and none may be dropped
+        but the ROUTE of an open released meanwhile (see _tell)."""
         try:
-            async for message, fd in process.outbox[1]:
+            async for message, route in process.outbox[1]:
                 try:
                     while True:
+                        fds = [] if route is None else self._descriptor_of(route)
+                        if fds is None:
+                            break
                         try:
-                            socket.send_fds(process.control, [message], [] if fd is None else [fd])
+                            socket.send_fds(process.control, [message], fds)
                             break
                         except BlockingIOError:
                             await trio.lowlevel.wait_writable(process.control)
@@ -148,17 +153,14 @@ class ReaderProcesses:
                     log.debug("reader process %d: %s", process.popen.pid, e)
                 finally:
                     process.backlog -= 1
-                    if fd is not None:
-                        os.close(fd)
         finally:
             process.outbox[0].close()
-            while True:
-                try:
-                    _message, fd = process.outbox[1].receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                if fd is not None:
-                    os.close(fd)
+
+    def _descriptor_of(self, route: tuple[int, DirectFile]) -> list[int] | None:
+        """The descriptor a ROUTE goes with, looked up as it goes (the wait for room may be
+        long): None if its open was released since."""
+        fh, file = route
+        return [file.fd] if self.routes.get(fh) is file else None
 
     # ---- life cycle --------------------------------------------------------------------------
 
@@ -222,7 +224,7 @@ class ReaderProcesses:
         for fh, file in self.routes:
             message = _route(fh, file)
             if message is not None:
-                self._tell(process, message, file.fd)
+                self._tell(process, message, (fh, file))
         return process
 
     async def _listen(self, process: _Process, deliver: Deliver, over: trio.Event) -> None:

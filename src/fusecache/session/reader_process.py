@@ -90,6 +90,7 @@ class Reader:
         self.hits = 0
         self.routes: dict[int, Route] = {}
         self._routes_refused = False  # a ROUTE came without its descriptor (logged once)
+        self._stopped = False  # STOP came
         self.replier = SplicingReplier(dev_fd)
 
     def run(self) -> None:
@@ -126,8 +127,8 @@ class Reader:
             self.replier.close()
 
     def _take_control(self) -> bool:
-        """Apply the daemon's messages waiting now; False once one is STOP."""
-        while True:
+        """Apply the daemon's messages waiting now; False once one was STOP."""
+        while not self._stopped:
             try:
                 # (socket.recv_fds would drop the flags before Python 3.12)
                 data, ancillary, flags, _addr = self.control.recvmsg(ROUTE.size, _FD_SPACE, socket.MSG_DONTWAIT)
@@ -154,9 +155,10 @@ class Reader:
                 if route is not None:
                     os.close(route.fd)
             elif op == OP_STOP:
-                return False
+                self._stopped = True
             for fd in fds[1:] if op == OP_ROUTE else fds:  # none else is ever sent; never kept
                 os.close(fd)
+        return False
 
     def _forward(self, request: memoryview) -> None:
         try:
@@ -176,6 +178,9 @@ class Reader:
             return False
         unique, fh, offset, size = read
         route = self.routes.get(fh)
+        if route is None:  # its ROUTE, sent before the open's reply, may have come since the loop looked
+            self._take_control()
+            route = self.routes.get(fh)
         if route is None or not same_content(Stamp(*linux.stamp(route.fd)), route.stamp):
             return False
         length = reply_length(size, offset, route.size)
