@@ -15,7 +15,9 @@ the last rank's end, that rate against the node cap, the bytes the daemon read f
 against the checkpoint (each byte once is 1.000x), and the same load again on the same mount
 once everything is cached ("warm": what the ranks themselves cost, the floor of any cold
 load), and how much of the source the page cache holds right after the cold load (a source
-on disk: a second copy of the checkpoint in RAM unless the daemon drops it). Source and cache
+on disk: a second copy of the checkpoint in RAM unless the daemon drops it), and when the
+ranks' opens returned (one through passthrough waits for its file to complete: the ranks can
+read only what has completed). Source and cache
 on tmpfs (/dev/shm) by default.
 """
 
@@ -28,22 +30,21 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fusecache.config import parse_size
 
-from .throughput import GiB, cli, drop_caches, make_source, read_all, resident_fraction
+from .throughput import GiB, cli, drop_caches, make_source, resident_fraction, timed_read
 
 MOUNTPOINT = Path("/tmp/coldload-mnt")
 
 
-def load(files: list[Path], args: argparse.Namespace) -> float:
-    """Seconds the ranks take to load the files, the page cache dropped first."""
+def load(files: list[Path], args: argparse.Namespace) -> tuple[float, list[float]]:
+    """Seconds the ranks take to load the files, the page cache dropped first, and when their
+    opens returned (throughput.timed_read): the ranks can read only files already complete."""
     drop_caches()
-    started = time.monotonic()
-    read_all(files, args.ranks, args.pattern, use_mmap=not args.read)  # "all": each rank from its own file on
-    return time.monotonic() - started
+    # "all": each rank from its own file on
+    return timed_read(files, args.ranks, args.pattern, use_mmap=not args.read)
 
 
 def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -> tuple[float, float, dict]:
@@ -59,13 +60,20 @@ def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -
     subprocess.run(list(map(str, command)), check=True)
     try:
         mounted = [MOUNTPOINT / f.name for f in files]
-        seconds = load(mounted, args)
+        seconds, opened = load(mounted, args)
         metrics = json.loads(cli("status", MOUNTPOINT, "--json"))["metrics"]
+        metrics["opened_at"] = opened
         metrics["source_resident"] = sum(resident_fraction(f) * f.stat().st_size for f in files)
-        warm = load(mounted, args)
+        warm, _ = load(mounted, args)
     finally:
         cli("umount", MOUNTPOINT)
     return seconds, warm, metrics
+
+
+def opens(metrics: dict, seconds: float) -> str:
+    """When the ranks' opens returned, against the load's end."""
+    times = metrics["opened_at"]
+    return f"opens returned by {times[len(times) // 2]:.2f} (half), {times[-1]:.2f} s (all) of {seconds:.2f} s"
 
 
 def main() -> int:
@@ -99,7 +107,8 @@ def main() -> int:
             print(f"  {variant or 'defaults'}: {size / seconds / 1e9:.2f} GB/s (warm {size / warm / 1e9:.2f}), "
                   f"source {metrics['bytes_from_source'] / size:.3f}x, daemon served "
                   f"{metrics['bytes_served'] / size:.2f}x, passthrough opens {metrics['passthrough_opens']}, "
-                  f"source in RAM after it {metrics['source_resident'] / size:.1%}", flush=True)
+                  f"source in RAM after it {metrics['source_resident'] / size:.1%}; {opens(metrics, seconds)}",
+                  flush=True)
     shutil.rmtree(args.cache_dir, ignore_errors=True)
     print(f"{args.ranks} ranks ({args.pattern}, {'read()' if args.read else 'mmap'}) loading {args.size_gb:g} GiB in "
           f"{args.files} files from a source of {args.rtt_ms:g} ms a {args.request} request, "

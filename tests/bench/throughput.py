@@ -30,6 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 from fusecache.config import parse_size
 
@@ -43,23 +44,30 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def read_file(path: str, use_mmap: bool) -> int:
+def read_file(f: BinaryIO, use_mmap: bool) -> int:
+    """Read an open file whole: by read(), or mapped and faulted in the way safetensors does."""
     if use_mmap:
         import numpy as np
 
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
             np.frombuffer(mm, dtype=np.uint8)[::4096].sum()  # faults in every page, in order
             return len(mm)
     buf = memoryview(bytearray(16 * MiB))
     total = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            total += n
+    while n := f.readinto(buf):
+        total += n
     return total
 
 
-def _read_list(paths: list[str], use_mmap: bool) -> int:
-    return sum(read_file(p, use_mmap) for p in paths)
+def _read_list(paths: list[str], use_mmap: bool) -> list[float]:
+    """Read the files one after another; when each open returned (CLOCK_MONOTONIC, which all
+    processes share)."""
+    opened = []
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            opened.append(time.monotonic())
+            read_file(f, use_mmap)
+    return opened
 
 
 def reader_jobs(paths: list[Path], readers: int, pattern: str) -> list[list[str]]:
@@ -69,15 +77,22 @@ def reader_jobs(paths: list[Path], readers: int, pattern: str) -> list[list[str]
     return [names[r % len(names):] + names[:r % len(names)] for r in range(readers)]
 
 
-def read_all(paths: list[Path], readers: int, pattern: str, use_mmap: bool) -> float:
-    """GB/s of distinct checkpoint bytes for `readers` processes reading `paths`."""
-    size = sum(p.stat().st_size for p in paths)
+def timed_read(paths: list[Path], readers: int, pattern: str, use_mmap: bool) -> tuple[float, list[float]]:
+    """Seconds `readers` processes take to read `paths`, and when each of their opens returned
+    (seconds from the start, sorted): through passthrough an open waits for its file to be
+    complete in the cache."""
     jobs = reader_jobs(paths, readers, pattern)
     with ProcessPoolExecutor(readers) as pool:
         list(pool.map(_read_list, [[]] * readers, [use_mmap] * readers))  # start the workers first
         started = time.monotonic()
-        list(pool.map(_read_list, jobs, [use_mmap] * readers))
-        return size / (time.monotonic() - started) / 1e9
+        opened = [t for times in pool.map(_read_list, jobs, [use_mmap] * readers) for t in times]
+        return time.monotonic() - started, sorted(t - started for t in opened)
+
+
+def read_all(paths: list[Path], readers: int, pattern: str, use_mmap: bool) -> float:
+    """GB/s of distinct checkpoint bytes for `readers` processes reading `paths`."""
+    size = sum(p.stat().st_size for p in paths)
+    return size / timed_read(paths, readers, pattern, use_mmap)[0] / 1e9
 
 
 def cli(*args: object) -> str:
