@@ -8,6 +8,8 @@ What it proves:
 - what the adapter raises becomes the reply's errno in one place, the same for both sessions:
   OSError and the engine's ReadError give their errno, FuseError its own, anything else EIO,
   logged once with the request's name; a failing request or FORGET never ends the loop;
+- a reply nobody takes (interrupted, or sent twice) counts no lookup and keeps no
+  directory open;
 - INIT does not ask for FUSE_ASYNC_DIO (for which the kernel never sends INTERRUPT), and asks
   reader processes' connections for reads whose replies a pipe holds whole;
 - a session's mount identity: only the never-reused mount id, or the device while our
@@ -25,11 +27,15 @@ import pytest
 import trio
 
 from fusecache.engine import ReadError
+from fusecache.inodes import ROOT_INODE
 from fusecache.session import direct, protocol as p
 from fusecache.session.direct import pages_spliced_whole
+from fusecache.session.answers import MetadataAnswers
 from fusecache.session.kernel import KernelSession, SessionConfig
 from fusecache.session.mount import MountIdentity, MountSpec, identify
 from fusecache.session.types import Attributes, Context, FuseError, reply_errno
+
+from .inprocess import ctx, harness, operations  # noqa: F401 - harness is a fixture
 
 HANG_GUARD = 10.0  # a test that would hang fails after this long instead
 
@@ -109,6 +115,36 @@ async def test_an_interrupt_right_behind_its_open_cancels_it(kernel):
             assert k.session._dispatch(nursery, k.request(p.Op.INTERRUPT, 8, p.INTERRUPT_IN.pack(7)))
             assert await k.reply() == (7, errno.EINTR, b"")
     assert not k.session._interruptible  # nothing left registered
+
+
+async def test_answers_nobody_takes_count_no_lookup_and_keep_no_directory_open(harness):
+    """A reply the kernel no longer waits for (interrupted, or sent a second time after a
+    reader process died and the kernel sent every unanswered request again) is not taken:
+    the kernel will never forget the inodes it carried nor release the directory it opened,
+    so the answer undoes them. Over the real adapter: its inode table and open directories."""
+    harness.write("d/f", 10)
+    harness.write("d/g", 10)
+    ops = await operations(harness)
+    taken = False
+    answers = MetadataAnswers(ops, send=lambda *reply: taken)
+
+    def request(opcode: int, args: bytes = b"", nodeid: int = ROOT_INODE) -> tuple[p.InHeader, memoryview]:
+        data = FakeKernel.request(opcode, 9, args, nodeid)
+        return p.InHeader.parse(data), data[p.IN_HEADER.size:]
+
+    await answers.lookup(*request(p.Op.LOOKUP, b"d\0"))
+    assert len(ops.inodes) == 0
+    await answers.opendir(*request(p.Op.OPENDIR, bytes(p.OPEN_IN.size)))
+    assert ops.export_state().dirs == []
+    taken = True  # the directory itself, looked up and opened as the kernel takes them
+    d = await ops.lookup(ROOT_INODE, b"d", ctx())
+    fh = await ops.opendir(d.ino, ctx())
+    taken = False
+    await answers.readdir(*request(p.Op.READDIRPLUS, p.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0), d.ino))
+    assert len(ops.inodes) == 1  # d alone: f and g, carried by the reply nobody took, are not held
+    await answers.readdir(*request(p.Op.READDIR, p.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0), d.ino))
+    assert len(ops.inodes) == 1
+    await ops.releasedir(fh)
 
 
 async def test_errors_become_the_replys_errno_and_never_end_the_loop(kernel, caplog):

@@ -23,9 +23,15 @@ class MetadataAnswers:
         self.operations = operations
         self.send = send
 
+    # A reply nobody waits for any more (interrupted, or sent twice: a reader process's death
+    # has the kernel send again every request not yet answered) is not taken by the kernel,
+    # which then never forgets what it would have counted, nor releases what it would have
+    # opened: undone here.
+
     async def lookup(self, header: p.InHeader, args: memoryview) -> None:
         attr = await self.operations.lookup(header.nodeid, name_in(args), context_of(header))
-        self.send(header.unique, 0, p.pack_entry(attr))
+        if not self.send(header.unique, 0, p.pack_entry(attr)):
+            self.operations.forget([(attr.ino, 1)])
 
     async def getattr(self, header: p.InHeader, args: memoryview) -> None:
         attr = await self.operations.getattr(header.nodeid, context_of(header))
@@ -39,12 +45,14 @@ class MetadataAnswers:
 
     async def opendir(self, header: p.InHeader, args: memoryview) -> None:
         fh = await self.operations.opendir(header.nodeid, context_of(header))
-        self.send(header.unique, 0, p.OPEN_OUT.pack(fh, 0, 0))
+        if not self.send(header.unique, 0, p.OPEN_OUT.pack(fh, 0, 0)):
+            await self.operations.releasedir(fh)
 
     async def readdir(self, header: p.InHeader, args: memoryview) -> None:
         fh, offset, size = p.READ_IN.unpack_from(args)[:3]
         plus = header.opcode == p.Op.READDIRPLUS
         records: list[bytes] = []
+        inodes: list[int] = []
         used = 0
 
         def add(name: bytes, attr: Attributes, next_offset: int) -> bool:
@@ -53,11 +61,13 @@ class MetadataAnswers:
                 return False
             record = p.pack_dirent(name, attr, next_offset, plus)
             records.append(record)
+            inodes.append(attr.ino)
             used += len(record)
             return True
 
         await self.operations.readdir(fh, offset, add, counts_lookups=plus)
-        self.send(header.unique, 0, b"".join(records))  # one buffer: writev takes 1024 at most
+        if not self.send(header.unique, 0, b"".join(records)) and plus:  # one buffer: writev takes 1024 at most
+            self.operations.forget([(inode, 1) for inode in inodes])
 
     async def releasedir(self, header: p.InHeader, args: memoryview) -> None:
         await self.operations.releasedir(p.RELEASE_IN.unpack_from(args)[0])
