@@ -352,6 +352,28 @@ def test_a_byte_flipped_while_unmounted_is_never_served(store):
     assert [again.verify_chunk(i, scratch) for i in range(4)] == [True, False, True, True]
 
 
+def test_a_write_right_after_a_seal_was_checked_is_noticed(store, monkeypatch):
+    """The data file's stamp is taken before its seal is checked at load: a write landing
+    between the two is noticed at the first read, never taken as the entry's own state."""
+    data = os.urandom(SIZE)
+    complete_entry(store, data)
+    real = store_module._seal_holds
+
+    def checked_then_written(seal: bytes, st: os.stat_result, records: bytes) -> bool:
+        held = real(seal, st, records)
+        time.sleep(0.02)  # a new ctime even where timestamps are coarse
+        damage(store, "f", CHUNK + 10)
+        return held
+
+    monkeypatch.setattr(store_module, "_seal_holds", checked_then_written)
+    entry = reopen(store)
+    assert entry.sealed and entry.complete  # the seal held when it was checked
+    assert cached(entry, generation=entry.generation) is None  # the write is noticed at once
+    scratch = memoryview(bytearray(CHUNK))
+    assert [entry.verify_chunk(i, scratch) for i in range(4)] == [True, False, True, True]
+    entry.close()
+
+
 def test_a_data_file_replaced_under_its_seal_is_checked(store):
     data = os.urandom(SIZE)
     complete_entry(store, data)

@@ -22,9 +22,10 @@ is appended to the index: the data file's inode number, size, mtime and ctime (a
 its ctime, which no one can set back; docs/reliability.md lists the few writes that escape
 that) and a checksum of the records. A later daemon that finds the seal matching the data
 file's fstat and the records trusts the chunks as verified (`verify=sealed`, the default);
-anything else, or `verify=always`, checks them chunk by chunk as before. A write of ours into a sealed entry removes the seal first (the
-index is truncated back to its records), so a crash never leaves a seal over bytes that are
-not those it describes. All methods block: call them from worker threads.
+anything else, or `verify=always`, checks them chunk by chunk as before. A write of ours into
+a sealed entry removes the seal first (the index is truncated back to its records, durably),
+so a crash never leaves a seal over bytes that are not those it describes. All methods block:
+call them from worker threads.
 
 Every directory of the store must be the daemon user's and writable by nobody else (see
 private.py), and no file in it is opened through a symlink: what the store holds is served to
@@ -153,8 +154,9 @@ class ChunkStates:
 class CacheEntry(ChunkStates):
     """The cached copy of one version (Identity) of one source file."""
 
-    def __init__(self, relpath: str, identity: Identity, chunk_size: int, data_fd: int,
-                 index_fd: int, records_offset: int, state: bytearray, sums: array, sealed: bool = False) -> None:
+    def __init__(self, relpath: str, identity: Identity, chunk_size: int, data_fd: int, index_fd: int,
+                 records_offset: int, state: bytearray, sums: array, sealed: bool = False,
+                 stamp: Stamp | None = None) -> None:
         self.relpath = relpath
         self.identity = identity
         self.chunk_size = chunk_size
@@ -169,7 +171,7 @@ class CacheEntry(ChunkStates):
         self._lock = threading.Lock()
         self._writing = 0
         self._writes = 0  # writes of ours begun: a seal is written only if none began during its syncs
-        self._stamp = _stamp(data_fd) if data_fd >= 0 else None
+        self._stamp = stamp or (_stamp(data_fd) if data_fd >= 0 else None)  # stamp: taken before a seal was checked
         # bumped when chunks are demoted for re-verification, so that reads which checked
         # their chunks before that cannot serve from them
         self.generation = 0
@@ -389,9 +391,8 @@ class CacheEntry(ChunkStates):
             os.close(fd)
 
     def view(self, offset: int, length: int, generation: int) -> memoryview | None:
-        """The cached bytes as a view of a mapping of the data file: no copy, no thread. Only
-        for caches in memory (tmpfs), where touching the mapping never waits for a disk.
-        None as for read_into."""
+        """The cached bytes as a view of the data file's mapping (no copy, no thread): only in
+        memory (tmpfs), where touching it never waits for a disk. None as for read_into."""
         if not self.unchanged_since(generation):
             return None
         return self.mapped(offset, length)
@@ -710,6 +711,7 @@ class CacheStore:
         raw = os.pread(index_fd, records_end + _SEAL.size + 1, 0)
         if raw[:records_offset] != _encode_header(header) or len(raw) not in (records_end, records_end + _SEAL.size):
             return None
+        stamp = _stamp(data_fd)  # before the seal is checked: a write after it is noticed, never trusted
         data = os.fstat(data_fd)
         if data.st_size != identity.size:
             return None
@@ -723,7 +725,7 @@ class CacheStore:
         sealed = _seal_holds(raw[records_end:], data, records) and all(state)
         if sealed and self.trust_seals:
             state = bytearray([VERIFIED]) * nchunks
-        return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset, state, sums, sealed)
+        return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset, state, sums, sealed, stamp)
 
     def _create(self, relpath: str, identity: Identity, chunk_size: int,
                 data_path: Path, index_path: Path) -> CacheEntry:
