@@ -566,6 +566,32 @@ def test_no_room_at_the_reservation_raises_before_reading_and_records_nothing(st
     assert served(reopen(store)) == data
 
 
+def test_a_reserved_range_the_filesystem_refuses_to_map_writable_is_no_room(store, monkeypatch):
+    """Btrfs reserves room for each page's write again at the write fault, and a full one
+    refuses it after fallocate succeeded: MADV_POPULATE_WRITE says EFAULT (a SIGBUS had the
+    read's copy faulted it), which is no room, raised before the source is read. Injected:
+    what is tested is our handling of the refusal."""
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    real = linux.madvise
+
+    def refused(address: int, length: int, advice: int) -> None:
+        if advice == linux.MADV_POPULATE_WRITE:
+            raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+        real(address, length, advice)
+
+    monkeypatch.setattr(linux, "madvise", refused)
+    reads: list[int] = []
+    with pytest.raises(OSError) as failure:
+        entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), reads), NO_SCRATCH)
+    assert failure.value.errno == errno.ENOSPC  # what the fetcher turns into CacheFull
+    assert reads == [] and list(entry.state) == [MISSING] * 4
+    monkeypatch.undo()
+    assert entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), reads), NO_SCRATCH) == SIZE
+    entry.close()
+    assert served(reopen(store)) == data
+
+
 def test_a_filesystem_without_fallocate_is_told_apart_from_a_full_one():
     """The reservation asks the kernel itself. procfs has no fallocate (no cache lives there,
     but it is a filesystem without one that any user can open a regular file on): glibc's

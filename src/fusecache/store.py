@@ -553,12 +553,17 @@ def _fill_mapped(mapping: mmap.mmap, start: int, lengths: list[int],
 def _prefault(address: int, length: int) -> None:
     """Map a reserved range writable in one call before the source is read into it. Faulted
     in by the read's copy instead, each 4 KiB page costs a trap into the kernel (13% of the
-    fill's CPU on tmpfs, docs/benchmarks.md). Only ever over reserved blocks, so it fails only
-    where the faults would (then the read reports it as an error) or on kernels before 5.14
-    (EINVAL): either way the read's own faults do the work."""
+    fill's CPU on tmpfs, docs/benchmarks.md). EFAULT: the filesystem refused to write a page
+    of the range even though its blocks are reserved (Btrfs reserves room for each page's
+    write again, and a full one refuses it), which a write would have reported as ENOSPC:
+    raised as that, before the source is read, so the fetcher serves the range from the source
+    (CacheFull) instead of failing the read. Otherwise (EINVAL: a kernel before 5.14) the
+    read's own faults do the work."""
     try:
         linux.madvise(address, length, linux.MADV_POPULATE_WRITE)
     except OSError as e:
+        if e.errno == errno.EFAULT:
+            raise OSError(errno.ENOSPC, "the cache filesystem refused to write a reserved range") from e
         log.debug("MADV_POPULATE_WRITE: %s", e)
 
 
