@@ -734,6 +734,33 @@ def test_a_copy_that_fails_records_nothing_and_leaves_the_entry_usable(store, tm
     assert served(reopen(store, trust=False)) == data
 
 
+def test_a_copy_that_cannot_be_read_back_is_an_error_not_a_sigbus(store, tmp_path, monkeypatch):
+    """A copy the kernel made as a reflink (XFS, Btrfs) leaves the data file's pages to be read
+    from the disk when they are hashed: a disk that fails there must be an error of the fill
+    (EIO, nothing recorded), not a SIGBUS while hashing through the mapping. The mapping is
+    populated in one call first, whose failure is injected here (what is tested is our
+    handling of it); the entry is usable afterwards and nothing stays mapped."""
+    data = os.urandom(SIZE)
+    entry = store.open_entry("f", V1, CHUNK)
+    real = linux.madvise
+
+    def unreadable(address: int, length: int, advice: int) -> None:
+        if advice == linux.MADV_POPULATE_READ:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(address, length, advice)
+
+    monkeypatch.setattr(linux, "madvise", unreadable)
+    copy = copier_of(data, tmp_path, KernelCopy(), [])
+    with pytest.raises(OSError) as failure:
+        entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), []), NO_SCRATCH, copy)
+    assert failure.value.errno == errno.EIO and list(entry.state) == [MISSING] * 4
+    assert mapped_kib(str(store.paths("f")[0])) == 0
+    monkeypatch.undo()
+    assert entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), []), NO_SCRATCH, copy) == SIZE
+    entry.close()
+    assert served(reopen(store, trust=False)) == data
+
+
 def test_a_fill_leaves_none_of_its_pages_mapped_into_the_daemon(store):
     """Pages left in the fill's mapping would count as the daemon's memory (RSS, what the OOM
     killer weighs) and stay out of reach of fadvise: the daemon would seem to hold every file

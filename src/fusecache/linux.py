@@ -118,6 +118,7 @@ def fallocate(fd: int, offset: int, length: int) -> None:
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 MADV_DONTNEED = 4
+MADV_POPULATE_READ = 22  # Linux 5.14; EINVAL before
 MADV_POPULATE_WRITE = 23  # Linux 5.14; EINVAL before
 
 
