@@ -10,6 +10,7 @@ What it proves:
   logged once with the request's name; a failing request or FORGET never ends the loop;
 - a reply nobody takes (interrupted, or sent twice) counts no lookup and keeps no
   directory open;
+- a restart whose state cannot be exported after the pause leaves the session reading;
 - INIT does not ask for FUSE_ASYNC_DIO (for which the kernel never sends INTERRUPT), and asks
   reader processes' connections for reads whose replies a pipe holds whole;
 - a session's mount identity: only the never-reused mount id, or the device while our
@@ -27,7 +28,9 @@ import pytest
 import trio
 
 from fusecache.engine import ReadError
+from fusecache.handover import HandoverServer, MountArguments
 from fusecache.inodes import ROOT_INODE
+from fusecache.livestate import FORMAT
 from fusecache.session import direct, protocol as p
 from fusecache.session.direct import pages_spliced_whole
 from fusecache.session.answers import MetadataAnswers
@@ -170,6 +173,31 @@ async def test_errors_become_the_replys_errno_and_never_end_the_loop(kernel, cap
     # the two unexpected errors, each logged once, with what failed
     assert [(r.getMessage(), r.exc_info[0]) for r in caplog.records] == [
         ("unexpected error answering LOOKUP", KeyError), ("unexpected error answering FORGET", RuntimeError)]
+
+
+async def test_a_handover_whose_state_cannot_be_made_leaves_the_mount_serving(kernel):
+    """The serving daemon pauses for a restart, then fails to export its state (a bug, memory):
+    the restart is refused and the session reads requests again, and a later restart may
+    ask again (not "already under way")."""
+    ops = FailingOperations()
+    ops.failures = {b"missing": FileNotFoundError(errno.ENOENT, "gone")}
+    k = kernel(ops)
+
+    def export():
+        raise MemoryError("no room for the state")
+
+    server = HandoverServer(k.session, export, MountArguments("/src", [], "/cache", "info", False))
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.session.serve)
+            await trio.sleep(0.05)  # reading
+            for unique in (1, 2):
+                with pytest.raises(MemoryError):
+                    await server.handover({"format": FORMAT})
+                k.send(p.Op.LOOKUP, unique, b"missing\0")
+                assert (await k.reply())[:2] == (unique, errno.ENOENT)  # answered: not paused
+            k.send(p.Op.DESTROY, 3)
+            assert await k.reply() == (3, 0, b"")
 
 
 async def test_pyfuse3_session_maps_errors_the_same_way(caplog):

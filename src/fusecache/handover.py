@@ -95,10 +95,15 @@ class HandoverServer:
             await self.persist()
             self.exec_fd = os.dup(self.session.fd)  # the session closes its own at the end
         except BaseException:
-            self._busy = False
-            self.session.gate.resume()
+            self._resume()
             raise
         return _InPlace(self)
+
+    def _resume(self) -> None:
+        """Serve again after a pause whose restart did not go ahead."""
+        assert self.session is not None
+        self._busy = False
+        self.session.gate.resume()
 
     async def _pause(self, what: str) -> None:
         """Stop reading requests and wait until those read are answered; refused if it takes
@@ -125,19 +130,23 @@ class HandoverServer:
         if self.session is None:
             raise ControlError("the pyfuse3 session cannot hand its connection over: unmount and mount instead")
         await self._pause("restart")
-        state = LiveState(FORMAT, os.getpid(), self.session.negotiated(), self.export())
-        return _Delivery(self, encode(state))
+        try:
+            state = encode(LiveState(FORMAT, os.getpid(), self.session.negotiated(), self.export()))
+        except BaseException:  # the restart is refused: the mount must not stay paused
+            self._resume()
+            raise
+        return _Delivery(self, state)
 
     def finished(self, taken: bool) -> None:
         assert self.session is not None
-        self._busy = False
         self.taken = taken
         if taken:
+            self._busy = False
             log.info("the new daemon took the connection over; exiting without unmounting")
             self.session.handed_over()
         else:
             log.warning("the new daemon did not take the connection over; serving again")
-            self.session.gate.resume()
+            self._resume()
 
 
 @dataclass
