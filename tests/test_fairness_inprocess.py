@@ -87,3 +87,19 @@ async def test_threads_run_under_it():
                 results.append(await trio.to_thread.run_sync(lambda: i * i, limiter=limiter))
             nursery.start_soon(one)
     assert sorted(results) == [i * i for i in range(20)] and limiter.borrowed_tokens == 0
+
+
+async def test_an_acquire_that_is_cancelled_takes_no_thread():
+    """The contract trio.to_thread relies on: it gives back only what an acquire that returned
+    took. An acquire cancelled with a thread free (a request interrupted while an earlier call
+    of its ran) must raise before taking it, or the thread is gone for good: sixteen such
+    interrupted opens once left none for anything else."""
+    limiter = FairLimiter(2)
+    for _ in range(5):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await limiter.acquire_on_behalf_of(object())
+        assert scope.cancelled_caught
+    assert limiter.borrowed_tokens == 0
+    with trio.fail_after(5):
+        assert await trio.to_thread.run_sync(lambda: 42, limiter=limiter) == 42

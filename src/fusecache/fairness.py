@@ -50,8 +50,12 @@ class FairLimiter:
 
     async def acquire_on_behalf_of(self, borrower: object) -> None:
         if len(self._borrowers) < self.total_tokens and not self._queues:
+            # cancelled before the thread is taken, never after (as trio's CapacityLimiter):
+            # trio.to_thread gives back only what an acquire that returned took, so a cancel
+            # after taking it would lose the thread for good, and with it, in time, all 16
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._borrowers.add(borrower)
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         waiter = _Waiter(borrower)
         self._queues.setdefault(requester.get(), deque()).append(waiter)
