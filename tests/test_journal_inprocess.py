@@ -1,5 +1,7 @@
 """The journal's writer (journal.py) in process: written only when the adapter changed,
-never before there is a state (INIT), and read back refusing what it cannot take."""
+never before there is a state (INIT), and read back refusing what it cannot take; what a
+recovered daemon makes of a journal that lags (backing ids it missed, handles released after
+its last write) and of a handle number given out twice."""
 
 from __future__ import annotations
 
@@ -151,3 +153,44 @@ async def test_a_backing_id_from_the_journal_outlives_our_count_of_its_opens(har
     await recovered.release(again.fh)
     await recovered.release(missed.fh)
     assert registry.live == {journaled.backing_id}  # kept until unmount: its opens cannot be counted
+
+
+async def test_a_handle_the_journal_kept_after_its_release_goes_once_the_kernel_forgets_its_inode(harness):
+    """The journal lags: a handle released in the last moments before a crash is still in it,
+    and the recovered daemon holds it with no RELEASE to come. Once the kernel forgets its
+    inode (it cannot hold a file open on an inode it forgot) the handle is not handed on to
+    the next daemon: a state with a handle on an inode nobody holds does not hold together,
+    and a recovery from it would end the mount."""
+    data = os.urandom(CHUNK + 5)
+    (harness.src / "f").write_bytes(data)
+    ops = await operations(harness)
+    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    opened = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    written = LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state())  # the last journal write
+    await ops.release(opened.fh)  # after it: the journal still lists the handle
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)
+    await recovered.import_state(journal.for_recovery(written).adapter, after_crash=True)
+    assert [f.fh for f in recovered.export_state().files] == [opened.fh]
+    recovered.forget([(attr.ino, 1)])  # the kernel's only lookup of f: it no longer holds the inode
+    state = recovered.export_state()
+    assert state.files == []  # what the next daemon (a restart, or the journal after a crash) gets
+    again = FuseOperations(ops.engine, attr_timeout=2.5)
+    await again.import_state(state)  # holds together
+    stale = AdapterState(state.inodes, state.paths, [OpenFile(opened.fh, attr.ino, False)], [], [], state.next_fh)
+    with pytest.raises(ValueError):  # refused in one line (the mount stays with its daemon), never ESTALE
+        await FuseOperations(ops.engine, attr_timeout=2.5).import_state(stale)
+
+
+async def test_a_read_of_a_handle_on_another_inode_than_its_own_is_eio(harness):
+    """A handle number given out twice (two crashes close together, the second before the
+    first recovered daemon's journal moved the numbers on) is read on the inode the kernel
+    opened it on: a handle of ours on another inode answers EIO, never that file's bytes."""
+    (harness.src / "f").write_bytes(os.urandom(CHUNK))
+    (harness.src / "g").write_bytes(os.urandom(CHUNK))
+    ops = await operations(harness)
+    f = await ops.lookup(ROOT_INODE, b"f", ctx())
+    g = await ops.lookup(ROOT_INODE, b"g", ctx())
+    opened = await ops.open(f.ino, os.O_RDONLY, ctx())
+    assert bytes(await ops.read(opened.fh, 0, 10, buffer(10), f.ino)) == (harness.src / "f").read_bytes()[:10]
+    assert await fuse_errno(ops.read(opened.fh, 0, 10, buffer(10), g.ino)) == errno.EIO
+    await ops.release(opened.fh)

@@ -206,6 +206,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
             else:
                 await _adopt(cfg, session, operations, store, received, after_crash=recover_fd is not None)
                 if recover_fd is not None:
+                    if journal_ is not None:  # the handle numbers moved on (journal.for_recovery) before
+                        await journal_.flush()  # any is given out: another crash must not give them again
                     supervised.register(recover_fd)
                     _resend(session)
             if fd_store and kernel is not None:

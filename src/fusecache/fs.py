@@ -147,9 +147,8 @@ class FuseOperations:
             st = None
         if st is not None and (version is None or self._version(relpath, st) == version):
             return self._attributes(inode, st)
-        # The path was removed or now holds another version, or the source cannot be reached:
-        # an fstat of an open handle wants the version that handle has open (whose bytes it
-        # reads, whatever the source did since).
+        # The path was removed or holds another version, or the source cannot be reached: an
+        # fstat of an open handle wants the version it has open (whose bytes it reads).
         handle = self._handle_of(inode)
         if handle is None:
             if st is None:
@@ -268,6 +267,8 @@ class FuseOperations:
         opened = self._handles.get(fh)
         if opened is None:
             opened = await self._unjournaled(fh, inode)
+        elif inode and opened[0] != inode:  # a number given out twice (crashes): never another file's bytes
+            raise FuseError(errno.EIO)
         return await self.engine.read(opened[1], offset, size, buf)
 
     async def _unjournaled(self, fh: int, inode: int) -> tuple[int, Handle, bool]:
@@ -276,12 +277,8 @@ class FuseOperations:
         (journal.py): opened again here on the version its inode names, if the inode is known.
         Otherwise (lost in a restart, an unknown inode, a version gone) EIO: never another
         version's bytes."""
-        if not inode or fh >= self._imported_next_fh or fh in self._lost:
+        if not inode or fh >= self._imported_next_fh or fh in self._lost or not self.inodes.held(inode):
             raise FuseError(errno.EIO)
-        try:
-            self.inodes.version(inode)
-        except FuseError:
-            raise FuseError(errno.EIO) from None
         handle = await self._reopen(inode)
         if handle is None:
             raise FuseError(errno.EIO)
@@ -321,10 +318,13 @@ class FuseOperations:
 
     def export_state(self) -> AdapterState:
         """Inodes, handles and backing ids, for the daemon that takes the connection over.
-        Called with no request in flight (the session drained them)."""
+        Called with no request in flight (the session drained them). Not a handle on an inode
+        the kernel forgot, which no file open holds: one a crashed daemon's lagging journal
+        kept after its release."""
         held, paths = self.inodes.export_state()
-        files = [OpenFile(fh, inode, passthrough) for fh, (inode, _handle, passthrough) in self._handles.items()]
-        files += [OpenFile(fh, inode, passthrough) for fh, (inode, passthrough) in self._lost.items()]
+        opened = [(fh, inode, pt) for fh, (inode, _h, pt) in self._handles.items()] + [
+            (fh, inode, pt) for fh, (inode, pt) in self._lost.items()]
+        files = [OpenFile(fh, inode, pt) for fh, inode, pt in opened if self.inodes.held(inode)]
         dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd) in self._dirs.items()]
         return AdapterState(held, paths, files, dirs, self.passthrough.export_state(), self._next_fh)
 
@@ -339,7 +339,8 @@ class FuseOperations:
         for f in state.files:
             if f.fh >= state.next_fh or f.fh in self._handles or f.fh in self._lost:
                 raise ValueError(f"handle {f.fh} is invalid")
-            self.inodes.version(f.inode)  # the kernel holds every inode it has open
+            if not self.inodes.held(f.inode):  # the kernel holds every inode it has open
+                raise ValueError(f"handle {f.fh} is on inode {f.inode}, which the kernel does not hold")
             handle = await self._reopen(f.inode)
             if handle is None:
                 self._lost[f.fh] = (f.inode, f.passthrough)

@@ -85,6 +85,10 @@ class InodeTable:
     def path(self, inode: int) -> str:
         return self.version(inode)[0]
 
+    def held(self, inode: int) -> bool:
+        """Whether the kernel holds inode (the root always)."""
+        return inode == ROOT_INODE or inode in self._held
+
     def holds(self, relpath: str) -> bool:
         """Whether the kernel holds an inode of relpath (of any version)."""
         return relpath in self._paths
