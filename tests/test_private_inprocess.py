@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
+import signal
 import stat
 from pathlib import Path
 
@@ -79,3 +81,22 @@ def test_private_files(tmp_path):
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(OSError, match="is not a regular file"):
         private.read_file(tmp_path / "pipe", 100)
+
+
+def test_a_write_that_fails_partway_leaves_the_file_as_it_was(tmp_path):
+    """A full disk writes part of a file, then refuses the rest: the file being replaced (the
+    journal) keeps its old content, and no half-written copy is renamed over it. The file
+    size limit (RLIMIT_FSIZE) makes the kernel do exactly that: a short write, then EFBIG."""
+    path = tmp_path / "journal"
+    private.write_file(path, b"old state")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            private.write_file(path, os.urandom(64 * 1024))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert info.value.errno == errno.EFBIG
+    assert path.read_bytes() == b"old state" and not (tmp_path / "journal.tmp").exists()

@@ -10,7 +10,8 @@ What it proves:
   logged once with the request's name; a failing request or FORGET never ends the loop;
 - a reply nobody takes (interrupted, or sent twice) counts no lookup and keeps no
   directory open;
-- a restart whose state cannot be exported after the pause leaves the session reading;
+- a restart whose state cannot be exported after the pause, or one in place whose journal
+  cannot be written, leaves the session reading;
 - INIT does not ask for FUSE_ASYNC_DIO (for which the kernel never sends INTERRUPT), and asks
   reader processes' connections for reads whose replies a pipe holds whole;
 - a session's mount identity: only the never-reused mount id, or the device while our
@@ -27,10 +28,12 @@ import socket
 import pytest
 import trio
 
+from fusecache import journal
+from fusecache.control import ControlError
 from fusecache.engine import ReadError
 from fusecache.handover import HandoverServer, MountArguments
 from fusecache.inodes import ROOT_INODE
-from fusecache.livestate import FORMAT
+from fusecache.livestate import FORMAT, AdapterState, LiveState
 from fusecache.session import direct, protocol as p
 from fusecache.session.direct import pages_spliced_whole
 from fusecache.session.answers import MetadataAnswers
@@ -198,6 +201,30 @@ async def test_a_handover_whose_state_cannot_be_made_leaves_the_mount_serving(ke
                 assert (await k.reply())[:2] == (unique, errno.ENOENT)  # answered: not paused
             k.send(p.Op.DESTROY, 3)
             assert await k.reply() == (3, 0, b"")
+
+
+async def test_a_restart_in_place_whose_journal_cannot_be_written_is_refused(kernel, tmp_path):
+    """The program a restart in place execs serves from the journal: where it cannot be
+    written (a full disk), the restart is refused and the daemon serves on, rather than
+    handing the connection to a program that reads a stale journal or none."""
+    ops = FailingOperations()
+    ops.failures = {b"missing": FileNotFoundError(errno.ENOENT, "gone")}
+    k = kernel(ops)
+    kept = journal.Journal(tmp_path / "no such dir" / journal.NAME, lambda: LiveState(
+        FORMAT, os.getpid(), k.session.negotiated(), AdapterState([], [], [], [], [], 1)))
+    server = HandoverServer(k.session, lambda: None, MountArguments("/src", [], "/cache", "info", True),
+                            persist=kept.flush)
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.session.serve)
+            await trio.sleep(0.05)  # reading
+            with pytest.raises(ControlError, match="journal could not be written"):
+                await server.restart_in_place({})
+            assert server.exec_fd is None
+            k.send(p.Op.LOOKUP, 1, b"missing\0")
+            assert (await k.reply())[:2] == (1, errno.ENOENT)  # answered: serving on
+            k.send(p.Op.DESTROY, 2)
+            assert await k.reply() == (2, 0, b"")
 
 
 async def test_pyfuse3_session_maps_errors_the_same_way(caplog):

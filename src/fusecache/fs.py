@@ -97,7 +97,7 @@ class FuseOperations:
         # called whenever the tables a crash's successor needs change (journal.Journal.changed)
         self.changed: Callable[[], None] = lambda: None
         # writes the journal now: a passthrough inode's first open, or its last release
-        self.persist: Callable[[], Awaitable[None]] = _nothing
+        self.persist: Callable[[], Awaitable[bool]] = _nothing
 
     def _entry(self, relpath: str, st: os.stat_result) -> Attributes:
         """Attributes of relpath, looked up: under the inode number of the version st
@@ -380,5 +380,6 @@ class FuseOperations:
         return handle
 
 
-async def _nothing() -> None:
+async def _nothing() -> bool:
     """persist() of an adapter without a journal."""
+    return True

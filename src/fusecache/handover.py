@@ -63,7 +63,7 @@ class HandoverServer:
     """The serving daemon's side: the `mount_args` and `handover` control commands."""
 
     def __init__(self, session: KernelSession | None, export: Callable[[], AdapterState],
-                 arguments: MountArguments, persist: Callable[[], Awaitable[None]] | None = None) -> None:
+                 arguments: MountArguments, persist: Callable[[], Awaitable[bool]] | None = None) -> None:
         """session: None where the session cannot hand over (pyfuse3's). persist: writes the
         journal now, for a daemon whose connection systemd's fd store keeps (it restarts in
         place); None for any other."""
@@ -92,7 +92,9 @@ class HandoverServer:
             raise ControlError("only a daemon whose connection systemd's fd store keeps restarts in place")
         await self._pause("restart in place")
         try:
-            await self.persist()
+            if not await self.persist():  # the new program serves from it: never a stale one
+                raise ControlError(f"the journal could not be written (the log says why): restart refused, "
+                                   f"the mount stays with pid {os.getpid()}")
             self.exec_fd = os.dup(self.session.fd)  # the session closes its own at the end
         except BaseException:
             self._resume()

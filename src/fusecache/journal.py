@@ -69,23 +69,26 @@ class Journal:
         private.write_file(self.path, data)
         self.writes += 1
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
         """Write the state now (before a passthrough inode's first backing id is answered,
         before its last is closed: the kernel holds one backing file per inode, and a journal
-        that named another would make the inode's opens fail after a crash)."""
+        that named another would make the inode's opens fail after a crash); whether the
+        journal holds it now (not if the write failed, or there is no state yet)."""
         self._dirty = True
-        await self._write_taken()
+        return await self._write_taken()
 
-    async def _write_taken(self) -> None:
+    async def _write_taken(self) -> bool:
         async with self._writing:
             data = self.take()
             if data is None:
-                return
+                return not self._dirty  # nothing changed (written), or no state yet
             try:
                 await trio.to_thread.run_sync(self.write, data)
             except OSError as e:  # a full disk must not end the mount: retried next time
                 log.warning("cannot write the journal %s: %s", self.path, e)
                 self._dirty = True
+                return False
+            return True
 
     async def run(self) -> None:
         """Write the state when it changed, every INTERVAL seconds, until cancelled; the first

@@ -103,12 +103,18 @@ def open_file(path: Path, flags: int, mode: int = PRIVATE_FILE_MODE) -> int:
 
 def write_file(path: Path, data: bytes) -> None:
     """Replace path's content atomically: a new file (O_EXCL: never through a planted
-    link) renamed over it."""
+    link), written whole, renamed over it. A write that fails (a full disk writes part, then
+    ENOSPC) leaves path as it was."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         os.close(fd)
     os.replace(tmp, path)
