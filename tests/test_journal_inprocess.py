@@ -194,3 +194,30 @@ async def test_a_read_of_a_handle_on_another_inode_than_its_own_is_eio(harness):
     assert bytes(await ops.read(opened.fh, 0, 10, buffer(10), f.ino)) == (harness.src / "f").read_bytes()[:10]
     assert await fuse_errno(ops.read(opened.fh, 0, 10, buffer(10), g.ino)) == errno.EIO
     await ops.release(opened.fh)
+
+
+async def test_an_open_interrupted_as_its_backing_id_is_journaled_is_answered_not_leaked(harness):
+    """An INTERRUPT that lands while the first passthrough open of an inode writes its backing
+    id to the journal: the handle is made by then, so the open is answered (the kernel then
+    takes it, or refuses it and the session releases it), never dropped with its handle kept
+    where no RELEASE will ever come."""
+    data = os.urandom(CHUNK + 5)
+    (harness.src / "f").write_bytes(data)
+    registry = _Registry()
+    ops = await operations(harness)
+    ops.passthrough.enable(registry, 30.0)
+    assert await read_file(ops.engine, "f") == data  # complete in the cache: opens go passthrough
+    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    opened = []
+    with trio.CancelScope() as interrupt:
+        async def persist() -> bool:
+            interrupt.cancel()  # the INTERRUPT comes as the journal is written
+            await trio.sleep(0)
+            return True
+
+        ops.persist = persist
+        opened.append(await ops.open(attr.ino, os.O_RDONLY, ctx()))
+    assert len(opened) == 1 and opened[0].backing_id is not None
+    assert [f.fh for f in ops.export_state().files] == [opened[0].fh]
+    await ops.release(opened[0].fh)
+    assert ops.export_state().files == []

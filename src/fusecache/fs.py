@@ -239,8 +239,7 @@ class FuseOperations:
         handle = await self.engine.open(relpath, ctx.uid)
         try:
             if version is None or version[:-1] != version_of_file(handle.identity):
-                # the source holds another version than the kernel's dentry names: ESTALE makes
-                # it look the path up again (LOOKUP_REVAL) and open the current inode instead
+                # another version than the kernel's dentry names: ESTALE has it look up again
                 raise FuseError(errno.ESTALE)
             # the same version, maybe under an older epoch: served on this inode, never refused
             current = self.inodes.is_latest(inode) and version[-1] == self.inodes.epoch(relpath)
@@ -256,7 +255,8 @@ class FuseOperations:
         self._handles[fh] = (inode, handle, mode.backing_id is not None)
         self.changed()
         if first_backing:  # the kernel keeps one backing file per inode: the journal must know it
-            await self.persist()
+            with trio.CancelScope(shield=True):  # the handle is made: answered, never dropped by an interrupt
+                await self.persist()
         return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
                          backing_id=mode.backing_id,
                          direct=None if mode.backing_id is not None else self.engine.direct(handle))

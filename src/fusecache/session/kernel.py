@@ -356,7 +356,8 @@ class KernelSession:
             self.direct.add(reply.fh, reply.direct)
         if not self._send(header.unique, 0, p.OPEN_OUT.pack(reply.fh, open_flags, reply.backing_id or 0)):
             self.direct.remove(reply.fh)
-            await self.operations.release(reply.fh)  # interrupted: nobody will ever release it
+            with trio.CancelScope(shield=True):  # its task may be cancelled (an INTERRUPT) by now
+                await self.operations.release(reply.fh)  # interrupted: nobody will ever release it
 
     async def _read(self, header: p.InHeader, args: memoryview) -> None:
         fh, offset, size = p.READ_IN.unpack_from(args)[:3]
