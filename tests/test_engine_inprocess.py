@@ -677,3 +677,31 @@ async def test_one_user_cannot_spend_every_other_users_descriptors(harness, capl
     for fh in hogged + theirs + [mine]:
         await ops.release(fh)
     assert ops.engine.files.shares.held(1000) == 0 and ops.engine.files.shares.held(2000) == 0
+
+
+async def test_one_users_open_directories_cannot_spend_every_other_users_descriptors(harness):
+    """Open directories hold descriptors too, and count against their user's share: one user
+    listing (or merely holding open) many directories gets EMFILE past its share, and every
+    other user's opens go on."""
+    for i in range(40):
+        harness.write(f"d{i}/f", CHUNK)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128 + 30, hard))  # a budget of 30, a share of 15
+    try:
+        ops = await operations(harness)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    hog, other = ctx(uid=1000, gid=1000), ctx(uid=2000, gid=2000)
+    dirs = [await ops.lookup(ROOT_INODE, f"d{i}".encode(), hog) for i in range(40)]
+    held = []
+    with pytest.raises(OSError) as info:
+        for d in dirs:
+            held.append(await ops.opendir(d.ino, hog))
+    assert info.value.errno == errno.EMFILE and len(held) == 15  # its share, not the budget
+    f = await ops.lookup(dirs[39].ino, b"f", other)
+    theirs = await ops.open(f.ino, os.O_RDONLY, other)  # another user opens on
+    assert await read_all(ops, theirs.fh) == (harness.src / "d39" / "f").read_bytes()
+    await ops.release(theirs.fh)
+    for fh in held:
+        await ops.releasedir(fh)
+    assert ops.engine.files.shares.held(1000) == 0

@@ -91,7 +91,7 @@ class FuseOperations:
         self._handles: dict[int, tuple[int, Handle, bool]] = {}  # fh -> (inode, handle, passthrough)
         # handles a restart could not restore (their version is gone): read EIO until released
         self._lost: dict[int, tuple[int, bool]] = {}  # fh -> (inode, passthrough)
-        self._dirs: dict[int, tuple[str, int]] = {}  # fh -> (relpath, source descriptor)
+        self._dirs: dict[int, tuple[str, int, int]] = {}  # fh -> (relpath, source descriptor, uid)
         self._next_fh = 1
         self._imported_next_fh = 0  # handles below it may have been opened by a process before us
         # called whenever the tables a crash's successor needs change (journal.Journal.changed)
@@ -171,9 +171,9 @@ class FuseOperations:
     async def opendir(self, inode: int, ctx: Context) -> int:
         relpath = self.inodes.path(inode)
         await self._check_access(relpath, acl.R, ctx)
-        fd = await self.engine.opendir(relpath)
+        fd = await self.engine.opendir(relpath, ctx.uid)
         fh = self._new_fh()
-        self._dirs[fh] = (relpath, fd)
+        self._dirs[fh] = (relpath, fd, ctx.uid)
         self.changed()
         return fh
 
@@ -185,7 +185,7 @@ class FuseOperations:
         opened = self._dirs.get(fh)
         if opened is None:  # a restart could not open it again (import_state)
             raise FuseError(errno.EIO)
-        relpath, fd = opened
+        relpath, fd, _uid = opened
         while batch := await self.engine.readdir(fd, offset):
             for name, next_offset, st in batch:
                 child = self.engine.source.child(relpath, name)
@@ -201,7 +201,7 @@ class FuseOperations:
         entry = self._dirs.pop(fh, None)
         if entry is not None:
             self.changed()
-            self.engine.closedir(entry[1])
+            self.engine.closedir(entry[1], entry[2])
 
     async def statfs(self, ctx: Context) -> os.statvfs_result:
         return await self.engine.statvfs()
@@ -325,7 +325,7 @@ class FuseOperations:
         opened = [(fh, inode, pt) for fh, (inode, _h, pt) in self._handles.items()] + [
             (fh, inode, pt) for fh, (inode, pt) in self._lost.items()]
         files = [OpenFile(fh, inode, pt) for fh, inode, pt in opened if self.inodes.held(inode)]
-        dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd) in self._dirs.items()]
+        dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd, _uid) in self._dirs.items()]
         return AdapterState(held, paths, files, dirs, self.passthrough.export_state(), self._next_fh)
 
     async def import_state(self, state: AdapterState, after_crash: bool = False) -> int:
@@ -348,7 +348,7 @@ class FuseOperations:
                 self._handles[f.fh] = (f.inode, handle, f.passthrough)
         for d in state.dirs:
             try:
-                self._dirs[d.fh] = (d.relpath, await self.engine.opendir(d.relpath))
+                self._dirs[d.fh] = (d.relpath, await self.engine.opendir(d.relpath), 0)  # ours, not a user's
             except OSError as e:
                 log.warning("directory %r open before the restart cannot be read: %s", d.relpath, e)
         self.passthrough.import_state(state.backing, [(f.inode, f.passthrough) for f in state.files], after_crash)

@@ -74,19 +74,28 @@ class Engine:
             self.files.retire(tracked)
         return st
 
-    async def opendir(self, relpath: str) -> int:
-        """A source descriptor to read the directory from, counted against the budget."""
+    async def opendir(self, relpath: str, uid: int = 0) -> int:
+        """A source descriptor to read the directory from, counted against the budget and
+        against uid's share of it (shares.py: one user's listings must not leave the others'
+        opens no descriptor); EMFILE for uid alone once its share is held."""
         await self.files.claim_fds(1, share=self.files.dir_share)
         try:
-            return await self.tasks.io(self.source.opendir, relpath)
+            fd = await self.tasks.io(self.source.opendir, relpath)
+            try:
+                self.files.count_dir(uid, fd)
+            except OSError:
+                os.close(fd)
+                raise
         except BaseException:
             self.files.release_fds(1)
             raise
+        return fd
 
     async def readdir(self, fd: int, offset: int) -> list[tuple[str, int, os.stat_result]]:
         return await self.tasks.io(self.source.readdir, fd, offset)
 
-    def closedir(self, fd: int) -> None:
+    def closedir(self, fd: int, uid: int = 0) -> None:
+        self.files.uncount_dir(uid, fd)
         self.files.release_fds(1)
         self.tasks.spawn(os.close, fd)
 

@@ -315,6 +315,13 @@ class OpenFiles:
     def release_fds(self, n: int) -> None:
         self._fds -= n
 
+    def count_dir(self, uid: int, fd: int) -> None:
+        """Attribute an open directory (its descriptor) to uid's share; EMFILE at the share."""
+        self.shares.add(uid, ("dir", fd), 1)
+
+    def uncount_dir(self, uid: int, fd: int) -> None:
+        self.shares.remove(uid, ("dir", fd), 1)
+
     async def _shed_idle(self) -> bool:
         count = len(self._idle)
         await self._close_idle(count)
