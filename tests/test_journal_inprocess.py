@@ -126,18 +126,24 @@ class _Registry:
         self.live.remove(backing_id)
 
 
-async def test_a_backing_id_from_the_journal_outlives_our_count_of_its_opens(harness):
-    """The journal missed a passthrough open (made after its last write) that the kernel still
-    holds on the inode's backing id. Once the recovered daemon has seen every open it knows
-    of released, it must neither close that id nor give the next open another one: the
-    kernel refuses an open with another id while it holds one (EIO)."""
+async def _complete_with_passthrough(harness) -> tuple[FuseOperations, _Registry, object]:
+    """An adapter with passthrough on over a registry of backing ids, and the attributes of a
+    file f complete in the cache (its opens go passthrough)."""
     data = os.urandom(3 * CHUNK + 5)
     (harness.src / "f").write_bytes(data)
     registry = _Registry()
     ops = await operations(harness)
     ops.passthrough.enable(registry, 30.0)
-    assert await read_file(ops.engine, "f") == data  # complete in the cache: opens go passthrough
-    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    assert await read_file(ops.engine, "f") == data
+    return ops, registry, await ops.lookup(ROOT_INODE, b"f", ctx())
+
+
+async def test_a_backing_id_from_the_journal_outlives_our_count_of_its_opens(harness):
+    """The journal missed a passthrough open (made after its last write) that the kernel still
+    holds on the inode's backing id. Once the recovered daemon has seen every open it knows
+    of released, it must neither close that id nor give the next open another one: the
+    kernel refuses an open with another id while it holds one (EIO)."""
+    ops, registry, attr = await _complete_with_passthrough(harness)
     journaled = await ops.open(attr.ino, os.O_RDONLY, ctx())
     assert journaled.backing_id is not None
     written = LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state())  # the last journal write
@@ -201,13 +207,7 @@ async def test_an_open_interrupted_as_its_backing_id_is_journaled_is_answered_no
     id to the journal: the handle is made by then, so the open is answered (the kernel then
     takes it, or refuses it and the session releases it), never dropped with its handle kept
     where no RELEASE will ever come."""
-    data = os.urandom(CHUNK + 5)
-    (harness.src / "f").write_bytes(data)
-    registry = _Registry()
-    ops = await operations(harness)
-    ops.passthrough.enable(registry, 30.0)
-    assert await read_file(ops.engine, "f") == data  # complete in the cache: opens go passthrough
-    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    ops, _registry, attr = await _complete_with_passthrough(harness)
     opened = []
     with trio.CancelScope() as interrupt:
         async def persist() -> bool:

@@ -547,6 +547,18 @@ def _failing_fallocate(code: int, calls: list[tuple[int, int]]):
     return fallocate
 
 
+def _failing_madvise(advice: int, code: int):
+    """linux.madvise failing with code for one advice (what the kernel says is injected; what
+    is tested is our handling of it), the real call for any other."""
+    real = linux.madvise
+
+    def madvise(address: int, length: int, given: int) -> None:
+        if given == advice:
+            raise OSError(code, os.strerror(code))
+        real(address, length, given)
+    return madvise
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
 def test_no_room_at_the_reservation_raises_before_reading_and_records_nothing(store, monkeypatch, code):
     data = os.urandom(SIZE)
@@ -573,14 +585,7 @@ def test_a_reserved_range_the_filesystem_refuses_to_map_writable_is_no_room(stor
     what is tested is our handling of the refusal."""
     data = os.urandom(SIZE)
     entry = store.open_entry("f", V1, CHUNK)
-    real = linux.madvise
-
-    def refused(address: int, length: int, advice: int) -> None:
-        if advice == linux.MADV_POPULATE_WRITE:
-            raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
-        real(address, length, advice)
-
-    monkeypatch.setattr(linux, "madvise", refused)
+    monkeypatch.setattr(linux, "madvise", _failing_madvise(linux.MADV_POPULATE_WRITE, errno.EFAULT))
     reads: list[int] = []
     with pytest.raises(OSError) as failure:
         entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), reads), NO_SCRATCH)
@@ -742,14 +747,7 @@ def test_a_copy_that_cannot_be_read_back_is_an_error_not_a_sigbus(store, tmp_pat
     handling of it); the entry is usable afterwards and nothing stays mapped."""
     data = os.urandom(SIZE)
     entry = store.open_entry("f", V1, CHUNK)
-    real = linux.madvise
-
-    def unreadable(address: int, length: int, advice: int) -> None:
-        if advice == linux.MADV_POPULATE_READ:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real(address, length, advice)
-
-    monkeypatch.setattr(linux, "madvise", unreadable)
+    monkeypatch.setattr(linux, "madvise", _failing_madvise(linux.MADV_POPULATE_READ, errno.EIO))
     copy = copier_of(data, tmp_path, KernelCopy(), [])
     with pytest.raises(OSError) as failure:
         entry.fill_run(range(0, 4), reader_of(data, entry, range(0, 4), []), NO_SCRATCH, copy)
