@@ -13,7 +13,7 @@ processes registered are kept in order; the first one serves. When it ends:
   over, and the new daemon registered before it told the old one to go;
 - else, if the kernel still holds the connection open (the serving process died without
   unmounting), `spawn` starts a new serving process that takes it over from the journal
-  (journal.py);
+  (journal.py): at once, or, where serving processes keep dying, after a pause;
 - else the mount was unmounted: the supervisor exits.
 A process started by `spawn` that ends before registering (a journal refused, say) ends the
 mount: the supervisor lets the descriptor go and exits.
@@ -28,6 +28,7 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,14 @@ log = logging.getLogger(__name__)
 
 HELLO = b"serving\n"
 POLL_SECONDS = 1.0  # how often children are reaped while nothing else happens
+# A serving process that dies is replaced at once, unless QUICK_DEATHS died within
+# DEATH_WINDOW seconds already: then the next starts after a pause, doubling with each further
+# death up to PAUSE_MAX. A request that kills every daemon it reaches (a bug) would otherwise
+# have them started, each loading the store, as fast as they die. The mount stays: readers
+# wait, as during any recovery.
+QUICK_DEATHS = 3
+DEATH_WINDOW = 60.0
+PAUSE_MAX = 30.0
 _PEERCRED = struct.Struct("3i")  # pid uid gid
 
 # spawn(fuse_fd): start a serving process that takes the connection on fuse_fd over; its pid
@@ -95,6 +104,8 @@ class Supervisor:
         self.fuse_fd: int | None = None
         self.serving: list[_Serving] = []
         self.starting: int | None = first_pid  # a process started to serve that has not registered
+        self.start_at: float | None = None  # when to start the next serving process, after a death
+        self._deaths: list[float] = []  # when serving processes died, within DEATH_WINDOW
 
     def run(self) -> int:
         """Supervise until the mount ends; the exit status."""
@@ -105,10 +116,11 @@ class Supervisor:
                     self._accept()
                 else:
                     self._ended(next(s for s in self.serving if s.conn is ready))
+            self._start_if_due()
             if self._reap_starting_failed():
                 log.error("the process started to serve the mount exited before serving: the mount ends")
                 return self._finish(1)
-            if not self.serving and self.starting is None:
+            if not self.serving and self.starting is None and self.start_at is None:
                 return self._finish(0)
 
     def close_in_child(self) -> None:
@@ -149,7 +161,23 @@ class Supervisor:
         if self.serving:
             log.info("pid %d handed the mount over to pid %d", ended.pid, self.serving[0].pid)
         elif self.fuse_fd is not None and connected(self.fuse_fd):
-            log.warning("pid %d, serving the mount, died: starting a new serving process", ended.pid)
+            now = time.monotonic()
+            self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW] + [now]
+            quick = len(self._deaths) - QUICK_DEATHS
+            pause = 0.0 if quick <= 0 else min(PAUSE_MAX, float(2 ** (quick - 1)))
+            log.warning("pid %d, serving the mount, died%s: starting a new serving process%s", ended.pid,
+                        f" ({len(self._deaths)} in {DEATH_WINDOW:g} s)" if pause else "",
+                        f" in {pause:g} s" if pause else "")
+            self.start_at = now + pause
+            self._start_if_due()
+
+    def _start_if_due(self) -> None:
+        """Start the serving process a death called for, once its pause is over (if the
+        kernel still holds the connection: an unmount meanwhile ends the mount instead)."""
+        if self.start_at is None or time.monotonic() < self.start_at:
+            return
+        self.start_at = None
+        if self.fuse_fd is not None and connected(self.fuse_fd):
             self.starting = self.spawn(self.fuse_fd)
 
     def _reap_starting_failed(self) -> bool:

@@ -1,0 +1,83 @@
+"""The supervisor's choice when a serving process dies (fusecache.supervisor), in process: no
+mount, no root. A pipe stands in for the /dev/fuse descriptor (one the kernel still holds
+open, as `connected` sees it), socket pairs for the serving processes' registrations, and a
+recording function for `spawn`.
+
+What it proves: a serving process that dies is replaced at once, and so are the next two
+within a minute; past that each new one starts after a pause that doubles up to a bound (a
+request that kills every daemon it reaches must not have them started as fast as they die),
+the mount staying all the while; an unmount during a pause starts nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from fusecache import supervisor
+from fusecache.supervisor import PAUSE_MAX, QUICK_DEATHS, Supervisor, _Serving
+
+
+class Started:
+    """spawn(): records each start, with a new pid."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def __call__(self, fuse_fd: int) -> int:
+        self.pids.append(1000 + len(self.pids))
+        return self.pids[-1]
+
+
+@pytest.fixture
+def watched(tmp_path):
+    listener = supervisor.listen(tmp_path / "sup")
+    fuse_out, fuse_in = os.pipe()
+    started = Started()
+    sup = Supervisor(listener, started, first_pid=None)
+    sup.fuse_fd = fuse_out
+    yield sup, started
+    os.close(fuse_in)
+    sup._finish(0)
+
+
+def die(sup: Supervisor, pid: int) -> None:
+    """A registered serving process ends: its connection reads end-of-file."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    sup.serving.append(_Serving(ours, pid))
+    sup.starting = None
+    sup._ended(sup.serving[-1])
+
+
+def test_deaths_in_a_row_are_replaced_at_once_then_after_growing_pauses(watched):
+    sup, started = watched
+    for n in range(QUICK_DEATHS):
+        die(sup, 10 + n)
+        assert len(started.pids) == n + 1 and sup.start_at is None  # at once
+    pauses = []
+    for n in range(8):
+        die(sup, 20 + n)
+        assert len(started.pids) == QUICK_DEATHS + n  # not yet
+        pauses.append(round(sup.start_at - time.monotonic()))
+        sup._start_if_due()
+        assert len(started.pids) == QUICK_DEATHS + n  # still not: the pause is not over
+        sup.start_at = time.monotonic()  # now it is
+        sup._start_if_due()
+        assert len(started.pids) == QUICK_DEATHS + n + 1 and sup.start_at is None
+    assert pauses == [1, 2, 4, 8, 16, 30, 30, 30] and PAUSE_MAX == 30
+
+
+def test_an_unmount_during_a_pause_starts_nothing(watched):
+    sup, started = watched
+    for n in range(QUICK_DEATHS + 1):
+        die(sup, 10 + n)
+    assert sup.start_at is not None and len(started.pids) == QUICK_DEATHS
+    os.close(sup.fuse_fd)  # the kernel let the connection go
+    sup.fuse_fd = None
+    sup.start_at = time.monotonic()
+    sup._start_if_due()
+    assert len(started.pids) == QUICK_DEATHS and sup.start_at is None
