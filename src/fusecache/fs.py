@@ -277,7 +277,7 @@ class FuseOperations:
         (journal.py): opened again here on the version its inode names, if the inode is known.
         Otherwise (lost in a restart, an unknown inode, a version gone) EIO: never another
         version's bytes."""
-        if not inode or fh >= self._imported_next_fh or fh in self._lost or not self.inodes.held(inode):
+        if not inode or fh >= self._imported_next_fh or fh in self._lost or not self.inodes.is_held(inode):
             raise FuseError(errno.EIO)
         handle = await self._reopen(inode)
         if handle is None:
@@ -324,7 +324,7 @@ class FuseOperations:
         held, paths = self.inodes.export_state()
         opened = [(fh, inode, pt) for fh, (inode, _h, pt) in self._handles.items()] + [
             (fh, inode, pt) for fh, (inode, pt) in self._lost.items()]
-        files = [OpenFile(fh, inode, pt) for fh, inode, pt in opened if self.inodes.held(inode)]
+        files = [OpenFile(fh, inode, pt) for fh, inode, pt in opened if self.inodes.is_held(inode)]
         dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd, _uid) in self._dirs.items()]
         return AdapterState(held, paths, files, dirs, self.passthrough.export_state(), self._next_fh)
 
@@ -339,7 +339,7 @@ class FuseOperations:
         for f in state.files:
             if f.fh >= state.next_fh or f.fh in self._handles or f.fh in self._lost:
                 raise ValueError(f"handle {f.fh} is invalid")
-            if not self.inodes.held(f.inode):  # the kernel holds every inode it has open
+            if not self.inodes.is_held(f.inode):  # the kernel holds every inode it has open
                 raise ValueError(f"handle {f.fh} is on inode {f.inode}, which the kernel does not hold")
             handle = await self._reopen(f.inode)
             if handle is None:

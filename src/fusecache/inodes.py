@@ -85,7 +85,7 @@ class InodeTable:
     def path(self, inode: int) -> str:
         return self.version(inode)[0]
 
-    def held(self, inode: int) -> bool:
+    def is_held(self, inode: int) -> bool:
         """Whether the kernel holds inode (the root always)."""
         return inode == ROOT_INODE or inode in self._held
 
