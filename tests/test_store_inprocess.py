@@ -21,6 +21,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fusecache import linux
 from fusecache import store as store_module
@@ -205,6 +207,24 @@ def test_a_foreign_write_to_a_data_file_demotes_its_verified_chunks(store):
     assert verify_all(entry) == [True, True, False, True]
     assert cached(entry, 0, CHUNK) == data[:CHUNK]  # at the new generation, good chunks serve
     entry.close()
+
+
+@given(size=st.integers(0, 50 * CHUNK), states=st.lists(st.sampled_from([MISSING, ON_DISK, VERIFIED]), max_size=51),
+       bounds=st.tuples(st.integers(0, 51), st.integers(0, 51)))
+@settings(max_examples=300)
+def test_the_counts_of_chunk_states_are_those_of_each_chunk(size, states, bounds):
+    """cached_bytes, missing_bytes, unverified_count and complete count the states in C
+    (bytearray.count), with the last, short chunk's length: against the sum over each chunk."""
+    entry = CacheEntry.uncached("f", Identity(size, 1, 1, 1), CHUNK)  # just the arithmetic
+    entry.state = bytearray((states * (entry.nchunks // max(1, len(states)) + 1))[:entry.nchunks]
+                            if states else [MISSING] * entry.nchunks)
+    lengths = [entry.chunk_extent(i)[1] for i in range(entry.nchunks)]
+    start, stop = sorted(min(b, entry.nchunks) for b in bounds)
+    assert entry.cached_bytes() == sum(n for n, s in zip(lengths, entry.state) if s != MISSING)
+    assert entry.missing_bytes(range(start, stop)) == sum(lengths[i] for i in range(start, stop)
+                                                          if entry.state[i] == MISSING)
+    assert entry.unverified_count() == sum(1 for s in entry.state if s != VERIFIED)
+    assert entry.complete == all(s == VERIFIED for s in entry.state)
 
 
 def test_an_uncached_stand_in_has_no_files():
