@@ -221,3 +221,37 @@ async def test_an_open_interrupted_as_its_backing_id_is_journaled_is_answered_no
     assert [f.fh for f in ops.export_state().files] == [opened[0].fh]
     await ops.release(opened[0].fh)
     assert ops.export_state().files == []
+
+
+async def test_a_second_passthrough_open_waits_for_the_journal_to_name_the_backing_id(harness):
+    """Two opens of one inode: the first registers its backing id and writes the journal; the
+    second gets the same id. Answered before that write ended, a crash in between would
+    leave the kernel holding an id no journal names, and the next daemon's registration of
+    another refused: every open of the file failing until unmount. So it waits."""
+    ops, _registry, attr = await _complete_with_passthrough(harness)
+    writing, written = trio.Event(), trio.Event()
+
+    async def persist() -> bool:
+        writing.set()
+        await written.wait()  # a journal write that takes a while (a slow disk)
+        return True
+
+    ops.persist = persist
+    answered: list[str] = []
+
+    async def open_as(name: str) -> None:
+        await ops.open(attr.ino, os.O_RDONLY, ctx())
+        answered.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_as, "first")
+        await writing.wait()
+        nursery.start_soon(open_as, "second")
+        try:
+            with trio.move_on_after(1):  # what the second open takes, and far more
+                while not answered:
+                    await trio.sleep(0.01)
+            assert answered == []  # neither is answered while the journal does not name the id
+        finally:
+            written.set()
+    assert sorted(answered) == ["first", "second"]

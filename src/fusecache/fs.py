@@ -251,12 +251,11 @@ class FuseOperations:
                 await self.engine.release(handle)
             raise
         fh = self._new_fh()
-        first_backing = mode.backing_id is not None and not self._passthrough_open(inode)
         self._handles[fh] = (inode, handle, mode.backing_id is not None)
         self.changed()
-        if first_backing:  # the kernel keeps one backing file per inode: the journal must know it
+        if mode.backing_id is not None:  # the journal names the inode's backing file before the answer
             with trio.CancelScope(shield=True):  # the handle is made: answered, never dropped by an interrupt
-                await self.persist()
+                await self.passthrough.journal(inode, self.persist)
         return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
                          backing_id=mode.backing_id,
                          direct=None if mode.backing_id is not None else self.engine.direct(handle))

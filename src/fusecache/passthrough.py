@@ -23,7 +23,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+import trio
 
 from .engine import Engine, Handle
 from .livestate import Backing
@@ -57,6 +60,8 @@ class InodeIO:
     # proves nothing. Kept registered until unmount, and every passthrough open of the inode
     # gets it: the kernel refuses an open with another id while it holds this one (EIO).
     kept: bool = False
+    unjournaled: bool = False  # registered, and no journal write naming it begun yet (journal())
+    journaling: trio.Event | None = None  # set once the journal write naming it is over
 
 
 class Passthrough:
@@ -111,11 +116,31 @@ class Passthrough:
             return IOMode()
         try:
             io.backing_id = self._register(handle)
+            io.unjournaled = True
         except OSError as e:
             log.warning("passthrough refused for %s, served by fusecache: %s", handle.path, e)
             io.refused = True
             return IOMode()
         return IOMode(io.backing_id)
+
+    async def journal(self, inode: int, persist: Callable[[], Awaitable[bool]]) -> None:
+        """Before an open given a backing id is answered, the journal names the id: the kernel
+        holds one backing file per inode, and after a crash a journal without it would have
+        the next daemon register another, which the kernel refuses while it holds this one.
+        The first open after the registration writes the journal (persist); the inode's other
+        opens meanwhile wait for that write rather than be answered before it."""
+        io = self._inodes.get(inode)
+        if io is None:
+            return
+        if io.journaling is not None:
+            await io.journaling.wait()
+        elif io.unjournaled:
+            io.unjournaled, io.journaling = False, trio.Event()
+            try:
+                await persist()
+            finally:
+                io.journaling.set()
+                io.journaling = None
 
     def _register(self, handle: Handle) -> int:
         """A backing id for the cache file, given to the kernel read-only."""
