@@ -498,6 +498,33 @@ async def test_a_file_replaced_during_its_prefetch_is_fetched_again(harness, blo
     assert await read_file(engine, "f") == new and harness.source.calls("f") == calls
 
 
+async def test_a_lookup_with_lagging_attributes_leaves_one_live_version(harness, caplog):
+    """A network filesystem's attribute cache can show a lookup the version before the one
+    the daemon has open. That lookup retires the open version; the next open finds it is the
+    source's version after all and takes it back. Loaded a second time instead, two live
+    entries would write one pair of cache files, each fetching again what the other holds
+    and taking the other's writes for foreign ones."""
+    harness.write("f", 3 * CHUNK)
+    stale = os.lstat(harness.src / "f")  # what a lagging attribute cache keeps showing
+    data = harness.rewrite("f", os.urandom(4 * CHUNK))
+    engine = await harness.start()
+    src = harness.source
+    first = await engine.open("f")
+    assert bytes(await engine.read(first, 0, CHUNK, buffer(CHUNK))) == data[:CHUNK]
+    lstat = src.lstat
+    src.lstat = lambda relpath: stale if relpath == "f" else lstat(relpath)
+    await engine.lstat("f")  # retires the open version
+    second = await engine.open("f")
+    assert bytes(await engine.read(second, CHUNK, CHUNK, buffer(CHUNK))) == data[CHUNK:2 * CHUNK]
+    assert bytes(await engine.read(first, 0, 3 * CHUNK, buffer(3 * CHUNK))) == data[:3 * CHUNK]
+    assert src.counts("f", len(data)).tolist() == [1] * (3 * CHUNK) + [0] * CHUNK
+    assert "behind fusecache's back" not in caplog.text
+    assert [info["users"] for info in engine.open_files()] == [2]  # one version, both handles on it
+    await engine.release(first)
+    await engine.release(second)
+    assert engine.activity() == (0, 0)
+
+
 async def test_a_file_that_keeps_changing_is_given_up(harness):
     harness.write("f", 2 * CHUNK)
     engine = await harness.start()

@@ -612,6 +612,13 @@ def drop_reply_pages(entry: CacheEntry, offset: int, length: int) -> None:
     replies drop every folio behind them."""
     entry.drop(max(0, offset - offset % DROP_ALIGN - DROP_ALIGN), offset + length)
 
+
+def in_place(entry: CacheEntry) -> bool:
+    """Whether an open entry's files still have their names: the store only ever unlinks
+    them (a new version's files take their place), so a named pair is the one at its path."""
+    return entry.cacheable and not entry.closed and all(os.fstat(fd).st_nlink for fd in (entry.data_fd, entry.index_fd))
+
+
 class CacheStore:
     """The part of a cache dir that belongs to one source tree."""
 

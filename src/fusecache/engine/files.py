@@ -30,7 +30,7 @@ from ..budget import CacheBudget
 from ..logs import Throttle
 from ..metrics import Metrics
 from ..source import Identity, Source
-from ..store import CacheEntry, CacheStore, StoreError
+from ..store import CacheEntry, CacheStore, StoreError, in_place
 from .errors import error_kind
 from .keyed_lock import KeyedLock
 from .shares import UidShares
@@ -211,6 +211,12 @@ class OpenFiles:
                 return tracked
             if tracked is not None:
                 self.retire(tracked)
+            else:
+                tracked = self._revive(relpath, identity)
+                if tracked is not None:
+                    self._fds -= FDS_PER_FILE
+                    self.tasks.spawn(os.close, src_fd)
+                    return tracked
             try:
                 entry = await self._open_entry(relpath, identity)
             except BaseException:
@@ -273,6 +279,21 @@ class OpenFiles:
             self._close(tracked)
         elif tracked.entry.cacheable:
             self._retired.add(tracked)
+
+    def _revive(self, relpath: str, identity: Identity) -> TrackedFile | None:
+        """A retired version of relpath that the source holds after all, its cache files still
+        in place, made current again (with one more user): the lookup that retired it saw
+        attributes a network filesystem's cache kept from before. Loaded a second time
+        instead, two live entries would write one pair of cache files, each fetching again
+        what the other holds and taking the other's writes for foreign ones."""
+        for tracked in self._retired:
+            if tracked.relpath == relpath and tracked.identity == identity and in_place(tracked.entry):
+                self._retired.discard(tracked)
+                self._files[relpath] = tracked
+                self.ref(tracked)
+                log.info("%s is unchanged in the source after all; its cached copy is kept", relpath)
+                return tracked
+        return None
 
     def pending_bytes(self) -> int:
         """Cache bytes of retired versions still open (unlinked; freed at their last close)."""
