@@ -284,6 +284,7 @@ async def test_without_room_on_the_cache_filesystem_reads_go_to_the_source(harne
     assert engine.metrics.bytes_read_through == len(data)
     assert set(engine.metrics.errors) == {"ENOSPC"}
     assert engine.cached_extent("f") is None  # the stand-in is not kept: the next open retries
+    assert engine.budget.files() == {}  # nor counted: opens of many such files grow no table
     engine.prefetch("f")
     await settled(engine, "f")
     assert engine.stream_state("f") == (False, "no space in the cache")

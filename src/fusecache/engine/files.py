@@ -180,9 +180,9 @@ class OpenFiles:
         except OSError:
             self.unref(tracked)
             raise
-        now = time.time()
-        self.budget.touch(relpath, now)
-        if tracked.entry.cacheable:
+        if tracked.entry.cacheable:  # a stand-in has nothing cached to keep fresh
+            now = time.time()
+            self.budget.touch(relpath, now)
             self.tasks.spawn(self.store.touch, relpath, now)
         return Handle(tracked, uid)
 
