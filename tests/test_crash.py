@@ -9,6 +9,8 @@ import errno
 import mmap
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -88,6 +90,59 @@ def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, m
     assert sorted(os.listdir(m.mountpoint / "ckpt")) == sorted(name.split("/")[1] for name in FILES)
     m.unmount()  # stops the daemon and the supervisor
     assert not mounts.find_mount(str(m.mountpoint))
+
+
+# Run as `python3 -c FAIL_ONCE mount ...`: fusecache's command line, whose daemons' metrics
+# sampler (a task beside the session) raises once the file $FUSECACHE_TEST_FAIL appears,
+# and the first daemon to see it removes it. The supervisor forks every daemon from this
+# process, so the daemons it starts after the failure carry the patch too, with no file left.
+FAIL_ONCE = """
+import os, sys, trio
+from fusecache import cli, exporters
+
+async def sample(*args):
+    while True:
+        try:
+            os.unlink(os.environ["FUSECACHE_TEST_FAIL"])
+        except FileNotFoundError:
+            await trio.sleep(0.05)
+            continue
+        raise RuntimeError("injected: the metrics sampler failed")
+
+exporters.sample = sample
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_task_failing_beside_the_session_leaves_the_mount_to_its_supervisor(tmp_path, make_mount):
+    """A task of the daemon other than the session (the journal's, the exporters', the
+    engine's) that raises ends the serving process as a crash does: the supervisor starts the
+    next from the journal and the mount stays, open files included. It used to cancel the
+    session, whose end then unmounted."""
+    src = tmp_path / "src"
+    contents = fill(src, {"a.bin": 4 * MiB, "b.bin": MiB}, seed=5)
+    m = make_mount(src, ["session=kernel", "passthrough=off"], mount=False)
+    mark = tmp_path / "fail"
+    args = ["mount", src, m.mountpoint, "--cache-dir", m.cache_dir, "-o", "session=kernel", "-o", "passthrough=off"]
+    result = subprocess.run([sys.executable, "-c", FAIL_ONCE, *map(str, args)], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONMALLOC": "malloc", "FUSECACHE_TEST_FAIL": str(mark)})
+    assert result.returncode == 0, result.stderr
+    status = m.status()
+    m.pid, m.supervisor_pid = status["pid"], status["supervisor_pid"]
+    with open(m.mountpoint / "a.bin", "rb") as held:
+        assert held.read() == contents["a.bin"]
+        wait_for_the_journal(_journal_of(m), m.pid, {"a.bin": contents["a.bin"]}, handles=1)
+        old = m.pid
+        mark.touch()
+        m.pid = _new_serving_pid(m, old)
+        wait_gone(old)
+        assert not mark.exists()
+        assert os.pread(held.fileno(), MiB, MiB) == contents["a.bin"][MiB:2 * MiB]
+    assert file_bytes(m.mountpoint / "b.bin") == contents["b.bin"]
+    log_text = (Path(status["cache"]) / "daemon.log").read_text()
+    assert "injected: the metrics sampler failed" in log_text
+    assert "leaving the connection to its keeper" in log_text
+    m.unmount()
 
 
 def test_a_read_in_flight_on_a_reader_thread_is_answered_after_a_kill9(counting_source, make_mount):

@@ -233,9 +233,10 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                     await session.serve()
                 except SessionError as e:
                     log.error("%s", e)
-                except Exception:
+                except BaseException as e:  # or cancelled: a task beside it failed (logged at exit)
                     if kernel is not None and (supervised.sock is not None or fd_store):  # a new one is started
-                        log.exception("serving failed: leaving the connection to its keeper")
+                        log.error("serving failed: leaving the connection to its keeper",
+                                  exc_info=isinstance(e, Exception))
                         kernel.handed_over()
                     raise
                 if not restarts.taken:  # unmounted: no one recovers from it
