@@ -82,11 +82,11 @@ def test_a_missing_journal_is_refused(tmp_path):
         journal.read(tmp_path / journal.NAME)
 
 
-def test_recovery_moves_handle_numbers_past_any_given_out_since_and_drops_orphan_backing():
-    state = _state(next_fh=5, backing=[Backing(7, 1), Backing(9, 2)])  # inode 9: its open not in the journal
+def test_recovery_moves_handle_numbers_past_any_given_out_since():
+    state = _state(next_fh=5, backing=[Backing(7, 1), Backing(9, 2)])  # inode 9: an id kept with no open known
     recovered = journal.for_recovery(state)
     assert recovered.adapter.next_fh == 5 + journal.FH_GAP
-    assert recovered.adapter.backing == [Backing(7, 1)]
+    assert recovered.adapter.backing == [Backing(7, 1), Backing(9, 2)]
     assert recovered.adapter.files == state.adapter.files
 
 
@@ -159,6 +159,33 @@ async def test_a_backing_id_from_the_journal_outlives_our_count_of_its_opens(har
     await recovered.release(again.fh)
     await recovered.release(missed.fh)
     assert registry.live == {journaled.backing_id}  # kept until unmount: its opens cannot be counted
+
+
+@pytest.mark.parametrize("after_crash", [True, False], ids=["journal", "restart"])
+async def test_a_kept_backing_id_is_handed_on_by_the_daemon_that_kept_it(harness, after_crash):
+    """The daemon that recovered with a kept id (the kernel may hold opens on it that the
+    journal missed) and has seen every open it knew of released, crashes or restarts in
+    turn: its journal and its hand-over still name the id, so the next daemon keeps it too.
+    Left out, the next daemon registered another id for the inode's next open, which the
+    kernel refuses while the missed open holds the first (EIO)."""
+    ops, registry, attr = await _complete_with_passthrough(harness)
+    journaled = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    written = LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state())
+    missed = await ops.open(attr.ino, os.O_RDONLY, ctx())  # the kernel holds it; the journal does not
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)
+    await recovered.import_state(journal.for_recovery(written).adapter, after_crash=True)
+    recovered.passthrough.enable(registry, 30.0)
+    await recovered.release(journaled.fh)
+    state = LiveState(FORMAT, 2, Negotiated(40, 0), recovered.export_state())
+    assert state.adapter.backing == [Backing(attr.ino, journaled.backing_id)] and state.adapter.files == []
+    third = FuseOperations(ops.engine, attr_timeout=2.5)
+    await third.import_state((journal.for_recovery(state) if after_crash else state).adapter, after_crash=after_crash)
+    third.passthrough.enable(registry, 30.0)
+    again = await third.open(attr.ino, os.O_RDONLY, ctx())
+    assert again.backing_id == journaled.backing_id and registry.registered == 1
+    await third.release(again.fh)
+    await third.release(missed.fh)  # unknown to it: the kernel's release of the missed open
+    assert registry.live == {journaled.backing_id}  # kept until unmount
 
 
 async def test_a_handle_the_journal_kept_after_its_release_goes_once_the_kernel_forgets_its_inode(harness):

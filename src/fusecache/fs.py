@@ -51,6 +51,14 @@ def version_of_file(identity: Identity) -> Version:
     return (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
 
 
+def attributes_of(timeout: float, inode: int, st: os.stat_result) -> Attributes:
+    """st as the kernel is told it under inode, valid for timeout seconds."""
+    return Attributes(ino=inode, mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid,
+                      rdev=st.st_rdev, size=st.st_size, blocks=st.st_blocks, blksize=1 << 20,
+                      atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                      entry_timeout=timeout, attr_timeout=timeout)
+
+
 class KeepCache:
     """FOPEN_KEEP_CACHE, per path: the kernel may keep the pages it holds of a file only if
     the version it last opened through this mount is the one opened now (else they may be an
@@ -103,17 +111,11 @@ class FuseOperations:
         """Attributes of relpath, looked up: under the inode number of the version st
         describes, which the kernel holds from now until it forgets it."""
         self.changed()
-        return self._attributes(self.inodes.hold(relpath, self._version(relpath, st)), st)
+        return attributes_of(self.attr_timeout, self.inodes.hold(relpath, self._version(relpath, st)), st)
 
     def _version(self, relpath: str, st: os.stat_result) -> Version:
         version = version_of(st, self.engine.source.identity(st))
         return version + (self.inodes.epoch(relpath),) if stat_mod.S_ISREG(st.st_mode) else version
-
-    def _attributes(self, inode: int, st: os.stat_result) -> Attributes:
-        return Attributes(ino=inode, mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid,
-                          rdev=st.st_rdev, size=st.st_size, blocks=st.st_blocks, blksize=1 << 20,
-                          atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
-                          entry_timeout=self.attr_timeout, attr_timeout=self.attr_timeout)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -146,15 +148,15 @@ class FuseOperations:
                 raise
             st = None
         if st is not None and (version is None or self._version(relpath, st) == version):
-            return self._attributes(inode, st)
+            return attributes_of(self.attr_timeout, inode, st)
         # The path was removed or holds another version, or the source cannot be reached: an
         # fstat of an open handle wants the version it has open (whose bytes it reads).
         handle = self._handle_of(inode)
         if handle is None:
             if st is None:
                 raise FuseError(errno.ENOENT)
-            return self._attributes(inode, st)  # a stat through a stale dentry: what is there now
-        attr = self._attributes(inode, await self.engine.fstat(handle))
+            return attributes_of(self.attr_timeout, inode, st)  # a stat through a stale dentry: what is now
+        attr = attributes_of(self.attr_timeout, inode, await self.engine.fstat(handle))
         attr.size = handle.identity.size
         attr.mtime_ns = handle.identity.mtime_ns
         return attr
@@ -190,7 +192,8 @@ class FuseOperations:
             for name, next_offset, st in batch:
                 child = self.engine.source.child(relpath, name)
                 version = self._version(child, st)
-                if not add(os.fsencode(name), self._attributes(self.inodes.inode(child, version), st), next_offset):
+                attr = attributes_of(self.attr_timeout, self.inodes.inode(child, version), st)
+                if not add(os.fsencode(name), attr, next_offset):
                     return
                 if counts_lookups:
                     self.inodes.hold(child, version)
@@ -325,7 +328,8 @@ class FuseOperations:
             (fh, inode, pt) for fh, (inode, pt) in self._lost.items()]
         files = [OpenFile(fh, inode, pt) for fh, inode, pt in opened if self.inodes.is_held(inode)]
         dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd, _uid) in self._dirs.items()]
-        return AdapterState(held, paths, files, dirs, self.passthrough.export_state(), self._next_fh)
+        backing = self.passthrough.export_state({f.inode for f in files if f.passthrough})
+        return AdapterState(held, paths, files, dirs, backing, self._next_fh)
 
     async def import_state(self, state: AdapterState, after_crash: bool = False) -> int:
         """Take over another daemon's export_state() (after_crash: its journal's), before

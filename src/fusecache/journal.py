@@ -113,10 +113,6 @@ def read(path: Path) -> LiveState:
 
 def for_recovery(state: LiveState) -> LiveState:
     """The journal's state made safe to serve after a crash: handle numbers move on by
-    FH_GAP, and backing ids of inodes with no passthrough handle left in it (registered by
-    an open whose handle the journal does not hold yet) are left alone, registered."""
+    FH_GAP (its backing ids are all kept: passthrough.Passthrough.import_state)."""
     adapter = state.adapter
-    passthrough_inodes = {f.inode for f in adapter.files if f.passthrough}
-    backing = [b for b in adapter.backing if b.inode in passthrough_inodes]
-    return dataclasses.replace(state, adapter=dataclasses.replace(
-        adapter, backing=backing, next_fh=adapter.next_fh + FH_GAP))
+    return dataclasses.replace(state, adapter=dataclasses.replace(adapter, next_fh=adapter.next_fh + FH_GAP))

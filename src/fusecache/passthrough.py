@@ -167,16 +167,20 @@ class Passthrough:
                 io.backing_id = 0
         self._tidy(inode, io)
 
-    def export_state(self) -> list[Backing]:
-        """The backing ids of inodes with passthrough opens: the next daemon closes each at
-        its inode's last release (the ids belong to the connection, not to this process)."""
-        return [Backing(inode, io.backing_id) for inode, io in self._inodes.items() if io.passthrough]
+    def export_state(self, passthrough_inodes: set[int]) -> list[Backing]:
+        """The backing ids the next daemon must know (the ids belong to the connection, not
+        to this process): those of the inodes with passthrough handles open (given, without
+        the handle being released now: its id is closed next), and the kept ones. So a
+        state's id on an inode with no passthrough handle in it is a kept one, and is kept
+        by the next daemon too."""
+        return [Backing(inode, io.backing_id) for inode, io in self._inodes.items()
+                if io.kept or (io.passthrough and inode in passthrough_inodes)]
 
     def import_state(self, backing: list[Backing], opens: list[tuple[int, bool]], after_crash: bool = False) -> None:
         """Take over another daemon's export_state(), with the (inode, passthrough) of every
         handle the kernel has open, restored or not: each is released here some day.
         after_crash: the state is a journal's, which may miss opens: its backing ids are kept
-        (InodeIO.kept)."""
+        (InodeIO.kept), as is any id on an inode with no passthrough handle in the state."""
         for inode, passthrough in opens:
             io = self._inodes.setdefault(inode, InodeIO())
             if passthrough:
@@ -184,11 +188,9 @@ class Passthrough:
             else:
                 io.cached += 1
         for b in backing:
-            io = self._inodes.get(b.inode)
-            if io is None or not io.passthrough:
-                raise ValueError(f"backing id {b.backing_id} of inode {b.inode}, which has no passthrough open")
+            io = self._inodes.setdefault(b.inode, InodeIO())
             io.backing_id = b.backing_id
-            io.kept = after_crash
+            io.kept = after_crash or not io.passthrough
         if any(io.passthrough and not io.backing_id for io in self._inodes.values()):
             raise ValueError("a passthrough open without its backing id")
 
