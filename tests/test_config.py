@@ -103,6 +103,21 @@ def test_options_apply_in_order_and_flags_win():
     assert cfg.cache_dir == Path("/c")
 
 
+def test_relative_paths_are_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    """The daemon runs in /, and `fusecache restart`, run from anywhere, mounts with the
+    options the daemon was given: a relative source, cache dir or textfile read in either
+    place would be another tree, cache or file (a restart served another tree, silently)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config("src", "mnt", ["ro,cache_dir=c", "metrics_textfile=m.prom"])
+    assert (cfg.source, cfg.mountpoint) == (tmp_path / "src", tmp_path / "mnt")
+    assert (cfg.cache_dir, cfg.metrics_textfile) == (tmp_path / "c", tmp_path / "m.prom")
+    assert cfg.options == ["ro", f"cache_dir={tmp_path / 'c'}", f"metrics_textfile={tmp_path / 'm.prom'}"]
+    assert build_config("s", "m", [], cache_dir=Path("d")).cache_dir == tmp_path / "d"
+    monkeypatch.chdir("/")
+    again = build_config(str(cfg.source), str(cfg.mountpoint), cfg.options)  # a restart from elsewhere
+    assert (again.cache_dir, again.metrics_textfile) == (cfg.cache_dir, cfg.metrics_textfile)
+
+
 def test_a_home_of_no_user_is_a_config_error():
     with pytest.raises(ConfigError, match="no such user's home"):
         build_config("/s", "/m", ["cache_dir=~no-such-user-here/cache"])

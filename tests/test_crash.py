@@ -129,6 +129,7 @@ def test_a_task_failing_beside_the_session_leaves_the_mount_to_its_supervisor(tm
     assert result.returncode == 0, result.stderr
     status = m.status()
     m.pid, m.supervisor_pid = status["pid"], status["supervisor_pid"]
+    assert {os.readlink(f"/proc/{pid}/cwd") for pid in (m.pid, m.supervisor_pid)} == {"/"}  # nothing kept busy
     with open(m.mountpoint / "a.bin", "rb") as held:
         assert held.read() == contents["a.bin"]
         wait_for_the_journal(_journal_of(m), m.pid, {"a.bin": contents["a.bin"]}, handles=1)

@@ -293,8 +293,10 @@ def _supervisor_child(cfg, store, ready_fd: int, log_path: Path) -> int:
 
 
 def _detach(log_path: Path) -> None:
-    """A new session, no terminal, stderr into the log."""
+    """A new session, no terminal, stderr into the log, and / as the working directory (the
+    one the command ran in must stay free to unmount; every path is absolute by now)."""
     os.setsid()
+    os.chdir("/")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1):
         os.dup2(devnull, fd)

@@ -293,7 +293,7 @@ def _set_path(cfg: MountConfig, key: str, value: str) -> None:
     if not value:
         raise ConfigError(f"invalid {key}: empty path")
     try:
-        setattr(cfg, key, Path(value).expanduser())
+        setattr(cfg, key, Path(os.path.abspath(Path(value).expanduser())))
     except RuntimeError:  # ~name of a user who does not exist
         raise ConfigError(f"invalid {key} {value!r}: no such user's home") from None
 
@@ -362,13 +362,20 @@ def apply_option(cfg: MountConfig, item: str) -> None:
 
 
 def build_config(source: str, mountpoint: str, options: list[str], **overrides: object) -> MountConfig:
-    """Build and validate a MountConfig from -o option strings plus explicit overrides."""
-    cfg = MountConfig(source=Path(source), mountpoint=Path(mountpoint), options=list(options))
+    """Build and validate a MountConfig from -o option strings plus explicit overrides.
+    Paths are made absolute here, against the directory the command runs in: the daemon
+    runs elsewhere (in /), and a restart, from wherever it is asked for, mounts with
+    `options` again, whose paths are rewritten absolute to that end."""
+    cfg = MountConfig(source=Path(os.path.abspath(source)), mountpoint=Path(os.path.abspath(mountpoint)))
     for text in options:
         for item in split_options(text):
             apply_option(cfg, item)
+            key = _RENAMED.get(item.partition("=")[0], item.partition("=")[0])
+            cfg.options.append(f"{key}={getattr(cfg, key)}" if _OPTION_SETTERS.get(key) is _set_path else item)
     for key, value in overrides.items():
-        if value is not None:
+        if isinstance(value, Path):
+            _set_path(cfg, key, str(value))
+        elif value is not None:
             setattr(cfg, key, value)
     cfg.validate()
     return cfg
