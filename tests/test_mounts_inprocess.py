@@ -16,6 +16,19 @@ import pytest
 from fusecache import mounts
 
 
+def test_mountinfo_fields_split_at_spaces_alone():
+    """The kernel escapes space, tab, newline and backslash, nothing else: a mountpoint with a
+    no-break space is one field (str.split() cut it, so the mount was never found, and a
+    user's mountpoint named to look like fields could pass for root's fusecache mount)."""
+    name = "/tmp/a\u00a0o\u00a0-\u00a0fuse.fusecache\u00a0src\u00a0user_id=0"
+    line = f"36 35 0:42 / {name} rw,nosuid - fuse.sshfs me@host:/x rw,user_id=1000,group_id=1000\n"
+    info = mounts.parse_mountinfo(line)
+    assert (info.mountpoint, info.fstype, info.source) == (name, "fuse.sshfs", "me@host:/x")
+    assert info.owner_uid == 1000
+    escaped = mounts.parse_mountinfo("36 35 0:42 / /tmp/with\\040space rw - fuse.fusecache /s\\011t rw,user_id=0\n")
+    assert (escaped.mountpoint, escaped.source) == ("/tmp/with space", "/s\tt")
+
+
 def test_mountinfo_lists_the_mounts_this_process_sees(tmp_path):
     table = mounts.mount_table()
     root = mounts.find_mount("/")

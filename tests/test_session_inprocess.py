@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 
 import pytest
@@ -252,6 +253,28 @@ def test_reply_errno():
     assert reply_errno(ReadError(errno.EIO, "source failed"), "READ") == errno.EIO
     assert reply_errno(FuseError(errno.EROFS), "OPEN") == errno.EROFS
     assert reply_errno(ValueError("bug"), "READ") == errno.EIO
+    # a kernel-internal code (NFS's ENOTSUPP, 524): the kernel refuses it as a reply, and
+    # the caller would wait for good
+    assert reply_errno(OSError(524, "Unknown error 524"), "READ") == errno.EIO
+
+
+def test_a_read_of_the_connection_that_took_no_request_reads_again():
+    """ECONNABORTED: the connection was being aborted as a request was taken (an unmount);
+    the next read says whether it ended (ENODEV). It took the reader down (queues=1: the
+    session, whose end then left the mount to a supervisor as if it had crashed)."""
+    poller = select.epoll()
+
+    def failing(code: int):
+        def read() -> int:
+            raise OSError(code, os.strerror(code))
+        return read
+
+    for code in (errno.ENOENT, errno.EINTR, errno.ECONNABORTED):
+        assert direct.next_request(failing(code), poller) == 0
+    assert direct.next_request(failing(errno.ENODEV), poller) is None
+    with pytest.raises(OSError):
+        direct.next_request(failing(errno.EBADF), poller)
+    poller.close()
 
 
 async def test_init_does_not_ask_for_async_direct_io(kernel):

@@ -56,15 +56,19 @@ def _unescape(field: str) -> str:
 
 
 def mount_table() -> list[MountInfo]:
-    mounts = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            major, minor = fields[2].split(":")
-            mounts.append(MountInfo(int(major), int(minor), _unescape(fields[4]),
-                                    fields[sep + 1], _unescape(fields[sep + 2]), fields[sep + 3]))
-    return mounts
+        return [parse_mountinfo(line) for line in f]
+
+
+def parse_mountinfo(line: str) -> MountInfo:
+    """One line of /proc/self/mountinfo. Its fields are split at single spaces, the only
+    separator: the kernel escapes space, tab, newline and backslash in paths, and nothing
+    else (a path may hold a no-break space, which str.split() would also split at)."""
+    fields = line.rstrip("\n").split(" ")
+    sep = fields.index("-")
+    major, minor = fields[2].split(":")
+    return MountInfo(int(major), int(minor), _unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2]),
+                     fields[sep + 3])
 
 
 def find_mount(mountpoint: str) -> MountInfo | None:

@@ -61,6 +61,12 @@ class ReadRequest(NamedTuple):
     size: int
 
 
+# A read of the connection that failed this way took no request: read again. ENOENT: the
+# request was interrupted first; ECONNABORTED: the connection was being aborted (an unmount)
+# as it was taken, and the next read says ENODEV.
+LOOK_AGAIN = (errno.ENOENT, errno.EINTR, errno.ECONNABORTED)
+
+
 def next_request(read: Callable[[], int], poller: select.epoll) -> int | None:
     """The length of one request, read with `read` (a nonblocking read of the connection into
     the reader's buffer); 0 if there was none (then after waiting in poller, for a request or
@@ -72,7 +78,7 @@ def next_request(read: Callable[[], int], poller: select.epoll) -> int | None:
         poller.poll()
         return 0
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.EINTR):
+        if e.errno in LOOK_AGAIN:
             return 0
         if e.errno == errno.ENODEV:
             return None

@@ -31,7 +31,7 @@ from ..fairness import requester
 from ..livestate import Negotiated
 from . import protocol as p
 from .answers import MetadataAnswers, context_of
-from .direct import MAX_READ_PAGES, request_pages, send
+from .direct import LOOK_AGAIN, MAX_READ_PAGES, request_pages, send
 from .gate import ReadGate
 from .mount import MountIdentity, MountSpec, connected, identify, mount, unmount_own
 from .processes import ReaderProcesses
@@ -231,7 +231,7 @@ class KernelSession:
                 await trio.lowlevel.wait_readable(self.fd)
                 continue
             except OSError as e:
-                if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted before we read it
+                if e.errno in LOOK_AGAIN:
                     continue
                 if e.errno == errno.ENODEV:  # unmounted, or the connection was aborted
                     log.info("the kernel closed the connection")

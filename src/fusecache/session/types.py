@@ -20,6 +20,10 @@ from typing import Callable, Protocol
 
 log = logging.getLogger(__name__)
 
+# The kernel takes a reply's error only below this (fs/fuse/dev.c refuses -512 and lower,
+# which are its own internal codes): a reply it refuses leaves the caller waiting for good.
+MAX_ERRNO = 512
+
 
 class FuseError(Exception):
     """Answer the request with this errno."""
@@ -192,8 +196,10 @@ def reply_errno(error: Exception, operation: str) -> int:
     """The errno a request that failed with `error` is answered with (see the module docstring):
     the error's own errno if it carries one, else EIO, and an unexpected error is logged."""
     code = getattr(error, "errno", None)
-    if isinstance(code, int) and code > 0:
+    if isinstance(code, int) and 0 < code < MAX_ERRNO:
         return code
+    if isinstance(code, int) and code > 0:  # a kernel-internal code a network filesystem let out (NFS's 524)
+        log.warning("answering %s with EIO for errno %d, which the kernel would refuse as a reply", operation, code)
     if not isinstance(error, OSError):  # an OSError without an errno is no bug of ours
         log.error("unexpected error answering %s", operation, exc_info=error)
     return errno_codes.EIO
