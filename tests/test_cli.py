@@ -77,6 +77,7 @@ def assert_refused(args, message: str, mountpoint: Path, status: int = 1) -> Non
 @pytest.mark.parametrize("case, message, status", [
     ("missing-source", "does not exist", 1),
     ("source-is-file", "is not a directory", 1),
+    ("source-name-too-long", "cannot be used: File name too long", 1),  # was a traceback (Path.exists)
     ("missing-mountpoint", "does not exist", 1),
     ("mountpoint-is-file", "is not a directory", 1),
     ("mountpoint-not-empty", "is not empty", 1),
@@ -98,6 +99,8 @@ def test_bad_mount_input(dirs, case, message, status):
         args[1] = source / "nope"
     elif case == "source-is-file":
         args[1] = source / "f"
+    elif case == "source-name-too-long":
+        args[1] = source / ("x" * 300)
     elif case == "missing-mountpoint":
         args[2] = mountpoint / "nope"
     elif case == "mountpoint-is-file":

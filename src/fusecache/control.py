@@ -61,6 +61,8 @@ def socket_of(mountpoint: str) -> Path:
         reason = private.refusal(sock_path.parent, os.lstat(sock_path.parent), (0, info.owner_uid))
     except FileNotFoundError:
         raise ControlError(f"{mountpoint} is not served by a running fusecache daemon") from None
+    except OSError as e:  # another user's runtime directory (0700)
+        raise ControlError(f"cannot reach the control socket of {mountpoint}: {e.strerror}") from None
     if reason:  # a socket someone else could have put there would answer in the daemon's name
         raise ControlError(f"refusing to use the control socket of {mountpoint}: {reason}")
     return sock_path

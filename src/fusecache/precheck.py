@@ -35,9 +35,13 @@ def check_request(cfg: MountConfig) -> CacheStore:
     if fuse_device is None or not stat_mod.S_ISCHR(fuse_device.st_mode) or not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
         raise MountError(f"{FUSE_DEVICE} is missing or not accessible: load the fuse module (modprobe fuse)")
     source = cfg.source
-    if not source.exists():
-        raise MountError(f"source {source} does not exist")
-    if not source.is_dir():
+    try:
+        source_st = os.stat(source)
+    except FileNotFoundError:
+        raise MountError(f"source {source} does not exist") from None
+    except OSError as e:  # EACCES (root squashed on NFS), ENOTCONN (a dead sshfs), ESTALE
+        raise MountError(f"source {source} cannot be used: {e.strerror}") from None
+    if not stat_mod.S_ISDIR(source_st.st_mode):
         raise MountError(f"source {source} is not a directory")
     if not os.access(source, os.R_OK | os.X_OK):
         raise MountError(f"source {source} is not readable")
@@ -118,7 +122,11 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if mounts.find_mount(os.path.realpath(path)) is not None:  # reached through a symlink
         raise MountError(f"mountpoint {mountpoint} is already mounted")
-    if os.listdir(path):
+    try:
+        empty = not os.listdir(path)
+    except OSError as e:
+        raise MountError(f"mountpoint {mountpoint} cannot be used: {e.strerror}") from None
+    if not empty:
         raise MountError(f"mountpoint {mountpoint} is not empty")
 
 
