@@ -154,6 +154,31 @@ async def test_answers_nobody_takes_count_no_lookup_and_keep_no_directory_open(h
     await ops.releasedir(fh)
 
 
+async def test_a_listing_that_fails_part_way_holds_no_lookup_of_what_it_had_taken(harness):
+    """A READDIRPLUS whose source fails after some entries were taken (the next batch of the
+    listing: EIO, ESTALE, EMFILE) is answered with the error: the kernel never sees those
+    entries, so never forgets them, and the answer lets them go. Over the real adapter."""
+    harness.write("d/f", 10)
+    harness.write("d/g", 10)
+    ops = await operations(harness)
+    answers = MetadataAnswers(ops, send=lambda *reply: True)
+    d = await ops.lookup(ROOT_INODE, b"d", ctx())
+    fh = await ops.opendir(d.ino, ctx())
+    readdir = ops.engine.readdir
+
+    async def failing_after_the_first_batch(fd: int, offset: int):
+        if offset:
+            raise OSError(errno.EIO, "the source failed")
+        return await readdir(fd, offset)
+
+    ops.engine.readdir = failing_after_the_first_batch
+    data = FakeKernel.request(p.Op.READDIRPLUS, 9, p.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0), d.ino)
+    with pytest.raises(OSError):
+        await answers.readdir(p.InHeader.parse(data), data[p.IN_HEADER.size:])
+    assert len(ops.inodes) == 1  # d alone
+    await ops.releasedir(fh)
+
+
 async def test_errors_become_the_replys_errno_and_never_end_the_loop(kernel, caplog):
     ops = FailingOperations()
     ops.failures = {b"missing": FileNotFoundError(errno.ENOENT, "gone"), b"denied": FuseError(errno.EACCES),

@@ -65,7 +65,12 @@ class MetadataAnswers:
             used += len(record)
             return True
 
-        await self.operations.readdir(fh, offset, add, counts_lookups=plus)
+        try:
+            await self.operations.readdir(fh, offset, add, counts_lookups=plus)
+        except BaseException:  # answered with the error: the kernel never sees what was taken
+            if plus:
+                self.operations.forget([(inode, 1) for inode in inodes])
+            raise
         if not self.send(header.unique, 0, b"".join(records)) and plus:  # one buffer: writev takes 1024 at most
             self.operations.forget([(inode, 1) for inode in inodes])
 
