@@ -297,6 +297,19 @@ async def test_routes_queued_for_a_full_socket_take_no_descriptor_and_a_released
     theirs.close()
 
 
+def test_a_route_the_reader_processes_cannot_take_fails_no_open():
+    """The route's statx fails (here: its descriptor number is no longer open): the open is
+    answered all the same, its reads going to the trio thread. Raised, it failed the open
+    after its handle was made, a handle the kernel then never released."""
+    routes = Routes()
+    ReaderProcesses(-1, 1, routes, resend=lambda: True)
+    closed = os.open("/dev/null", os.O_RDONLY)
+    os.close(closed)
+    routes.add(7, FileOnDisk(closed, 10))
+    assert routes.get(7) is not None
+    routes.remove(7)
+
+
 async def test_reader_processes_serve_routes_and_forward_the_rest(device, cache_file):
     kernel, ours = device
     _path, fd, data = cache_file

@@ -8,10 +8,13 @@ processes (session/processes.py) are told of each change, as a watcher.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Protocol
 
 from .types import DirectFile
+
+log = logging.getLogger(__name__)
 
 
 class RouteWatcher(Protocol):
@@ -41,9 +44,15 @@ class Routes:
         return iter(list(self._files.items()))
 
     def add(self, fh: int, file: DirectFile) -> None:
+        """Route an open (before its reply). A watcher that cannot take the route (the cache
+        file's statx failed) leaves that reader's reads of it to the trio thread: the open is
+        answered all the same. Failed instead, it left a handle the kernel never releases."""
         self._files[fh] = file
         for watcher in self._watchers:
-            watcher.added(fh, file)
+            try:
+                watcher.added(fh, file)
+            except OSError as e:
+                log.warning("reads of handle %d go through the daemon: %s", fh, e)
 
     def remove(self, fh: int) -> None:
         if self._files.pop(fh, None) is not None:
