@@ -319,3 +319,31 @@ def test_a_source_that_renumbers_its_inodes_keeps_its_cache(counting_source, mak
     for name, data in contents.items():
         assert file_bytes(m.mountpoint / name) == data
     assert (counting_source.total() > 0) == refetched
+
+
+@pytest.mark.parametrize("swapped", ["parent", "mountpoint"])
+def test_a_mountpoint_made_a_symlink_after_its_check_is_not_mounted_over(tmp_path, swapped):
+    """The owner of a directory on the way to root's mountpoint turns it into a symlink
+    between the check and the mount (the store loads for seconds in between): the mount is
+    refused, never made where the link leads (root's mount of the source over /etc)."""
+    from fusecache import mounts
+    from fusecache.session.mount import MountSpec, mount
+
+    bob = tmp_path / "bob"
+    (bob / "mnt").mkdir(parents=True)
+    checked = os.path.realpath(bob / "mnt")
+    elsewhere = tmp_path / "etc"
+    (elsewhere / "mnt").mkdir(parents=True)
+    if swapped == "parent":
+        bob.rename(tmp_path / "bob.old")
+        bob.symlink_to(elsewhere)
+    else:
+        (bob / "mnt").rmdir()
+        (bob / "mnt").symlink_to(elsewhere / "mnt")
+    try:
+        with pytest.raises(OSError):
+            os.close(mount(MountSpec(checked, "hostile-test")))
+        assert mounts.find_mount(str(elsewhere / "mnt")) is None
+    finally:  # without the check, the mount was made there
+        if mounts.find_mount(str(elsewhere / "mnt")) is not None:
+            mounts.unmount(str(elsewhere / "mnt"), lazy=True)

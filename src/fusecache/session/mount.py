@@ -14,6 +14,7 @@ names our mount only while our connection is open (our superblock then still hol
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -65,21 +66,32 @@ def mount(spec: MountSpec) -> int:
 
 
 def _mount_as_root(spec: MountSpec) -> int:
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    """mount(2) onto the directory spec.mountpoint (a resolved path) named when it was
+    checked: through a descriptor of it, held across the call. By its path, a user who owns a
+    directory on the way could make it a symlink meanwhile (the store loads for seconds in
+    between), and root would mount the source over /etc."""
+    target = os.open(spec.mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = -1
     try:
-        st = os.stat(spec.mountpoint)
-        options = [f"fd={fd}", f"rootmode={stat_mod.S_IFMT(st.st_mode):o}", f"user_id={os.getuid()}",
+        now = os.readlink(f"/proc/self/fd/{target}")
+        if now != spec.mountpoint:
+            raise OSError(errno.ELOOP, f"mount refused: the mountpoint leads to {now} now", spec.mountpoint)
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        options = [f"fd={fd}", f"rootmode={stat_mod.S_IFMT(os.fstat(target).st_mode):o}", f"user_id={os.getuid()}",
                    f"group_id={os.getgid()}", *_filesystem_options(spec)]
         flags = 0
         for flag in MOUNT_FLAGS.values():
             flags |= flag
         try:
-            linux.mount(spec.fsname, spec.mountpoint, f"fuse.{spec.subtype}", flags, ",".join(options))
+            linux.mount(spec.fsname, f"/proc/self/fd/{target}", f"fuse.{spec.subtype}", flags, ",".join(options))
         except OSError as e:
             raise OSError(e.errno, f"mount: {e.strerror}", spec.mountpoint) from None
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         raise
+    finally:
+        os.close(target)
     return fd
 
 
