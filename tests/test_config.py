@@ -3,6 +3,7 @@ never another exception; valid values round-trip. Fuzzed with hypothesis."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,21 @@ def test_relative_paths_are_made_absolute_where_the_command_runs(tmp_path, monke
     monkeypatch.chdir("/")
     again = build_config(str(cfg.source), str(cfg.mountpoint), cfg.options)  # a restart from elsewhere
     assert (again.cache_dir, again.metrics_textfile) == (cfg.cache_dir, cfg.metrics_textfile)
+
+
+def test_paths_through_a_symlink_are_resolved_once_at_the_mount(tmp_path):
+    """The cache dir's and the textfile's directories are checked at mount (only root or the
+    daemon's user may write them); reached later through a symlink the checks never saw, a
+    link re-pointed by the user owning the directory that holds it sent root's writes
+    elsewhere. (And a textfile's directory reached through a link was never written: its
+    writes open the directory without following links.)"""
+    real = Path(os.path.realpath(tmp_path)) / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    cfg = build_config("/s", "/m", [f"cache_dir={tmp_path}/link/cache", f"metrics_textfile={tmp_path}/link/m.prom"])
+    assert (cfg.cache_dir, cfg.metrics_textfile) == (real / "cache", real / "m.prom")
+    (real / "m.prom").symlink_to("/elsewhere.prom")  # the file itself is replaced by a rename, not followed
+    assert build_config("/s", "/m", [f"metrics_textfile={tmp_path}/link/m.prom"]).metrics_textfile == real / "m.prom"
 
 
 def test_a_home_of_no_user_is_a_config_error():

@@ -293,9 +293,15 @@ def _set_path(cfg: MountConfig, key: str, value: str) -> None:
     if not value:
         raise ConfigError(f"invalid {key}: empty path")
     try:
-        setattr(cfg, key, Path(os.path.abspath(Path(value).expanduser())))
+        path = os.path.abspath(Path(value).expanduser())
     except RuntimeError:  # ~name of a user who does not exist
         raise ConfigError(f"invalid {key} {value!r}: no such user's home") from None
+    # Resolved once, now: the directories checked at mount (private.check_ancestors) are the
+    # ones every later use reaches, wherever a symlink on the way has been pointed since. A
+    # textfile itself is not followed: it is replaced by a rename.
+    directory, name = os.path.split(path)
+    setattr(cfg, key, Path(os.path.realpath(directory), name) if key == "metrics_textfile" else
+            Path(os.path.realpath(path)))
 
 
 # key -> how to apply its value; flags (no '=') are handled as value None.
