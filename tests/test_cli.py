@@ -3,6 +3,7 @@ and nothing left running; the mount.fuse3 form and mount(8) work."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -402,6 +403,27 @@ def test_mount_command_with_type_fuse_fusecache(dirs):
 def test_umount_of_a_non_fusecache_path_fails(tmp_path):
     result = run_cli("umount", tmp_path, check=False)
     assert result.returncode == 1 and "is not a fusecache mount" in result.stderr
+
+
+def test_status_prints_an_older_or_hostile_daemons_report_safely(capsys, monkeypatch):
+    """`fusecache status` asks every mount's daemon, some perhaps run by other users, some
+    older (running until restarted after an upgrade): a figure an older one lacks counts 0,
+    and nothing a daemon says reaches the terminal unescaped. It raised KeyError for the
+    older, and printed the other's escape sequences."""
+    from fusecache import cli
+
+    older = {"mountpoint": "/m", "source": "/s", "pid": 7, "cache": "/c", "passthrough": "on", "pending_bytes": 0,
+             "files": [], "metrics": {"hit_ratio": None, "bytes_from_source": 1, "source_rate": 0, "bytes_served": 2,
+                                      "bytes_served_from_cache": 2, "fetch_errors": 0, "checksum_failures": 0}}
+    cli._print_status(older)
+    assert "from source:  1 B" in capsys.readouterr().out
+    hostile = dict(older, passthrough="\x1b]0;owned\x07", metrics=dict(older["metrics"], fetch_errors="\x1b[2J"))
+    reports = {"/a": hostile, "/b": dict(older, files=[{"path": "\x1b[31mf", "size": 1, "cached": 1}])}
+    monkeypatch.setattr(cli, "fusecache_mounts", lambda: list(reports))  # the daemons' answers, as given
+    monkeypatch.setattr(cli.control, "call", lambda mountpoint, request, timeout: reports[mountpoint])
+    assert cli.cmd_status(argparse.Namespace(mountpoint=None, json=False)) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "could not be read" in out and "\\x1b[31mf" in out
 
 
 def test_status_and_prefetch_outside_a_mount_fail(tmp_path):

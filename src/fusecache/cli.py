@@ -9,6 +9,7 @@ source are printed escaped (see `printable`), since they are anyone's file names
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import faulthandler
 import json
@@ -434,30 +435,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not reports:
         print("no fusecache mounts")
     for report in reports:
-        _print_status(report)
+        try:
+            _print_status(report)
+        except (KeyError, TypeError, ValueError, AttributeError):  # another fusecache's daemon, or anyone's
+            print(f"  (the rest of this daemon's status could not be read: {printable(str(report)[:200])})")
     return 0
 
 
 def _print_status(report: dict) -> None:
-    m = report["metrics"]
+    """A daemon's status, as a user reads it. A daemon's answer is input (the user running
+    it may not be the one asking): what it says is escaped, and a figure an older daemon does
+    not report (it runs until restarted after an upgrade) counts 0."""
+    m = collections.defaultdict(int, report["metrics"])
     hit = "n/a" if m["hit_ratio"] is None else f"{100 * m['hit_ratio']:.1f}%"
-    print(f"{printable(report['mountpoint'])}  <-  {printable(report['source'])}  (pid {report['pid']})")
+    print(f"{printable(report['mountpoint'])}  <-  {printable(report['source'])}  (pid {int(report['pid'])})")
     print(f"  cache:        {printable(report['cache'])}")
     print(f"  from source:  {human(m['bytes_from_source'])}  now {human(m['source_rate'])}/s")
     print(f"  served:       {human(m['bytes_served'])} by the daemon ({human(m['bytes_served_from_cache'])} from cache, "
           f"{human(m['bytes_served_direct'])} by its readers), "
           f"{human(m['passthrough_bytes'])} opened through passthrough")
-    print(f"  hit ratio:    {hit}  errors: {m['fetch_errors']}  checksum failures: {m['checksum_failures']}")
-    print(f"  filling:      {m['fill_reads']} of {m['fill_reads_limit']} stream reads in flight, "
+    print(f"  hit ratio:    {hit}  errors: {int(m['fetch_errors'])}  checksum failures: {int(m['checksum_failures'])}")
+    print(f"  filling:      {int(m['fill_reads'])} of {int(m['fill_reads_limit'])} stream reads in flight, "
           f"{human(m['fill_buffer_bytes'])} of buffers")
-    print(f"  passthrough:  {report['passthrough']}  ({m['passthrough_opens']} opens served by the kernel "
-          f"from the cache)")
-    if report["pending_bytes"]:
+    print(f"  passthrough:  {printable(str(report.get('passthrough', '?')))}  "
+          f"({int(m['passthrough_opens'])} opens served by the kernel from the cache)")
+    if report.get("pending_bytes"):
         print(f"  pending:      {human(report['pending_bytes'])} of replaced files still open, freed at their last close")
     for f in report["files"]:
         fraction = f["cached"] / f["size"] if f["size"] else 1.0
         flag = " streaming" if f.get("streaming") else ""
-        flag += f" passthrough x{f['passthrough']}" if f.get("passthrough") else ""
+        flag += f" passthrough x{int(f['passthrough'])}" if f.get("passthrough") else ""
         print(f"  {100 * fraction:5.1f}%  {human(f['size']):>10}  {printable(f['path'])}{flag}")
 
 
