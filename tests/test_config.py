@@ -151,6 +151,9 @@ def test_parse_address():
     assert parse_address("9100", "a") == ("127.0.0.1", 9100)
     assert parse_address(":9100", "a") == ("127.0.0.1", 9100)
     assert parse_address("[::1]:9100", "a") == ("::1", 9100)
+    for unbracketed in ("::1", "::1:9100", "fe80::1"):  # was host ":", port 1 and the like
+        with pytest.raises(ConfigError, match="in brackets"):
+            parse_address(unbracketed, "a")
 
 
 @pytest.mark.parametrize("args", [

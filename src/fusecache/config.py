@@ -285,6 +285,8 @@ def _set_cache_size(cfg: MountConfig, key: str, value: str) -> None:
 def parse_address(text: str, what: str) -> tuple[str, int]:
     """'HOST:PORT', ':PORT' or 'PORT' (host defaults to 127.0.0.1: metrics stay local unless asked)."""
     host, sep, port = text.rpartition(":")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"invalid {what} {text!r}: an IPv6 address goes in brackets, [ADDRESS]:PORT")
     host = host.strip("[]") if sep else ""
     return host or "127.0.0.1", parse_int(port, f"{what} port", 1, 65535)
 
