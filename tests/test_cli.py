@@ -276,6 +276,10 @@ def test_file_names_are_printed_escaped(dirs, make_mount):
             assert sum(line.endswith(name) or f" {name} " in line for line in out.splitlines()) == 1, (name, out)
     listed = {f["path"] for f in json.loads(run_cli("cache", "ls", m.mountpoint, "--json").stdout)["files"]}
     assert set(names) <= listed  # --json keeps the names as they are
+    alias = m.mountpoint.parent / "alias"  # the mount reached through a symlink (/fast -> /nvme)
+    alias.symlink_to(m.mountpoint.parent)
+    via_alias = json.loads(run_cli("cache", "ls", alias / m.mountpoint.name, "--json").stdout)["files"]
+    assert {f["path"] for f in via_alias} == listed  # was "not inside a fusecache mount"
 
 
 @pytest.mark.fuse

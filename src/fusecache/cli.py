@@ -411,17 +411,16 @@ def fusecache_mounts() -> list[str]:
 
 
 def _locate(path: str) -> tuple[str, str]:
-    """(mountpoint, path relative to it) of a path inside a fusecache mount."""
-    absolute = os.path.abspath(path)
-    best = None
-    for mountpoint in fusecache_mounts():
-        if absolute == mountpoint or absolute.startswith(mountpoint.rstrip("/") + "/"):
-            if best is None or len(mountpoint) > len(best):
-                best = mountpoint
-    if best is None:
-        raise Failure(f"{path} is not inside a fusecache mount")
-    relpath = os.path.relpath(absolute, best)
-    return best, "" if relpath == "." else relpath
+    """(mountpoint, path relative to it) of a path inside a fusecache mount: as given, or
+    else with the symlinks on its way resolved (a mount reached through a link)."""
+    mountpoints = fusecache_mounts()
+    for absolute in (os.path.abspath(path), os.path.realpath(path)):
+        inside = [mp for mp in mountpoints if absolute == mp or absolute.startswith(mp.rstrip("/") + "/")]
+        if inside:
+            best = max(inside, key=len)
+            relpath = os.path.relpath(absolute, best)
+            return best, "" if relpath == "." else relpath
+    raise Failure(f"{path} is not inside a fusecache mount")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
