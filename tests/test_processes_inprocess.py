@@ -43,7 +43,7 @@ from fusecache.session import protocol as p
 from fusecache.session.direct import SplicingReplier
 from fusecache.session.processes import ReaderProcesses, _Process
 from fusecache.session.reader_process import (COUNTS, FORWARD, OP_ROUTE, OP_STOP, OP_UNROUTE, ROUTE, STOPPED,
-                                              UNROUTE, Reader)
+                                              UNROUTE, Reader, split_batch_forget)
 from fusecache.session.routes import Routes
 from fusecache.session.types import Ticket
 
@@ -295,6 +295,29 @@ async def test_routes_queued_for_a_full_socket_take_no_descriptor_and_a_released
     assert len([t for t in told if t[0] == OP_ROUTE]) < 1000  # the queued ROUTEs of released opens: dropped
     ours.close()
     theirs.close()
+
+
+def test_a_batch_forget_too_large_for_the_control_socket_goes_in_halves():
+    """Where net.core.wmem_max cuts the control socket's buffer below a request, a
+    BATCH_FORGET of many inodes went nowhere and was "answered" EIO (a request that takes no
+    reply): its forgets were lost. It is halved until each half fits, every inode kept."""
+    forgets = [(1000 + i, i + 1) for i in range(2049)]
+    body = p.BATCH_FORGET_IN.pack(len(forgets), 0) + b"".join(p.FORGET_ONE.pack(*f) for f in forgets)
+    request = p.IN_HEADER.pack(p.IN_HEADER.size + len(body), p.Op.BATCH_FORGET, 0, 0, 0, 0, 0, 0, 0) + body
+    pending, sent = [memoryview(request)], []
+    while pending:  # as _forward does, where nothing over 8 KiB fits
+        message = pending.pop()
+        halves = split_batch_forget(message) if len(message) > 8192 else []
+        pending.extend(memoryview(h) for h in halves) if halves else sent.append(bytes(message))
+    heard = []
+    for message in sent:
+        header = p.InHeader.parse(memoryview(message))
+        assert header.length == len(message) and header.opcode == p.Op.BATCH_FORGET
+        count = p.BATCH_FORGET_IN.unpack_from(message, p.IN_HEADER.size)[0]
+        heard += [p.FORGET_ONE.unpack_from(message, p.IN_HEADER.size + p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
+                  for i in range(count)]
+    assert sorted(heard) == forgets and all(len(m) <= 8192 for m in sent)
+    assert split_batch_forget(memoryview(sent[0][:p.IN_HEADER.size] + p.BATCH_FORGET_IN.pack(1, 0) + bytes(16))) == []
 
 
 def test_a_route_the_reader_processes_cannot_take_fails_no_open():

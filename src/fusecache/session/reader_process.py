@@ -68,6 +68,22 @@ CONTROL_MESSAGE = p.READ_BUFFER + 1
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)  # room for the one descriptor a ROUTE carries
 
 
+def split_batch_forget(request: memoryview) -> list[bytes]:
+    """A BATCH_FORGET request as two, each with half of its inodes (each header's length its
+    own); none for one of fewer than two."""
+    count = p.BATCH_FORGET_IN.unpack_from(request, p.IN_HEADER.size)[0]
+    if count < 2:
+        return []
+    header = list(p.IN_HEADER.unpack_from(request))
+    entries = p.IN_HEADER.size + p.BATCH_FORGET_IN.size
+    halves = []
+    for start, end in ((0, count // 2), (count // 2, count)):
+        body = request[entries + start * p.FORGET_ONE.size:entries + end * p.FORGET_ONE.size]
+        header[0] = entries + len(body)
+        halves.append(p.IN_HEADER.pack(*header) + p.BATCH_FORGET_IN.pack(end - start, 0) + bytes(body))
+    return halves
+
+
 @dataclass(frozen=True)
 class Route:
     """An open this process answers: its cache file (this process's descriptor of it), the
@@ -167,9 +183,17 @@ class Reader:
             if e.errno != errno.EMSGSIZE:
                 raise
             # larger than the socket takes at once (its send buffer was cut below CONTROL_MESSAGE
-            # by net.core.wmem_max): only a WRITE could be, which a read-only mount never gets
-            log.error("a request of %d bytes could not be handed to the daemon: answered EIO", len(request))
-            send(self.dev_fd, p.InHeader.parse(request).unique, errno.EIO)
+            # by net.core.wmem_max): a BATCH_FORGET of many inodes (no reply is ever sent to
+            # one: it goes in halves), or a WRITE, which a read-only mount never gets
+            header = p.InHeader.parse(request)
+            if header.opcode == p.Op.BATCH_FORGET and (halves := split_batch_forget(request)):
+                for half in halves:
+                    self._forward(memoryview(half))
+            elif header.opcode in (p.Op.FORGET, p.Op.BATCH_FORGET, p.Op.INTERRUPT):  # answered by none
+                log.error("a request of %d bytes could not be handed to the daemon: dropped", len(request))
+            else:
+                log.error("a request of %d bytes could not be handed to the daemon: answered EIO", len(request))
+                send(self.dev_fd, header.unique, errno.EIO)
 
     def _answer(self, data: memoryview) -> bool:
         """Answer a READ of a routed, unchanged file here; False: forward it."""
