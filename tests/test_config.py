@@ -184,7 +184,7 @@ def test_buffers_beyond_half_the_memory_are_refused():
         big.validate(memory=lambda: 64 * GiB)
     message = str(info.value)
     assert "64.1 GiB" in message or "64.2 GiB" in message and "(64.0 GiB)" in message and "max(streams, fill_reads_max) x stream_read_size (64 x 1.0 GiB)" in message
-    assert "fetch_threads x 2 x chunk_size (8 x 2 x 4.0 MiB)" in message and "workers" in message
+    assert "fetch_threads x 2 x chunk_size (8 x 2 x 4.0 MiB)" in message and "(workers + queues) x 1.0 MiB" in message
 
 
 def test_memory_limit_is_the_lowest_cgroup_v2_limit(tmp_path):

@@ -268,7 +268,7 @@ class MountConfig:
                 f"lower max(streams, fill_reads_max) x stream_read_size ({self.stream_reads} x "
                 f"{human(self.stream_read_size)}), "
                 f"fetch_threads x 2 x chunk_size ({self.fetch_threads} x 2 x {human(self.chunk_size)}) "
-                f"or workers x {human(MAX_REQUEST)} ({self.workers})")
+                f"or (workers + queues) x {human(MAX_REQUEST)} ({self.workers} + {self.queues})")
 
 
 def _set_cache_size(cfg: MountConfig, key: str, value: str) -> None:
