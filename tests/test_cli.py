@@ -429,6 +429,16 @@ def test_status_prints_an_older_or_hostile_daemons_report_safely(capsys, monkeyp
     out = capsys.readouterr().out
     assert "\x1b" not in out and "could not be read" in out and "\\x1b[31mf" in out
 
+    def refusing(mountpoint, request, timeout):  # a daemon that does not answer, or is not ours to ask
+        if mountpoint == "/a":
+            raise control.ControlError("permission denied: cannot use the control socket of /a")
+        return reports[mountpoint]
+
+    monkeypatch.setattr(cli.control, "call", refusing)
+    assert cli.cmd_status(argparse.Namespace(mountpoint=None, json=False)) == 1  # it stopped at the first
+    captured = capsys.readouterr()
+    assert "fusecache: /a: permission denied" in captured.err and "/m  <-  /s" in captured.out
+
 
 def test_status_and_prefetch_outside_a_mount_fail(tmp_path):
     assert run_cli("status", tmp_path, check=False).returncode == 1

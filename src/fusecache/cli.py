@@ -427,18 +427,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     targets = [mounts.resolve_mountpoint(args.mountpoint)] if args.mountpoint else fusecache_mounts()
     if args.mountpoint and targets[0] not in fusecache_mounts():
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
-    reports = [control.call(mp, {"command": "status"}, timeout=STATUS_TIMEOUT) for mp in targets]
+    if args.mountpoint:
+        reports = [control.call(targets[0], {"command": "status"}, timeout=STATUS_TIMEOUT)]
+    else:  # every mount: one whose daemon does not answer (stopped, another user's) is said so, in turn
+        reports = [_status_or_error(mp) for mp in targets]
     if args.json:
         print(json.dumps(reports[0] if args.mountpoint else reports, indent=2))
-        return 0
+        return 1 if any("error" in r for r in reports) else 0
     if not reports:
         print("no fusecache mounts")
     for report in reports:
+        if "error" in report:
+            say(f"{report['mountpoint']}: {report['error']}")
+            continue
         try:
             _print_status(report)
         except (KeyError, TypeError, ValueError, AttributeError):  # another fusecache's daemon, or anyone's
             print(f"  (the rest of this daemon's status could not be read: {printable(str(report)[:200])})")
-    return 0
+    return 1 if any("error" in r for r in reports) else 0
+
+
+def _status_or_error(mountpoint: str) -> dict:
+    try:
+        return control.call(mountpoint, {"command": "status"}, timeout=STATUS_TIMEOUT)
+    except control.ControlError as e:  # ControlTimeout too
+        return {"mountpoint": mountpoint, "error": str(e)}
 
 
 def _print_status(report: dict) -> None:
