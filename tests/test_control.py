@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from fusecache.config import runtime_dir
+from fusecache.config import runtime_dirs
 from fusecache.control import MAX_REQUEST, ControlError, ControlTimeout, call, is_listening, send_request, socket_path
 from fusecache.controlserver import ControlServer
 
@@ -196,17 +196,37 @@ async def test_a_server_that_stops_late_leaves_the_next_servers_socket(tmp_path)
 def test_socket_paths_and_unmounted_paths(tmp_path):
     a = socket_path("/mnt/a", 0)
     assert a == socket_path("/mnt/a", 0) != socket_path("/mnt/b", 0)
-    assert a.parent == runtime_dir(0) == Path("/run/fusecache") and a.suffix == ".sock"
-    assert socket_path("/mnt/a", 4242).parent == runtime_dir(4242)
+    assert [a.parent] == runtime_dirs(0) == [Path("/run/fusecache")] and a.suffix == ".sock"
+    assert socket_path("/mnt/a", 4242).parent == runtime_dirs(4242)[0]
     with pytest.raises(ControlError, match="is not served by a running fusecache daemon"):
         call(str(tmp_path), {"command": "status"})
+
+
+def test_a_users_socket_is_found_where_it_was_bound_once_the_runtime_dir_appears(tmp_path, monkeypatch):
+    """A user's mount made without /run/user/UID (from cron) binds its socket under /tmp. A
+    login then makes /run/user/UID: clients looked only there, so the live mount was "not
+    served", and a new mount at its path unmounted it as stale."""
+    run_user, tmp = tmp_path / "run-user", tmp_path / "tmp"
+    tmp.mkdir()
+    dirs = [tmp]
+    monkeypatch.setattr("fusecache.control.runtime_dirs", lambda uid: list(dirs))
+    path = socket_path("/mnt/x", 4242)
+    assert path.parent == tmp
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        run_user.mkdir()
+        dirs.insert(0, run_user)  # the login
+        assert socket_path("/mnt/x", 4242) == path and is_listening("/mnt/x", 4242)
+    assert socket_path("/mnt/y", 4242).parent == run_user  # a new mount binds where it is preferred
+    assert runtime_dirs(4242) == [Path("/tmp/fusecache-4242")] or runtime_dirs(4242)[1:] == [Path("/tmp/fusecache-4242")]
 
 
 def test_a_dead_daemon_is_told_from_a_stopped_one_by_its_socket(tmp_path, monkeypatch):
     """`fusecache mount` over a mount must not touch the mountpoint (a stopped daemon never
     answers): a socket still listening is a live daemon, answering or not; one that refuses
     connections, or is gone, is a dead one's."""
-    monkeypatch.setattr("fusecache.control.runtime_dir", lambda uid: tmp_path)
+    monkeypatch.setattr("fusecache.control.runtime_dirs", lambda uid: [tmp_path])
     path = socket_path("/mnt/x", os.getuid())
     assert not is_listening("/mnt/x", os.getuid())  # no socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:

@@ -123,13 +123,16 @@ def default_cache_dir() -> Path:
     return Path(xdg) / "fusecache"
 
 
-def runtime_dir(uid: int) -> Path:
-    """Where the control sockets of uid's mounts live: derived from the uid alone, so any
-    client can find the socket of a mount from the mount's owner (user_id in mountinfo)."""
+def runtime_dirs(uid: int) -> list[Path]:
+    """Where the control sockets of uid's mounts may live, the preferred first: derived from
+    the uid alone, so any client can find the socket of a mount from the mount's owner
+    (user_id in mountinfo). A user's are in /run/user/UID while logind provides it, else in
+    /tmp; a mount made without it (from cron) keeps /tmp once a login makes it, so both are
+    places to look (control.socket_path)."""
     if uid == 0:
-        return Path("/run/fusecache")
-    user_run = Path(f"/run/user/{uid}")
-    return user_run / "fusecache" if user_run.is_dir() else Path(f"/tmp/fusecache-{uid}")
+        return [Path("/run/fusecache")]
+    user_run, tmp = Path(f"/run/user/{uid}"), Path(f"/tmp/fusecache-{uid}")
+    return [user_run / "fusecache", tmp] if user_run.is_dir() else [tmp]
 
 
 def memory_limit(proc: Path = Path("/proc"), cgroups: Path = CGROUP_ROOT) -> int:

@@ -21,7 +21,7 @@ import socket
 from pathlib import Path
 
 from . import private
-from .config import runtime_dir
+from .config import runtime_dirs
 from .mounts import find_mount, resolve_mountpoint
 
 MAX_REQUEST = 1 << 20
@@ -39,9 +39,14 @@ class ControlTimeout(ControlError):
 
 def socket_path(mountpoint: str, owner_uid: int) -> Path:
     """The socket of the mount at `mountpoint`, spelled as mountinfo lists it. Not resolved
-    here: resolving a mountpoint is a request to its daemon (see mounts.resolve_mountpoint)."""
+    here: resolving a mountpoint is a request to its daemon (see mounts.resolve_mountpoint).
+    Of the places the owner's sockets may be (config.runtime_dirs), the one holding a socket
+    of this mount (a daemon's, or its supervisor's, beside which every daemon it starts
+    binds), else the preferred one."""
     key = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
-    return runtime_dir(owner_uid) / f"{key}.sock"
+    dirs = runtime_dirs(owner_uid)
+    held = (d for d in dirs if os.path.lexists(d / f"{key}.sock") or os.path.lexists(d / f"{key}.supervisor"))
+    return next(held, dirs[0]) / f"{key}.sock"
 
 
 def call(mountpoint: str, request: dict, timeout: float = TIMEOUT) -> dict:
