@@ -616,7 +616,8 @@ def drop_reply_pages(entry: CacheEntry, offset: int, length: int) -> None:
 def in_place(entry: CacheEntry) -> bool:
     """Whether an open entry's files still have their names: the store only ever unlinks
     them (a new version's files take their place), so a named pair is the one at its path."""
-    return entry.cacheable and not entry.closed and all(os.fstat(fd).st_nlink for fd in (entry.data_fd, entry.index_fd))
+    return (entry.cacheable and not entry.closed
+            and all(os.fstat(fd).st_nlink for fd in (entry.data_fd, entry.index_fd)))
 
 
 class CacheStore:
