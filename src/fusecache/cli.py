@@ -431,9 +431,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         reports = [control.call(targets[0], {"command": "status"}, timeout=STATUS_TIMEOUT)]
     else:  # every mount: one whose daemon does not answer (stopped, another user's) is said so, in turn
         reports = [_status_or_error(mp) for mp in targets]
+    unanswered = any("error" in report for report in reports)
     if args.json:
         print(json.dumps(reports[0] if args.mountpoint else reports, indent=2))
-        return 1 if any("error" in r for r in reports) else 0
+        return 1 if unanswered else 0
     if not reports:
         print("no fusecache mounts")
     for report in reports:
@@ -444,7 +445,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             _print_status(report)
         except (KeyError, TypeError, ValueError, AttributeError):  # another fusecache's daemon, or anyone's
             print(f"  (the rest of this daemon's status could not be read: {printable(str(report)[:200])})")
-    return 1 if any("error" in r for r in reports) else 0
+    return 1 if unanswered else 0
 
 
 def _status_or_error(mountpoint: str) -> dict:

@@ -353,12 +353,13 @@ def split_options(text: str) -> list[str]:
     return [item.strip() for item in items]
 
 
-def apply_option(cfg: MountConfig, item: str) -> None:
-    """Apply one `key=value` or `flag` mount option to cfg."""
+def apply_option(cfg: MountConfig, item: str) -> str:
+    """Apply one `key=value` or `flag` mount option to cfg; the option as a restart is to be
+    given it (a path made absolute and resolved by _set_path, else as it came)."""
     key, sep, value = item.partition("=")
     if item in _GENERIC_MOUNT_FLAGS or item.startswith(_GENERIC_MOUNT_PREFIXES):
         log.debug("ignoring generic mount option %s", item)
-        return
+        return item
     if key in _RENAMED:
         cfg.deprecations.append(f"option {key!r} is deprecated: use {_RENAMED[key]!r}")
         key = _RENAMED[key]
@@ -370,6 +371,7 @@ def apply_option(cfg: MountConfig, item: str) -> None:
             raise ConfigError(f"option {key!r} needs a value ({key}=...)")
         value = "on"
     setter(cfg, key, value)
+    return f"{key}={getattr(cfg, key)}" if setter is _set_path else item
 
 
 def build_config(source: str, mountpoint: str, options: list[str], **overrides: object) -> MountConfig:
@@ -380,9 +382,7 @@ def build_config(source: str, mountpoint: str, options: list[str], **overrides: 
     cfg = MountConfig(source=Path(os.path.abspath(source)), mountpoint=Path(os.path.abspath(mountpoint)))
     for text in options:
         for item in split_options(text):
-            apply_option(cfg, item)
-            key = _RENAMED.get(item.partition("=")[0], item.partition("=")[0])
-            cfg.options.append(f"{key}={getattr(cfg, key)}" if _OPTION_SETTERS.get(key) is _set_path else item)
+            cfg.options.append(apply_option(cfg, item))
     for key, value in overrides.items():
         if isinstance(value, Path):
             _set_path(cfg, key, str(value))

@@ -6,8 +6,9 @@ every other user's open would then fail with EMFILE. So each handle is attribute
 that opened it, and the tracked files a uid has handles on may hold at most `limit`
 descriptors (half the budget): past that, that uid's opens fail with EMFILE, logged once a
 minute per uid, and nobody else's. A file several uids hold is counted for each of them; an
-open directory (one descriptor of its own) counts for the uid that opened it. Root (uid 0) is not bounded: it can exhaust the daemon's resources by other means anyway, and a
-root loader on a private mount keeps the whole budget.
+open directory (one descriptor of its own) counts for the uid that opened it. Root (uid 0) is
+not bounded: it can exhaust the daemon's resources by other means anyway, and a root loader
+on a private mount keeps the whole budget.
 """
 
 from __future__ import annotations
