@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -236,10 +237,12 @@ def test_status_and_umount_of_a_stopped_daemon(dirs, make_mount):
     pid = m.pid
     os.kill(pid, signal.SIGSTOP)
     try:
-        status = run_cli("status", alias / m.mountpoint.name, check=False, timeout=40)
+        with ThreadPoolExecutor(2) as both:  # both wait the 10 s out: at once, not one after the other
+            asked = both.submit(run_cli, "status", alias / m.mountpoint.name, check=False, timeout=40)
+            unmounted = both.submit(run_cli, "umount", m.mountpoint, check=False, timeout=40)
+            status, umount = asked.result(), unmounted.result()
         assert status.returncode == 1, status
         assert status.stderr.splitlines() == [f"fusecache: the daemon of {m.mountpoint} did not answer within 10s"]
-        umount = run_cli("umount", m.mountpoint, check=False, timeout=40)
         assert umount.returncode == 0, umount
         assert umount.stderr.splitlines() == [f"fusecache: the daemon of {m.mountpoint} did not answer within 10s; "
                                               "unmounted without waiting for it to exit"]

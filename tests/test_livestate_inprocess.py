@@ -9,8 +9,8 @@ import json
 import pytest
 
 from fusecache.inodes import InodeTable
-from fusecache.livestate import (FORMAT, AdapterState, Backing, LiveState, Negotiated, OpenDir, OpenFile,
-                                 StateError, decode, encode)
+from fusecache.livestate import (FORMAT, AdapterState, Backing, HeldInode, LiveState, Negotiated, OpenDir, OpenFile,
+                                 PathState, StateError, decode, encode)
 from fusecache.passthrough import Passthrough
 from fusecache.session.types import FuseError
 
@@ -55,22 +55,40 @@ def test_an_imported_table_answers_as_the_exported_one():
         new.version(number)
 
 
-@pytest.mark.parametrize("damage", [
-    lambda raw: raw.update(format=FORMAT + 1),
-    lambda raw: raw.pop("format"),
-    lambda raw: raw["adapter"].pop("next_fh"),
-    lambda raw: raw["adapter"]["files"][0].update(fh="3"),
-    lambda raw: raw["adapter"]["files"][0].update(passthrough=1),
-    lambda raw: raw["adapter"]["inodes"][0].update(lookups=-1),
-    lambda raw: raw["adapter"]["inodes"][0].update(version=None),
-    lambda raw: raw["session"].update(extra=1),
+@pytest.mark.parametrize("damage, named", [
+    (lambda raw: raw.update(format=FORMAT + 1), "format"),
+    (lambda raw: raw.pop("format"), "no format"),
+    (lambda raw: raw["adapter"].pop("next_fh"), "state.adapter has fields"),
+    (lambda raw: raw["adapter"]["files"][1].update(fh="3"), "state.adapter.files[1].fh is not"),
+    (lambda raw: raw["adapter"]["files"][0].update(passthrough=1), "state.adapter.files[0].passthrough is not"),
+    (lambda raw: raw["adapter"]["inodes"][0].update(lookups=-1), "state.adapter.inodes[0].lookups is not"),
+    (lambda raw: raw["adapter"]["inodes"][2]["version"].__setitem__(1, -1), "state.adapter.inodes[2].version[1] is not"),
+    (lambda raw: raw["adapter"]["inodes"][0].update(version=None), "state.adapter.inodes[0].version is not a list"),
+    (lambda raw: raw["session"].update(extra=1), "state.session has fields"),
 ])
-def test_another_format_or_a_damaged_state_is_refused_in_one_line(damage):
+def test_another_format_or_a_damaged_state_is_refused_in_one_line(damage, named):
     raw = json.loads(encode(a_state(a_table())))
     damage(raw)
     with pytest.raises(StateError) as refused:
         decode(json.dumps(raw).encode())
-    assert "\n" not in str(refused.value)
+    assert "\n" not in str(refused.value) and named in str(refused.value)
+
+
+def test_a_state_of_this_format_as_an_earlier_fusecache_sent_it_is_read():
+    """The JSON a restart hands over is the contract between two versions of fusecache (an
+    upgrade restarts into the new one): this one is what 9d1cc6e wrote for a_state()."""
+    sent = (b'{"format":1,"pid":1234,"session":{"minor":40,"flags":137438953473},"adapter":{"inodes":'
+            b'[{"number":11,"relpath":"a/b.bin","version":[11,100,5,6,0],"lookups":2},'
+            b'{"number":12,"relpath":"a","version":[10],"lookups":1}],"paths":[{"relpath":"a/b.bin",'
+            b'"latest":[11,100,5,6,0],"epoch":1},{"relpath":"a","latest":[10],"epoch":0}],"files":'
+            b'[{"fh":3,"inode":11,"passthrough":true}],"dirs":[{"fh":5,"relpath":"a"}],"backing":'
+            b'[{"inode":11,"backing_id":7}],"next_fh":6}}')
+    state = decode(sent)
+    assert state == LiveState(FORMAT, 1234, Negotiated(40, (1 << 37) | 1), AdapterState(
+        [HeldInode(11, "a/b.bin", (11, 100, 5, 6, 0), 2), HeldInode(12, "a", (10,), 1)],
+        [PathState("a/b.bin", (11, 100, 5, 6, 0), 1), PathState("a", (10,), 0)],
+        [OpenFile(3, 11, True)], [OpenDir(5, "a")], [Backing(11, 7)], next_fh=6))
+    assert encode(state) == sent
 
 
 def test_bytes_that_are_not_a_state_are_refused():

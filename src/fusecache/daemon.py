@@ -286,9 +286,9 @@ def _journal(store: CacheStore, session: KernelSession | None, operations: FuseO
             return None  # INIT not answered yet: nothing a successor could serve
         return LiveState(FORMAT, os.getpid(), session.negotiated(), operations.export_state())
 
-    kept = Journal(store.root / journal.NAME, snapshot)
+    kept = Journal(store.root / journal.NAME, snapshot, operations.export_backing)
     operations.changed = kept.changed
-    operations.persist = kept.flush
+    operations.persist_backing = kept.flush_backing
     return kept
 
 

@@ -33,7 +33,7 @@ from .engine import Engine, Handle
 from .passthrough import Passthrough
 from .session.types import Attributes, Context, DirectFile, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
-from .livestate import AdapterState, OpenDir, OpenFile
+from .livestate import AdapterState, Backing, OpenDir, OpenFile
 from .source import UNREACHABLE, Identity
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,9 @@ class FuseOperations:
         self._imported_next_fh = 0  # handles below it may have been opened by a process before us
         # called whenever the tables a crash's successor needs change (journal.Journal.changed)
         self.changed: Callable[[], None] = lambda: None
-        # writes the journal now: a passthrough inode's first open, or its last release
-        self.persist: Callable[[], Awaitable[bool]] = _nothing
+        # writes the backing ids now (journal.Journal.flush_backing): a passthrough inode's
+        # first open, or its last release
+        self.persist_backing: Callable[[], Awaitable[bool]] = _nothing
 
     def _entry(self, relpath: str, st: os.stat_result) -> Attributes:
         """Attributes of relpath, looked up: under the inode number of the version st
@@ -258,7 +259,7 @@ class FuseOperations:
         self.changed()
         if mode.backing_id is not None:  # the journal names the inode's backing file before the answer
             with trio.CancelScope(shield=True):  # the handle is made: answered, never dropped by an interrupt
-                await self.passthrough.journal(inode, self.persist)
+                await self.passthrough.journal(inode, self.persist_backing)
         return OpenReply(fh=fh, keep_cache=self.keep_cache.opened(relpath, handle.identity),
                          backing_id=mode.backing_id,
                          direct=None if mode.backing_id is not None else self.engine.direct(handle))
@@ -297,16 +298,12 @@ class FuseOperations:
         opened = self._handles.pop(fh, None)
         if opened is not None:
             inode, handle, passthrough = opened
-            if passthrough and not self._passthrough_open(inode):
-                await self.persist()  # journaled without it before its backing id is closed
+            if passthrough and self.passthrough.closes_on_release(inode):
+                await self.persist_backing()  # written without it before it is closed
             self.passthrough.released(inode, passthrough)
             await self.engine.release(handle)
         elif (lost := self._lost.pop(fh, None)) is not None:
             self.passthrough.released(*lost)
-
-    def _passthrough_open(self, inode: int) -> bool:
-        """Whether a passthrough handle of inode is open."""
-        return any(i == inode and passthrough for i, _handle, passthrough in self._handles.values())
 
     def passthrough_opens(self) -> dict[str, int]:
         """Open passthrough handles per path."""
@@ -320,16 +317,21 @@ class FuseOperations:
 
     def export_state(self) -> AdapterState:
         """Inodes, handles and backing ids, for the daemon that takes the connection over.
-        Called with no request in flight (the session drained them). Not a handle on an inode
-        the kernel forgot, which no file open holds: one a crashed daemon's lagging journal
-        kept after its release."""
+        Called with no request in flight (the session drained them)."""
         held, paths = self.inodes.export_state()
+        dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd, _uid) in self._dirs.items()]
+        return AdapterState(held, paths, self._open_files(), dirs, self.export_backing(), self._next_fh)
+
+    def export_backing(self) -> list[Backing]:
+        """export_state()'s backing ids alone: written on their own (journal.py) as they change."""
+        return self.passthrough.export_state({f.inode for f in self._open_files() if f.passthrough})
+
+    def _open_files(self) -> list[OpenFile]:
+        """The handles to hand on. Not one on an inode the kernel forgot, which no file open
+        holds: one a crashed daemon's lagging journal kept after its release."""
         opened = [(fh, inode, pt) for fh, (inode, _h, pt) in self._handles.items()] + [
             (fh, inode, pt) for fh, (inode, pt) in self._lost.items()]
-        files = [OpenFile(fh, inode, pt) for fh, inode, pt in opened if self.inodes.is_held(inode)]
-        dirs = [OpenDir(fh, relpath) for fh, (relpath, _fd, _uid) in self._dirs.items()]
-        backing = self.passthrough.export_state({f.inode for f in files if f.passthrough})
-        return AdapterState(held, paths, files, dirs, backing, self._next_fh)
+        return [OpenFile(fh, inode, pt) for fh, inode, pt in opened if self.inodes.is_held(inode)]
 
     async def import_state(self, state: AdapterState, after_crash: bool = False) -> int:
         """Take over another daemon's export_state() (after_crash: its journal's), before

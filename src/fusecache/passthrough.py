@@ -151,6 +151,12 @@ class Passthrough:
         finally:
             os.close(fd)
 
+    def closes_on_release(self, inode: int) -> bool:
+        """Whether released(inode, passthrough=True) closes the inode's backing id: its last
+        passthrough open, on an id not kept."""
+        io = self._inodes.get(inode)
+        return io is not None and io.passthrough == 1 and self.backing is not None and not io.kept
+
     def released(self, inode: int, passthrough: bool) -> None:
         io = self._inodes.get(inode)
         if io is None:
