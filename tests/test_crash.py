@@ -175,6 +175,7 @@ def test_a_read_in_flight_on_a_reader_thread_is_answered_after_a_kill9(counting_
         time.sleep(1)  # the READ reaches the daemon and waits on the source (3 s)
         old = m.pid
         m.kill9_serving()
+        counting_source.set_faults({})  # the READ sent again is answered at once
         m.pid = _new_serving_pid(m, old)
         reader.join(WAIT)
         assert outcome == {"bytes": data[:MiB]}

@@ -6,6 +6,7 @@ its last write) and of a handle number given out twice."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import time
 
@@ -331,30 +332,119 @@ async def test_a_passthrough_open_and_its_release_write_the_backing_ids_not_the_
     assert journal.read(kept.path).adapter.backing == [] and len(snapshots) == 1  # gone before it was closed
 
 
+def _ids_after(journal_bytes: bytes, backing: list[Backing]) -> bytes:
+    """The ids file as the writer leaves it after that journal."""
+    return encode(BackingIds(FORMAT, 1, hashlib.sha256(journal_bytes).hexdigest(), backing))
+
+
 def test_a_passthrough_handle_whose_id_was_closed_after_the_journal_was_written_is_left_out(tmp_path):
     """The journal lags the ids beside it: a passthrough handle it lists, on an inode whose id
     the ids no longer name, was released since (an id is closed only after its inode's last
     passthrough release). Kept, the recovered state would hold a passthrough open with no
     id, which does not hold together: the mount would end."""
     path = tmp_path / journal.NAME
-    path.write_bytes(encode(_state(backing=[Backing(7, 1)])))  # handle 3, passthrough on inode 7
-    (tmp_path / journal.BACKING_NAME).write_bytes(encode(BackingIds(FORMAT, 1, [Backing(9, 2)])))
+    path.write_bytes(written := encode(_state(backing=[Backing(7, 1)])))  # handle 3, passthrough on inode 7
+    (tmp_path / journal.BACKING_NAME).write_bytes(_ids_after(written, [Backing(9, 2)]))
     state = journal.read(path)
     assert state.adapter.files == [] and state.adapter.backing == [Backing(9, 2)]
 
 
-def test_a_journal_written_before_the_ids_had_a_file_of_their_own_is_read_whole(tmp_path):
-    """A fusecache from before the split wrote the ids in the journal, at once: after an
-    upgrade, a crash of the daemon it started is recovered from its journal as it is."""
+async def test_a_cached_handle_released_before_its_inode_went_passthrough_is_left_out(harness, tmp_path):
+    """The journal lists a cached handle of a file being filled; the file completes, the
+    handle is released and the next open goes passthrough (a new id, written beside the
+    journal) before the journal is written again; then a crash. Kept, the cached handle
+    had the recovered daemon answer every open of the inode in cached mode while the kernel
+    holds it in passthrough mode: EIO until unmount. (Found by review.)"""
+    data = os.urandom(3 * CHUNK + 5)
+    (harness.src / "f").write_bytes(data)
+    registry = _Registry()
+    ops = await operations(harness)
+    ops.passthrough.enable(registry, 0.0)  # no wait: a file not yet complete opens cached
+    attr = await ops.lookup(ROOT_INODE, b"f", ctx())
+    kept = journal.Journal(tmp_path / journal.NAME,
+                           lambda: LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state()), ops.export_backing)
+    ops.persist_backing = kept.flush_backing
+    cached = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    assert cached.backing_id is None
+    assert await kept.flush()  # the journal's last write lists the cached handle
+    assert await read_file(ops.engine, "f") == data  # the file completes
+    await ops.release(cached.fh)
+    passthrough = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    assert passthrough.backing_id is not None
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)  # a kill -9 now
+    await recovered.import_state(journal.for_recovery(journal.read(kept.path)).adapter, after_crash=True)
+    recovered.passthrough.enable(registry, 0.0)
+    again = await recovered.open(attr.ino, os.O_RDONLY, ctx())
+    assert again.backing_id == passthrough.backing_id and registry.registered == 1
+    await recovered.release(again.fh)
+
+
+def test_ids_written_beside_another_journal_are_not_paired_with_it(tmp_path):
+    """Ids left by this fusecache beside a journal that an earlier version wrote since (a
+    restart into it keeps the store dir, and it writes the ids in the journal alone), or whose
+    own write failed after the journal's: the journal's ids are as new as it, and taken."""
     path = tmp_path / journal.NAME
     path.write_bytes(encode(_state(backing=[Backing(7, 1)])))
+    (tmp_path / journal.BACKING_NAME).write_bytes(_ids_after(b"another journal", [Backing(9, 2)]))
     assert journal.read(path) == _state(backing=[Backing(7, 1)])
 
 
-def test_damaged_ids_beside_the_journal_are_refused_in_one_line(tmp_path):
+def test_the_writer_pairs_the_ids_with_the_journal_written_before_them(tmp_path):
+    state = _state(backing=[Backing(7, 1)])
+    kept = journal.Journal(tmp_path / journal.NAME, lambda: state, lambda: [Backing(7, 1), Backing(8, 3)])
+
+    async def main():
+        assert await kept.flush() and journal.read(kept.path) == state
+        assert await kept.flush_backing()  # an id registered since: the journal lags, the ids do not
+        assert journal.read(kept.path).adapter.backing == [Backing(7, 1), Backing(8, 3)]
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("damage", ["fields", "a directory"])
+def test_damaged_ids_beside_the_journal_are_refused_in_one_line(tmp_path, damage):
     path = tmp_path / journal.NAME
     path.write_bytes(encode(_state()))
-    (tmp_path / journal.BACKING_NAME).write_bytes(b'{"format": 1, "pid": 1, "backing": [{"inode": "7"}]}')
+    if damage == "fields":
+        (tmp_path / journal.BACKING_NAME).write_bytes(b'{"format": 1, "pid": 1, "journal": "", "backing": [{"inode": "7"}]}')
+    else:
+        (tmp_path / journal.BACKING_NAME).mkdir()
     with pytest.raises(StateError) as refused:
         journal.read(path)
     assert "\n" not in str(refused.value)
+
+
+async def test_an_open_during_the_last_releases_write_waits_and_gets_a_new_id(harness):
+    """The last passthrough release of an inode writes the ids without its id, then closes
+    it. An open of the inode during that write was given the id about to be closed, with no
+    write naming it: after a crash then, the journal missed an id the kernel held (every open
+    of the file refused), or named one closed since. It now waits for the close, and its new
+    id is written before it is answered."""
+    ops, registry, attr = await _complete_with_passthrough(harness)
+    first = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    writes: list[list[Backing]] = []
+    writing, written = trio.Event(), trio.Event()
+
+    async def persist() -> bool:
+        writes.append(ops.export_backing())
+        writing.set()
+        await written.wait()  # the write of the release, taking a while
+        return True
+
+    ops.persist_backing = persist
+    answered = []
+
+    async def open_again() -> None:
+        answered.append(await ops.open(attr.ino, os.O_RDONLY, ctx()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ops.release, first.fh)
+        await writing.wait()
+        nursery.start_soon(open_again)
+        await trio.sleep(0.2)
+        assert answered == [] and writes == [[]]
+        written.set()
+    (second,) = answered
+    assert second.backing_id != first.backing_id and registry.live == {second.backing_id}
+    assert writes == [[], [Backing(attr.ino, second.backing_id)]]  # written before it was answered
+    await ops.release(second.fh)

@@ -298,12 +298,10 @@ class FuseOperations:
         opened = self._handles.pop(fh, None)
         if opened is not None:
             inode, handle, passthrough = opened
-            if passthrough and self.passthrough.closes_on_release(inode):
-                await self.persist_backing()  # written without it before it is closed
-            self.passthrough.released(inode, passthrough)
+            await self.passthrough.release(inode, passthrough, self.persist_backing)
             await self.engine.release(handle)
         elif (lost := self._lost.pop(fh, None)) is not None:
-            self.passthrough.released(*lost)
+            await self.passthrough.release(*lost, self.persist_backing)
 
     def passthrough_opens(self) -> dict[str, int]:
         """Open passthrough handles per path."""

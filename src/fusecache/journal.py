@@ -17,7 +17,8 @@ crash, and what that costs is bounded (docs/semantics.md, "A crash of the servin
   their own beside the journal (BACKING_NAME), before a passthrough inode's first id is
   answered and before its last is closed; `read` takes them from there. The whole state at
   each of those opens and releases was a write of everything the kernel holds: 60 ms an open
-  with 2,000 files held, a fifth of a second with 20,000;
+  with 2,000 files held, a fifth of a second with 20,000. Each write of the ids names the
+  journal written before it (its sha256): ids beside another journal are not paired with it;
 - a handle released since is opened again and held until unmount; a lookup count is off
   by what was looked up or forgotten since (an entry kept too long, or an ESTALE).
 A journal of another format or damaged is refused (StateError, one line): nothing is guessed.
@@ -26,6 +27,7 @@ A journal of another format or damaged is refused (StateError, one line): nothin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -43,6 +45,7 @@ NAME = "journal.json"
 BACKING_NAME = "backing.json"  # the backing ids, beside it
 INTERVAL = 0.5  # seconds: the most a crash can lose of the adapter's changes, plus a write
 LOOP_SHARE = 10  # a write waits at least this many times what its snapshot held the loop
+MAX_PAUSE = 5.0  # seconds: but no longer (one stall of the loop must not stretch the window)
 FIRST_POLL = 0.01  # seconds: how often the first state is looked for, until INIT is answered
 # Handle numbers a process can give out between two journal writes are far fewer than this:
 # a recovered process numbers its handles from here on, so no new handle takes the number
@@ -66,11 +69,12 @@ class Journal:
         self.writes = 0
         self.pause = INTERVAL  # seconds until the next write: INTERVAL, more for a large state
         self._writing = trio.Lock()  # one write at a time: they share the temporary files
+        self._journal_digest = ""  # sha256 of the last journal this process wrote
 
     def changed(self) -> None:
         self._dirty = True
 
-    def take(self) -> tuple[bytes, bytes] | None:
+    def take(self) -> tuple[list[Backing], bytes] | None:
         """(backing ids, state) to write if the state changed since the last take(), else
         None. On the trio thread (the adapter's tables are only consistent there)."""
         if not self._dirty:
@@ -80,19 +84,19 @@ class Journal:
         if state is None:
             return None
         self._dirty = False
-        data = self._backing_ids(state.adapter.backing), encode(state)
-        self.pause = max(INTERVAL, LOOP_SHARE * (time.monotonic() - began))
+        data = state.adapter.backing, encode(state)
+        self.pause = min(MAX_PAUSE, max(INTERVAL, LOOP_SHARE * (time.monotonic() - began)))
         return data
 
-    def _backing_ids(self, backing: list[Backing]) -> bytes:
-        return encode(BackingIds(FORMAT, os.getpid(), backing))
-
-    def write(self, backing: bytes, state: bytes | None = None) -> None:
-        """The backing ids first: a state is never on disk without ids at least as new."""
-        private.write_file(self.backing_path, backing)
+    def write(self, backing: list[Backing], state: bytes | None = None) -> None:
+        """The state, then the ids naming it: ids at least as new as the journal they name.
+        Should the write of the ids fail, the journal's own are as new as it."""
         if state is not None:
             private.write_file(self.path, state)
+            self._journal_digest = hashlib.sha256(state).hexdigest()
             self.writes += 1
+        ids = BackingIds(FORMAT, os.getpid(), self._journal_digest, backing)
+        private.write_file(self.backing_path, encode(ids))
 
     async def flush(self) -> bool:
         """Write the state now (a recovered daemon's handle numbers moved on before it gives
@@ -108,7 +112,7 @@ class Journal:
         after a crash (a new id refused), and one naming an id closed since would have its
         opens given a stale id. Whether they are written (not if the write failed)."""
         async with self._writing:
-            return await self._write(self._backing_ids(self.backing()))
+            return await self._write(self.backing())
 
     async def _write_taken(self) -> bool:
         async with self._writing:
@@ -120,7 +124,7 @@ class Journal:
                 return False
             return True
 
-    async def _write(self, backing: bytes, state: bytes | None = None) -> bool:
+    async def _write(self, backing: list[Backing], state: bytes | None = None) -> bool:
         try:
             await trio.to_thread.run_sync(self.write, backing, state)
         except OSError as e:  # a full disk must not end the mount: retried next time
@@ -142,22 +146,40 @@ class Journal:
 
 
 def read(path: Path) -> LiveState:
-    """The journal at path with the backing ids beside it; StateError (one line) if missing,
-    damaged or of another format. A passthrough handle on an inode whose id is gone from
-    the ids was released after the journal's write (an inode's id is closed only after its
-    last passthrough release): left out, as the state of a release the journal missed."""
+    """The journal at path, with the backing ids written after it; StateError (one line) if
+    missing, damaged or of another format.
+
+    The ids beside the journal are the newest, so they are the state's. A handle the journal
+    lists on an inode whose id the ids do not name as the journal does was released after the
+    journal's write: an id is closed only after its inode's last passthrough release, and one
+    is registered only while the inode has no other open. Left out: a passthrough handle
+    with no id would not hold together, and a cached one would have the inode's opens
+    answered in cached mode while the kernel holds it in passthrough mode (EIO).
+
+    Ids that name another journal are left out: written by this fusecache before a
+    fusecache that keeps the ids in the journal wrote it (a restart into an earlier
+    version), or their write failed after the journal's. Either way the journal's own ids are
+    as new as it."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise StateError(f"no journal at {path} (the serving process died before writing one)") from None
+    except OSError as e:
+        raise StateError(f"cannot read the journal {path}: {e.strerror or e}") from None
     state = decode(data)
     try:
-        ids = decode_backing(path.with_name(BACKING_NAME).read_bytes()).backing
-    except FileNotFoundError:  # a journal of a fusecache that wrote the ids in it, with the rest
+        ids = decode_backing(path.with_name(BACKING_NAME).read_bytes())
+    except FileNotFoundError:
         return state
-    named = {b.inode for b in ids}
-    files = [f for f in state.adapter.files if not f.passthrough or f.inode in named]
-    return dataclasses.replace(state, adapter=dataclasses.replace(state.adapter, files=files, backing=ids))
+    except OSError as e:
+        raise StateError(f"cannot read the backing ids beside {path}: {e.strerror or e}") from None
+    if ids.journal != hashlib.sha256(data).hexdigest():
+        log.warning("backing ids of another journal beside %s: the journal's own are taken", path)
+        return state
+    journaled = {b.inode: b.backing_id for b in state.adapter.backing}
+    newest = {b.inode: b.backing_id for b in ids.backing}
+    files = [f for f in state.adapter.files if newest.get(f.inode) == journaled.get(f.inode)]
+    return dataclasses.replace(state, adapter=dataclasses.replace(state.adapter, files=files, backing=ids.backing))
 
 
 def for_recovery(state: LiveState) -> LiveState:

@@ -109,6 +109,7 @@ class BackingIds:
 
     format: int
     pid: int
+    journal: str  # sha256 of the journal these ids were written after (journal.read pairs them)
     backing: list[Backing]
 
 

@@ -62,6 +62,7 @@ class InodeIO:
     kept: bool = False
     unjournaled: bool = False  # registered, and no journal write naming it begun yet (journal())
     journaling: trio.Event | None = None  # set once the journal write naming it is over
+    closing: trio.Event | None = None  # set once its last release has written the ids and closed it
 
 
 class Passthrough:
@@ -86,6 +87,8 @@ class Passthrough:
     async def choose(self, inode: int, handle: Handle, latest: bool) -> IOMode:
         """How to serve this open of inode: on the inode's mode, never refused. latest: inode
         is what a lookup of its path gives now (a new inode is asked for only then)."""
+        while (closing := self._inodes.get(inode, InodeIO()).closing) is not None:
+            await closing.wait()  # its id goes: this open gets a new one, written before it is answered
         io = self._inodes.setdefault(inode, InodeIO())
         io.waiting += 1
         try:
@@ -151,11 +154,23 @@ class Passthrough:
         finally:
             os.close(fd)
 
-    def closes_on_release(self, inode: int) -> bool:
-        """Whether released(inode, passthrough=True) closes the inode's backing id: its last
-        passthrough open, on an id not kept."""
+    async def release(self, inode: int, passthrough: bool, persist: Callable[[], Awaitable[bool]]) -> None:
+        """released(), the journal written first (persist) where this closes the inode's
+        backing id (its last passthrough open, on an id not kept), so that no journal names a
+        closed id. An open of the inode meanwhile waits for the close and gets a new id:
+        given this one, it would be open on an id the write just left out."""
         io = self._inodes.get(inode)
-        return io is not None and io.passthrough == 1 and self.backing is not None and not io.kept
+        if not (passthrough and io is not None and io.passthrough == 1 and self.backing is not None
+                and not io.kept):
+            self.released(inode, passthrough)
+            return
+        io.closing = trio.Event()
+        try:
+            await persist()
+        finally:
+            self.released(inode, passthrough)
+            io.closing.set()
+            io.closing = None
 
     def released(self, inode: int, passthrough: bool) -> None:
         io = self._inodes.get(inode)
