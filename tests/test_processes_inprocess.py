@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import trio
 
 from fusecache import linux
 from fusecache.session import protocol as p
+from fusecache.session import processes as processes_module
 from fusecache.session.direct import SplicingReplier
 from fusecache.session.processes import ReaderProcesses, _Process
 from fusecache.session.reader_process import (COUNTS, FORWARD, OP_ROUTE, OP_STOP, OP_UNROUTE, ROUTE, STOPPED,
@@ -320,6 +322,24 @@ def test_a_batch_forget_too_large_for_the_control_socket_goes_in_halves():
     assert split_batch_forget(memoryview(sent[0][:p.IN_HEADER.size] + p.BATCH_FORGET_IN.pack(1, 0) + bytes(16))) == []
 
 
+def test_a_write_too_large_for_the_control_socket_is_answered_as_the_daemon_would(device):
+    """Where net.core.wmem_max cuts the control socket's buffer below a request, a request
+    that changes something (a SETXATTR of a large value) was answered EIO; the daemon answers
+    those EROFS: the mount is read-only, whichever process reads the request. (Review.)"""
+    kernel, ours = device
+    daemon, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    reader = Reader(ours.fileno(), theirs, memoryview(bytearray(COUNTS.size)))
+    try:
+        reader._forward(memoryview(request(p.Op.SETXATTR, 9, bytes(64 << 10))))
+        assert reply(kernel) == (9, errno.EROFS, b"")
+        reader._forward(memoryview(request(p.Op.GETXATTR, 10, bytes(64 << 10))))
+        assert reply(kernel) == (10, errno.EIO, b"")
+    finally:
+        daemon.close()
+        theirs.close()
+
+
 def test_a_route_the_reader_processes_cannot_take_fails_no_open():
     """The route's statx fails (here: its descriptor number is no longer open): the open is
     answered all the same, its reads going to the trio thread. Raised, it failed the open
@@ -383,3 +403,64 @@ async def test_reader_processes_serve_routes_and_forward_the_rest(device, cache_
             assert processes.counts() == (CHUNK + 8 * 100 + 70, 16)
             nursery.cancel_scope.cancel()  # a pause: every process stops
     assert processes._processes == [] and processes.counts() == (CHUNK + 8 * 100 + 70, 16)
+
+
+async def test_a_reader_process_that_cannot_start_ends_the_run_with_its_error(device, monkeypatch):
+    """A fork refused (EAGAIN: the cgroup's pids.max) for the second process left the first's
+    listener waiting, shielded, for a STOPPED never asked for: run() hung for good, a pause or
+    SIGTERM could not end it, and no request was read. Now the run stops those started and
+    raises. (Found by review.)"""
+    _kernel, ours = device
+    os.set_blocking(ours.fileno(), False)
+    real = subprocess.Popen
+    started: list[subprocess.Popen] = []
+
+    def popen(*args, **kwargs):
+        if started:
+            raise OSError(errno.EAGAIN, "fork: Resource temporarily unavailable")
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(processes_module.subprocess, "Popen", popen)
+    readers = ReaderProcesses(ours.fileno(), 2, Routes(), resend=lambda: True)
+    with trio.fail_after(HANG_GUARD), pytest.raises(OSError) as refused:
+        await readers.run(lambda fd, data: True)
+    assert refused.value.errno == errno.EAGAIN
+    assert readers._processes == [] and started[0].poll() is not None
+
+
+async def test_reader_process_deaths_far_apart_do_not_end_the_session(device, monkeypatch):
+    """Deaths of reader processes were counted over the whole run, which lasts as long as the
+    mount: the ninth, days after the first, ended the session (an unmount). Only deaths close
+    together (each new process dying as it starts) end it now. (Found by review.)"""
+    _kernel, ours = device
+    os.set_blocking(ours.fileno(), False)
+    monkeypatch.setattr(processes_module, "REPLACEMENTS", 2)
+    monkeypatch.setattr(processes_module, "REPLACEMENT_WINDOW", 0.4)
+    resent: list[bool] = []
+    readers = ReaderProcesses(ours.fileno(), 1, Routes(), resend=lambda: resent.append(True) or True)
+    ended: list[bool] = []
+
+    async def kill_one() -> None:
+        while not readers._processes:
+            await trio.sleep(0.01)
+        deaths = len(resent)
+        os.kill(readers._processes[0].popen.pid, signal.SIGKILL)
+        while len(resent) == deaths:
+            await trio.sleep(0.01)
+
+    async def run() -> None:
+        ended.append(await readers.run(lambda fd, data: True))
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            for _ in range(4):  # twice the limit, each after the window
+                await kill_one()
+                await trio.sleep(0.5)
+            assert not ended and len(readers._processes) == 1
+            monkeypatch.setattr(processes_module, "REPLACEMENT_WINDOW", 60.0)  # the last two are close now
+            await kill_one()
+            while not ended:
+                await trio.sleep(0.01)
+    assert ended == [True] and readers._processes == []

@@ -25,6 +25,7 @@ import logging
 import os
 import select
 import socket
+import threading
 
 import pytest
 import trio
@@ -40,6 +41,8 @@ from fusecache.session.direct import pages_spliced_whole
 from fusecache.session.answers import MetadataAnswers
 from fusecache.session.kernel import KernelSession, SessionConfig
 from fusecache.session.mount import MountIdentity, MountSpec, identify
+from fusecache.session.queues import RequestThreads
+from fusecache.session.routes import Routes
 from fusecache.session.types import Attributes, Context, FuseError, reply_errno
 
 from .inprocess import ctx, harness, operations  # noqa: F401 - harness is a fixture
@@ -355,7 +358,7 @@ async def test_a_kernel_without_passthrough_negotiates_without_it(kernel):
 
 
 @pytest.mark.parametrize("processes, room, pages",
-                         [(False, 16, 256), (True, 512, 256), (True, 256, 128), (True, 16, 256)],
+                         [("never", 16, 256), ("auto", 512, 256), ("auto", 256, 128), ("always", 16, 256)],
                          ids=["threads", "processes-2MiB-pipe", "processes-1MiB-pipe", "processes-64KiB-pipe"])
 async def test_init_asks_for_reads_whose_spliced_replies_a_pipe_holds(kernel, monkeypatch, processes, room, pages):
     """Reader processes splice each reply through a pipe, which must hold it whole, a slot per
@@ -375,7 +378,49 @@ async def test_init_asks_for_reads_whose_spliced_replies_a_pipe_holds(kernel, mo
     assert p.INIT_OUT.unpack_from(payload)[8] == pages  # max_pages
 
 
+@pytest.mark.parametrize("processes, queues, resend, by_processes", [
+    ("auto", 4, True, True), ("auto", 4, False, False), ("always", 4, False, True), ("never", 4, True, False),
+    ("always", 1, True, False)])
+def test_reader_processes_only_where_the_kernel_sends_again_what_a_dead_one_read(processes, queues, resend,
+                                                                                 by_processes):
+    """A reader process that dies (OOM, kill -9) takes the requests it had read with it.
+    Before Linux 6.9 (no FUSE_HAS_RESEND) the kernel never sends them again: the programs
+    waiting on them hang, unkillable, until the connection ends. `readers=auto` reads with
+    threads there, which die only with the daemon; `readers=processes` is taken as asked."""
+    config = SessionConfig(workers=2, max_background=4, passthrough=False, queues=queues, processes=processes)
+    assert config.reads_by_processes(p.HAS_RESEND if resend else 0) == by_processes
+
+
 def test_reads_are_halved_only_where_that_lets_a_pipe_hold_the_reply():
     """Pipes come in powers of two pages; a reply that starts mid-page spans one page more."""
     assert [pages_spliced_whole(room) for room in (1024, 512, 258, 257, 256, 130, 129, 16)] == [
         256, 256, 256, 128, 128, 128, None, None]
+
+
+async def test_a_reader_thread_that_cannot_start_ends_the_run_with_its_error(monkeypatch):
+    """A thread refused (no thread left under the cgroup's pids.max) for the second queue left
+    run() waiting, shielded, for a stop report from a thread that never ran: the session hung
+    for good, reading nothing. Now those started stop and the error is raised. (Review.)"""
+    kernel, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    real = threading.Thread.start
+    starts: list[str] = []
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name.startswith("fuse-queue-"):
+            starts.append(thread.name)
+            if len(starts) == 2:
+                raise RuntimeError("can't start new thread")
+        real(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    readers = RequestThreads(ours.fileno(), 2, Routes())
+    try:
+        with trio.fail_after(HANG_GUARD), pytest.raises(RuntimeError):
+            await readers.run(lambda fd, data: True)
+        for thread in [t for t in threading.enumerate() if t.name.startswith("fuse-queue-")]:
+            thread.join(HANG_GUARD)  # it reported itself stopped: it ends
+            assert not thread.is_alive()
+    finally:
+        readers.close()
+        kernel.close()
+        ours.close()

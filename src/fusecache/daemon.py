@@ -59,7 +59,7 @@ def make_session(cfg: MountConfig, operations: FuseOperations, mountpoint: str, 
     if cfg.readers == "processes" and not in_memory:
         log.warning("readers=processes on a cache on disk: the cache files' pages read for replies stay in "
                     "the page cache beside the mount's (readers=auto gives threads here, which drop them)")
-    processes = cfg.readers == "processes" or (cfg.readers == "auto" and in_memory)
+    processes = "always" if cfg.readers == "processes" else "auto" if cfg.readers == "auto" and in_memory else "never"
     return KernelSession(operations, spec, SessionConfig(cfg.workers, cfg.max_background, cfg.passthrough, cfg.queues,
                                                          processes=processes))
 

@@ -63,7 +63,8 @@ class ReadRequest(NamedTuple):
 
 # A read of the connection that failed this way took no request: read again. ENOENT: the
 # request was interrupted first; ECONNABORTED: the connection was being aborted (an unmount)
-# as it was taken, and the next read says ENODEV.
+# as it was taken, and the next read says ENODEV. (Not so where FUSE_ABORT_ERROR was agreed:
+# every read after an abort would then say ECONNABORTED. fusecache never asks for it.)
 LOOK_AGAIN = (errno.ENOENT, errno.EINTR, errno.ECONNABORTED)
 
 

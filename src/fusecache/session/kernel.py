@@ -69,11 +69,18 @@ class SessionConfig:
     max_background: int
     passthrough: bool  # ask the kernel for passthrough if it offers it
     queues: int = 1  # threads reading the connection (session/queues.py); 1: the trio thread reads
-    processes: bool = False  # processes read it instead of threads (session/processes.py)
+    # processes read it instead of threads (session/processes.py): "always", "never", or
+    # "auto": where the kernel sends again what a process that died had read
+    processes: str = "never"
 
-    def reads_by_processes(self) -> bool:
-        """Whether reader processes read the connection (with one queue the trio thread does)."""
-        return self.processes and self.queues > 1
+    def reads_by_processes(self, flags: int) -> bool:
+        """Whether reader processes read the connection (with one queue the trio thread does),
+        given the INIT flags. "auto" not without FUSE_HAS_RESEND (Linux < 6.9): the requests a
+        process that died had read would never be answered, and the programs waiting on them
+        hang, unkillable, until the connection ends; a thread dies only with the daemon."""
+        if self.queues <= 1 or self.processes == "never":
+            return False
+        return self.processes == "always" or bool(flags & p.HAS_RESEND)
 
 
 class DeviceBacking:
@@ -203,12 +210,12 @@ class KernelSession:
         if not self.minor and await self._read_requests(nursery, buf, until_init=True):
             return True
         if self._readers is None:
-            if self.config.reads_by_processes():
-                self._readers = ReaderProcesses(self.fd, self.config.queues, self.direct, self.resend)
-            else:
-                self._readers = RequestThreads(self.fd, self.config.queues, self.direct)
-            log.info("%d %s read requests", self.config.queues,
-                     "processes" if self.config.reads_by_processes() else "threads")
+            by_processes = self.config.reads_by_processes(self.flags)
+            self._readers = (ReaderProcesses(self.fd, self.config.queues, self.direct, self.resend) if by_processes
+                             else RequestThreads(self.fd, self.config.queues, self.direct))
+            log.info("%d %s read requests%s", self.config.queues, "processes" if by_processes else "threads",
+                     "" if by_processes or self.config.processes != "auto" else
+                     " (not processes: Linux < 6.9 cannot send again what one that died had read)")
 
         def deliver(fd: int, data: bytes) -> bool:  # a request a thread hands over
             try:
@@ -337,7 +344,7 @@ class KernelSession:
         self.flags = wanted & init.flags
         if self.flags & p.PASSTHROUGH:
             self.backing = DeviceBacking(self.fd)
-        pages = request_pages() if self.config.reads_by_processes() else MAX_READ_PAGES  # the sizes they splice
+        pages = request_pages() if self.config.reads_by_processes(self.flags) else MAX_READ_PAGES  # the sizes they splice
         self._send(header.unique, 0, _init_reply(self.minor, self.flags, init, self.config, pages).pack())
         log.info("FUSE protocol %d.%d (kernel %d.%d), passthrough %s", p.KERNEL_VERSION, self.minor,
                  init.major, init.minor, "offered" if init.flags & p.PASSTHROUGH else "not offered")

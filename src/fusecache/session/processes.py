@@ -19,6 +19,7 @@ keeps dying ends the session, as a failed reader thread does.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import mmap
@@ -40,8 +41,10 @@ from .types import DirectFile
 
 log = logging.getLogger(__name__)
 
-# deaths of reader processes one run survives (each: a new process, the requests sent again)
+# deaths of reader processes survived within REPLACEMENT_WINDOW seconds (each: a new process,
+# the requests sent again); one more there ends the session: they die as fast as they start
 REPLACEMENTS = 8
+REPLACEMENT_WINDOW = 60.0
 # seconds a process has to report STOPPED (it answers one request at most first); then killed
 STOP_WAIT = 10.0
 # the directory fusecache is imported from, for the processes' interpreter
@@ -75,7 +78,7 @@ class ReaderProcesses:
         self._counters_fd = -1
         self._counts_lock = threading.Lock()  # counts() may be asked from another thread
         self._retired = (0, 0)  # what processes that ended served: bytes, chunk hits
-        self._replaced = 0
+        self._deaths: collections.deque[float] = collections.deque(maxlen=REPLACEMENTS)
         self._stopping = False  # STOP was sent: no process is started any more this run
 
     # ---- what they served ------------------------------------------------------------------
@@ -174,14 +177,14 @@ class ReaderProcesses:
         except OSError:
             os.close(self._counters_fd)
             raise
-        self._replaced = 0
+        self._deaths.clear()
         self._stopping = False
         over = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                for slot in range(self.count):
-                    nursery.start_soon(self._listen, self._start(slot), deliver, over)
-                try:
+                try:  # a process that cannot start (fork: EAGAIN) ends the run: those started stop
+                    for slot in range(self.count):
+                        nursery.start_soon(self._listen, self._start(slot), deliver, over)
                     await over.wait()
                 finally:
                     self._stopping = True
@@ -213,11 +216,15 @@ class ReaderProcesses:
             # room for a forwarded request in one message (net.core.wmem_max may cap it)
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CONTROL_MESSAGE)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_IMPORT_ROOT, os.environ.get("PYTHONPATH")])))
-            popen = subprocess.Popen(  # -P: no module from the working directory
-                [sys.executable, "-P", "-m", "fusecache.session.reader_process", str(self.master_fd),
-                 str(theirs.fileno()), str(self._counters_fd), str(slot), str(os.getpid())],
-                pass_fds=(self.master_fd, theirs.fileno(), self._counters_fd), env=env,
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                popen = subprocess.Popen(  # -P: no module from the working directory
+                    [sys.executable, "-P", "-m", "fusecache.session.reader_process", str(self.master_fd),
+                     str(theirs.fileno()), str(self._counters_fd), str(slot), str(os.getpid())],
+                    pass_fds=(self.master_fd, theirs.fileno(), self._counters_fd), env=env,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            except BaseException:
+                ours.close()
+                raise
         ours.setblocking(False)
         process = _Process(slot, popen, ours)
         self._processes.append(process)
@@ -290,20 +297,24 @@ class ReaderProcesses:
         resent = self._resend()
         if over.is_set() or self._stopping:
             return None
-        if self._replaced >= REPLACEMENTS:
-            log.error("reader process %d died (status %d), the %dth this run: the session ends",
-                      dead.popen.pid, code, self._replaced + 1)
+        now = trio.current_time()
+        if len(self._deaths) == REPLACEMENTS and now - self._deaths[0] < REPLACEMENT_WINDOW:
+            log.error("reader process %d died (status %d), the %dth within %.0f s: the session ends",
+                      dead.popen.pid, code, REPLACEMENTS + 1, REPLACEMENT_WINDOW)
             over.set()
             return None
-        self._replaced += 1
+        self._deaths.append(now)
         log.error("reader process %d died (status %d); %s", dead.popen.pid, code,
                   "the requests it held were sent again" if resent else
                   "the requests it held get no answer (the kernel cannot send them again, Linux < 6.9)")
         try:
             return self._start(dead.slot)
         except OSError as e:
-            log.error("a new reader process could not be started (%s): the session ends", e)
-            over.set()
+            if not self._processes:
+                log.error("a new reader process could not be started (%s): none is left, the session ends", e)
+                over.set()
+            else:
+                log.error("a new reader process could not be started (%s): %d read on", e, len(self._processes))
             return None
 
 

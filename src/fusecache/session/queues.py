@@ -99,7 +99,7 @@ class RequestThreads:
         if not self._fds:
             self._fds = [duplicate(self.master_fd) for _ in range(self.count)]
         run = _Run(trio.lowlevel.current_trio_token(), threading.Event(),
-                   os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), len(self._fds), trio.Event(), trio.Event())
+                   os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK), 0, trio.Event(), trio.Event())
 
         def handed(fd: int, data: bytes) -> None:  # on the trio thread
             if not deliver(fd, data):
@@ -107,15 +107,19 @@ class RequestThreads:
 
         try:
             for fd in self._fds:
+                # counted as started: one that cannot start (no thread left under the cgroup's
+                # pids.max) ends the run with its error, once those started have stopped
                 threading.Thread(target=self._read, args=(fd, run, handed), name=f"fuse-queue-{fd}",
                                  daemon=True).start()
+                run.running += 1
             await run.over.wait()
             return True
         finally:
             run.stop.set()
             os.eventfd_write(run.wake, 1)
-            with trio.CancelScope(shield=True):
-                await run.stopped.wait()
+            if run.running:
+                with trio.CancelScope(shield=True):
+                    await run.stopped.wait()
             os.close(run.wake)
 
     def _read(self, fd: int, run: _Run, handed: Callable[[int, bytes], None]) -> None:

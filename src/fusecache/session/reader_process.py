@@ -191,6 +191,8 @@ class Reader:
                     self._forward(memoryview(half))
             elif header.opcode in (p.Op.FORGET, p.Op.BATCH_FORGET, p.Op.INTERRUPT):  # answered by none
                 log.error("a request of %d bytes could not be handed to the daemon: dropped", len(request))
+            elif header.opcode in p.WRITE_OPS:  # what the daemon answers them: a read-only mount
+                send(self.dev_fd, header.unique, errno.EROFS)
             else:
                 log.error("a request of %d bytes could not be handed to the daemon: answered EIO", len(request))
                 send(self.dev_fd, header.unique, errno.EIO)
