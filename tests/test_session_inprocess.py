@@ -169,10 +169,10 @@ async def test_a_listing_that_fails_part_way_holds_no_lookup_of_what_it_had_take
     fh = await ops.opendir(d.ino, ctx())
     readdir = ops.engine.readdir
 
-    async def failing_after_the_first_batch(fd: int, offset: int):
+    async def failing_after_the_first_batch(fd: int, offset: int, batch_bytes: int):
         if offset:
             raise OSError(errno.EIO, "the source failed")
-        return await readdir(fd, offset)
+        return await readdir(fd, offset, batch_bytes)
 
     ops.engine.readdir = failing_after_the_first_batch
     data = FakeKernel.request(p.Op.READDIRPLUS, 9, p.READ_IN.pack(fh, 0, 4096, 0, 0, 0, 0), d.ino)

@@ -34,7 +34,7 @@ from .passthrough import Passthrough
 from .session.types import Attributes, Context, DirectFile, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
 from .livestate import AdapterState, Backing, OpenDir, OpenFile
-from .source import UNREACHABLE, Identity
+from .source import UNREACHABLE, Identity, readdir_batches
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,18 @@ class FuseOperations:
         """The source's POSIX ACLs, which default_permissions leaves unchecked."""
         await self.engine.check_access(relpath, want, ctx.uid, ctx.gid, ctx.pid)
 
+    async def _directory(self, inode: int, want: int, ctx: Context) -> str:
+        """The path of directory inode, if the requester may `want` it and it still names the
+        directory the kernel holds: not another put in its place (`mv new live`), whose mode
+        bits the kernel has not checked (ESTALE: the kernel looks the path up again)."""
+        relpath, version = self.inodes.version(inode)
+        if version is not None and self._version(relpath, await self.engine.lstat(relpath)) != version:
+            raise FuseError(errno.ESTALE)
+        await self._check_access(relpath, want, ctx)
+        return relpath
+
     async def lookup(self, parent_inode: int, name: bytes, ctx: Context) -> Attributes:
-        parent = self.inodes.path(parent_inode)
-        await self._check_access(parent, acl.X, ctx)
-        relpath = self.engine.source.child(parent, os.fsdecode(name))
+        relpath = self.engine.source.child(await self._directory(parent_inode, acl.X, ctx), os.fsdecode(name))
         return self._entry(relpath, await self.engine.lstat(relpath))
 
     async def getattr(self, inode: int, ctx: Context) -> Attributes:
@@ -172,8 +180,7 @@ class FuseOperations:
         return os.fsencode(await self.engine.readlink(relpath))
 
     async def opendir(self, inode: int, ctx: Context) -> int:
-        relpath = self.inodes.path(inode)
-        await self._check_access(relpath, acl.R, ctx)
+        relpath = await self._directory(inode, acl.R, ctx)
         fd = await self.engine.opendir(relpath, ctx.uid)
         fh = self._new_fh()
         self._dirs[fh] = (relpath, fd, ctx.uid)
@@ -189,7 +196,9 @@ class FuseOperations:
         if opened is None:  # a restart could not open it again (import_state)
             raise FuseError(errno.EIO)
         relpath, fd, _uid = opened
-        while batch := await self.engine.readdir(fd, offset):
+        for batch_bytes in readdir_batches():
+            if not (batch := await self.engine.readdir(fd, offset, batch_bytes)):
+                return
             for name, next_offset, st in batch:
                 child = self.engine.source.child(relpath, name)
                 version = self._version(child, st)
@@ -202,8 +211,7 @@ class FuseOperations:
                 offset = next_offset
 
     async def releasedir(self, fh: int) -> None:
-        entry = self._dirs.pop(fh, None)
-        if entry is not None:
+        if (entry := self._dirs.pop(fh, None)) is not None:
             self.changed()
             self.engine.closedir(entry[1], entry[2])
 
@@ -225,10 +233,9 @@ class FuseOperations:
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for inode, nlookup in inode_list:
-            try:
-                relpath = self.inodes.path(inode)
-            except FuseError:
-                continue  # not held: nothing to forget
+            if not self.inodes.is_held(inode):
+                continue  # nothing to forget
+            relpath = self.inodes.path(inode)
             self.inodes.forget(inode, nlookup)
             self.changed()
             self.keep_cache.forgotten(relpath)
@@ -295,8 +302,7 @@ class FuseOperations:
 
     async def release(self, fh: int) -> None:
         self.changed()
-        opened = self._handles.pop(fh, None)
-        if opened is not None:
+        if (opened := self._handles.pop(fh, None)) is not None:
             inode, handle, passthrough = opened
             await self.passthrough.release(inode, passthrough, self.persist_backing)
             await self.engine.release(handle)
@@ -361,8 +367,7 @@ class FuseOperations:
         """The DirectFile of each open FUSE-path handle whose file is complete now: after
         import_state, so that the reads of handles opened before a restart go to the session's
         reader threads as before it."""
-        files = {fh: self.direct_file(fh) for fh in self._handles}
-        return {fh: file for fh, file in files.items() if file is not None}
+        return {fh: file for fh in self._handles if (file := self.direct_file(fh)) is not None}
 
     def direct_file(self, fh: int) -> DirectFile | None:
         opened = self._handles.get(fh)  # (inode, handle, passthrough: read by the kernel itself)

@@ -29,9 +29,11 @@ from . import acl, kernelcopy, linux
 log = logging.getLogger(__name__)
 
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-# getdents64 buffer of one readdir batch: about a hundred entries, the order of what one
-# FUSE readdir reply holds
-READDIR_BATCH_BYTES = 8192
+# getdents64 buffers of the batches of one readdir reply, each entry of which is stat'ed:
+# small first (a 4 KiB READDIRPLUS reply holds some twenty entries: 8 KiB batches stat'ed six
+# entries for each one sent), doubling for a kernel that asks for 1 MiB at once (Linux 6.x)
+READDIR_FIRST_BATCH = 1024
+READDIR_LAST_BATCH = 64 << 10
 # The longest relative path given to one open: PATH_MAX (4096, its NUL included) less a margin
 _PATH_STRETCH = 4000
 
@@ -104,6 +106,14 @@ def check_name(name: str) -> None:
 def is_under(relpath: str, prefix: str) -> bool:
     """Whether relpath is prefix itself or inside it ('' is the root, containing everything)."""
     return prefix == "" or relpath == prefix or relpath.startswith(prefix + "/")
+
+
+def readdir_batches() -> Iterator[int]:
+    """batch_bytes of the Source.readdir() calls that fill one reply, in turn."""
+    size = READDIR_FIRST_BATCH
+    while True:
+        yield size
+        size = min(2 * size, READDIR_LAST_BATCH)
 
 
 class Source:
@@ -243,15 +253,16 @@ class Source:
         return self._open(relpath, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
 
     @staticmethod
-    def readdir(fd: int, offset: int) -> list[tuple[str, int, os.stat_result]]:
-        """The next batch of entries of an opened directory from offset (0: the start):
-        [(name, offset of the entry after it, lstat)]. Empty at the end. Entries removed
-        before they could be stat'ed are left out. Nothing of the directory is kept, so an
-        open directory costs one descriptor, whatever its size."""
+    def readdir(fd: int, offset: int, batch_bytes: int = READDIR_FIRST_BATCH) -> list[tuple[str, int, os.stat_result]]:
+        """The next batch of entries of an opened directory from offset (0: the start), of
+        batch_bytes of getdents64 (readdir_batches): [(name, offset of the entry after it,
+        lstat)]. Empty at the end. Entries removed before they could be stat'ed are left out.
+        Nothing of the directory is kept: an open directory costs one descriptor, whatever
+        its size."""
         os.lseek(fd, offset, os.SEEK_SET)
         while True:
-            # small batches: what does not fit the kernel's reply is read and stat'ed again
-            batch = linux.getdents64(fd, READDIR_BATCH_BYTES)
+            # what does not fit the kernel's reply is read and stat'ed again by the next
+            batch = linux.getdents64(fd, batch_bytes)
             if not batch:
                 return []
             entries = []

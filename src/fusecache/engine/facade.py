@@ -91,8 +91,8 @@ class Engine:
             raise
         return fd
 
-    async def readdir(self, fd: int, offset: int) -> list[tuple[str, int, os.stat_result]]:
-        return await self.tasks.io(self.source.readdir, fd, offset)
+    async def readdir(self, fd: int, offset: int, batch_bytes: int) -> list[tuple[str, int, os.stat_result]]:
+        return await self.tasks.io(self.source.readdir, fd, offset, batch_bytes)
 
     def closedir(self, fd: int, uid: int = 0) -> None:
         self.files.uncount_dir(uid, fd)
