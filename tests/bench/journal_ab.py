@@ -22,18 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-
-def cli(build: Path, *args: object) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(build), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-m", "fusecache", *map(str, args)], capture_output=True,
-                            text=True, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"fusecache {args[0]}: {result.stderr.strip()}")
+from tests.bench.fill_ab import cli
 
 
 def make_tree(source: Path, files: int, entries: int) -> None:
