@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 import time
 
 import pytest
@@ -123,6 +124,38 @@ def test_a_directory_is_read_in_batches_from_any_offset(tmp_path):
     finally:
         os.close(fd)
     assert [name for name, _ in source.listdir("")] == names
+
+
+def test_two_listings_of_one_open_directory_at_once_each_get_their_own_entries(tmp_path):
+    """A directory descriptor has one position: a READDIR the kernel sent again (a reader
+    process died) while the daemon still answers the first seeks and reads it alongside. The
+    two interleaved, and a listing got the entries from the other's offset: some skipped,
+    silently. Two threads list from two offsets a few thousand times. (Found by review.)"""
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(400):
+        (root / f"file-{i:04d}").touch()
+    source = Source(root)
+    fd = source.opendir("")
+    try:
+        first = source.readdir(fd, 0)
+        middle = first[len(first) // 2][1]
+        expected = {0: first[0][0], middle: source.readdir(fd, middle, 64)[0][0]}
+        wrong: list[tuple[int, str]] = []
+
+        def list_from(offset: int) -> None:
+            for _ in range(10000):  # an entry or two each: the seek and the read are most of it
+                if (name := source.readdir(fd, offset, 64)[0][0]) != expected[offset]:
+                    wrong.append((offset, name))
+
+        threads = [threading.Thread(target=list_from, args=(offset,)) for offset in expected]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert wrong == []
+    finally:
+        os.close(fd)
     source.close()
 
 

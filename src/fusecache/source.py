@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import stat as stat_mod
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,19 @@ def check_name(name: str) -> None:
 def is_under(relpath: str, prefix: str) -> bool:
     """Whether relpath is prefix itself or inside it ('' is the root, containing everything)."""
     return prefix == "" or relpath == prefix or relpath.startswith(prefix + "/")
+
+
+# The position of a directory descriptor is shared by every listing of it: two at once (a
+# READDIR the kernel sent again while the first is still answered) would interleave their
+# seeks and reads and skip entries. A lock per descriptor number, striped.
+_POSITIONS = [threading.Lock() for _ in range(64)]
+
+
+def _getdents_at(fd: int, offset: int, size: int) -> list[tuple[bytes, int, int]]:
+    """getdents64 of size bytes of fd's entries from offset."""
+    with _POSITIONS[fd % len(_POSITIONS)]:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return linux.getdents64(fd, size)
 
 
 def readdir_batches() -> Iterator[int]:
@@ -259,12 +273,11 @@ class Source:
         lstat)]. Empty at the end. Entries removed before they could be stat'ed are left out.
         Nothing of the directory is kept: an open directory costs one descriptor, whatever
         its size."""
-        os.lseek(fd, offset, os.SEEK_SET)
         while True:
             # what does not fit the kernel's reply is read and stat'ed again by the next
-            batch = linux.getdents64(fd, batch_bytes)
-            if not batch:
+            if not (batch := _getdents_at(fd, offset, batch_bytes)):
                 return []
+            offset = batch[-1][1]
             entries = []
             for raw_name, next_offset, _type in batch:
                 if raw_name in (b".", b".."):
