@@ -33,12 +33,14 @@ import trio.testing
 
 from fusecache import acl, kernelcopy, linux
 from fusecache.engine import ReadError
+from fusecache.engine import files as files_module
 from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheStore
 
 from .inprocess import (CHUNK, CountingSource, allocated, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
                         settled, wait_for)
 from .inprocess import ctx, fuse_errno, operations, read_all
+from .test_store_inprocess import file_size_limit
 
 
 # ---- the fetcher -------------------------------------------------------------------------
@@ -733,3 +735,28 @@ async def test_one_users_open_directories_cannot_spend_every_other_users_descrip
     for fh in held:
         await ops.releasedir(fh)
     assert ops.engine.files.shares.held(1000) == 0
+
+
+async def test_a_file_too_large_for_the_cache_filesystem_is_read_from_the_source(harness):
+    """A data file the cache filesystem cannot hold (EFBIG: ext4 past 16 TiB) failed every
+    open of the file; it is read straight from the source, as for a full cache. (Review.)"""
+    data = harness.write("big.bin", 3 * CHUNK + 17)
+    engine = await harness.start()
+    with file_size_limit(CHUNK):  # what a cache filesystem says of a file too large for it
+        assert await read_file(engine, "big.bin") == data
+    assert harness.store.index_of("big.bin") is None
+
+
+async def test_a_file_of_more_chunks_than_are_served_fails_its_open_alone(harness, monkeypatch):
+    """A sparse file of petabytes costs its writer nothing, and its chunk states alone took
+    the daemon's memory (72 GiB for 32 PiB). An open of a file past MAX_CHUNKS is EFBIG; the
+    other files are served. (Found by review.)"""
+    monkeypatch.setattr(files_module, "MAX_CHUNKS", 8)
+    with open(harness.src / "sparse.img", "wb") as f:
+        f.truncate(8 * CHUNK + 1)
+    small = harness.write("small.bin", 8 * CHUNK)
+    engine = await harness.start()
+    with pytest.raises(OSError) as refused:
+        await engine.open("sparse.img")
+    assert refused.value.errno == errno.EFBIG
+    assert await read_file(engine, "small.bin") == small

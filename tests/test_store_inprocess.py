@@ -15,10 +15,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import shutil
+import signal
 import struct
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import given, settings
@@ -289,6 +292,47 @@ def test_remove_load_and_the_catalogue(store):
     assert store.sizes() == {"b": SIZE} and store.size_of("a") is None
     assert [e["path"] for e in store.load()] == ["b"] and store.index_of("a") is None
     assert not any(p.exists() for p in store.paths("a"))
+
+
+@contextmanager
+def file_size_limit(limit: int):
+    """Files of this process may not grow past limit (EFBIG, as a cache filesystem gives for
+    a file larger than it holds: ext4 past 16 TiB), whatever the filesystem."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_an_entry_that_cannot_be_made_leaves_no_file_behind(store):
+    """A data file the cache filesystem refuses to size (EFBIG, ENOSPC) was left behind as a
+    temporary file, or, once renamed into place, as a data file with no index: never served,
+    never counted, its space held for good. (Found by review.)"""
+    with file_size_limit(SIZE - 1), pytest.raises(OSError) as refused:
+        store.open_entry("big", V1, CHUNK)
+    assert refused.value.errno == errno.EFBIG
+    assert [p.name for p in store.objects.rglob("*") if p.is_file()] == []
+
+
+def test_files_a_crash_left_without_an_index_are_removed_at_start(store):
+    """A crash (or a full disk) between the data file's rename and the index's leaves a data
+    file with no index, and temporary files; the next start removes them, and keeps every
+    entry with its index. (Found by review.)"""
+    entry = store.open_entry("kept", V1, CHUNK)
+    fill(entry, os.urandom(SIZE))
+    entry.close()
+    data_path, index_path = store.paths("lost")
+    data_path.parent.mkdir(exist_ok=True)
+    data_path.write_bytes(b"x" * 1000)
+    data_path.with_suffix(".data.tmp").write_bytes(b"y")
+    index_path.with_suffix(".idx.tmp").write_bytes(b"z")
+    assert [e["path"] for e in store.load()] == ["kept"]
+    left = sorted(p.name for p in store.objects.rglob("*") if p.is_file())
+    assert left == sorted(p.name for p in store.paths("kept"))
 
 
 def test_one_store_one_daemon(store, tmp_path):

@@ -798,7 +798,8 @@ class CacheStore:
             os.close(data_fd)
             if index_fd >= 0:
                 os.close(index_fd)
-            tmp_index.unlink(missing_ok=True)
+            for path in (tmp_index, tmp_data, data_path):  # a data file without its index: never served
+                path.unlink(missing_ok=True)
             raise
         return CacheEntry(relpath, identity, chunk_size, data_fd, index_fd, records_offset,
                           bytearray(nchunks), _no_sums(nchunks))
@@ -813,12 +814,19 @@ class CacheStore:
         is damaged or of an older format on the way: they can never be served, and would hold
         their disk space forever. Only at start, before any entry is opened (entries being
         created or replaced are briefly without an index)."""
+        for orphan in [*self.objects.glob("*/*.tmp"), *self.objects.glob("*/*.data")]:
+            if orphan.suffix == ".tmp" or not orphan.with_suffix(".idx").exists():
+                log.info("removing %s, left without its index by a crash or a full disk", orphan.name)
+                orphan.unlink(missing_ok=True)  # never served, never counted: its space held for good
         summaries = []
         for index_path in sorted(self.objects.glob("*/*.idx")):
             try:
                 summary = _read_summary(index_path)
             except OSError:
                 continue  # unreadable now is not proof of damage
+            except Exception as e:  # one file's index must not keep the daemon from starting
+                log.warning("skipping cache entry %s: %s", index_path.stem, e)
+                continue
             if summary is None:
                 log.info("removing unusable cache entry %s", index_path.stem)
                 index_path.unlink(missing_ok=True)

@@ -43,6 +43,9 @@ repeats = Throttle(log)  # warnings that can come with every open
 # opens and closes shards repeatedly does not re-verify them each time.
 MAX_IDLE_FILES = 256
 FDS_PER_FILE = 3
+# The most chunks a file may have: 4 MB of states and 32 MB of sums for it (16 TiB in 4 MiB
+# chunks, what ext4 holds in one file)
+MAX_CHUNKS = 1 << 22
 # Descriptors never given to open files: lookups, directory reads, the control socket and the
 # log need some even while every file a user could open is open.
 FD_RESERVE = 128
@@ -234,8 +237,13 @@ class OpenFiles:
     async def _open_entry(self, relpath: str, identity: Identity) -> CacheEntry:
         """The store's entry for this version; if the cache filesystem is full even after
         evicting, or the cache dir is no longer trusted (a directory above it made writable
-        by others since the mount), an uncached stand-in whose reads go straight to the
-        source."""
+        by others since the mount), or the file is larger than it takes, an uncached stand-in
+        whose reads go straight to the source. EFBIG for a file of more than MAX_CHUNKS
+        chunks: its chunk states alone would take gigabytes (a sparse file of petabytes costs
+        its writer nothing)."""
+        if -(-identity.size // self.chunk_size) > MAX_CHUNKS:
+            raise OSError(errno.EFBIG, f"{identity.size} bytes: more than {MAX_CHUNKS} chunks of "
+                                       f"{self.chunk_size} bytes, beyond what fusecache serves", relpath)
         for attempt in range(2):
             try:
                 return await self.tasks.io(self.store.open_entry, relpath, identity, self.chunk_size)
@@ -243,6 +251,10 @@ class OpenFiles:
                 repeats.warning("%s; reading %s straight from the source", e, relpath)
                 return CacheEntry.uncached(relpath, identity, self.chunk_size)
             except OSError as e:
+                if e.errno in (errno.EFBIG, errno.EOVERFLOW):
+                    repeats.warning("%s is too large for the cache filesystem (%s); reading it straight from "
+                                    "the source", relpath, e.strerror)
+                    return CacheEntry.uncached(relpath, identity, self.chunk_size)
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 self.metrics.count_error(error_kind(e))
