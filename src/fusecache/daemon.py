@@ -205,9 +205,12 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                     supervised.register(kernel.fd)
             else:
                 await _adopt(cfg, session, operations, store, received, after_crash=recover_fd is not None)
+                # written before a request is served: after a crash, the handle numbers moved on
+                # (journal.for_recovery), which another crash must not give out again; and the
+                # backing ids this process writes are paired with a journal of its own
+                if journal_ is not None:
+                    await journal_.flush()
                 if recover_fd is not None:
-                    if journal_ is not None:  # the handle numbers moved on (journal.for_recovery) before
-                        await journal_.flush()  # any is given out: another crash must not give them again
                     supervised.register(recover_fd)
                     _resend(session)
             if fd_store and kernel is not None:
