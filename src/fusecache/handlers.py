@@ -23,7 +23,7 @@ from .control import ControlError
 from .controlserver import Handler
 from .engine import Engine
 from .metrics import Metrics
-from .source import Source, is_under, is_valid_name
+from .source import Source, is_under, is_valid_name, regular_files
 from .store import CacheStore
 
 
@@ -202,7 +202,7 @@ def _regular_files(source: Source, relpaths: list[str]) -> list[tuple[str, int]]
     found: list[tuple[str, int]] = []
     for relpath in relpaths:
         try:
-            found += source.regular_files(relpath)
+            found += regular_files(source, relpath)
         except OSError as e:
             raise ControlError(f"{relpath or '.'}: {e.strerror}") from None
     return found
