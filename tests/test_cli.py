@@ -468,3 +468,23 @@ def test_status_json(dirs, make_mount):
     text = run_cli("status", m.mountpoint).stdout
     assert "w.safetensors" in text and "100.0%" in text
     assert f"{config.human(report['metrics']['bytes_served_direct'])} by its readers" in text, text
+
+
+def test_restart_of_another_users_mount_is_refused_before_its_daemon_is_asked(capsys, monkeypatch):
+    """Root's `fusecache restart` of a mount another user made took that user's daemon's word
+    for the source and cache and served them, as root, on the user's connection: a daemon of
+    their own could name /root. Only the mount's owner restarts it now; its daemon is never
+    asked. (Found by review.)"""
+    from fusecache import cli
+
+    theirs = mounts.MountInfo(0, 99, "/home/u/mnt", cli.FSTYPE, "/home/u/src",
+                              f"rw,user_id={os.getuid() + 1000},group_id=1000")
+    monkeypatch.setattr(cli.mounts, "resolve_mountpoint", lambda path: path)
+    monkeypatch.setattr(cli.mounts, "find_mount", lambda path: theirs)
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the other user's daemon was asked")
+
+    monkeypatch.setattr(cli.control, "call", asked)
+    assert cli.main(["restart", "/home/u/mnt"]) == 1
+    assert f"uid {os.getuid() + 1000}'s mount: only its owner restarts it" in capsys.readouterr().err

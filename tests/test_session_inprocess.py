@@ -248,10 +248,36 @@ async def test_a_restart_in_place_whose_journal_cannot_be_written_is_refused(ker
             nursery.start_soon(k.session.serve)
             await trio.sleep(0.05)  # reading
             with pytest.raises(ControlError, match="journal could not be written"):
-                await server.restart_in_place({})
+                await server.restart_in_place({"format": FORMAT})
             assert server.exec_fd is None
             k.send(p.Op.LOOKUP, 1, b"missing\0")
             assert (await k.reply())[:2] == (1, errno.ENOENT)  # answered: serving on
+            k.send(p.Op.DESTROY, 2)
+            assert await k.reply() == (2, 0, b"")
+
+
+async def test_a_restart_in_place_into_another_state_format_is_refused_before_pausing(kernel, tmp_path):
+    """A restart in place execs the fusecache installed now, which serves from this daemon's
+    journal: one that reads another state format refused that journal after the exec, and the
+    mount ended (ENOTCONN for every reader). The format is asked first, as a hand-over's is.
+    (Found by review.)"""
+    k = kernel(FailingOperations())
+    written = []
+
+    async def persist() -> bool:
+        written.append(1)
+        return True
+
+    server = HandoverServer(k.session, lambda: None, MountArguments("/src", [], "/cache", "info", True),
+                            persist=persist)
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.session.serve)
+            await trio.sleep(0.05)
+            for request in ({}, {"format": FORMAT + 1}):
+                with pytest.raises(ControlError, match="state format"):
+                    await server.restart_in_place(request)
+            assert server.exec_fd is None and written == []  # never paused, nothing written
             k.send(p.Op.DESTROY, 2)
             assert await k.reply() == (2, 0, b"")
 

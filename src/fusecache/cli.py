@@ -24,6 +24,7 @@ from typing import NoReturn
 from . import __version__, control, logs, mounts, precheck, private, sdnotify, supervisor
 from .precheck import MountError
 from .config import LOG_LEVELS, ConfigError, build_config, human
+from .livestate import FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -374,14 +375,16 @@ def cmd_restart(args: argparse.Namespace) -> int:
     info = mounts.find_mount(mountpoint)
     if info is None or info.fstype != FSTYPE:
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
+    if info.owner_uid != os.getuid():  # its daemon's word (source, cache) would be served as ours
+        raise Failure(f"{args.mountpoint} is uid {info.owner_uid}'s mount: only its owner restarts it")
     given = control.call(mountpoint, {"command": "mount_args"}, timeout=STATUS_TIMEOUT)
-    if given.get("in_place"):  # systemd runs it: the same process execs the fusecache installed now
-        return _restart_in_place(mountpoint)
-    try:
+    try:  # checked by this fusecache, which will serve them, before the daemon stops serving
         cfg = build_config(given["source"], mountpoint, given["options"], cache_dir=Path(given["cache_dir"]),
-                           foreground=False, log_level=given["log_level"])
+                           foreground=bool(given.get("in_place")), log_level=given["log_level"])
     except (ConfigError, KeyError, TypeError) as e:
         raise Failure(f"this fusecache cannot take the options of the running daemon: {e}") from None
+    if given.get("in_place"):  # systemd runs it: the same process execs the fusecache installed now
+        return _restart_in_place(mountpoint)
     setup_logging(cfg.log_level)
     store = precheck.store_for(cfg)
     return _mount_detached(cfg, store, takeover=True)
@@ -391,7 +394,7 @@ def _restart_in_place(mountpoint: str) -> int:
     """Ask the daemon to restart in place, and wait until the new program answers (the same
     pid: told apart by when its program started)."""
     before = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT).get("started")
-    pid = control.call(mountpoint, {"command": "restart_in_place"}, timeout=STATUS_TIMEOUT)["pid"]
+    pid = control.call(mountpoint, {"command": "restart_in_place", "format": FORMAT}, timeout=STATUS_TIMEOUT)["pid"]
     deadline = time.monotonic() + RESTART_WAIT
     while time.monotonic() < deadline:
         try:

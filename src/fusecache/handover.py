@@ -90,6 +90,7 @@ class HandoverServer:
         installed now in this process (see the module docstring); the reply goes out first."""
         if self.session is None or self.persist is None:
             raise ControlError("only a daemon whose connection systemd's fd store keeps restarts in place")
+        self._same_format(request)  # the program it execs serves from this one's journal
         await self._pause("restart in place")
         try:
             if not await self.persist():  # the new program serves from it: never a stale one
@@ -125,10 +126,14 @@ class HandoverServer:
             raise ControlError(f"requests in flight did not finish within {DRAIN_TIMEOUT:g}s (a slow source?): "
                                f"restart refused, the mount stays with pid {os.getpid()}")
 
-    async def handover(self, request: dict) -> dict | _Delivery:
+    @staticmethod
+    def _same_format(request: dict) -> None:
         if request.get("format") != FORMAT:
             raise ControlError(f"the new daemon reads state format {request.get('format')!r}, this one writes "
                                f"format {FORMAT}: restart refused, the mount stays with pid {os.getpid()}")
+
+    async def handover(self, request: dict) -> dict | _Delivery:
+        self._same_format(request)
         if self.session is None:
             raise ControlError("the pyfuse3 session cannot hand its connection over: unmount and mount instead")
         await self._pause("restart")
