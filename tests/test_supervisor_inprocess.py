@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 
 import pytest
@@ -81,3 +82,26 @@ def test_an_unmount_during_a_pause_starts_nothing(watched):
     sup.start_at = time.monotonic()
     sup._start_if_due()
     assert len(started.pids) == QUICK_DEATHS and sup.start_at is None
+
+
+@pytest.mark.parametrize("end, mount_ends", [("killed", False), ("exited", True)])
+def test_a_process_taking_the_mount_over_that_is_killed_is_replaced(watched, end, mount_ends):
+    """A process started after a death that is itself killed before it registers (the OOM
+    killer again, a second kill -9) ended the mount, as one that refused the journal does:
+    every reader got ENOTCONN. Killed, it is now replaced like any death; one that exits
+    (a journal refused: its one log line says why) still ends the mount. (Found by review.)"""
+    sup, started = watched
+    child = subprocess.Popen(["sleep", "30"] if end == "killed" else ["false"])
+    sup.starting = child.pid
+    if end == "killed":
+        child.kill()
+    deadline = time.monotonic() + 10
+    while True:  # as the supervisor's loop reaps
+        failed = sup._reap_starting_failed()
+        if sup.starting != child.pid:  # reaped: none starting, or the next one
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert failed == mount_ends
+    assert started.pids == ([] if mount_ends else [1000])  # replaced at once (the first death)
+    child.returncode = 0  # reaped by the supervisor, not by Popen

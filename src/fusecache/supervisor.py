@@ -160,12 +160,18 @@ class Supervisor:
             return  # a restart that did not go through
         if self.serving:
             log.info("pid %d handed the mount over to pid %d", ended.pid, self.serving[0].pid)
-        elif self.fuse_fd is not None and connected(self.fuse_fd):
+        else:
+            self._died(ended.pid, "serving the mount")
+
+    def _died(self, pid: int, doing: str) -> None:
+        """The process serving the mount, or starting to, died: another is started, at once or
+        after a pause (see the module docstring), while the kernel holds the connection."""
+        if self.fuse_fd is not None and connected(self.fuse_fd):
             now = time.monotonic()
             self._deaths = [t for t in self._deaths if now - t < DEATH_WINDOW] + [now]
             quick = len(self._deaths) - QUICK_DEATHS
             pause = 0.0 if quick <= 0 else min(PAUSE_MAX, float(2 ** (quick - 1)))
-            log.warning("pid %d, serving the mount, died%s: starting a new serving process%s", ended.pid,
+            log.warning("pid %d, %s, died%s: starting a new serving process%s", pid, doing,
                         f" ({len(self._deaths)} in {DEATH_WINDOW:g} s)" if pause else "",
                         f" in {pause:g} s" if pause else "")
             self.start_at = now + pause
@@ -185,14 +191,19 @@ class Supervisor:
         failed = False
         while True:
             try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return failed
             if pid == 0:
                 return failed
             if pid == self.starting:
                 self.starting = None
-                failed = not self.serving
+                if os.WIFSIGNALED(status) and self.fuse_fd is not None and not self.serving:
+                    # killed (the OOM killer, kill -9) while it took the mount over: not a
+                    # journal it refused, which ends the mount: another is started
+                    self._died(pid, "taking the mount over")
+                else:
+                    failed = not self.serving
 
     def _finish(self, status: int) -> int:
         if self.fuse_fd is not None:
