@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from fusecache.config import runtime_dirs
+from fusecache import supervisor
 from fusecache.control import MAX_REQUEST, ControlError, ControlTimeout, call, is_listening, send_request, socket_path
 from fusecache.controlserver import ControlServer
 
@@ -237,3 +238,19 @@ def test_a_dead_daemon_is_told_from_a_stopped_one_by_its_socket(tmp_path, monkey
         assert is_listening("/mnt/x", os.getuid())
         assert is_listening("/mnt/x", os.getuid())  # its queue is full: still listening
     assert path.exists() and not is_listening("/mnt/x", os.getuid())  # closed by a dead daemon
+
+
+def test_a_mount_whose_supervisor_listens_is_not_stale_while_its_daemon_is_replaced(tmp_path, monkeypatch):
+    """After a kill -9 the supervisor starts the next daemon, which binds its control socket
+    only once it has loaded the store: meanwhile the old socket refuses connections. Taken for
+    a dead mount, a `fusecache mount` on it unmounted the live mount. The supervisor's socket,
+    beside it, says the mount lives on. (Found by review.)"""
+    monkeypatch.setattr("fusecache.control.runtime_dirs", lambda uid: [tmp_path])
+    path = socket_path("/mnt/x", os.getuid())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))  # the dead daemon's: refuses
+        assert not is_listening("/mnt/x", os.getuid())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as keeper:
+            keeper.bind(str(supervisor.socket_for(path)))
+            keeper.listen(1)
+            assert is_listening("/mnt/x", os.getuid())

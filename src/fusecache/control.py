@@ -20,7 +20,7 @@ import os
 import socket
 from pathlib import Path
 
-from . import private
+from . import private, supervisor
 from .config import runtime_dirs
 from .mounts import find_mount, resolve_mountpoint
 
@@ -75,13 +75,20 @@ def socket_of(mountpoint: str) -> Path:
 
 def is_listening(mountpoint: str, owner_uid: int) -> bool:
     """Whether a daemon still listens on the control socket of the mount at mountpoint,
-    answering or not: a stopped or hung daemon's socket still takes connections (the kernel
-    queues them), a dead daemon's refuses them or is gone. Asks nothing, so it never waits
-    for the daemon; a socket this user may not reach counts as listening."""
+    answering or not, or its supervisor on its own beside it (between a crash and the control
+    socket of the daemon it starts next, the mount lives on: taken for stale, a new mount
+    would unmount it). A stopped or hung daemon's socket still takes connections (the kernel
+    queues them), a dead one's refuses them or is gone. Asks nothing, so it never waits for
+    the daemon; a socket this user may not reach counts as listening."""
+    path = socket_path(mountpoint, owner_uid)
+    return any(_listening(at) for at in (path, supervisor.socket_for(path)))
+
+
+def _listening(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
         try:
-            sock.connect(str(socket_path(mountpoint, owner_uid)))
+            sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             return False
         except OSError:  # EAGAIN (its queue is full), EACCES (another user's)
