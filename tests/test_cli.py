@@ -488,3 +488,14 @@ def test_restart_of_another_users_mount_is_refused_before_its_daemon_is_asked(ca
     monkeypatch.setattr(cli.control, "call", asked)
     assert cli.main(["restart", "/home/u/mnt"]) == 1
     assert f"uid {os.getuid() + 1000}'s mount: only its owner restarts it" in capsys.readouterr().err
+
+
+def test_an_exec_into_an_interpreter_that_is_gone_is_one_line(monkeypatch):
+    """A restart in place execs the interpreter it was started with; after an upgrade that
+    removed it, the exec failed with a traceback. Now one line and a failed exit (systemd
+    then starts the service again, from its fd store). (Found by review.)"""
+    from fusecache import cli
+
+    monkeypatch.setattr(cli.sys, "executable", "/nonexistent/python3")
+    with pytest.raises(cli.Failure, match="cannot run /nonexistent/python3: No such file or directory"):
+        cli._run_again(["status"], {})

@@ -159,7 +159,10 @@ def _run_again(argv: list[str], env: dict[str, str]) -> NoReturn:
     module path."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-P", "-m", "fusecache", *argv], {**os.environ, **env})
+    try:
+        os.execve(sys.executable, [sys.executable, "-P", "-m", "fusecache", *argv], {**os.environ, **env})
+    except OSError as e:  # the interpreter gone (upgraded): one line, and the exit status says so
+        raise Failure(f"cannot run {sys.executable}: {e.strerror or e}") from None
 
 
 def say(message: str) -> None:
