@@ -87,8 +87,8 @@ class Passthrough:
     async def choose(self, inode: int, handle: Handle, latest: bool) -> IOMode:
         """How to serve this open of inode: on the inode's mode, never refused. latest: inode
         is what a lookup of its path gives now (a new inode is asked for only then)."""
-        while (closing := self._inodes.get(inode, InodeIO()).closing) is not None:
-            await closing.wait()  # its id goes: this open gets a new one, written before it is answered
+        while (io := self._inodes.get(inode)) is not None and io.closing is not None:
+            await io.closing.wait()  # its id goes: this open gets a new one, written before it is answered
         io = self._inodes.setdefault(inode, InodeIO())
         io.waiting += 1
         try:
