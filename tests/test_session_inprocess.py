@@ -232,6 +232,29 @@ async def test_a_handover_whose_state_cannot_be_made_leaves_the_mount_serving(ke
             assert await k.reply() == (3, 0, b"")
 
 
+async def test_a_handover_writes_the_journal_of_the_state_it_hands_over(kernel, tmp_path):
+    """The new daemon registers with the supervisor before it loads the store and writes a
+    journal of its own: should it die meanwhile, the supervisor recovers the mount from the
+    journal on disk, which lagged the handed-over state by up to a pause (seconds for a large
+    state): handles opened in that time were lost. The old daemon writes it as it hands over.
+    (Found by review.)"""
+    k = kernel(FailingOperations())
+    state = AdapterState([], [], [], [], [], 42)
+    kept = journal.Journal(tmp_path / journal.NAME, lambda: LiveState(FORMAT, os.getpid(), k.session.negotiated(), state))
+    server = HandoverServer(k.session, lambda: state, MountArguments("/src", [], "/cache", "info", False),
+                            journal=kept.flush)
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.session.serve)
+            await trio.sleep(0.05)
+            delivery = await server.handover({"format": FORMAT})
+            assert journal.read(kept.path).adapter == state  # on disk before it is sent
+            server.finished(False)  # not taken: serving again
+            k.send(p.Op.DESTROY, 2)
+            assert await k.reply() == (2, 0, b"")
+    assert delivery.state
+
+
 async def test_a_restart_in_place_whose_journal_cannot_be_written_is_refused(kernel, tmp_path):
     """The program a restart in place execs serves from the journal: where it cannot be
     written (a full disk), the restart is refused and the daemon serves on, rather than

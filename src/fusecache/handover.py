@@ -63,14 +63,16 @@ class HandoverServer:
     """The serving daemon's side: the `mount_args` and `handover` control commands."""
 
     def __init__(self, session: KernelSession | None, export: Callable[[], AdapterState],
-                 arguments: MountArguments, persist: Callable[[], Awaitable[bool]] | None = None) -> None:
+                 arguments: MountArguments, persist: Callable[[], Awaitable[bool]] | None = None,
+                 journal: Callable[[], Awaitable[bool]] | None = None) -> None:
         """session: None where the session cannot hand over (pyfuse3's). persist: writes the
         journal now, for a daemon whose connection systemd's fd store keeps (it restarts in
-        place); None for any other."""
+        place); None for any other. journal: writes the journal now, where there is one."""
         self.session = session
         self.export = export
         self.arguments = arguments
         self.persist = persist
+        self.journal = journal
         self._busy = False
         self.taken = False  # the connection was handed over: this daemon ends without unmounting
         self.exec_fd: int | None = None  # restarting in place: the connection, for the new program
@@ -138,6 +140,10 @@ class HandoverServer:
             raise ControlError("the pyfuse3 session cannot hand its connection over: unmount and mount instead")
         await self._pause("restart")
         try:
+            # the journal is the state handed over: should the new daemon die before it writes
+            # its own, its supervisor recovers the mount from it (not from one seconds older)
+            if self.journal is not None:
+                await self.journal()
             state = encode(LiveState(FORMAT, os.getpid(), self.session.negotiated(), self.export()))
         except BaseException:  # the restart is refused: the mount must not stay paused
             self._resume()
