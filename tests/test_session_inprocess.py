@@ -265,7 +265,7 @@ async def test_a_restart_in_place_whose_journal_cannot_be_written_is_refused(ker
     kept = journal.Journal(tmp_path / "no such dir" / journal.NAME, lambda: LiveState(
         FORMAT, os.getpid(), k.session.negotiated(), AdapterState([], [], [], [], [], 1)))
     server = HandoverServer(k.session, lambda: None, MountArguments("/src", [], "/cache", "info", True),
-                            persist=kept.flush)
+                            journal=kept.flush, in_place=True)
     with trio.fail_after(HANG_GUARD):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(k.session.serve)
@@ -292,7 +292,7 @@ async def test_a_restart_in_place_into_another_state_format_is_refused_before_pa
         return True
 
     server = HandoverServer(k.session, lambda: None, MountArguments("/src", [], "/cache", "info", True),
-                            persist=persist)
+                            journal=persist, in_place=True)
     with trio.fail_after(HANG_GUARD):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(k.session.serve)

@@ -43,10 +43,10 @@ def socket_path(mountpoint: str, owner_uid: int) -> Path:
     Of the places the owner's sockets may be (config.runtime_dirs), the one holding a socket
     of this mount (a daemon's, or its supervisor's, beside which every daemon it starts
     binds), else the preferred one."""
-    key = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+    name = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16] + ".sock"
     dirs = runtime_dirs(owner_uid)
-    held = (d for d in dirs if os.path.lexists(d / f"{key}.sock") or os.path.lexists(d / f"{key}.supervisor"))
-    return next(held, dirs[0]) / f"{key}.sock"
+    held = (d for d in dirs if any(os.path.lexists(at) for at in (d / name, supervisor.socket_for(d / name))))
+    return next(held, dirs[0]) / name
 
 
 def call(mountpoint: str, request: dict, timeout: float = TIMEOUT) -> dict:

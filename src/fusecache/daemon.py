@@ -172,8 +172,7 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
     restarts = HandoverServer(kernel, operations.export_state,
                               MountArguments(str(cfg.source), cfg.options, str(cfg.cache_dir), cfg.log_level,
                                              cfg.foreground),
-                              persist=journal_.flush if fd_store and journal_ is not None else None,
-                              journal=journal_.flush if journal_ is not None else None)
+                              journal=journal_.flush if journal_ is not None else None, in_place=fd_store)
     control = ControlServer(socket_path(mountpoint, os.getuid()), handlers.table() | restarts.table(),
                             owner_uid=os.getuid())
     registry = prometheus_registry(metrics)

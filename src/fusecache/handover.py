@@ -63,16 +63,16 @@ class HandoverServer:
     """The serving daemon's side: the `mount_args` and `handover` control commands."""
 
     def __init__(self, session: KernelSession | None, export: Callable[[], AdapterState],
-                 arguments: MountArguments, persist: Callable[[], Awaitable[bool]] | None = None,
-                 journal: Callable[[], Awaitable[bool]] | None = None) -> None:
-        """session: None where the session cannot hand over (pyfuse3's). persist: writes the
-        journal now, for a daemon whose connection systemd's fd store keeps (it restarts in
-        place); None for any other. journal: writes the journal now, where there is one."""
+                 arguments: MountArguments, journal: Callable[[], Awaitable[bool]] | None = None,
+                 in_place: bool = False) -> None:
+        """session: None where the session cannot hand over (pyfuse3's). journal: writes the
+        journal now, where there is one. in_place: systemd's fd store keeps the connection,
+        so this daemon restarts in place (with a journal to serve from)."""
         self.session = session
         self.export = export
         self.arguments = arguments
-        self.persist = persist
         self.journal = journal
+        self.in_place = in_place and journal is not None
         self._busy = False
         self.taken = False  # the connection was handed over: this daemon ends without unmounting
         self.exec_fd: int | None = None  # restarting in place: the connection, for the new program
@@ -81,21 +81,21 @@ class HandoverServer:
         return {"mount_args": self.mount_args, "handover": self.handover, "restart_in_place": self.restart_in_place}
 
     async def mount_args(self, request: dict) -> dict:
-        if self.arguments.foreground and self.persist is None:
+        if self.arguments.foreground and not self.in_place:
             raise ControlError("this daemon runs in the foreground without systemd's fd store: restart it by hand")
         return {"source": self.arguments.source, "options": self.arguments.options,
                 "cache_dir": self.arguments.cache_dir, "log_level": self.arguments.log_level,
-                "in_place": self.persist is not None}
+                "in_place": self.in_place}
 
     async def restart_in_place(self, request: dict) -> _InPlace:
         """Stop serving without unmounting, the journal current, for an exec of the fusecache
         installed now in this process (see the module docstring); the reply goes out first."""
-        if self.session is None or self.persist is None:
+        if self.session is None or self.journal is None or not self.in_place:
             raise ControlError("only a daemon whose connection systemd's fd store keeps restarts in place")
         self._same_format(request)  # the program it execs serves from this one's journal
         await self._pause("restart in place")
         try:
-            if not await self.persist():  # the new program serves from it: never a stale one
+            if not await self.journal():  # the new program serves from it: never a stale one
                 raise ControlError(f"the journal could not be written (the log says why): restart refused, "
                                    f"the mount stays with pid {os.getpid()}")
             self.exec_fd = os.dup(self.session.fd)  # the session closes its own at the end
