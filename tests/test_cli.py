@@ -499,3 +499,38 @@ def test_an_exec_into_an_interpreter_that_is_gone_is_one_line(monkeypatch):
     monkeypatch.setattr(cli.sys, "executable", "/nonexistent/python3")
     with pytest.raises(cli.Failure, match="cannot run /nonexistent/python3: No such file or directory"):
         cli._run_again(["status"], {})
+
+
+def test_a_recovery_the_installed_fusecache_cannot_run_goes_on_in_the_supervisors_child(tmp_path, monkeypatch,
+                                                                                         caplog):
+    """The supervisor's child execs the fusecache installed now to recover a mount; where that
+    interpreter is gone, the child goes on with the modules it has (a daemon is better than an
+    ended mount), and the connection's descriptor is not left to children it starts."""
+    from fusecache import cli
+
+    cfg = config.build_config(str(tmp_path / "src"), str(tmp_path / "mnt"), ["session=kernel"],
+                              cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(cli.sys, "executable", "/nonexistent/python3")
+    read_end, write_end = os.pipe()
+    try:
+        with caplog.at_level("WARNING"):
+            cli._exec_recovery(cfg, read_end)
+        assert "recovering the mount with the fusecache it was mounted with" in caplog.text
+        assert not os.get_inheritable(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_recover_fd_takes_only_a_live_fuse_connection(tmp_path, capsys):
+    """--recover-fd is the supervisor's; given any other descriptor it is one line, exit 1."""
+    from fusecache import cli
+
+    read_end, write_end = os.pipe()
+    try:
+        assert cli.main(["mount", str(tmp_path), str(tmp_path / "mnt"), "--recover-fd", str(read_end)]) == 1
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    err = capsys.readouterr().err
+    assert err == f"fusecache: --recover-fd {read_end}: not a live FUSE connection (the option is fusecache's own)\n"

@@ -68,6 +68,8 @@ def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, m
             readers.wait_for_the_journal(_journal_of(m), m.pid)
             m.kill9_serving()
             m.pid = _new_serving_pid(m, old)
+            # the fusecache installed now, exec'd: not a fork carrying the supervisor's modules
+            assert b"--recover-fd" in Path(f"/proc/{m.pid}/cmdline").read_bytes().split(b"\0")[1:]
             readers.wait_for_passes(2)
         # a live restart still works under the supervisor, which adopts the new daemon
         old = m.pid

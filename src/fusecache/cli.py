@@ -24,6 +24,7 @@ from typing import NoReturn
 from . import __version__, control, logs, mounts, precheck, private, sdnotify, supervisor
 from .precheck import MountError
 from .config import LOG_LEVELS, ConfigError, build_config, human
+from .session.mount import connected
 from .livestate import FORMAT
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def _add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--foreground", action="store_true", default=None,
                         help="stay attached (for systemd Type=notify units)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
+    # the supervisor's, for the daemon it execs to serve a mount whose daemon died (_exec_recovery)
+    parser.add_argument("--recover-fd", type=int, help=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +213,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                            foreground=args.foreground, log_level=args.log_level)
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    if args.recover_fd is not None:
+        return _serve_recovery(cfg, args.recover_fd)
     if not cfg.foreground:  # in the foreground the daemon logs them to stderr itself
         for message in cfg.deprecations:
             say(f"warning: {message}")
@@ -287,7 +292,10 @@ def _supervisor_child(cfg, store, ready_fd: int, log_path: Path) -> int:
             listener.close()
             for s in running:
                 s.close_in_child()
-            os._exit(_daemon_child(cfg, store, ready, log_path, takeover=False, recover_fd=fuse_fd))
+            _detach(log_path)
+            if fuse_fd is not None:
+                _exec_recovery(cfg, fuse_fd)  # returns only where the fusecache installed now cannot run
+            os._exit(_serve_detached(cfg, store, ready, log_path, takeover=False, recover_fd=fuse_fd))
         return pid
 
     first = spawn(None, ready_fd)
@@ -312,10 +320,47 @@ def _detach(log_path: Path) -> None:
     faulthandler.enable()  # a fatal signal (SIGSEGV, SIGBUS, SIGABRT) leaves its stacks in the log
 
 
-def _daemon_child(cfg, store, ready_fd: int | None, log_path: Path, takeover: bool,
-                  recover_fd: int | None = None) -> int:
-    """ready_fd: where to say "ready" or the start-up error (None: nobody waits, a recovery)."""
+def _exec_recovery(cfg, fuse_fd: int) -> None:
+    """In a child of the supervisor: become the daemon that serves the connection on fuse_fd
+    from the journal, run from the fusecache installed now (`fusecache mount ... --recover-fd`).
+    Why an exec: the supervisor lives as long as the mount, and after an upgrade its modules
+    are the old release's; a daemon forked from it would import the new release's modules
+    beside them. Returns (logged) only where that program cannot be run: the daemon then
+    goes on from the supervisor's own modules, which is better than no daemon."""
+    os.set_inheritable(fuse_fd, True)
+    argv = ["mount", str(cfg.source), str(cfg.mountpoint), "--cache-dir", str(cfg.cache_dir),
+            "--log-level", cfg.log_level, "--recover-fd", str(fuse_fd)]
+    try:
+        _run_again(argv + [arg for option in cfg.options for arg in ("-o", option)], {})
+    except Failure as e:
+        log.warning("%s: recovering the mount with the fusecache it was mounted with", e)
+    os.set_inheritable(fuse_fd, False)
+
+
+def _serve_recovery(cfg, fuse_fd: int) -> int:
+    """The daemon _exec_recovery runs: detached by the supervisor's child already (stderr is
+    the log); it serves the connection on fuse_fd from the journal. The descriptor must be a
+    FUSE connection the kernel still holds (the option is the supervisor's, not a user's)."""
+    try:
+        is_fuse = os.fstat(fuse_fd).st_rdev == os.stat("/dev/fuse").st_rdev and connected(fuse_fd)
+    except OSError:
+        is_fuse = False
+    if not is_fuse:
+        raise Failure(f"--recover-fd {fuse_fd}: not a live FUSE connection (the option is fusecache's own)")
+    store = precheck.store_for(cfg)
+    faulthandler.enable()  # as _detach did before the exec: the exec turned it off
+    return _serve_detached(cfg, store, None, store.root / "daemon.log", takeover=False, recover_fd=fuse_fd)
+
+
+def _daemon_child(cfg, store, ready_fd: int | None, log_path: Path, takeover: bool) -> int:
     _detach(log_path)
+    return _serve_detached(cfg, store, ready_fd, log_path, takeover)
+
+
+def _serve_detached(cfg, store, ready_fd: int | None, log_path: Path, takeover: bool,
+                    recover_fd: int | None = None) -> int:
+    """Serve as a detached daemon (stderr already the log). ready_fd: where to say "ready" or
+    the start-up error (None: nobody waits, a recovery)."""
     setup_logging(cfg.log_level, log_path)
     if not takeover and recover_fd is None:  # a restarted daemon locks the store once the old one lets go
         store.record_owner(os.getpid())
