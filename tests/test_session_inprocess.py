@@ -30,7 +30,7 @@ import threading
 import pytest
 import trio
 
-from fusecache import journal
+from fusecache import handover, journal
 from fusecache.control import ControlError
 from fusecache.engine import ReadError
 from fusecache.handover import HandoverServer, MountArguments
@@ -253,6 +253,43 @@ async def test_a_handover_writes_the_journal_of_the_state_it_hands_over(kernel, 
             k.send(p.Op.DESTROY, 2)
             assert await k.reply() == (2, 0, b"")
     assert delivery.state
+
+
+@pytest.mark.parametrize("in_time", [True, False])
+async def test_the_new_daemons_word_taken_or_refused_as_both_sides_see_it(kernel, monkeypatch, in_time):
+    """The old daemon waits ACK_TIMEOUT for the new one's "ok", then serves again. An "ok"
+    sent after that must fail to send, or the new daemon would serve beside the old one
+    (two daemons answering one connection from two tables). (Found by review.)"""
+    monkeypatch.setattr(handover, "ACK_TIMEOUT", 0.2)
+    k = kernel(FailingOperations())
+    server = HandoverServer(k.session, lambda: AdapterState([], [], [], [], [], 1),
+                            MountArguments("/src", [], "/cache", "info", False))
+    old_end, new_end = socket.socketpair()
+    with trio.fail_after(HANG_GUARD), new_end:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(k.session.serve)
+            await trio.sleep(0.05)
+            delivery = await server.handover({"format": FORMAT})
+            async with trio.SocketStream(trio.socket.from_stdlib_socket(old_end)) as stream:
+                if in_time:
+                    new_end.sendall(handover.ACK[:1])  # the word in two parts
+                    nursery.start_soon(_send_later, new_end, handover.ACK[1:])
+                await delivery.deliver(stream)
+                if not in_time:
+                    with pytest.raises(BrokenPipeError):  # too late: the new daemon gives up
+                        new_end.sendall(handover.ACK)
+            assert server.taken is in_time
+            if not in_time:
+                k.send(p.Op.DESTROY, 2)  # serving again
+                assert await k.reply() == (2, 0, b"")
+            nursery.cancel_scope.cancel()
+        for fd in socket.recv_fds(new_end, 1 << 20, 1)[1]:  # the descriptor that came with the state
+            os.close(fd)
+
+
+async def _send_later(sock: socket.socket, data: bytes) -> None:
+    await trio.sleep(0.05)
+    sock.sendall(data)
 
 
 async def test_a_restart_in_place_whose_journal_cannot_be_written_is_refused(kernel, tmp_path):

@@ -7,6 +7,8 @@ request it has read is answered (session/gate.py), and sends the state (livestat
 with the /dev/fuse descriptor (SCM_RIGHTS). The new daemon checks the state and says "ok";
 only then does the old one end, without unmounting. Without that word (the new daemon
 refused the state or died) the old one reads requests again: a failed restart costs a pause.
+An "ok" too late finds the old daemon's socket shut for reading, fails to send, and the new
+daemon gives up: the two never serve at once.
 
 A daemon that systemd runs (in the foreground, its connection in the service's fd store) has
 no second process to hand over to: systemd watches its pid. It restarts in place instead
@@ -177,15 +179,27 @@ class _Delivery:
             data = self.state + b"\n"
             sent = await sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
             await stream.send_all(data[sent:])
+            answer = bytearray()
             with trio.move_on_after(ACK_TIMEOUT):
-                answer = b""
-                while len(answer) < len(ACK) and (more := await stream.receive_some(len(ACK))):
-                    answer += more
-                taken = answer == ACK
+                await _ack(stream, answer)
+            if len(answer) < len(ACK):
+                # No word in time: from this shutdown on, the new daemon's ACK fails to send
+                # (EPIPE) and it gives up; one it sent before is in the buffer, read below.
+                # Either way both sides agree on who serves: never the two of them at once.
+                sock.shutdown(socket.SHUT_RD)
+                await _ack(stream, answer)
+            taken = answer == ACK
         except (OSError, trio.BrokenResourceError) as e:
             log.warning("handing the connection over failed: %s", e)
         finally:
             self.server.finished(taken)
+
+
+async def _ack(stream: trio.SocketStream, answer: bytearray) -> None:
+    """Add to answer what the new daemon sends, up to ACK's length or its end (in place: what
+    was read before a cancellation is kept)."""
+    while len(answer) < len(ACK) and (more := await stream.receive_some(len(ACK) - len(answer))):
+        answer += more
 
 
 @dataclass
