@@ -6,7 +6,8 @@ What it proves:
   when killed (the kernel sends INTERRUPT for its read: no FUSE_ASYNC_DIO; our session only,
   libfuse asks for async direct I/O);
 - a daemon that exits late (stopped while `fusecache umount` unmounted it, then resumed once
-  another daemon mounted the same path) leaves the new mount alone, on both sessions.
+  another daemon mounted the same path) leaves the new mount alone, on both sessions;
+- so does a daemon that adopts a connection unmounted before it was adopted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import subprocess
 import sys
 
 import pytest
+
+from fusecache.livestate import Negotiated
+from fusecache.session.kernel import KernelSession, SessionConfig
+from fusecache.session.mount import MountSpec
 
 from .conftest import Mount, file_bytes, force_unmount, is_mounted, wait_gone
 from .helpers import DIRECT_READER, wait_until, waits_in_fuse
@@ -74,3 +79,21 @@ def test_a_daemon_that_exits_late_leaves_the_next_mount_alone(tmp_path, make_mou
         force_unmount(second.mountpoint)
         if second.pid:
             wait_gone(second.pid)
+
+
+def test_a_connection_adopted_after_its_unmount_leaves_the_mount_now_at_the_path_alone(tmp_path):
+    """A daemon recovering a mount adopts the connection seconds after its supervisor saw it
+    alive (it loads the store first). Unmounted and mounted anew at the same path meanwhile,
+    the path holds another mount: it was taken for ours, and detached as the recovering
+    daemon found its connection ended. (Found by review.)"""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "the-next-mount", str(mountpoint)], check=True)
+    try:
+        session = KernelSession(None, MountSpec(mountpoint=str(mountpoint), fsname="test"),
+                                SessionConfig(workers=1, max_background=1, passthrough=False))
+        session.adopt(os.open("/dev/fuse", os.O_RDWR), Negotiated(minor=41, flags=0))  # a connection ended
+        session.close()
+        assert is_mounted(mountpoint)
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)

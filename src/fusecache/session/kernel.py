@@ -148,7 +148,11 @@ class KernelSession:
         if negotiated.flags & p.PASSTHROUGH:
             self.backing = DeviceBacking(fd)
         self._mounted = True
-        self._made = identify(self.spec.mountpoint)
+        # taken while the connection is alive, or not at all: one unmounted before it was
+        # adopted (a recovery loads the store first) leaves the path to whatever is there now,
+        # which close() would otherwise detach as ours
+        made = identify(self.spec.mountpoint)
+        self._made = made if connected(fd) else None
 
     def resend(self) -> bool:
         """After taking over from a process that died: have the kernel send again the requests
