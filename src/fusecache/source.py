@@ -104,6 +104,14 @@ def check_name(name: str) -> None:
         raise OSError(errno.EINVAL, f"invalid name {name!r}")
 
 
+def components(relpath: str) -> list[str]:
+    """relpath's names, each checked (check_name); none for the root ("")."""
+    parts = relpath.split("/") if relpath else []
+    for part in parts:
+        check_name(part)
+    return parts
+
+
 def is_under(relpath: str, prefix: str) -> bool:
     """Whether relpath is prefix itself or inside it ('' is the root, containing everything)."""
     return prefix == "" or relpath == prefix or relpath.startswith(prefix + "/")
@@ -185,9 +193,7 @@ class Source:
         flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         if not relpath:
             return os.open(".", flags & ~os.O_NOFOLLOW, dir_fd=self._root_fd)
-        parts = relpath.split("/")
-        for part in parts:
-            check_name(part)
+        parts = components(relpath)
         stretches = _stretches(parts)
         fd = self._root_fd
         try:
@@ -219,8 +225,8 @@ class Source:
     @contextmanager
     def _parent(self, relpath: str) -> Iterator[tuple[int, str]]:
         """(descriptor of relpath's directory, relpath's last name), for the *at calls."""
-        for part in relpath.split("/"):
-            check_name(part)
+        if not components(relpath):  # each name checked: rpartition alone would take "a/../b"
+            raise OSError(errno.EINVAL, "invalid name ''")
         parent, _, name = relpath.rpartition("/")
         if not parent:
             yield self._root_fd, name
@@ -250,9 +256,7 @@ class Source:
         """(lstat, access ACL) of the root, of each directory below it down to relpath, and of
         relpath: what decides whether someone may reach and use relpath. MalformedAcl if any
         is malformed."""
-        parts = relpath.split("/") if relpath else []
-        for part in parts:
-            check_name(part)
+        parts = components(relpath)
         # a component at a time, each beneath the last: each prefix opened from the root
         # walked depth² components (a lookup took a second 1,500 directories down)
         chain, fd = [], self._open("", os.O_PATH)

@@ -814,12 +814,14 @@ class CacheStore:
         is damaged or of an older format on the way: they can never be served, and would hold
         their disk space forever. Only at start, before any entry is opened (entries being
         created or replaced are briefly without an index)."""
-        for orphan in [*self.objects.glob("*/*.tmp"), *self.objects.glob("*/*.data")]:
-            if orphan.suffix == ".tmp" or not orphan.with_suffix(".idx").exists():
+        held = sorted(self.objects.glob("*/*"))  # one walk of the folders (nothing else writes yet)
+        present = set(held)
+        for orphan in held:
+            if orphan.suffix == ".tmp" or (orphan.suffix == ".data" and orphan.with_suffix(".idx") not in present):
                 log.info("removing %s, left without its index by a crash or a full disk", orphan.name)
                 orphan.unlink(missing_ok=True)  # never served, never counted: its space held for good
         summaries = []
-        for index_path in sorted(self.objects.glob("*/*.idx")):
+        for index_path in (path for path in held if path.suffix == ".idx"):
             try:
                 summary = _read_summary(index_path)
             except OSError:
