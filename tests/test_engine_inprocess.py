@@ -32,6 +32,7 @@ import trio
 import trio.testing
 
 from fusecache import acl, kernelcopy, linux
+from fusecache.budget import CacheBudget
 from fusecache.engine import ReadError
 from fusecache.engine import files as files_module
 from fusecache.inodes import ROOT_INODE
@@ -348,6 +349,37 @@ async def test_a_full_cache_evicts_the_least_recently_used_idle_file(harness):
     assert await read_file(engine, "a") == files["a"]  # evicted: fetched again, b goes now
     assert src.counts("a", 4 * CHUNK).tolist() == [2] * (4 * CHUNK)
     assert harness.store.index_of("b") is None and engine.metrics.files_evicted == 2
+
+
+async def test_a_prefetched_file_is_not_evicted_before_files_used_before_it(harness):
+    """A file filled by a stream (prefetch, readahead of its siblings) and never opened counted
+    as used at time 0, the first to go: a prefetch of a model larger than the room left
+    evicted its own first shards, which the load then fetched again. (Found by review.)"""
+    files = {name: harness.write(name, 4 * CHUNK) for name in ("old", "p1", "p2")}
+    engine = await harness.start()
+    assert await read_file(engine, "old") == files["old"]
+    await trio.sleep(0.002)
+    engine.budget.limit = 2 * engine.budget.used  # room for two of the three files
+    for name in ("p1", "p2"):
+        engine.prefetch(name)
+        await settled(engine, name)
+    assert engine.metrics.files_evicted == 1
+    assert engine.cached_extent("old") is None  # used before the prefetch: the one to go
+    assert engine.cached_extent("p1") == (4 * CHUNK, 4 * CHUNK)
+    assert engine.cached_extent("p2") == (4 * CHUNK, 4 * CHUNK)
+
+
+def test_eviction_order_is_least_recently_used_across_a_restart_and_later_uses():
+    """The budget keeps its files in order of use instead of sorting them all for each
+    fetch on a full cache; the store's files come at start in the order it finds them."""
+    budget = CacheBudget(limit=4)
+    for name, used in (("c", 30.0), ("a", 10.0), ("d", 40.0), ("b", 20.0)):  # as the store lists them
+        budget.set_cached(name, 1, 1, used)
+    assert budget.victims(2, lambda path: True) == ["a", "b"]
+    budget.touch("a", 50.0)
+    budget.set_cached("e", 1, 1)  # filled now, never opened
+    assert budget.victims(3, lambda path: path != "c") == ["b", "d", "a", "e"]
+    assert budget.victims(9, lambda path: True) is None
 
 
 async def test_many_tiny_files_keep_what_the_cache_takes_on_disk_under_the_limit(harness):

@@ -13,6 +13,7 @@ of one byte take 40 MB, not 5 KB. Each file counts its allocated blocks (`disk`)
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +30,11 @@ class _Usage:
 class CacheBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        # least recently used first: a use moves a file to the end, so victims() walks from the
+        # front instead of sorting every file the cache holds, on the event loop, each fetch
+        # (a full cache of 200,000 files took 0.1 s a fetch)
         self._files: dict[str, _Usage] = {}
+        self._in_order = True  # False once files came with use times of their own (the store's, at start)
         self._disk_total = 0
         self.reserved = 0
 
@@ -39,15 +44,24 @@ class CacheBudget:
         return self._disk_total + self.reserved
 
     def set_cached(self, relpath: str, cached: int, disk: int, last_used: float | None = None) -> None:
-        usage = self._files.setdefault(relpath, _Usage(0, 0, last_used or 0.0))
+        """relpath holds cached bytes taking disk bytes. last_used: when it was last used (the
+        store's record, at start); a file new to the cache without one counts as used now: a
+        file streamed by a prefetch is not older than those opened before it was filled."""
+        usage = self._files.get(relpath)
+        if usage is None:
+            usage = self._files[relpath] = _Usage(0, 0, time.time() if last_used is None else last_used)
+        if last_used is not None:
+            usage.last_used = max(usage.last_used, last_used)
+            self._in_order = False
         self._disk_total += disk - usage.disk
         usage.cached = cached
         usage.disk = disk
-        if last_used is not None:
-            usage.last_used = max(usage.last_used, last_used)
 
     def touch(self, relpath: str, when: float) -> None:
-        self._files.setdefault(relpath, _Usage(0, 0, when)).last_used = when
+        """relpath was used (opened) at `when`: it becomes the most recently used."""
+        usage = self._files.pop(relpath, None) or _Usage(0, 0, when)
+        usage.last_used = when
+        self._files[relpath] = usage
 
     def forget(self, relpath: str) -> None:
         usage = self._files.pop(relpath, None)
@@ -63,8 +77,11 @@ class CacheBudget:
         excess = self.used + nbytes - self.limit
         if excess <= 0:
             return []
+        if not self._in_order:  # once, after the store's files came in the order it found them
+            self._files = dict(sorted(self._files.items(), key=lambda item: item[1].last_used))
+            self._in_order = True
         chosen = []
-        for relpath, usage in sorted(self._files.items(), key=lambda item: item[1].last_used):
+        for relpath, usage in self._files.items():
             if usage.disk and evictable(relpath):
                 chosen.append(relpath)
                 excess -= usage.disk
