@@ -36,7 +36,7 @@ from fusecache.budget import CacheBudget
 from fusecache.engine import ReadError
 from fusecache.engine import files as files_module
 from fusecache.inodes import ROOT_INODE
-from fusecache.store import CacheStore
+from fusecache.store import CacheEntry, CacheStore
 
 from .inprocess import (CHUNK, CountingSource, allocated, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
                         settled, wait_for)
@@ -312,6 +312,25 @@ async def test_no_room_when_a_fill_writes_its_run_sends_reads_to_the_source(harn
     assert engine.metrics.bytes_read_through == len(data)
     assert "ENOSPC" in engine.metrics.errors
     assert engine.cached_extent("f") == (0, len(data))  # nothing recorded: every chunk still missing
+
+
+async def test_a_cache_file_failing_its_fstat_after_a_fetch_fails_no_reader_and_not_the_engine(harness, monkeypatch):
+    """A fetch's last step counts what the cache file takes (an fstat of it). A cache
+    filesystem failing that call (EIO, ESTALE) left the fetch's waiters asleep and its
+    chunks in flight for good, and the error ended the engine. (Found by review.)"""
+    data = harness.write("f", 2 * CHUNK)
+    engine = await harness.start()
+    handle = await engine.open("f")
+
+    def failing(entry):
+        raise OSError(errno.EIO, "the cache filesystem failed an fstat")
+
+    monkeypatch.setattr(CacheEntry, "disk_bytes", failing)
+    with trio.fail_after(5):
+        assert await read_handle(engine, handle) == data
+    monkeypatch.undo()
+    await engine.release(handle)
+    assert await read_file(engine, "f") == data  # the engine serves on
 
 
 async def test_sequential_reads_fetch_ahead_of_the_reader(harness):

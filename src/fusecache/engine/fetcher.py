@@ -242,8 +242,6 @@ class Fetcher:
         finally:
             lane.flights -= 1
             self.budget.reserved -= reserved
-            if self.files.is_current(tracked):
-                self.budget.set_cached(tracked.relpath, entry.cached_bytes(), entry.disk_bytes())
             inflight = self._inflight.get(tracked, {})
             for i in flight.chunks:
                 if inflight.get(i) is flight:
@@ -251,7 +249,13 @@ class Fetcher:
             if not inflight:
                 self._inflight.pop(tracked, None)
             flight.done.set()
-            self.files.unref(tracked)
+            try:  # last: a cache filesystem failing its fstat must neither strand the waiters nor end the engine
+                if self.files.is_current(tracked):
+                    self.budget.set_cached(tracked.relpath, entry.cached_bytes(), entry.disk_bytes())
+            except OSError as e:
+                log.warning("cannot account the cache file of %s: %s", tracked.relpath, e)
+            finally:
+                self.files.unref(tracked)
 
     def _materialize(self, tracked: TrackedFile, chunks: range, buf: memoryview,
                      take_turns: bool) -> tuple[int, int]:

@@ -228,10 +228,14 @@ class OpenFiles:
                 raise
             tracked = TrackedFile(relpath, entry, src_fd, opened)
             self._fds -= FDS_PER_FILE - tracked.fds
+            self.ref(tracked)
             if entry.cacheable:  # an uncached stand-in is not kept: the next open retries
                 self._files[relpath] = tracked
-                self.budget.set_cached(relpath, entry.cached_bytes(), entry.disk_bytes())
-            self.ref(tracked)
+                try:
+                    self.budget.set_cached(relpath, entry.cached_bytes(), entry.disk_bytes())
+                except OSError:
+                    self.unref(tracked)  # tracked and unreferenced: closed once idle, as any other
+                    raise
             return tracked
 
     async def _open_entry(self, relpath: str, identity: Identity) -> CacheEntry:
