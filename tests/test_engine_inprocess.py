@@ -34,7 +34,7 @@ import trio.testing
 from fusecache import acl, kernelcopy, linux
 from fusecache.budget import CacheBudget
 from fusecache.engine import ReadError
-from fusecache.engine import files as files_module
+from fusecache.engine import files as files_module, shards
 from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheEntry, CacheStore
 
@@ -650,6 +650,20 @@ async def test_opening_a_shard_streams_its_siblings_in_index_order(harness):
     checkpoint(harness, json.dumps({"metadata": {}, "weight_map": weight_map}).encode())
     order = await stream_order(harness, SHARDS[1])
     assert order == [SHARDS[1], SHARDS[2], SHARDS[0], SHARDS[3], "extra.safetensors"]
+
+
+async def test_a_directory_of_more_entries_than_a_checkpoint_has_streams_no_siblings(harness, monkeypatch):
+    """A first shard opened in a dataset's directory (or a hostile tree of empty .bin files)
+    listed and stat'ed all of it into memory, and queued every entry. (Found by review.)"""
+    monkeypatch.setattr(shards, "MAX_DIRECTORY_ENTRIES", 7)  # the checkpoint's directory holds 8
+    checkpoint(harness, None)
+    engine = await harness.start(readahead="shards", streams=1)
+    opened = f"ckpt/{SHARDS[0]}"
+    await engine.release(await engine.open(opened))
+    await wait_for(lambda: engine.cached_extent(opened) == (2 * CHUNK, 2 * CHUNK))
+    await trio.sleep(0.1)  # time for siblings, had any been queued, to start (one stream at a time)
+    await settled(engine, *(f"ckpt/{name}" for name in SHARDS))
+    assert harness.source.first_read_order() == [opened]  # itself, no sibling
 
 
 @pytest.mark.parametrize("index", ["malformed", "no-weight-map-object", "oversized", "fifo", "symlink"])

@@ -300,14 +300,16 @@ class Source:
             if entries:
                 return entries
 
-    def listdir(self, relpath: str) -> list[tuple[str, os.stat_result]]:
+    def listdir(self, relpath: str, limit: int) -> list[tuple[str, os.stat_result]] | None:
         """Names and lstat results of a whole directory, sorted: for the daemon's own use
-        (finding sibling shards), not for serving readdir."""
+        (finding sibling shards), not for serving readdir; None if it holds more than limit."""
         fd = self.opendir(relpath)
         try:
             entries = []
             with os.scandir(fd) as it:
                 for entry in it:
+                    if len(entries) == limit:
+                        return None
                     try:
                         entries.append((entry.name, entry.stat(follow_symlinks=False)))
                     except FileNotFoundError:

@@ -24,6 +24,10 @@ _INDEX_FILE_RE = re.compile(r".*\.index\.json$")
 # A checkpoint index is a few MiB even for the largest models; anything bigger is not one, and
 # reading it whole would cost the daemon its memory.
 MAX_INDEX_SIZE = 64 << 20
+# The largest checkpoints have a few thousand shards; a directory of more entries is a dataset
+# (or a hostile tree), whose listing and streaming would cost the daemon memory and the cache
+# everything in it.
+MAX_DIRECTORY_ENTRIES = 50_000
 
 
 def is_shard(relpath: str) -> bool:
@@ -63,17 +67,21 @@ class CheckpointPolicy:
         """Worker thread: the other shards in relpath's directory, in checkpoint index order,
         then by name."""
         parent = relpath.rpartition("/")[0]
-        entries = self.source.listdir(parent)
+        entries = self.source.listdir(parent, MAX_DIRECTORY_ENTRIES)
+        if entries is None:
+            log.info("%s holds more than %d entries, no checkpoint's: its other shards are not streamed",
+                     parent or "the source's root", MAX_DIRECTORY_ENTRIES)
+            return []
         shards = {
             self.source.child(parent, name)
             for name, st in entries
             if is_shard(name) and stat_mod.S_ISREG(st.st_mode) and st.st_size >= self.min_size
         }
-        ordered: list[str] = []
+        ordered: dict[str, None] = {}  # a dict: membership at once, for an index of any length
         for name, _st in entries:
             if _INDEX_FILE_RE.match(name):
-                ordered += [p for p in self._index_order(parent, name) if p in shards and p not in ordered]
-        ordered += sorted(shards - set(ordered))
+                ordered |= dict.fromkeys(p for p in self._index_order(parent, name) if p in shards)
+        ordered |= dict.fromkeys(sorted(shards - ordered.keys()))
         return [p for p in ordered if p != relpath]
 
     def _index_order(self, parent: str, index_name: str) -> list[str]:
