@@ -253,6 +253,23 @@ async def test_a_damaged_cache_file_is_reverified_and_only_its_bad_chunk_refetch
     await engine.release(handle)
 
 
+async def test_a_cache_file_cut_short_after_its_check_is_never_a_short_reply(harness, monkeypatch):
+    """A read checks the data file's stamp, then reads it. Truncated in between (by root or
+    the daemon's user), the read came back short, and a short reply is end of file to the
+    kernel, which then takes the file for shorter than it is. The race is made certain by
+    having the check pass after the truncation. (Found by review.)"""
+    data = harness.write("f", 4 * CHUNK)
+    engine = await harness.start()
+    handle = await engine.open("f")
+    assert await read_handle(engine, handle) == data
+    os.truncate(harness.store.paths("f")[0], CHUNK)
+    monkeypatch.setattr(CacheEntry, "unchanged_since", lambda entry, generation: True)
+    with pytest.raises(ReadError) as info:
+        await engine.read(handle, 0, 4 * CHUNK, buffer(4 * CHUNK))
+    assert info.value.errno == errno.EIO
+    await engine.release(handle)
+
+
 async def test_a_restart_reverifies_the_cache_and_refetches_only_damaged_chunks(harness):
     data = harness.write("f", 4 * CHUNK)
     harness.write("pinned/g", CHUNK)

@@ -77,9 +77,10 @@ class Reader:
         if n is not None and n < len(buf):
             rest = await self.tasks.io(entry.read_into, buf[n:], offset + n, generation, limiter=self._serve_limiter)
             n = None if rest is None else n + rest
-        if n:  # the reply's copy goes to the mount's page cache: not kept twice
-            drop_reply_pages(entry, offset, n)
-        return None if n is None else buf[:n]
+        if n is None or n < len(buf):  # a data file cut short since it was checked: changed, never a short reply
+            return None
+        drop_reply_pages(entry, offset, n)  # the reply's copy goes to the mount's page cache: not kept twice
+        return buf[:n]
 
     async def _read_through(self, tracked: TrackedFile, buf: memoryview, offset: int) -> memoryview:
         """Serve a read straight from the source when the cache has no room for it."""
