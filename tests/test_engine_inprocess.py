@@ -26,6 +26,8 @@ import errno
 import json
 import os
 import resource
+import threading
+from typing import Awaitable, Callable
 
 import pytest
 import trio
@@ -35,10 +37,11 @@ from fusecache import acl, kernelcopy, linux
 from fusecache.budget import CacheBudget
 from fusecache.engine import ReadError
 from fusecache.engine import files as files_module, shards
+from fusecache.engine.tasks import Tasks
 from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheEntry, CacheStore
 
-from .inprocess import (CHUNK, CountingSource, allocated, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
+from .inprocess import (CHUNK, GATE_TIMEOUT, CountingSource, allocated, buffer, damage, harness, read_file, read_handle,  # noqa: F401 - fixture
                         settled, wait_for)
 from .inprocess import ctx, fuse_errno, operations, read_all
 from .test_store_inprocess import file_size_limit
@@ -348,6 +351,80 @@ async def test_a_cache_file_failing_its_fstat_after_a_fetch_fails_no_reader_and_
     monkeypatch.undo()
     await engine.release(handle)
     assert await read_file(engine, "f") == data  # the engine serves on
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def interrupted_at_once(request, entered: Callable[[], Awaitable[None]]) -> None:
+    """Run request, cancel it (as an INTERRUPT does) once it waits on the source (entered),
+    and require that it ends at once, while the source goes on not answering."""
+    ended = trio.Event()
+
+    async def run(scope: trio.CancelScope) -> None:
+        with scope:
+            await request()
+        ended.set()
+
+    scope = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, scope)
+        await entered()
+        scope.cancel()
+        with trio.fail_after(2):  # the source holds it for GATE_TIMEOUT
+            await ended.wait()
+
+
+async def test_an_open_waiting_for_a_source_that_does_not_answer_ends_at_its_interrupt(harness):
+    """Every open asks the source (to validate what is cached). A killed opener on a source
+    that does not answer (an NFS hard mount whose server is down) stayed in D state until the
+    source answered: the open's thread could not be given up. (Found by review.)"""
+    entered, answer = threading.Event(), threading.Event()
+
+    class HungOpens(CountingSource):
+        def open(self, relpath: str) -> tuple[int, os.stat_result]:
+            entered.set()
+            answer.wait(GATE_TIMEOUT)
+            return super().open(relpath)
+
+    harness.write("f", CHUNK)
+    engine = await harness.start(source=HungOpens(harness.src))
+    before = open_fds()
+    await interrupted_at_once(lambda: engine.open("f"),
+                              lambda: trio.to_thread.run_sync(entered.wait, GATE_TIMEOUT))
+    answer.set()  # the source answers at last: the descriptor it opened is closed
+    await wait_for(lambda: open_fds() == before)
+
+
+async def test_a_read_through_waiting_for_a_source_that_does_not_answer_ends_at_its_interrupt(harness):
+    """A read served straight from the source (no room in the cache) could not be given up
+    either; its late result must not land in the reply buffer, given back meanwhile."""
+    harness.write("f", 4 * CHUNK)
+    engine = await harness.start()
+    engine.budget.limit = 0  # no room: read through
+    handle = await engine.open("f")
+    before = open_fds()
+    gate = harness.source.hold("f")
+    reply = buffer(CHUNK)
+    await interrupted_at_once(lambda: engine.read(handle, 0, CHUNK, reply), gate.wait_entered)
+    gate.open()
+    await wait_for(lambda: open_fds() == before)  # the read's own descriptor, closed once it ended
+    assert bytes(reply) == bytes(CHUNK)
+    await engine.release(handle)
+
+
+async def test_a_call_given_up_before_its_thread_started_never_runs_and_lets_go_of_its_arguments():
+    """A request interrupted while its call waits for a thread: the call never runs later
+    (it would use a descriptor given back meanwhile), and `unused` lets go of what it held."""
+    tasks = Tasks()
+    threads = trio.CapacityLimiter(1)
+    ran, let_go = [], []
+    async with threads:  # every thread taken
+        with trio.move_on_after(0.1):
+            await tasks.abandonable(ran.append, "ran", unused=lambda: let_go.append("let go"), limiter=threads)
+    await trio.sleep(0.1)
+    assert (ran, let_go) == ([], ["let go"])
 
 
 async def test_sequential_reads_fetch_ahead_of_the_reader(harness):

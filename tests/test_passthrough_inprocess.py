@@ -21,13 +21,15 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 
 import trio
 
 from fusecache.fs import FuseOperations
 from fusecache.inodes import ROOT_INODE
+from fusecache.store import SEAL_MAGIC, CacheEntry
 
-from .inprocess import CHUNK, ctx, harness, read_file, settled  # noqa: F401 - fixture
+from .inprocess import CHUNK, ctx, harness, read_file, settled, wait_for  # noqa: F401 - fixture
 from .inprocess import fuse_errno, operations, read_all
 
 WAIT = 30.0  # the passthrough wait of these tests: far longer than any of them may take
@@ -73,6 +75,11 @@ def cache_file(harness, relpath: str) -> tuple[int, int, int]:
     """What a registration of relpath's cache file, read-only, records."""
     st = os.stat(harness.store.paths(relpath)[0])
     return st.st_dev, st.st_ino, os.O_RDONLY
+
+
+def sealed(harness, relpath: str) -> bool:
+    """Whether relpath's index ends with a seal (its own marker)."""
+    return harness.store.paths(relpath)[1].read_bytes()[-48:].startswith(SEAL_MAGIC)
 
 
 def users(engine, relpath: str) -> int:
@@ -283,3 +290,29 @@ async def test_after_a_refused_registration_other_opens_stay_on_the_inode(harnes
     assert await read_all(ops, second.fh) == data
     for info in (first, second):
         await ops.release(info.fh)
+
+
+async def test_a_passthrough_open_that_completes_a_file_does_not_wait_for_its_seal(harness, monkeypatch):
+    """A file filled by reads is sealed (made durable: an fdatasync of all of it, seconds on a
+    disk) at its first passthrough open. That ran inside the OPEN, which could then not be
+    interrupted; it now runs beside it, and the file is sealed all the same. (Found by review.)"""
+    data = harness.write("f", 4 * CHUNK)
+    ops = await passthrough_ops(harness, FakeBacking())
+    f = await ops.lookup(ROOT_INODE, b"f", ctx())
+    first = await ops.open(f.ino, os.O_RDONLY, ctx())
+    assert await read_all(ops, first.fh) == data  # filled by reads
+    await ops.release(first.fh)
+    disk = threading.Event()
+    sealing = CacheEntry.seal
+
+    def slow_seal(entry: CacheEntry) -> bool:
+        disk.wait(10)  # a slow disk's fdatasync
+        return sealing(entry)
+
+    monkeypatch.setattr(CacheEntry, "seal", slow_seal)
+    with trio.fail_after(5):
+        second = await ops.open(f.ino, os.O_RDONLY, ctx())
+    assert second.backing_id is not None and not sealed(harness, "f")
+    disk.set()
+    await wait_for(lambda: sealed(harness, "f"))
+    await ops.release(second.fh)

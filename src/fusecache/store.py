@@ -328,7 +328,7 @@ class CacheEntry(ChunkStates):
         run outside the lock every read's stamp check takes; a write of ours meanwhile
         (counted) or anyone else's (the stamp) leaves the entry unsealed."""
         with self._lock:
-            if self.sealed or self._writing or not self.cacheable or not self.complete:
+            if self.sealed or self.closed or self._writing or not self.cacheable or not self.complete:
                 return self.sealed
             writes = self._writes
             data_fd, index_fd = os.dup(self.data_fd), os.dup(self.index_fd)  # close() may come meanwhile

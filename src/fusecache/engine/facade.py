@@ -120,7 +120,7 @@ class Engine:
         if uid == 0 or not self.source.has_acls:
             return
         try:
-            chain = await self.tasks.io(self.source.acl_chain, relpath)
+            chain = await self.tasks.abandonable(self.source.acl_chain, relpath)  # an open may be interrupted
         except acl.MalformedAcl as e:
             log.warning("denying access below a malformed ACL (%s): %s", relpath, e)
             raise OSError(errno.EACCES, "malformed ACL") from None
@@ -172,7 +172,7 @@ class Engine:
                    and self._filling(tracked, started)):
                 await trio.sleep(PASSTHROUGH_POLL)
         if entry.complete:
-            await seal(self.tasks, tracked)  # filled by reads, not a stream: sealed on its first passthrough open
+            self._seal_in_background(tracked)  # filled by reads, not a stream: sealed on its first passthrough open
             return True
         if entry.missing_bytes(everything):
             return False  # not all here: served by us, demand reads first
@@ -181,8 +181,15 @@ class Engine:
         except (CacheFull, ReadError) as e:
             log.info("%s is not served by passthrough: %s", tracked.relpath, e)
             return False
-        await seal(self.tasks, tracked)  # checked whole: the next restart need not check it again
+        self._seal_in_background(tracked)  # checked whole: the next restart need not check it again
         return entry.complete
+
+    def _seal_in_background(self, tracked: TrackedFile) -> None:
+        """Seal tracked's file (an fdatasync of all of it, seconds on a disk) beside the open
+        that completed it, not in its way: an open waits for nothing it cannot be interrupted
+        in. The entry may be closed meanwhile (CacheEntry.seal then does nothing)."""
+        if not tracked.entry.sealed and tracked.entry.cacheable:
+            self.tasks.start_soon(seal, self.tasks, tracked)
 
     async def release(self, handle: Handle) -> None:
         self.files.close(handle)

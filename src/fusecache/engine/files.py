@@ -78,14 +78,17 @@ class TrackedFile:
 
 async def seal(tasks: Tasks, tracked: TrackedFile) -> None:
     """Seal a complete file (CacheEntry.seal: made durable, then marked), so that a restart
-    serves it without reading it. The caller holds a reference to tracked, which keeps its
-    descriptors open meanwhile. A failure only costs the next restart a check of its chunks."""
+    serves it without reading it. Safe while the entry is closed meanwhile (the seal works on
+    duplicates of its descriptors, and marks nothing once closed). A failure only costs the
+    next restart a check of its chunks."""
     if tracked.entry.sealed or not tracked.entry.cacheable:
         return
     try:
         await tasks.io(tracked.entry.seal)
     except OSError as e:
         log.warning("sealing the cache file of %s failed (a restart checks it instead): %s", tracked.relpath, e)
+    except Exception:  # noqa: BLE001 - never fatal: it runs beside the requests, in the engine's nursery
+        log.exception("sealing the cache file of %s failed (a restart checks it instead)", tracked.relpath)
 
 
 @dataclass(eq=False)
@@ -200,7 +203,9 @@ class OpenFiles:
             # claimed up front, for a file opened anew; given back if the file is tracked already
             await self.claim_fds(FDS_PER_FILE)
             try:
-                src_fd, opened = await self.tasks.io(self.source.open, relpath)
+                # given up at an INTERRUPT: a killed opener is not held by a source that hangs
+                src_fd, opened = await self.tasks.abandonable(self.source.open, relpath,
+                                                              discard=lambda result: os.close(result[0]))
             except BaseException:
                 self._fds -= FDS_PER_FILE
                 raise

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 
 import trio
 
 from ..metrics import Metrics
-from ..source import Source
+from ..source import Identity, Source
 from ..store import CacheEntry, drop_reply_pages
 from .errors import CacheFull, ReadError, error_kind
 from .fetcher import Fetcher
@@ -83,14 +84,31 @@ class Reader:
         return buf[:n]
 
     async def _read_through(self, tracked: TrackedFile, buf: memoryview, offset: int) -> memoryview:
-        """Serve a read straight from the source when the cache has no room for it."""
+        """Serve a read straight from the source when the cache has no room for it. Given up
+        at an INTERRUPT (a killed reader is not held by a source that hangs), so the read
+        uses what it owns alone, should it finish after: a duplicate of the source file's
+        descriptor and a buffer of its own, copied into buf once read."""
         entry = tracked.entry
+        fd = os.dup(tracked.src_fd)
         try:
-            await self.tasks.io(self.source.read_exact, tracked.src_fd, buf, offset, entry.relpath, entry.identity,
-                                limiter=self.fetcher.demand_limiter)
+            data = await self.tasks.abandonable(_read_exact_own, self.source, fd, len(buf), offset, entry.relpath,
+                                                entry.identity, unused=lambda: os.close(fd),
+                                                limiter=self.fetcher.demand_limiter)
         except OSError as e:
             self.metrics.count_error(error_kind(e))
             raise ReadError(errno.EIO, f"{entry.relpath}: {e}") from None
+        buf[:] = data
         self.metrics.bytes_from_source += len(buf)
         self.metrics.count_served(len(buf), from_cache=False, read_through=True)
         return buf
+
+
+def _read_exact_own(source: Source, fd: int, length: int, offset: int, relpath: str, identity: Identity) -> bytearray:
+    """Worker thread: source.read_exact of length bytes at offset into a new buffer, through
+    fd, which it closes."""
+    data = bytearray(length)
+    try:
+        source.read_exact(fd, memoryview(data), offset, relpath, identity)
+    finally:
+        os.close(fd)
+    return data

@@ -9,7 +9,9 @@ its descriptor limit keeps serving lookups.
 from __future__ import annotations
 
 import errno
+import inspect
 import logging
+import threading
 from typing import Awaitable, Callable, TypeVar
 
 import trio
@@ -19,6 +21,9 @@ from ..fairness import FairLimiter
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# trio 0.23 renamed to_thread.run_sync's `cancellable` `abandon_on_cancel` (the old name warns since)
+_ABANDON = ("abandon_on_cancel" if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters
+            else "cancellable")
 METADATA_THREADS = 16
 
 
@@ -36,14 +41,63 @@ class Tasks:
                  limiter: trio.CapacityLimiter | FairLimiter | None = None) -> T:
         """Run a blocking call on a worker thread (the metadata threads unless a limiter is
         given). Out of descriptors, idle files give theirs back and it is tried once more."""
+        limiter = limiter or self.metadata
+        return await self._out_of_fds_retried(lambda: trio.to_thread.run_sync(fn, *args, limiter=limiter))
+
+    async def _out_of_fds_retried(self, run: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self.metadata)
+            return await run()
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE) or self.on_out_of_fds is None:
                 raise
             if not await self.on_out_of_fds():
                 raise
-        return await trio.to_thread.run_sync(fn, *args, limiter=limiter or self.metadata)
+        return await run()
+
+    async def abandonable(self, fn: Callable[..., T], *args: object, discard: Callable[[T], object] | None = None,
+                          unused: Callable[[], object] | None = None,
+                          limiter: trio.CapacityLimiter | FairLimiter | None = None) -> T:
+        """io() for a call a request waits on that the requester may give up: a cancelled
+        caller (an INTERRUPT: its process was killed) stops waiting at once, where a source
+        that does not answer would otherwise hold it, unkillable, until it does. A call that
+        started runs on (its thread keeps its place under the limiter), and what it returns
+        then goes to discard (a descriptor closed); one that had not started never runs, and
+        unused is called instead (what its arguments hold let go). So an abandoned call must
+        use only what is its own: never a descriptor or buffer its caller gives back."""
+        return await self._out_of_fds_retried(lambda: self._abandonable_once(fn, args, discard, unused, limiter))
+
+    async def _abandonable_once(self, fn: Callable[..., T], args: tuple[object, ...],
+                                discard: Callable[[T], object] | None, unused: Callable[[], object] | None,
+                                limiter: trio.CapacityLimiter | FairLimiter | None) -> T | None:
+        lock = threading.Lock()
+        state = "waiting"  # then "running" (the thread took it) or "given up" (the caller, first)
+        outcome: list[T] = []  # the result of a call that ended before it was given up
+
+        def call() -> T | None:
+            nonlocal state
+            with lock:
+                if state == "given up":
+                    return None
+                state = "running"
+            result = fn(*args)
+            with lock:
+                if state == "given up":
+                    if discard is not None:
+                        discard(result)
+                else:
+                    outcome.append(result)
+            return result
+
+        try:
+            return await trio.to_thread.run_sync(call, limiter=limiter or self.metadata, **{_ABANDON: True})
+        except trio.Cancelled:
+            with lock:
+                before, state = state, "given up"
+                if before == "waiting" and unused is not None:
+                    unused()
+                elif outcome and discard is not None:  # it ended as the cancellation came
+                    discard(outcome[0])
+            raise
 
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         assert self.nursery is not None, "the engine is not running"
