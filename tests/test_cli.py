@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from fusecache import config, control, mounts
+from fusecache import config, control, mounts, supervisor
 from fusecache.cli import printable
 from fusecache.config import GiB, MountConfig, memory_limit
 
@@ -324,6 +324,34 @@ def test_mount_over_a_stopped_daemon_says_already_mounted(dirs, make_mount):
         result = run_cli("mount", source, m.mountpoint, "--cache-dir", cache.parent / "cache2", check=False, timeout=60)
     finally:
         os.kill(m.pid, signal.SIGCONT)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"fusecache: mountpoint {m.mountpoint} is already mounted"]
+    assert (m.mountpoint / "f").read_text() == "data"
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("daemon", ["serving", "stopped"])
+def test_a_live_mount_whose_control_socket_is_gone_is_not_unmounted_as_stale(dirs, make_mount, daemon):
+    """A mount whose control socket went away (logind removes /run/user/UID at logout,
+    tmpfiles ages /tmp) was taken for a crashed daemon's: `fusecache mount` at its path
+    unmounted the live mount. Only a connection the kernel says ended (ENOTCONN) is stale
+    now; a stopped daemon, which answers nothing, is alive. (Found by review.)"""
+    source, _mountpoint, cache = dirs
+    m = make_mount(source)
+    control_socket = control.socket_path(mounts.resolve_mountpoint(str(m.mountpoint)), os.getuid())
+    sockets = [control_socket, supervisor.socket_for(control_socket)]
+    assert all(path.exists() for path in sockets)
+    for path in sockets:
+        path.rename(path.with_name(path.name + ".moved"))
+    if daemon == "stopped":
+        os.kill(m.pid, signal.SIGSTOP)
+    try:
+        result = run_cli("mount", source, m.mountpoint, "--cache-dir", cache.parent / "cache2", check=False, timeout=60)
+    finally:
+        if daemon == "stopped":
+            os.kill(m.pid, signal.SIGCONT)
+        for path in sockets:
+            path.with_name(path.name + ".moved").rename(path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"fusecache: mountpoint {m.mountpoint} is already mounted"]
     assert (m.mountpoint / "f").read_text() == "data"

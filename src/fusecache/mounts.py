@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -22,6 +23,8 @@ from . import linux
 
 log = logging.getLogger(__name__)
 
+
+STALE_PROBE_WAIT = 2.0  # a dead connection answers statfs at once; silence this long is a live, stuck daemon
 
 @dataclass(frozen=True)
 class MountInfo:
@@ -105,18 +108,28 @@ def fstype_of(path: str) -> str | None:
     return best.fstype if best else None
 
 
-def is_stale(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon died: the kernel answers ENOTCONN to every request. Asked
-    with statfs, which always reaches the daemon: a stat may be answered from attributes the
-    kernel cached (attr_timeout), dead connection or not."""
+def is_stale(mountpoint: str, wait: float = STALE_PROBE_WAIT) -> bool:
+    """A FUSE mount whose connection ended (its daemon died, no one holds it): the kernel
+    answers ENOTCONN to every request, at once. Asked with statfs, which always reaches the
+    daemon (a stat may be answered from attributes the kernel cached, dead connection or
+    not), on a thread given `wait` seconds: a stopped or hung daemon never answers, and its
+    mount is alive, not stale (the thread is left to its wait, which ends with the process)."""
     info = find_mount(os.path.abspath(mountpoint))
     if info is None or not info.fstype.startswith("fuse"):
         return False
-    try:
-        os.statvfs(mountpoint)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
+    answer: list[int] = []  # the errno statfs failed with, or 0
+
+    def probe() -> None:
+        try:
+            os.statvfs(mountpoint)
+            answer.append(0)
+        except OSError as e:
+            answer.append(e.errno or 0)
+
+    prober = threading.Thread(target=probe, name="stale-mount-probe", daemon=True)
+    prober.start()
+    prober.join(wait)
+    return answer == [errno.ENOTCONN]
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:

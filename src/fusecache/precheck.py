@@ -131,9 +131,11 @@ def _check_mountpoint(mountpoint: Path) -> None:
 
 
 def _is_stale(path: str, info: mounts.MountInfo) -> bool:
-    """Whether the mount at path is a FUSE mount whose daemon is gone. For a fusecache mount
-    that is asked of its control socket (a dead daemon's refuses connections, a stopped one's
-    still queues them), never of the mountpoint; other FUSE mounts are asked with statfs."""
-    if info.fstype == FUSECACHE_FSTYPE and info.owner_uid is not None:
-        return not control.is_listening(path, info.owner_uid)
+    """Whether the mount at path is a FUSE mount whose connection ended, so that unmounting
+    it loses nothing. Only on proof: the kernel answers ENOTCONN (mounts.is_stale). A
+    fusecache mount whose control socket (or its supervisor's) listens is alive without
+    asking; one whose socket is gone is not taken for dead on that alone: logind removes
+    /run/user/UID at logout, tmpfiles ages /tmp, and unmounting a live mount loses it."""
+    if info.fstype == FUSECACHE_FSTYPE and info.owner_uid is not None and control.is_listening(path, info.owner_uid):
+        return False
     return mounts.is_stale(path)
