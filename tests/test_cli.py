@@ -4,6 +4,7 @@ and nothing left running; the mount.fuse3 form and mount(8) work."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -354,6 +355,25 @@ def test_a_live_mount_whose_control_socket_is_gone_is_not_unmounted_as_stale(dir
             path.with_name(path.name + ".moved").rename(path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"fusecache: mountpoint {m.mountpoint} is already mounted"]
+    assert (m.mountpoint / "f").read_text() == "data"
+
+
+@pytest.mark.fuse
+def test_a_mountpoint_being_mounted_is_refused_and_let_go_once_mounted(dirs, make_mount):
+    """Two `fusecache mount`s of one path at once both passed the mount-table check and
+    stacked two mounts, whose daemons took each other's control socket. The mountpoint is
+    locked while it is mounted (here the test holds that lock), and let go once the mount
+    is up: by the command and by the daemons it forked. (Found by review.)"""
+    source, mountpoint, cache = dirs
+    lock_path = control.socket_path(str(mountpoint), os.getuid()).with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert_refused(["mount", source, mountpoint, "--cache-dir", cache],
+                       f"mountpoint {mountpoint} is already mounted, or being mounted, by fusecache", mountpoint)
+    m = make_mount(source)
+    with open(control.socket_path(str(m.mountpoint), os.getuid()).with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if anyone kept it
     assert (m.mountpoint / "f").read_text() == "data"
 
 

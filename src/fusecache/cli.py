@@ -235,7 +235,7 @@ def _mount_in_foreground(cfg, argv: list[str]) -> int:
         recovering, fuse_fd = stored
         exec_fd = daemon.run(recovering, precheck.store_for(recovering), ready=lambda: None, recover_fd=fuse_fd)
     else:
-        exec_fd = daemon.run(cfg, precheck.check_request(cfg), ready=lambda: None)
+        exec_fd = daemon.run(cfg, precheck.check_request(cfg), ready=precheck.release_claims)
     if exec_fd is not None:
         exec_in_place(argv, exec_fd)
     return 0
@@ -262,12 +262,14 @@ def _mount_detached(cfg, store, takeover: bool = False) -> int:
     pid = os.fork()
     if pid == 0:  # the daemon, or its supervisor which starts it
         os.close(read_end)
+        precheck.release_claims()  # this command holds them until the mount is up
         if takeover or cfg.session != "kernel":  # a restart is adopted by the supervisor already there
             os._exit(_daemon_child(cfg, store, write_end, log_path, takeover))
         os._exit(_supervisor_child(cfg, store, write_end, log_path))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
+    precheck.release_claims()  # mounted (the mount table refuses the next one), or failed
     if message == "ready":
         return 0
     os.waitpid(pid, 0)

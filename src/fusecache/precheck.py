@@ -6,12 +6,13 @@ user sees why a mount cannot be made instead of finding it in daemon.log.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat as stat_mod
 from pathlib import Path
 
-from . import control, mounts, textfile
+from . import control, mounts, private, textfile
 from .config import MountConfig
 from .store import CacheStore
 
@@ -45,6 +46,7 @@ def check_request(cfg: MountConfig) -> CacheStore:
         raise MountError(f"source {source} is not a directory")
     if not os.access(source, os.R_OK | os.X_OK):
         raise MountError(f"source {source} is not readable")
+    _claim_mountpoint(cfg.mountpoint)
     _refuse_a_live_mount(cfg.mountpoint)  # first: the other checks touch the mountpoint
     _check_overlap(cfg)
     _check_mountpoint(cfg.mountpoint)
@@ -89,6 +91,38 @@ def _check_overlap(cfg: MountConfig) -> None:
         raise MountError(f"cache dir {cfg.cache_dir} must be outside the mountpoint {cfg.mountpoint}")
     if cache.is_relative_to(source):
         raise MountError(f"cache dir {cfg.cache_dir} must be outside the source {cfg.source}")
+
+
+_claims: dict[Path, int] = {}  # lock file -> its descriptor, held until the mount is up
+
+
+def _claim_mountpoint(mountpoint: Path) -> None:
+    """Lock the mountpoint for this user's fusecache (flock on a file beside its control
+    socket) until the mount is in the mount table (release_claims): two `fusecache mount`s
+    of one path at once both passed the mount-table check and stacked two mounts, whose
+    daemons took each other's control socket."""
+    path = control.socket_path(mounts.resolve_mountpoint(str(mountpoint)), os.getuid()).with_suffix(".lock")
+    if path in _claims:
+        return
+    try:
+        private.ensure_tree(path.parent.parent, path.parent)
+        fd = private.open_file(path, os.O_RDWR | os.O_CREAT)
+    except (OSError, private.UntrustedPath) as e:
+        raise MountError(f"cannot lock mountpoint {mountpoint} ({path}): {e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise MountError(f"mountpoint {mountpoint} is already mounted, or being mounted, by fusecache") from None
+    _claims[path] = fd
+
+
+def release_claims() -> None:
+    """Let go of the mountpoints this process claimed: once the mount is up (the mount table
+    refuses the next one), and in every process forked before, whose copy would keep the
+    lock for the daemon's life (and refuse a mount at the path after a lazy unmount)."""
+    while _claims:
+        os.close(_claims.popitem()[1])
 
 
 def _refuse_a_live_mount(mountpoint: Path) -> None:
