@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ import trio
 import trio.testing
 
 from fusecache.config import runtime_dirs
-from fusecache import supervisor
+from fusecache import control, supervisor
+from fusecache.mounts import MountInfo
 from fusecache.control import MAX_REQUEST, ControlError, ControlTimeout, call, is_listening, send_request, socket_path
 from fusecache.controlserver import ControlServer
 
@@ -153,20 +155,84 @@ async def test_the_control_channel_answers_bad_requests_with_one_line_errors(tmp
     assert not path.exists()  # the socket goes with the server
 
 
+def _status_as(uid: int, path: Path) -> str:
+    """The outcome of a status request sent by a process running as uid (forked; as root)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            if uid != os.getuid():
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+            outcome_ = json.dumps(send_request(path, {"command": "status"}, 5.0, "/mnt"))
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            outcome_ = f"{type(e).__name__}: {e}"
+        os.write(write_end, outcome_.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
 async def test_only_root_and_the_owner_may_use_the_control_channel(tmp_path):
     async def status(request: dict) -> dict:
         return {"ok": True}
 
-    path = tmp_path / "c.sock"
-    server = ControlServer(path, {"status": status}, owner_uid=os.getuid() + 1)  # mounted by someone else
+    owner, other = 4242, 4343
+    if os.getuid() != 0:
+        owner, other = os.getuid(), os.getuid() + 1
+    reachable = Path(tempfile.mkdtemp(dir="/tmp"))  # not below pytest's private directories
+    reachable.chmod(0o755)
+    path = reachable / "c.sock"
+    server = ControlServer(path, {"status": status}, owner_uid=owner)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
-        if os.getuid() == 0:  # root may control every mount
-            assert await trio.to_thread.run_sync(send_request, path, {"command": "status"}, 5.0, "/mnt") == {"ok": True}
-        else:
-            with pytest.raises(ControlError, match="^permission denied: only root or the user who mounted"):
-                await trio.to_thread.run_sync(send_request, path, {"command": "status"}, 5.0, "/mnt")
+        os.chmod(path, 0o666)  # the socket's mode is not what keeps others out
+        for uid, answer in [(0, '{"ok": true}'), (owner, '{"ok": true}'),
+                            (other, "ControlError: permission denied: only root or the user who mounted")]:
+            if os.getuid() in (0, uid):
+                assert (await trio.to_thread.run_sync(_status_as, uid, path)).startswith(answer), uid
         nursery.cancel_scope.cancel()
+    reachable.rmdir()
+
+
+async def test_a_client_refuses_a_socket_served_by_another_uid_than_the_mounts(tmp_path):
+    """The owner of a user mount controls its runtime directory, and could put another
+    socket there (a symlink to root's mount's): root's `cache clear` of the user's mount then
+    emptied root's own cache. The client checks who serves the socket. (Found by review.)"""
+    async def status(request: dict) -> dict:
+        return {"ok": True}
+
+    path = tmp_path / "c.sock"
+    server = ControlServer(path, {"status": status}, owner_uid=os.getuid())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        with pytest.raises(ControlError, match=f"served by uid {os.getuid()}, the mount is uid {os.getuid() + 1}'s"):
+            await trio.to_thread.run_sync(lambda: send_request(path, {"command": "status"}, 5.0, "/mnt",
+                                                               peer_uid=os.getuid() + 1))
+        nursery.cancel_scope.cancel()
+
+
+def test_a_control_socket_that_is_not_the_owners_socket_is_refused(tmp_path, monkeypatch):
+    """A symlink (or any file) where a mount's control socket belongs is refused before it is
+    connected to. (Found by review.)"""
+    mount = MountInfo(0, 99, "/mnt/user", "fuse.fusecache", "fusecache",
+                      f"rw,user_id={os.getuid()},group_id=0")
+    monkeypatch.setattr(control, "resolve_mountpoint", lambda path: path)
+    monkeypatch.setattr(control, "find_mount", lambda path: mount if path == "/mnt/user" else None)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    monkeypatch.setattr(control, "runtime_dirs", lambda uid: [run])
+    elsewhere = tmp_path / "roots.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(elsewhere))
+        listener.listen(1)
+        socket_path("/mnt/user", os.getuid()).symlink_to(elsewhere)
+        with pytest.raises(ControlError, match="refusing to use the control socket of /mnt/user: .* is not a socket"):
+            call("/mnt/user", {"command": "status"})
 
 
 async def test_a_server_that_stops_late_leaves_the_next_servers_socket(tmp_path):

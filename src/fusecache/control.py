@@ -18,9 +18,10 @@ import hashlib
 import json
 import os
 import socket
+import stat as stat_mod
 from pathlib import Path
 
-from . import private, supervisor
+from . import linux, private, supervisor
 from .config import runtime_dirs
 from .mounts import find_mount, resolve_mountpoint
 
@@ -52,11 +53,20 @@ def socket_path(mountpoint: str, owner_uid: int) -> Path:
 def call(mountpoint: str, request: dict, timeout: float = TIMEOUT) -> dict:
     """Send one request to the daemon serving mountpoint; raise ControlError on failure,
     ControlTimeout if the daemon stays silent for `timeout` seconds."""
-    return send_request(socket_of(mountpoint), request, timeout, mountpoint)
+    path, owner_uid = _endpoint(mountpoint)
+    return send_request(path, request, timeout, mountpoint, peer_uid=owner_uid)
 
 
 def socket_of(mountpoint: str) -> Path:
-    """The control socket of the daemon serving mountpoint, checked (see call)."""
+    """The control socket of the daemon serving mountpoint, checked (see _endpoint)."""
+    return _endpoint(mountpoint)[0]
+
+
+def _endpoint(mountpoint: str) -> tuple[Path, int]:
+    """The control socket of the daemon serving mountpoint and the uid it runs as (the
+    mount's owner). Checked: its directory is the owner's (or root's) alone, and it is a
+    socket of the owner's itself. A symlink there, which the owner of a user mount can make,
+    would have root's commands act on whatever socket it names, root's own mounts' too."""
     path = resolve_mountpoint(mountpoint)
     info = find_mount(path)
     if info is None or info.owner_uid is None:
@@ -64,13 +74,16 @@ def socket_of(mountpoint: str) -> Path:
     sock_path = socket_path(path, info.owner_uid)
     try:
         reason = private.refusal(sock_path.parent, os.lstat(sock_path.parent), (0, info.owner_uid))
+        st = os.lstat(sock_path)
     except FileNotFoundError:
         raise ControlError(f"{mountpoint} is not served by a running fusecache daemon") from None
     except OSError as e:  # another user's runtime directory (0700)
         raise ControlError(f"cannot reach the control socket of {mountpoint}: {e.strerror}") from None
+    if not reason and (not stat_mod.S_ISSOCK(st.st_mode) or st.st_uid != info.owner_uid):
+        reason = f"{sock_path} is not a socket of uid {info.owner_uid}"
     if reason:  # a socket someone else could have put there would answer in the daemon's name
         raise ControlError(f"refusing to use the control socket of {mountpoint}: {reason}")
-    return sock_path
+    return sock_path, info.owner_uid
 
 
 def is_listening(mountpoint: str, owner_uid: int) -> bool:
@@ -96,12 +109,16 @@ def _listening(path: Path) -> bool:
     return True
 
 
-def send_request(path: Path, request: dict, timeout: float, mountpoint: str) -> dict:
-    """One exchange over the control socket at path; `mountpoint` names the mount in messages."""
+def send_request(path: Path, request: dict, timeout: float, mountpoint: str, peer_uid: int | None = None) -> dict:
+    """One exchange over the control socket at path; `mountpoint` names the mount in messages.
+    peer_uid: the uid the daemon must run as (refused before anything is sent otherwise)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)  # per receive: each heartbeat starts a new wait
         try:
             sock.connect(str(path))
+            if peer_uid is not None and (uid := linux.peer_credentials(sock)[1]) != peer_uid:
+                raise ControlError(f"refusing the control socket of {mountpoint}: it is served by uid {uid}, "
+                                   f"the mount is uid {peer_uid}'s")
             sock.sendall(json.dumps(request).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):

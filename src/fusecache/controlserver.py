@@ -7,18 +7,16 @@ import json
 import logging
 import os
 import socket
-import struct
 from pathlib import Path
 from typing import Awaitable, Callable, Protocol
 
 import trio
 
-from . import private
+from . import linux, private
 from .control import HEARTBEAT, MAX_REQUEST, ControlError
 
 log = logging.getLogger(__name__)
 
-PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid of a socket's peer
 
 
 class StreamReply(Protocol):
@@ -109,8 +107,7 @@ class ControlServer:
         # The request is read before anything is refused: closing a unix socket with unread
         # data makes the peer's read fail (ECONNRESET) instead of showing it our answer.
         request = await self._read_request(stream)
-        _pid, uid, _gid = PEERCRED.unpack(
-            stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
+        _pid, uid, _gid = linux.peer_credentials(stream.socket)
         if uid not in (0, self.owner_uid):
             raise ControlError("permission denied: only root or the user who mounted may control this mount")
         handler = self.handlers.get(request["command"])

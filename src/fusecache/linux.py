@@ -19,7 +19,9 @@ import logging
 import os
 import platform
 import signal
+import socket
 import struct
+import typing
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +249,12 @@ def release_free_memory() -> None:
     trim = getattr(_libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred
+
+
+def peer_credentials(sock: socket.socket | typing.Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of a unix socket's peer, as the kernel recorded it at connect (a
+    stdlib or trio socket)."""
+    return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))

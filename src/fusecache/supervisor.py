@@ -27,12 +27,12 @@ import logging
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import linux
 from .session.mount import connected
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,6 @@ POLL_SECONDS = 1.0  # how often children are reaped while nothing else happens
 QUICK_DEATHS = 3
 DEATH_WINDOW = 60.0
 PAUSE_MAX = 30.0
-_PEERCRED = struct.Struct("3i")  # pid uid gid
 
 # spawn(fuse_fd): start a serving process that takes the connection on fuse_fd over; its pid
 Spawn = Callable[[int], int]
@@ -84,7 +83,7 @@ def register(path: Path, fuse_fd: int) -> tuple[socket.socket, int] | None:
         if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
             return None
         raise
-    pid, _uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    pid, _uid, _gid = linux.peer_credentials(sock)
     return sock, pid
 
 
@@ -133,7 +132,7 @@ class Supervisor:
         conn, _ = self.listener.accept()
         try:
             _msg, fds, _flags, _addr = socket.recv_fds(conn, len(HELLO), 1)
-            pid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+            pid = linux.peer_credentials(conn)[0]
         except OSError as e:
             log.warning("a registration failed: %s", e)
             conn.close()
