@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -475,12 +476,12 @@ def test_status_prints_an_older_or_hostile_daemons_report_safely(capsys, monkeyp
     hostile = dict(older, passthrough="\x1b]0;owned\x07", metrics=dict(older["metrics"], fetch_errors="\x1b[2J"))
     reports = {"/a": hostile, "/b": dict(older, files=[{"path": "\x1b[31mf", "size": 1, "cached": 1}])}
     monkeypatch.setattr(cli, "fusecache_mounts", lambda: list(reports))  # the daemons' answers, as given
-    monkeypatch.setattr(cli.control, "call", lambda mountpoint, request, timeout: reports[mountpoint])
+    monkeypatch.setattr(cli.control, "call", lambda mountpoint, request, timeout, total=None: reports[mountpoint])
     assert cli.cmd_status(argparse.Namespace(mountpoint=None, json=False)) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "could not be read" in out and "\\x1b[31mf" in out
 
-    def refusing(mountpoint, request, timeout):  # a daemon that does not answer, or is not ours to ask
+    def refusing(mountpoint, request, timeout, total=None):  # a daemon that does not answer, or is not ours to ask
         if mountpoint == "/a":
             raise control.ControlError("permission denied: cannot use the control socket of /a")
         return reports[mountpoint]
@@ -489,6 +490,59 @@ def test_status_prints_an_older_or_hostile_daemons_report_safely(capsys, monkeyp
     assert cli.cmd_status(argparse.Namespace(mountpoint=None, json=False)) == 1  # it stopped at the first
     captured = capsys.readouterr()
     assert "fusecache: /a: permission denied" in captured.err and "/m  <-  /s" in captured.out
+
+
+@pytest.mark.parametrize("reply", [b"null\n", b'"error"\n', b"[1]\n", b'{"error": ["a", "list"]}\n',
+                                   b'{"queued": 1}\n', b'{"files": "many"}\n'])
+def test_a_daemons_reply_that_is_not_ours_is_one_line(tmp_path, monkeypatch, capsys, reply):
+    """Whatever a socket answers (another release's daemon; on a shared node, anyone's), a
+    command says so in one line: it died with a traceback on `null`, a string, a list, or a
+    reply without the fields it reads. (Found by review.)"""
+    from fusecache import cli
+
+    path = tmp_path / "daemon.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(4)
+
+        def answer() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(1 << 16)
+                    conn.sendall(reply)
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        monkeypatch.setattr(cli.control, "_endpoint", lambda mountpoint: (path, os.getuid()))
+        monkeypatch.setattr(cli, "_locate", lambda p: ("/mnt", "f"))
+        for argv in (["prefetch", "/mnt/f", "--no-wait"], ["cache", "ls", "/mnt"]):
+            status = cli.main(argv)
+            err = capsys.readouterr().err
+            assert status == 1 and err.count("\n") == 1 and err.startswith("fusecache: "), (argv, err)
+
+
+def test_a_daemon_that_only_sends_heartbeats_is_given_up_on(tmp_path):
+    """A status is answered from memory: heartbeats keep a busy daemon's long request alive,
+    but a daemon that sends nothing else kept `status` waiting forever. (Found by review.)"""
+    path = tmp_path / "daemon.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        stop = threading.Event()
+
+        def heartbeats() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                while not stop.wait(0.05):
+                    conn.sendall(b" ")
+
+        threading.Thread(target=heartbeats, daemon=True).start()
+        try:
+            with pytest.raises(control.ControlTimeout):
+                control.send_request(path, {"command": "status"}, 1.0, "/mnt", total=0.5)
+        finally:
+            stop.set()
 
 
 def test_status_and_prefetch_outside_a_mount_fail(tmp_path):

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("mount", "umount", "unmount", "restart", "status", "prefetch", "pin", "unpin", "cache", "demo")
 DAEMON_COMMANDS = ("mount", "restart")  # the commands that become (or fork) a daemon
+ASKING_COMMANDS = ("umount", "unmount", "status", "prefetch", "pin", "unpin", "cache")  # they act on daemons' replies
 FSTYPE = precheck.FUSECACHE_FSTYPE
 UMOUNT_WAIT = 30.0
 RESTART_WAIT = 120.0  # a daemon restarting in place loads its store again before it answers
@@ -113,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     daemon command exec itself onto the C allocator: a caller in process keeps its own."""
     as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
     try:
         if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
             argv.insert(0, "mount")  # mount.fuse3 form: fusecache SOURCE MOUNTPOINT -o ...
         args = _parser().parse_args(argv)
         args.argv = argv  # a daemon restarting in place runs its command line again
+        command = args.command
         if as_program and args.command in DAEMON_COMMANDS:
             on_the_c_allocator(argv)
         status = COMMAND_HANDLERS[args.command](args)
@@ -128,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (Failure, ConfigError, precheck.MountError, control.ControlError) as e:
         say(str(e))
+        return 1
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if command not in ASKING_COMMANDS:
+            raise
+        # a daemon's reply is input: another release's, or anyone's on a shared node
+        say(f"the daemon's reply could not be read ({type(e).__name__}: {e}); is it another version of fusecache?")
         return 1
     except KeyboardInterrupt:
         return 130
@@ -398,8 +407,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
     silent: control.ControlTimeout | None = None
     pids: list[int] = []
     try:
-        answer = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT)
-        pids = [answer["pid"]] + ([answer["supervisor_pid"]] if answer.get("supervisor_pid") else [])
+        answer = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT, total=STATUS_TIMEOUT)
+        pids = [pid for pid in (answer.get("pid"), answer.get("supervisor_pid")) if pid is not None]
+        if not pids or not all(type(pid) is int and pid > 0 for pid in pids):  # a daemon's answer is input
+            say(f"warning: the daemon of {args.mountpoint} gave no pid to wait for ({printable(str(pids)[:100])}): "
+                "unmounting without waiting")
+            pids = []
     except control.ControlTimeout as e:
         silent = e  # a stopped or hung daemon: unmounting needs nothing from it
     except control.ControlError:
@@ -481,7 +494,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.mountpoint and targets[0] not in fusecache_mounts():
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
     if args.mountpoint:
-        reports = [control.call(targets[0], {"command": "status"}, timeout=STATUS_TIMEOUT)]
+        reports = [control.call(targets[0], {"command": "status"}, timeout=STATUS_TIMEOUT, total=STATUS_TIMEOUT)]
     else:  # every mount: one whose daemon does not answer (stopped, another user's) is said so, in turn
         reports = [_status_or_error(mp) for mp in targets]
     unanswered = any("error" in report for report in reports)
@@ -503,7 +516,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _status_or_error(mountpoint: str) -> dict:
     try:
-        return control.call(mountpoint, {"command": "status"}, timeout=STATUS_TIMEOUT)
+        return control.call(mountpoint, {"command": "status"}, timeout=STATUS_TIMEOUT, total=STATUS_TIMEOUT)
     except control.ControlError as e:  # ControlTimeout too
         return {"mountpoint": mountpoint, "error": str(e)}
 

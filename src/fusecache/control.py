@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import stat as stat_mod
+import time
 from pathlib import Path
 
 from . import linux, private, supervisor
@@ -26,6 +27,7 @@ from .config import runtime_dirs
 from .mounts import find_mount, resolve_mountpoint
 
 MAX_REQUEST = 1 << 20
+MAX_REPLY = 1 << 30  # `cache ls` of 200,000 files is some 30 MB
 TIMEOUT = 30.0  # seconds of silence after which a client gives up on the daemon
 HEARTBEAT = 2.0  # seconds between the daemon's heartbeats, well within any client's TIMEOUT
 
@@ -50,11 +52,12 @@ def socket_path(mountpoint: str, owner_uid: int) -> Path:
     return next(held, dirs[0]) / name
 
 
-def call(mountpoint: str, request: dict, timeout: float = TIMEOUT) -> dict:
+def call(mountpoint: str, request: dict, timeout: float = TIMEOUT, total: float | None = None) -> dict:
     """Send one request to the daemon serving mountpoint; raise ControlError on failure,
-    ControlTimeout if the daemon stays silent for `timeout` seconds."""
+    ControlTimeout if the daemon stays silent for `timeout` seconds, or takes more than
+    `total` seconds in all (a question answered from memory: status, pid)."""
     path, owner_uid = _endpoint(mountpoint)
-    return send_request(path, request, timeout, mountpoint, peer_uid=owner_uid)
+    return send_request(path, request, timeout, mountpoint, peer_uid=owner_uid, total=total)
 
 
 def socket_of(mountpoint: str) -> Path:
@@ -109,9 +112,11 @@ def _listening(path: Path) -> bool:
     return True
 
 
-def send_request(path: Path, request: dict, timeout: float, mountpoint: str, peer_uid: int | None = None) -> dict:
+def send_request(path: Path, request: dict, timeout: float, mountpoint: str, peer_uid: int | None = None,
+                 total: float | None = None) -> dict:
     """One exchange over the control socket at path; `mountpoint` names the mount in messages.
-    peer_uid: the uid the daemon must run as (refused before anything is sent otherwise)."""
+    peer_uid: the uid the daemon must run as (refused before anything is sent otherwise).
+    total: seconds the whole answer may take, heartbeats or not (None: no limit)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)  # per receive: each heartbeat starts a new wait
         try:
@@ -120,12 +125,7 @@ def send_request(path: Path, request: dict, timeout: float, mountpoint: str, pee
                 raise ControlError(f"refusing the control socket of {mountpoint}: it is served by uid {uid}, "
                                    f"the mount is uid {peer_uid}'s")
             sock.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                more = sock.recv(1 << 20)
-                if not more:
-                    break
-                data += more
+            data = _reply_line(sock, mountpoint, time.monotonic() + total if total is not None else None)
         except (FileNotFoundError, ConnectionRefusedError):
             raise ControlError(f"{mountpoint} is not served by a running fusecache daemon") from None
         except PermissionError:
@@ -138,6 +138,26 @@ def send_request(path: Path, request: dict, timeout: float, mountpoint: str, pee
         reply = json.loads(data)
     except ValueError:
         raise ControlError("the daemon closed the control connection without answering") from None
+    if not isinstance(reply, dict):  # a daemon's answer is input: not always ours
+        raise ControlError(f"the daemon of {mountpoint} sent a reply that is not one (a JSON {type(reply).__name__})")
     if "error" in reply:
-        raise ControlError(reply["error"])
+        raise ControlError(str(reply["error"]))
     return reply
+
+
+def _reply_line(sock: socket.socket, mountpoint: str, deadline: float | None) -> bytes:
+    """One reply line, up to MAX_REPLY bytes, by the deadline where there is one (heartbeats
+    keep a busy daemon's request alive, not one that only sends heartbeats)."""
+    chunks: list[bytes] = []
+    size = 0
+    while not chunks or not chunks[-1].endswith(b"\n"):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError
+        more = sock.recv(1 << 20)
+        if not more:
+            break
+        chunks.append(more)
+        size += len(more)
+        if size > MAX_REPLY:
+            raise ControlError(f"the daemon of {mountpoint} sent a reply of more than {MAX_REPLY} bytes")
+    return b"".join(chunks)
