@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
+import urllib.request
 
 import pytest
 import trio
 import trio.testing
 
 from fusecache import exporters
-from fusecache.metrics import prometheus_registry
+from fusecache.metrics import Metrics, prometheus_registry
 
 from .inprocess import CHUNK, allocated, harness, read_file  # noqa: F401 - fixture
 
@@ -58,3 +61,50 @@ def test_an_address_in_use_is_a_one_line_error():
         port = taken.getsockname()[1]
         with pytest.raises(exporters.ExporterError, match=f"^cannot serve metrics on 127.0.0.1:{port}: Address already in use$"):
             exporters.serve_http(("127.0.0.1", port), None)
+
+
+def test_idle_connections_to_the_metrics_endpoint_take_a_bounded_number_of_threads(monkeypatch):
+    """Each connection took a thread of the daemon for as long as it stayed open: anyone on
+    the node could grow the daemon a thread per idle connection. (Found by review.)"""
+    monkeypatch.setattr(exporters, "HTTP_CONNECTIONS", 2)
+    server = exporters.serve_http(("127.0.0.1", 0), prometheus_registry(Metrics()))
+    port = server.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(6)]
+    try:
+        time.sleep(0.3)
+        serving = [t for t in threading.enumerate() if "process_request_thread" in t.name]
+        assert len(serving) <= 2
+    finally:
+        for conn in idle:
+            conn.close()
+    deadline = time.monotonic() + 10
+    while True:  # the slots come back as the idle connections close
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                assert b"fusecache_source_bytes_total" in reply.read()
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    server.shutdown()
+
+
+async def test_a_daemon_taking_a_mount_over_binds_the_metrics_address_once_it_is_free(caplog, monkeypatch):
+    """A restart or a recovery binds the address the old daemon let go; taken meanwhile (by
+    anyone on the node), that failed the new daemon and with it the mount. (Found by review.)"""
+    monkeypatch.setattr(exporters, "HTTP_RETRY", 0.05)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with caplog.at_level(logging.INFO, logger="fusecache.exporters"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(exporters.serve_http_once_free, ("127.0.0.1", port), prometheus_registry(Metrics()))
+            await trio.sleep(0.2)
+            taken.close()
+            with trio.fail_after(5):
+                while not any("serving Prometheus" in r.getMessage() for r in caplog.records):
+                    await trio.sleep(0.05)
+    assert any("Address already in use: trying again" in r.getMessage() for r in caplog.records)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.status == 200

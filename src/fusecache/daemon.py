@@ -187,7 +187,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
             await trio.to_thread.run_sync(store.lock, STORE_WAIT)
         elif journal_ is not None:
             journal_.remove()  # a journal of an earlier mount must never be taken for this one's
-        exporters.serve_http(cfg.metrics_addr, registry)
+        if received is None:  # a mount taken over is served already: see serve_http_once_free below
+            exporters.serve_http(cfg.metrics_addr, registry)
     except (private.UntrustedPath, exporters.ExporterError, ControlError, StoreError) as e:
         raise MountError(str(e)) from None
     failure = None
@@ -226,6 +227,8 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                                    lambda: len(operations.inodes), metrics)
                 if cfg.metrics_textfile is not None:
                     nursery.start_soon(exporters.write_textfile, cfg.metrics_textfile, registry)
+                if received is not None:
+                    nursery.start_soon(exporters.serve_http_once_free, cfg.metrics_addr, registry)
                 if received is None:
                     nursery.start_soon(_announce_when_live, cfg, mountpoint, ready, session, operations, store)
                 else:

@@ -5,12 +5,16 @@ second, Prometheus metrics over HTTP (`metrics_addr=`), the node-exporter textfi
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
+import threading
 from pathlib import Path
 from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client
 import trio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from . import textfile
 from .engine import Engine
@@ -19,6 +23,9 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 TEXTFILE_INTERVAL = 5.0
+HTTP_CONNECTIONS = 16  # scrapes served at once
+HTTP_IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent
+HTTP_RETRY = 5.0  # seconds between binds of an address taken while a restart took the mount over
 
 
 class ExporterError(Exception):
@@ -40,17 +47,68 @@ async def sample(engine: Engine, passthrough_files: Callable[[], int], inodes_he
         await trio.sleep(1.0)
 
 
-def serve_http(addr: tuple[str, int] | None, registry: CollectorRegistry) -> None:
-    """Serve /metrics on addr. Bound before mounting, so that an address that cannot be used
-    (a port in use) fails the mount with its reason instead of only being logged."""
+def serve_http(addr: tuple[str, int] | None, registry: CollectorRegistry) -> WSGIServer | None:
+    """Serve /metrics on addr, on threads of its own. Bound before mounting, so that an
+    address that cannot be used (a port in use) fails the mount with its reason instead of
+    only being logged. The server, or None where none was asked for."""
     if addr is None:
-        return
+        return None
     host, port = addr
     try:
-        prometheus_client.start_http_server(port, addr=host, registry=registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server = make_server(host, port, make_wsgi_app(registry), _server_class(family), handler_class=_Handler)
     except OSError as e:
         raise ExporterError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, port)
+    return server
+
+
+async def serve_http_once_free(addr: tuple[str, int] | None, registry: CollectorRegistry) -> None:
+    """serve_http for a daemon that took a live mount over (a restart, a recovery): the
+    mount is served already, so an address taken meanwhile (by anyone on the node) must
+    not end it: it is logged, and tried again until it can be bound."""
+    while True:
+        try:
+            serve_http(addr, registry)
+            return
+        except ExporterError as e:
+            log.warning("%s: trying again every %g s", e, HTTP_RETRY)
+        await trio.sleep(HTTP_RETRY)
+
+
+class _Handler(WSGIRequestHandler):
+    """A scrape's connection: one that stays idle is closed, and nothing is logged to stderr."""
+
+    timeout = HTTP_IDLE_TIMEOUT  # set on the connection by StreamRequestHandler
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+def _server_class(family: int) -> type[WSGIServer]:
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        """One thread a connection, HTTP_CONNECTIONS at most: beyond, a connection is closed
+        at once (idle connections held open by anyone on the node would otherwise grow the
+        daemon a thread each)."""
+
+        address_family = family
+        daemon_threads = True
+        slots = threading.BoundedSemaphore(HTTP_CONNECTIONS)
+
+        def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    return Server
 
 
 async def write_textfile(path: Path, registry: CollectorRegistry) -> None:
