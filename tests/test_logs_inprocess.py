@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 
 import pytest
 
@@ -87,3 +88,47 @@ def test_the_log_file_is_never_opened_through_a_symlink(tmp_path):
     (tmp_path / "daemon.log").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(OSError):
         logs.PrivateRotatingFileHandler(tmp_path / "daemon.log")
+
+
+def test_two_processes_logging_to_one_file_rotate_it_once(tmp_path):
+    """The supervisor and its daemon log to one daemon.log, each through its own handler.
+    The daemon rotated it; the supervisor's handler, still on the renamed (full) file, then
+    rotated again at its next line: the fresh file was renamed away and the oldest lines of
+    the daemon deleted. A handler now follows a rotation made elsewhere. (Found by review.)"""
+    path = tmp_path / "daemon.log"
+    stderr_fds = [os.open(tmp_path / f"stderr-{i}", os.O_WRONLY | os.O_CREAT, 0o600) for i in range(2)]
+    daemon, supervisor = (logs.PrivateRotatingFileHandler(path, max_bytes=10_000, backups=2, stderr_fd=fd)
+                          for fd in stderr_fds)
+    record = logging.LogRecord("test", logging.WARNING, __file__, 1, "%s", ("x" * 60,), None)
+    try:
+        supervisor.emit(record)
+        for _ in range(200):  # the daemon fills the file and rotates it
+            daemon.emit(record)
+        kept = (tmp_path / "daemon.log.1").read_text()
+        supervisor.emit(logging.LogRecord("test", logging.WARNING, __file__, 1, "the supervisor's line", (), None))
+        assert (tmp_path / "daemon.log.1").read_text() == kept  # not rotated a second time
+        assert "the supervisor's line" in path.read_text()
+    finally:
+        for handler in (daemon, supervisor):
+            handler.close()
+        for fd in stderr_fds:
+            os.close(fd)
+
+
+def test_a_file_name_cannot_forge_a_log_line_or_reach_a_terminal():
+    """A source file name is anyone's: with a newline and a timestamp in it, it forged whole
+    lines in daemon.log ("ERROR fusecache.supervisor: ..."); with escape sequences it drove
+    the terminal of whoever read the log. Messages are escaped; tracebacks keep their lines.
+    (Found by review.)"""
+    formatter = logs.EscapingFormatter("%(levelname)s %(name)s: %(message)s")
+    name = "evil\x1b[31m\n2026-12-05 08:00:00,000 ERROR fusecache.supervisor: forged"
+    line = formatter.format(logging.LogRecord("fusecache.store", logging.WARNING, __file__, 1,
+                                              "cannot cache %s", (name,), None))
+    assert "\n" not in line and "\x1b" not in line
+    assert line == "WARNING fusecache.store: cannot cache evil\\x1b[31m\\x0a2026-12-05 08:00:00,000 ERROR " \
+                   "fusecache.supervisor: forged"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("fusecache", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert formatter.format(failed).count("\n") >= 3  # the traceback's lines

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__, control, logs, mounts, precheck, private, sdnotify, supervisor
+from .logs import printable
 from .precheck import MountError
 from .config import LOG_LEVELS, ConfigError, build_config, human
 from .session.mount import connected
@@ -182,33 +183,10 @@ def say(message: str) -> None:
     print(f"fusecache: {printable(message)}", file=sys.stderr)
 
 
-def printable(text: str) -> str:
-    """text with what a terminal would act on escaped, as `ls -b` does: control characters
-    (C0, DEL, C1), other non-printable ones (bidi overrides, line separators), bytes that are
-    not UTF-8 (surrogateescape) and the backslash itself. A source file name can then neither
-    drive root's terminal nor pass for another name, and a message stays one line."""
-    if text.isprintable() and "\\" not in text:
-        return text
-    return "".join(_escape(char) for char in text)
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    if char == "\\":
-        return "\\\\"
-    if char.isprintable():
-        return char
-    if code < 0x80:
-        return f"\\x{code:02x}"
-    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
-        return f"\\x{code - 0xDC00:02x}"
-    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
-
-
 def setup_logging(level: str, path: Path | None = None) -> None:
     """Log to path (rotated, private to us: logs.PrivateRotatingFileHandler), or to stderr."""
     handler: logging.Handler = logs.PrivateRotatingFileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logs.EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -39,6 +39,26 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         fd = private.open_file(Path(self.baseFilename), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        """Rotate at the size limit; but first follow a rotation another process made. The
+        supervisor and the daemons it starts log to one file, each through a handler of its
+        own: one that rotated a file the other already had (its own copy still open on the
+        renamed file, full) renamed the fresh file away too, and the last rotation's lines
+        were deleted."""
+        if self.stream is not None and self._rotated_elsewhere():
+            self.stream.close()
+            self.stream = self._open()
+            os.dup2(self.stream.fileno(), self._stderr_fd)
+        return bool(super().shouldRollover(record))
+
+    def _rotated_elsewhere(self) -> bool:
+        try:
+            now = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self.stream.fileno())
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
     def doRollover(self) -> None:
         super().doRollover()
         if self.stream is not None:
@@ -71,3 +91,36 @@ class Throttle:
         if left_out:
             msg = f"{msg} ({left_out} more like it left out of the log)"
         self._logger.warning(msg, *args)
+
+
+def printable(text: str) -> str:
+    """text with what a terminal would act on escaped, as `ls -b` does: control characters
+    (C0, DEL, C1), other non-printable ones (bidi overrides, line separators), bytes that are
+    not UTF-8 (surrogateescape) and the backslash itself. A source file name can then neither
+    drive root's terminal nor pass for another name, and a message stays one line."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char == "\\":
+        return "\\\\"
+    if char.isprintable():
+        return char
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+class EscapingFormatter(logging.Formatter):
+    """Log lines with the message escaped (printable): it names the source's files, anyone's
+    names, which could otherwise forge whole log lines (a newline and a timestamp) or drive the
+    terminal of whoever reads the log. A traceback after it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
