@@ -636,3 +636,11 @@ def test_recover_fd_takes_only_a_live_fuse_connection(tmp_path, capsys):
         os.close(write_end)
     err = capsys.readouterr().err
     assert err == f"fusecache: --recover-fd {read_end}: not a live FUSE connection (the option is fusecache's own)\n"
+
+
+def test_an_empty_cache_dir_is_a_usage_error(tmp_path, capsys):
+    """`--cache-dir ''` put the cache in the directory the command ran in. (Found by review.)"""
+    from fusecache import cli
+
+    assert cli.main(["mount", str(tmp_path), str(tmp_path / "mnt"), "--cache-dir", ""]) == 2
+    assert capsys.readouterr().err == "fusecache: argument --cache-dir: empty path\n"

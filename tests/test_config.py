@@ -92,6 +92,15 @@ def test_bad_option_values(option, message):
         build_config("/src", "/mnt", [option])
 
 
+def test_empty_paths_are_refused_and_an_empty_option_string_is_no_option():
+    """An empty source or mountpoint meant the directory the command ran in (mounted over
+    it); `-o ""` (an env file without OPTIONS=) was an "empty option" error. (Found by review.)"""
+    for source, mountpoint in (("", "/m"), ("/s", "")):
+        with pytest.raises(ConfigError, match="empty path"):
+            build_config(source, mountpoint, [])
+    assert build_config("/s", "/m", [""]).options == build_config("/s", "/m", []).options == []
+
+
 def test_generic_mount_options_are_ignored():
     cfg = build_config("/s", "/m", ["rw,nodev,nosuid,_netdev,nofail,noauto,x-systemd.automount,comment=x,defaults"])
     assert cfg.chunk_size == 4 * MiB and not cfg.allow_other

@@ -102,12 +102,19 @@ def _add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mountpoint")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                         help="comma-separated key=value options (see docs/operations.md)")
-    parser.add_argument("--cache-dir", type=Path)
+    parser.add_argument("--cache-dir", type=_path_argument)
     parser.add_argument("-f", "--foreground", action="store_true", default=None,
                         help="stay attached (for systemd Type=notify units)")
     parser.add_argument("--log-level", choices=LOG_LEVELS)
     # the supervisor's, for the daemon it execs to serve a mount whose daemon died (_exec_recovery)
     parser.add_argument("--recover-fd", type=int, help=argparse.SUPPRESS)
+
+
+def _path_argument(text: str) -> Path:
+    """A path given on the command line; Path("") would be the current directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(text)
 
 
 def main(argv: list[str] | None = None) -> int:

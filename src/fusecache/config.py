@@ -346,7 +346,10 @@ _RENAMED = {"block_size": "stream_read_size", "fetch_ahead": "sequential_window"
 
 
 def split_options(text: str) -> list[str]:
-    """Split a mount option string on commas; empty items (from ',,') are an error."""
+    """Split a mount option string on commas; empty items (from ',,') are an error, an empty
+    string is no option (`-o "${OPTIONS}"` from an env file that sets none)."""
+    if not text:
+        return []
     items = text.split(",")
     if any(not item.strip() for item in items):
         raise ConfigError(f"invalid option list {text!r}: empty option")
@@ -379,6 +382,9 @@ def build_config(source: str, mountpoint: str, options: list[str], **overrides: 
     Paths are made absolute here, against the directory the command runs in: the daemon
     runs elsewhere (in /), and a restart, from wherever it is asked for, mounts with
     `options` again, whose paths are rewritten absolute to that end."""
+    for name, path in (("source", source), ("mountpoint", mountpoint)):
+        if not path:  # abspath("") is the directory the command runs in
+            raise ConfigError(f"empty path for the {name}")
     cfg = MountConfig(source=Path(os.path.abspath(source)), mountpoint=Path(os.path.abspath(mountpoint)))
     for text in options:
         for item in split_options(text):
