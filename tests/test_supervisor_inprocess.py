@@ -105,3 +105,26 @@ def test_a_process_taking_the_mount_over_that_is_killed_is_replaced(watched, end
     assert failed == mount_ends
     assert started.pids == ([] if mount_ends else [1000])  # replaced at once (the first death)
     child.returncode = 0  # reaped by the supervisor, not by Popen
+
+
+def test_deaths_further_apart_than_the_window_are_each_replaced_at_once(watched):
+    """Only deaths within DEATH_WINDOW count towards the pauses: a daemon that dies once a
+    week is always replaced at once. (Found by review: nothing tested the window.)"""
+    sup, started = watched
+    sup._deaths = [time.monotonic() - supervisor.DEATH_WINDOW - 1] * (QUICK_DEATHS + 5)
+    die(sup, 10)
+    assert started.pids == [1000] and sup.start_at is None
+
+
+def test_the_supervisors_socket_goes_with_it_unless_the_next_mount_bound_it_anew(tmp_path):
+    """The supervisor's socket was left behind by every mount (thousands of them in the
+    runtime directory of a busy node). It is removed at the end, if it is still its own."""
+    for rebound in (False, True):
+        path = tmp_path / f"sup-{rebound}"
+        sup = Supervisor(supervisor.listen(path), Started(), first_pid=None)
+        if rebound:
+            next_one = supervisor.listen(path)  # the next mount's supervisor, at the same path
+        sup._finish(0)
+        assert path.exists() == rebound
+        if rebound:
+            next_one.close()

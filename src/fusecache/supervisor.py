@@ -99,6 +99,7 @@ class Supervisor:
     def __init__(self, listener: socket.socket, spawn: Spawn, first_pid: int) -> None:
         """first_pid: the serving process started with the supervisor, not registered yet."""
         self.listener = listener
+        self._bound = os.stat(listener.getsockname())  # its socket file, removed at the end if still ours
         self.spawn = spawn
         self.fuse_fd: int | None = None
         self.serving: list[_Serving] = []
@@ -207,5 +208,11 @@ class Supervisor:
     def _finish(self, status: int) -> int:
         if self.fuse_fd is not None:
             os.close(self.fuse_fd)
+        path = self.listener.getsockname()
         self.listener.close()
+        try:  # unless a supervisor of the next mount at the path bound it anew since
+            if (now := os.stat(path)) and (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
         return status
