@@ -74,3 +74,10 @@ def test_a_directory_that_is_a_link_is_not_written_through(tmp_path: Path) -> No
     with pytest.raises(OSError):
         textfile.write(tmp_path / "link" / "fusecache.prom", b"x\n")
     assert list(real.iterdir()) == []
+
+
+def test_a_directory_of_a_kernel_filesystem_is_refused_before_mounting() -> None:
+    """/proc/self/x.prom passed every check (root owns /proc/self), then failed each write,
+    quietly, in the log. (Found by review.)"""
+    with pytest.raises(textfile.TextfileError, match="is on proc, not a filesystem of files"):
+        textfile.check(Path("/proc/self/x.prom"))

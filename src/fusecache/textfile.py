@@ -16,7 +16,7 @@ import os
 import secrets
 from pathlib import Path
 
-from . import private
+from . import mounts, private
 
 TEXTFILE_MODE = 0o644  # node_exporter runs as its own user: it must be able to read the file
 
@@ -25,12 +25,19 @@ class TextfileError(Exception):
     """The textfile cannot be written where it was asked for; the message is one line."""
 
 
+KERNEL_FILESYSTEMS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "bpf",
+                                "devpts", "configfs", "pstore", "efivarfs", "fusectl"})
+
+
 def check(path: Path) -> None:
     """Whether the daemon may write path: its directory exists and is trusted. Raised
     before mounting, so that an unusable textfile fails the mount as metrics_addr does."""
     directory = Path(os.path.abspath(path)).parent
     if not directory.is_dir():
         raise TextfileError(f"metrics_textfile {path}: directory {directory} does not exist")
+    fstype = mounts.fstype_of(str(directory))
+    if fstype in KERNEL_FILESYSTEMS:  # /proc/self/... passes every other check, and takes no file
+        raise TextfileError(f"metrics_textfile {path}: {directory} is on {fstype}, not a filesystem of files")
     try:
         private.check_ancestors(directory)
     except private.UntrustedPath as e:
