@@ -38,8 +38,8 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -105,12 +105,10 @@ def test_complete_files_are_served_by_the_threads_byte_for_byte(tmp_path, make_m
             if read_all(m.mountpoint / name, kind, len(contents[name])) != contents[name]:
                 errors.append(f"{kind} {name}: wrong bytes")
 
-    threads = [threading.Thread(target=reader, args=(name, kind))
-               for name in contents for kind in ("read", "pread", "mmap", "direct", "direct-odd")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(max_workers=15) as pool:  # .result(): a reader's exception fails the test
+        for done in [pool.submit(reader, name, kind)
+                     for name in contents for kind in ("read", "pread", "mmap", "direct", "direct-odd")]:
+            done.result(timeout=120)
     assert errors == []
     after = m.metrics()
     served = after["bytes_served"] - before["bytes_served"]

@@ -548,8 +548,9 @@ def test_an_aborted_connection_ends_the_daemon_and_frees_the_mountpoint(tmp_path
         held.close()
     except OSError:
         pass
-    mounts.wait_for_exit(m.pid, 15)  # the daemon saw its device closed, unmounted and exited
-    m.pid = None
+    for pid in (m.pid, m.supervisor_pid):  # the daemon saw its device closed, unmounted and exited
+        assert pid is None or mounts.wait_for_exit(pid, 15), pid
+    m.pid = m.supervisor_pid = None
     assert mounts.find_mount(str(m.mountpoint)) is None
     m.mount()
     assert hashlib.sha256(file_bytes(m.mountpoint / "a.bin")).digest() == hashlib.sha256(data).digest()
