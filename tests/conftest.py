@@ -204,6 +204,13 @@ class CountingSource:
     def total(self) -> int:
         return sum(self.counts().values())
 
+    def wait_held(self, timeout: float = 30.0) -> None:
+        """Until a delayed read waits in the source (see countingfs's "delay")."""
+        deadline = time.monotonic() + timeout
+        while not (self.state / "held").exists():
+            assert time.monotonic() < deadline, "no read came to wait in the source"
+            time.sleep(0.02)
+
     def set_faults(self, faults: dict) -> None:
         tmp = self.state / "faults.json.tmp"
         tmp.write_text(json.dumps(faults))

@@ -7,7 +7,8 @@ check what fusecache read from its source without trusting fusecache's own count
 STATE_DIR/counts.json is rewritten after every read: {relpath: bytes read}.
 STATE_DIR/faults.json, if present, is read on every read: {relpath: {"eio_from": offset}}
 makes reads of relpath that touch bytes at or after offset fail with EIO; {"delay": seconds}
-delays every read of relpath (a slow link; other requests are served meanwhile).
+delays every read of relpath (a slow link; other requests are served meanwhile) until the
+delay is over or lifted, and creates STATE_DIR/held as one starts.
 Files are opened with direct_io, so the kernel caches nothing and every read is counted.
 """
 
@@ -98,7 +99,8 @@ class CountingFS(pyfuse3.Operations):
         fault = self._faults().get(rel, {})
         if off + size > fault.get("eio_from", float("inf")):
             raise pyfuse3.FUSEError(errno.EIO)
-        await trio.sleep(fault.get("delay", 0))
+        if fault.get("delay"):
+            await self._held(rel, fault["delay"])
         data = os.pread(fd, size, off)
         self.counts[rel] = self.counts.get(rel, 0) + len(data)
         tmp = os.path.join(self.state_dir, "counts.json.tmp")
@@ -106,6 +108,15 @@ class CountingFS(pyfuse3.Operations):
             json.dump(self.counts, f)
         os.replace(tmp, os.path.join(self.state_dir, "counts.json"))
         return data
+
+    async def _held(self, rel: str, delay: float) -> None:
+        """Wait `delay` seconds, or until the delay of rel is lifted (faults.json); a file
+        `held` in the state dir says a read waits (for a test to act on at the right time)."""
+        with open(os.path.join(self.state_dir, "held"), "a"):
+            pass
+        deadline = trio.current_time() + delay
+        while trio.current_time() < deadline and self._faults().get(rel, {}).get("delay"):
+            await trio.sleep(min(0.05, delay))
 
     async def release(self, fh):
         self.fds.pop(fh, None)

@@ -162,7 +162,7 @@ def test_a_read_in_flight_on_a_reader_thread_is_answered_after_a_kill9(counting_
     fd = os.open(m.mountpoint / "slow.bin", os.O_RDONLY | os.O_DIRECT)
     try:
         wait_for_the_journal(_journal_of(m), m.pid, {"slow.bin": data}, handles=1)
-        counting_source.set_faults({"slow.bin": {"delay": 3}})
+        counting_source.set_faults({"slow.bin": {"delay": 3600}})
         outcome: dict[str, object] = {}
 
         def read() -> None:
@@ -174,10 +174,13 @@ def test_a_read_in_flight_on_a_reader_thread_is_answered_after_a_kill9(counting_
 
         reader = threading.Thread(target=read)
         reader.start()
-        time.sleep(1)  # the READ reaches the daemon and waits on the source (3 s)
+        counting_source.wait_held()  # the READ reached the daemon, which waits on the source
         old = m.pid
-        m.kill9_serving()
-        counting_source.set_faults({})  # the READ sent again is answered at once
+        os.kill(old, signal.SIGKILL)
+        # the READ sent again is answered at once; and the dead process's own read of the
+        # source ends (a copy from the source may wait for it unkillably)
+        counting_source.set_faults({})
+        wait_gone(old)
         m.pid = _new_serving_pid(m, old)
         reader.join(WAIT)
         assert outcome == {"bytes": data[:MiB]}
