@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -18,9 +19,16 @@ def version(st: os.stat_result) -> tuple[int, ...]:
 
 
 def rewrite(path, data: bytes, mtime_s: int):
-    """Rewrite path in place; the version of what is there now."""
-    path.write_bytes(data)
-    os.utime(path, (mtime_s, mtime_s))
+    """Rewrite path in place; the version of what is there now. Where timestamps are coarse
+    (ctime in jiffies before Linux 6.13), until the ctime moved: two rewrites within one tick
+    would be one version."""
+    before = os.lstat(path).st_ctime_ns if path.exists() else None
+    for _ in range(100):
+        path.write_bytes(data)
+        os.utime(path, (mtime_s, mtime_s))
+        if os.lstat(path).st_ctime_ns != before:
+            break
+        time.sleep(0.002)
     return version(os.lstat(path))
 
 

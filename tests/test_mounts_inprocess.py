@@ -62,12 +62,18 @@ def test_wait_for_exit():
 def test_an_exited_process_not_yet_reaped_counts_as_gone():
     """umount waits for the daemon to exit; once exited it is a zombie until init reaps it,
     which must not keep umount waiting."""
-    child = subprocess.Popen([sys.executable, "-c", "import ctypes, threading, time; "
-                              "threading.Thread(target=time.sleep, args=(1.0,)).start(); "
-                              "ctypes.CDLL(None).pthread_exit(None)"])
-    time.sleep(0.5)  # its main thread has exited (a zombie), another still runs: descriptors still open
-    assert Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    release_read, release_write = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", "import ctypes, os, threading; "
+                              f"threading.Thread(target=os.read, args=({release_read}, 1)).start(); "
+                              "ctypes.CDLL(None).pthread_exit(None)"], pass_fds=(release_read,))
+    os.close(release_read)
+    deadline = time.monotonic() + 30
+    # until its main thread has exited (a zombie) while another waits: descriptors still open
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     assert mounts.is_running(child.pid)
+    os.close(release_write)  # the other thread ends, and with it the process
     assert mounts.wait_for_exit(child.pid, 10)
     assert Path(f"/proc/{child.pid}").exists()  # a zombie: exited, not reaped (we never waited)
     assert not mounts.wait_for_exit(os.getpid(), 0.05)

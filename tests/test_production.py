@@ -99,13 +99,17 @@ def test_prometheus_endpoint_and_textfile(tmp_path, make_mount):
     textfile = tmp_path / "fusecache.prom"
     m = make_mount(source, [f"metrics_addr=127.0.0.1:{port}", f"metrics_textfile={textfile}"])
     assert file_bytes(m.mountpoint / "m.safetensors") == contents["m.safetensors"]
-    time.sleep(1.5)  # gauges are sampled once a second
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines()
-              if line and not line.startswith("#")}
+    taken = sum(p.lstat().st_blocks * 512 for p in m.cache_dir.rglob("objects/*/*"))  # data and index
+    deadline = time.monotonic() + 10
+    while True:  # gauges are sampled once a second: until a sample after the read
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines()
+                  if line and not line.startswith("#")}
+        if values["fusecache_cache_bytes"] == taken or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert values["fusecache_source_bytes_total"] == 5 * MiB
-    # the blocks the cache takes: the data and its index
-    assert values["fusecache_cache_bytes"] == sum(p.lstat().st_blocks * 512 for p in m.cache_dir.rglob("objects/*/*"))
+    assert values["fusecache_cache_bytes"] == taken
     assert values['fusecache_fetch_seconds_count'] >= 1
     assert 'fusecache_served_bytes_total{origin="cache"}' in values
     for _ in range(100):
