@@ -41,6 +41,11 @@ def _new_serving_pid(m, old: int) -> int:
         time.sleep(0.05)
 
 
+def _children(pid: int) -> list[int]:
+    """The processes pid started (its reader processes, where it has them)."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").glob("*/children") for child in task.read_text().split()]
+
+
 def _journal_of(m) -> Path:
     return Path(m.status()["cache"]) / journal.NAME
 
@@ -53,11 +58,13 @@ def _wait_for_journal(m) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("passthrough", ["on", "off"])
-def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, make_mount, passthrough):
+@pytest.mark.parametrize("passthrough, reading", [("on", "auto"), ("off", "auto"), ("off", "processes")])
+def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, make_mount, passthrough, reading):
+    """readers=processes: the reader processes die with the daemon (PR_SET_PDEATHSIG), and the
+    requests they had read are sent again to the next one's."""
     src = tmp_path / "src"
     contents = fill(src, FILES)
-    m = make_mount(src, options=["session=kernel", f"passthrough={passthrough}"])
+    m = make_mount(src, options=["session=kernel", f"passthrough={passthrough}", "queues=4", f"readers={reading}"])
     assert m.supervisor_pid and m.supervisor_pid != m.pid
     for name, data in contents.items():  # the first fill
         assert file_bytes(m.mountpoint / name) == data
@@ -66,7 +73,11 @@ def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, m
         for _ in range(2):
             old = m.pid
             readers.wait_for_the_journal(_journal_of(m), m.pid)
+            children = _children(old)
+            assert children or reading != "processes"
             m.kill9_serving()
+            for child in children:  # its reader processes die with it
+                wait_gone(child)
             m.pid = _new_serving_pid(m, old)
             # the fusecache installed now, exec'd: not a fork carrying the supervisor's modules
             assert b"--recover-fd" in Path(f"/proc/{m.pid}/cmdline").read_bytes().split(b"\0")[1:]
