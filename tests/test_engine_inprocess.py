@@ -334,6 +334,35 @@ async def test_no_room_when_a_fill_writes_its_run_sends_reads_to_the_source(harn
     assert engine.cached_extent("f") == (0, len(data))  # nothing recorded: every chunk still missing
 
 
+async def test_a_cache_filesystem_full_below_the_limit_lowers_it_and_evicts_the_least_recently_used(harness,
+                                                                                                      monkeypatch):
+    """reliability.md: the cache filesystem full below cache_size (another tenant took the
+    space): the limit comes down to what the cache takes, and the least recently used files
+    go, so that the next files are cached again rather than all read from the source.
+    (Found by review: nothing tested the limit or the eviction.)"""
+    files = {name: harness.write(name, 4 * CHUNK) for name in ("old", "recent", "next", "after")}
+    engine = await harness.start(stream_read_size=4 * CHUNK)  # evicting one file makes room for one
+    for name in ("old", "recent"):
+        assert await read_file(engine, name) == files[name]
+        await trio.sleep(0.002)
+    used = engine.budget.used
+    copy = kernelcopy._copy_file_range
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def full_once(*args: int) -> int:
+        if failures:
+            raise failures.pop()
+        return copy(*args)
+
+    monkeypatch.setattr(kernelcopy, "_copy_file_range", full_once)
+    assert await read_file(engine, "next") == files["next"]  # read through this once
+    assert engine.budget.limit < 2 * used  # was unlimited: now about what the cache took when it filled
+    assert engine.metrics.files_evicted == 1 and engine.cached_extent("old") is None
+    assert engine.cached_extent("recent") == (4 * CHUNK, 4 * CHUNK)
+    assert await read_file(engine, "after") == files["after"]
+    assert engine.cached_extent("after") == (4 * CHUNK, 4 * CHUNK)  # cached: there is room again
+
+
 async def test_a_cache_file_failing_its_fstat_after_a_fetch_fails_no_reader_and_not_the_engine(harness, monkeypatch):
     """A fetch's last step counts what the cache file takes (an fstat of it). A cache
     filesystem failing that call (EIO, ESTALE) left the fetch's waiters asleep and its
