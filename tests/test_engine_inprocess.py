@@ -292,6 +292,34 @@ async def test_a_restart_reverifies_the_cache_and_refetches_only_damaged_chunks(
     assert counts[CHUNK:2 * CHUNK].tolist() == [1] * CHUNK and counts.sum() == CHUNK
 
 
+async def test_checking_a_whole_file_runs_as_many_flights_at_once_as_the_lane_has_threads(harness):
+    """A passthrough open of a file an earlier daemon filled checks all its chunks. It started
+    a flight and a task for every run at once: 50,000 for a 400 GB single-file checkpoint.
+    (Found by review.)"""
+    data = harness.write("f", 40 * CHUNK)
+    first = await harness.start()
+    assert await read_file(first, "f") == data
+    await harness.stop(first)
+    second = await harness.start()
+    lane = second.fetcher.verify
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, lane.flights)
+            await trio.sleep(0)
+
+    handle = await second.open("f")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        assert await second.wait_verified_whole(handle, wait=5)
+        nursery.cancel_scope.cancel()
+    assert 1 <= most <= lane.threads < 40 // lane.max_chunks
+    assert harness.source.calls("f") == 0  # checked, not fetched
+    await second.release(handle)
+
+
 async def test_without_room_on_the_cache_filesystem_reads_go_to_the_source(harness):
     class FullStore(CacheStore):
         """A cache filesystem with no space left."""

@@ -271,7 +271,7 @@ def test_same_size_same_mtime_rewrite_in_place_is_never_served_stale(world, read
     src = base / "src"
     v1 = fill(src, {"f.bin": 8 * MiB}, seed=80)["f.bin"]
     v2 = random.Random(81).randbytes(8 * MiB)
-    m = mount_in(world, src, ["readahead=off", "chunk_size=1M"])
+    m = mount_in(world, src, ["readahead=off", "chunk_size=1M", "attr_timeout=0.2"])
     with open(m.mountpoint / "f.bin", "rb") as a:
         seen = a.read() if read_before == "whole" else a.read(3 * MiB)
         assert seen == v1[:len(seen)]
@@ -290,10 +290,10 @@ def test_same_size_same_mtime_rewrite_in_place_is_never_served_stale(world, read
             with pytest.raises(OSError) as info:
                 a.read()
             assert info.value.errno == errno.EIO
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 1  # several attr_timeouts: what the kernel caches expires meanwhile
     while time.monotonic() < deadline:
         assert file_bytes(m.mountpoint / "f.bin") == v2
-        time.sleep(0.2)
+        time.sleep(0.1)
     m.unmount()
     m.mount()
     assert file_bytes(m.mountpoint / "f.bin") == v2

@@ -177,7 +177,7 @@ class Engine:
         if entry.missing_bytes(everything):
             return False  # not all here: served by us, demand reads first
         try:  # all here, some recorded by an earlier daemon: checked on every core (with any stream)
-            await self.fetcher.ensure(tracked, everything, lane=self.fetcher.verify)
+            await self.fetcher.ensure_whole(tracked, self.fetcher.verify)
         except (CacheFull, ReadError) as e:
             log.info("%s is not served by passthrough: %s", tracked.relpath, e)
             return False
