@@ -36,7 +36,7 @@ import trio.testing
 from fusecache import acl, kernelcopy, linux
 from fusecache.budget import CacheBudget
 from fusecache.engine import ReadError
-from fusecache.engine import files as files_module, shards
+from fusecache.engine import evictor, files as files_module, shards
 from fusecache.engine.tasks import Tasks
 from fusecache.inodes import ROOT_INODE
 from fusecache.store import CacheEntry, CacheStore
@@ -389,6 +389,29 @@ async def test_a_cache_filesystem_full_below_the_limit_lowers_it_and_evicts_the_
     assert engine.cached_extent("recent") == (4 * CHUNK, 4 * CHUNK)
     assert await read_file(engine, "after") == files["after"]
     assert engine.cached_extent("after") == (4 * CHUNK, 4 * CHUNK)  # cached: there is room again
+
+
+async def test_a_limit_a_full_cache_filesystem_lowered_comes_back_with_the_space(harness, monkeypatch):
+    """A passing ENOSPC (another tenant filled the disk for a while) shrank the cache for the
+    rest of the daemon's life. The limit comes back up, as space does, to what it was."""
+    monkeypatch.setattr(evictor, "LIMIT_RECHECK", 0.01)
+    harness.write("f", 4 * CHUNK)
+    engine = await harness.start()
+    engine.budget.limit = configured = 1 << 40
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+    copy = kernelcopy._copy_file_range
+
+    def full_once(*args: int) -> int:
+        if failures:
+            raise failures.pop()
+        return copy(*args)
+
+    monkeypatch.setattr(kernelcopy, "_copy_file_range", full_once)
+    await read_file(engine, "f")
+    assert engine.budget.limit < configured
+    free = harness.store.free_bytes()
+    await wait_for(lambda: engine.budget.limit >= min(configured, engine.budget.used + free // 4))
+    assert engine.budget.limit <= configured
 
 
 async def test_a_cache_file_failing_its_fstat_after_a_fetch_fails_no_reader_and_not_the_engine(harness, monkeypatch):

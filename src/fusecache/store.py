@@ -696,6 +696,11 @@ class CacheStore:
             self._block_size = os.statvfs(self.root).f_bsize or 4096
         return -(-nbytes // self._block_size) * self._block_size
 
+    def free_bytes(self) -> int:
+        """Bytes the cache filesystem has free for the daemon's user (blocking)."""
+        vfs = os.statvfs(self.root)
+        return vfs.f_bavail * vfs.f_frsize
+
     def paths(self, relpath: str) -> tuple[Path, Path]:
         key = _key(relpath)
         folder = self.objects / key[:2]

@@ -27,6 +27,7 @@ from .tasks import Tasks
 
 log = logging.getLogger(__name__)
 repeats = Throttle(log)  # a full cache filesystem is met by every fetch
+LIMIT_RECHECK = 60.0  # seconds between looks at the space free, while a full filesystem lowered the limit
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Evictor:
         self.files = files
         self.tasks = tasks
         self.pins: set[str] = set()
+        self._limit_before_full: int | None = None  # the limit a full cache filesystem lowered, while lowered
 
     async def load(self) -> None:
         """What the store holds and which paths are pinned, at start."""
@@ -107,11 +109,33 @@ class Evictor:
         """The cache filesystem ran out of space below our limit: shrink the limit to what
         fits now, and evict some so the next fetches can proceed. Never raises: a sick cache
         filesystem makes its callers read through."""
+        if self._limit_before_full is None:
+            self._limit_before_full = self.budget.limit
+            self.tasks.start_soon(self._regain_limit)
         self.budget.limit = min(self.budget.limit, max(self.budget.used, 0))
         repeats.warning("cache filesystem is full; cache limit lowered to %d bytes", self.budget.limit)
         error = await self._evict_all(self._victims(self.config.disk_full_evict_bytes, sparing=relpath) or [])
         if error is not None:
             repeats.warning("evicting from the full cache failed: %s", error)
+
+    async def _regain_limit(self) -> None:
+        """Raise a limit a full cache filesystem lowered as space comes back (another tenant of
+        the filesystem freed it), up to the limit it had: a passing ENOSPC used to shrink the
+        cache for the rest of the daemon's life. Half of what is free is taken at each look,
+        so that the cache does not run straight into ENOSPC again."""
+        assert self._limit_before_full is not None
+        while self.budget.limit < self._limit_before_full:
+            await trio.sleep(LIMIT_RECHECK)
+            try:
+                free = await self.tasks.io(self.store.free_bytes)
+            except OSError as e:
+                repeats.warning("cannot tell the space free for the cache: %s", e)
+                continue
+            regained = min(self._limit_before_full, max(self.budget.limit, self.budget.used + free // 2))
+            if regained > self.budget.limit:
+                self.budget.limit = regained
+                log.info("space came back on the cache filesystem: cache limit raised to %d bytes", regained)
+        self._limit_before_full = None
 
     async def evict(self, relpath: str) -> bool:
         """Drop relpath from the cache unless it is in use, being opened or pinned."""
