@@ -218,7 +218,8 @@ def test_a_damaged_journal_ends_the_mount_with_one_log_line(tmp_path, make_mount
     wait_gone(m.supervisor_pid)  # the mount ends: the supervisor lets the connection go
     m.supervisor_pid = None
     lines = [line for line in log_path.read_text().splitlines() if "journal refused" in line]
-    assert len(lines) == 1, lines
+    # one of another format is tried again by the release that mounted: refused as well
+    assert len(lines) == (2 if b"999" in damage else 1), lines
     with pytest.raises(OSError) as info:
         os.listdir(m.mountpoint)
     assert info.value.errno == errno.ENOTCONN  # as a crash without a supervisor: nothing served

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -27,9 +28,11 @@ class Started:
 
     def __init__(self) -> None:
         self.pids: list[int] = []
+        self.installed: list[bool] = []  # whether each runs the fusecache installed now
 
-    def __call__(self, fuse_fd: int) -> int:
+    def __call__(self, fuse_fd: int, installed: bool) -> int:
         self.pids.append(1000 + len(self.pids))
+        self.installed.append(installed)
         return self.pids[-1]
 
 
@@ -128,3 +131,33 @@ def test_the_supervisors_socket_goes_with_it_unless_the_next_mount_bound_it_anew
         assert path.exists() == rebound
         if rebound:
             next_one.close()
+
+
+@pytest.mark.parametrize("status", [2, supervisor.OTHER_RELEASE])
+def test_a_recovery_by_another_release_falls_back_to_the_release_that_mounted(watched, status):
+    """The supervisor recovers a mount with the fusecache installed now; after an upgrade
+    that bumped the state format it refuses the journal (exit 3), after a downgrade it has no
+    --recover-fd (exit 2, a usage error). The mount ended; now the supervisor's own modules,
+    the release that wrote the journal, take it over. If they cannot either, it ends."""
+    sup, started = watched
+    die(sup, 10)
+    assert started.installed == [True]
+    for installed in (False, None):
+        child = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({status})"])
+        sup.starting = child.pid
+        failed = _reap(sup, child.pid)  # as the supervisor's loop reaps
+        child.returncode = status  # reaped by the supervisor, not by Popen
+        if installed is None:  # its own modules could not either: the mount ends
+            assert failed and started.installed == [True, False]
+        else:
+            assert not failed and started.installed == [True, installed] and sup.starting == started.pids[-1]
+
+
+def _reap(sup: Supervisor, pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while True:
+        failed = sup._reap_starting_failed()
+        if sup.starting != pid:
+            return failed
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

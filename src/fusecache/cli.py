@@ -282,14 +282,14 @@ def _supervisor_child(cfg, store, ready_fd: int, log_path: Path) -> int:
     listener = supervisor.listen(supervisor.socket_for(control_path))
     running: list[supervisor.Supervisor] = []
 
-    def spawn(fuse_fd: int | None, ready: int | None) -> int:
+    def spawn(fuse_fd: int | None, ready: int | None, installed: bool = False) -> int:
         pid = os.fork()
         if pid == 0:
             listener.close()
             for s in running:
                 s.close_in_child()
             _detach(log_path)
-            if fuse_fd is not None:
+            if fuse_fd is not None and installed:
                 _exec_recovery(cfg, fuse_fd)  # returns only where the fusecache installed now cannot run
             os._exit(_serve_detached(cfg, store, ready, log_path, takeover=False, recover_fd=fuse_fd))
         return pid
@@ -297,7 +297,7 @@ def _supervisor_child(cfg, store, ready_fd: int, log_path: Path) -> int:
     first = spawn(None, ready_fd)
     os.close(ready_fd)  # the first daemon reports to the mounting command itself
     store.release_lock()  # the daemons hold it; a restarted one must be able to take it
-    running.append(supervisor.Supervisor(listener, lambda fuse_fd: spawn(fuse_fd, None), first))
+    running.append(supervisor.Supervisor(listener, lambda fuse_fd, installed: spawn(fuse_fd, None, installed), first))
     return running[0].run()
 
 
@@ -377,7 +377,7 @@ def _serve_detached(cfg, store, ready_fd: int | None, log_path: Path, takeover: 
     except BaseException as e:  # the parent must hear about any start-up failure
         if recover_fd is not None and isinstance(e, MountError):
             log.error("%s", e)  # one line: why the mount ends (a journal refused)
-            return 1
+            return supervisor.OTHER_RELEASE if isinstance(e, precheck.OtherRelease) else 1
         log.exception("daemon failed")
         if not reported and ready_fd is not None:
             os.write(ready_fd, str(e).splitlines()[0].encode() if str(e) else type(e).__name__.encode())

@@ -31,10 +31,10 @@ from .fs import FuseOperations
 from .handlers import ControlHandlers, DaemonParts
 from .handover import HandoverServer, MountArguments
 from .journal import Journal
-from .livestate import FORMAT, LiveState, StateError
+from .livestate import FORMAT, LiveState, OtherFormat, StateError
 from .metrics import Metrics, prometheus_registry
 from .passthrough import probe
-from .precheck import FUSECACHE_FSTYPE, MountError
+from .precheck import FUSECACHE_FSTYPE, MountError, OtherRelease
 from .session.kernel import KernelSession, SessionConfig, SessionError
 from .session.mount import MountSpec, connected
 from .session.types import Session
@@ -302,6 +302,8 @@ def _recover(store: CacheStore, fuse_fd: int) -> handover.Received:
     """What a process started after a crash serves from: the journal, made safe (for_recovery)."""
     try:
         state = journal.read(store.root / journal.NAME)
+    except OtherFormat as e:  # written by another release: the supervisor's own may take it
+        raise OtherRelease(f"journal refused: {e}") from None
     except StateError as e:
         raise MountError(f"journal refused, the mount ends: {e}") from None
     return handover.Received(journal.for_recovery(state), fuse_fd)

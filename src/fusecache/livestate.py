@@ -28,6 +28,10 @@ class StateError(Exception):
     """A state this fusecache cannot take: another format, or damaged (the message says which)."""
 
 
+class OtherFormat(StateError):
+    """A state of another format: another release of fusecache wrote it."""
+
+
 @dataclass(frozen=True)
 class Negotiated:
     """What INIT settled with the kernel; a session that adopts the connection must not
@@ -160,7 +164,7 @@ def _typed(kind: type[Message], raw: object) -> Message:
     if not isinstance(raw, dict) or "format" not in raw:
         raise StateError("damaged state: no format version")
     if raw["format"] != FORMAT:
-        raise StateError(f"state format {raw['format']!r}, this fusecache reads format {FORMAT}")
+        raise OtherFormat(f"state format {raw['format']!r}, this fusecache reads format {FORMAT}")
     try:
         return _decoder(kind)(raw)
     except _Damaged as e:

@@ -26,6 +26,10 @@ class MountError(Exception):
     """The mount cannot be made; the message is the one-line error shown to the user."""
 
 
+class OtherRelease(MountError):
+    """The mount is another release's to serve (its journal is of another state format)."""
+
+
 def check_request(cfg: MountConfig) -> CacheStore:
     """Everything that can be checked before mounting, with a clear message for each failure.
     Returns the store, locked for this process."""

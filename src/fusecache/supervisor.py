@@ -48,8 +48,14 @@ QUICK_DEATHS = 3
 DEATH_WINDOW = 60.0
 PAUSE_MAX = 30.0
 
-# spawn(fuse_fd): start a serving process that takes the connection on fuse_fd over; its pid
-Spawn = Callable[[int], int]
+# spawn(fuse_fd, installed): start a serving process that takes the connection on fuse_fd over,
+# running the fusecache installed now (installed) or the supervisor's own modules; its pid
+Spawn = Callable[[int, bool], int]
+# How a serving process started to take the connection over says it cannot, being another
+# release than the one that served it (the journal is of another state format); exit status
+# 2, a usage error, says so too (an older release that has no --recover-fd, or refuses an
+# option). The supervisor then starts one from its own modules, the release that wrote it.
+OTHER_RELEASE = 3
 
 
 def socket_for(control_socket: Path) -> Path:
@@ -104,6 +110,7 @@ class Supervisor:
         self.fuse_fd: int | None = None
         self.serving: list[_Serving] = []
         self.starting: int | None = first_pid  # a process started to serve that has not registered
+        self.starting_installed = False  # whether it runs the fusecache installed now (not ours)
         self.start_at: float | None = None  # when to start the next serving process, after a death
         self._deaths: list[float] = []  # when serving processes died, within DEATH_WINDOW
 
@@ -184,7 +191,7 @@ class Supervisor:
             return
         self.start_at = None
         if self.fuse_fd is not None and connected(self.fuse_fd):
-            self.starting = self.spawn(self.fuse_fd)
+            self.starting, self.starting_installed = self.spawn(self.fuse_fd, True), True
 
     def _reap_starting_failed(self) -> bool:
         """Reap exited children; True if the one starting to serve exited before registering."""
@@ -202,6 +209,11 @@ class Supervisor:
                     # killed (the OOM killer, kill -9) while it took the mount over: not a
                     # journal it refused, which ends the mount: another is started
                     self._died(pid, "taking the mount over")
+                elif (self.starting_installed and os.WIFEXITED(status) and os.WEXITSTATUS(status) in (2, OTHER_RELEASE)
+                      and self.fuse_fd is not None and not self.serving and connected(self.fuse_fd)):
+                    log.warning("the fusecache installed now cannot take the mount over (pid %d, exit status %d): "
+                                "recovering with the fusecache it was mounted with", pid, os.WEXITSTATUS(status))
+                    self.starting, self.starting_installed = self.spawn(self.fuse_fd, False), False
                 else:
                     failed = not self.serving
 
