@@ -502,7 +502,7 @@ async def test_a_call_given_up_before_its_thread_started_never_runs_and_lets_go_
     ran, let_go = [], []
     async with threads:  # every thread taken
         with trio.move_on_after(0.1):
-            await tasks.abandonable(ran.append, "ran", unused=lambda: let_go.append("let go"), limiter=threads)
+            await tasks.abandonable(ran.append, "ran", key="k", unused=lambda: let_go.append("let go"), limiter=threads)
     await trio.sleep(0.1)
     assert (ran, let_go) == ([], ["let go"])
 
@@ -999,3 +999,27 @@ async def test_a_file_of_more_chunks_than_are_served_fails_its_open_alone(harnes
         await engine.open("sparse.img")
     assert refused.value.errno == errno.EFBIG
     assert await read_file(engine, "small.bin") == small
+
+
+async def test_opens_killed_and_tried_again_on_a_file_that_hangs_hold_one_thread():
+    """An open given up at its INTERRUPT leaves its call to the source running on a thread.
+    A user killing and retrying an open of a file whose source hangs took a thread per try,
+    until no metadata thread was left for anyone; the next call of the same key now waits
+    for the one that runs on, as a killable wait. (Found by review.)"""
+    tasks = Tasks()
+    answer, started = threading.Event(), []
+
+    def hung_open() -> str:
+        started.append(1)
+        answer.wait(GATE_TIMEOUT)
+        return "opened"
+
+    for _ in range(3):  # killed, tried again
+        with trio.move_on_after(0.1):
+            await tasks.abandonable(hung_open, key=("open", "f"))
+    assert len(started) == 1  # one thread on the source, the tries after it waiting for it
+    assert await tasks.abandonable(lambda: "other", key=("open", "g")) == "other"  # others go on
+    answer.set()
+    with trio.fail_after(5):
+        assert await tasks.abandonable(hung_open, key=("open", "f")) == "opened"
+    assert len(started) == 2

@@ -120,7 +120,8 @@ class Engine:
         if uid == 0 or not self.source.has_acls:
             return
         try:
-            chain = await self.tasks.abandonable(self.source.acl_chain, relpath)  # an open may be interrupted
+            # given up at an INTERRUPT of the open asking
+            chain = await self.tasks.abandonable(self.source.acl_chain, relpath, key=("acl", relpath))
         except acl.MalformedAcl as e:
             log.warning("denying access below a malformed ACL (%s): %s", relpath, e)
             raise OSError(errno.EACCES, "malformed ACL") from None

@@ -204,8 +204,8 @@ class OpenFiles:
             await self.claim_fds(FDS_PER_FILE)
             try:
                 # given up at an INTERRUPT: a killed opener is not held by a source that hangs
-                src_fd, opened = await self.tasks.abandonable(self.source.open, relpath,
-                                                              discard=lambda result: os.close(result[0]))
+                src_fd, opened = await self.tasks.out_of_fds_retried(lambda: self.tasks.abandonable(
+                    self.source.open, relpath, key=("open", relpath), discard=lambda result: os.close(result[0])))
             except BaseException:
                 self._fds -= FDS_PER_FILE
                 raise

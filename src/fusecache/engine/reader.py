@@ -89,11 +89,11 @@ class Reader:
         uses what it owns alone, should it finish after: a duplicate of the source file's
         descriptor and a buffer of its own, copied into buf once read."""
         entry = tracked.entry
-        fd = os.dup(tracked.src_fd)
         try:
+            fd = os.dup(tracked.src_fd)
             data = await self.tasks.abandonable(_read_exact_own, self.source, fd, len(buf), offset, entry.relpath,
-                                                entry.identity, unused=lambda: os.close(fd),
-                                                limiter=self.fetcher.demand_limiter)
+                                                entry.identity, key=("read", entry.relpath),
+                                                unused=lambda: os.close(fd), limiter=self.fetcher.demand_limiter)
         except OSError as e:
             self.metrics.count_error(error_kind(e))
             raise ReadError(errno.EIO, f"{entry.relpath}: {e}") from None

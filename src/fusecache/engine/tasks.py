@@ -12,7 +12,7 @@ import errno
 import inspect
 import logging
 import threading
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Hashable, TypeVar
 
 import trio
 
@@ -36,15 +36,20 @@ class Tasks:
         self.metadata = FairLimiter(METADATA_THREADS)
         # set by the open-file table: close idle files; True if any descriptor was freed
         self.on_out_of_fds: Callable[[], Awaitable[bool]] | None = None
+        # abandoned calls still running on their threads, by key: the next call waits for them
+        self._abandoned: dict[Hashable, trio.Event] = {}
 
     async def io(self, fn: Callable[..., T], *args: object,
                  limiter: trio.CapacityLimiter | FairLimiter | None = None) -> T:
         """Run a blocking call on a worker thread (the metadata threads unless a limiter is
         given). Out of descriptors, idle files give theirs back and it is tried once more."""
         limiter = limiter or self.metadata
-        return await self._out_of_fds_retried(lambda: trio.to_thread.run_sync(fn, *args, limiter=limiter))
+        return await self.out_of_fds_retried(lambda: trio.to_thread.run_sync(fn, *args, limiter=limiter))
 
-    async def _out_of_fds_retried(self, run: Callable[[], Awaitable[T]]) -> T:
+    async def out_of_fds_retried(self, run: Callable[[], Awaitable[T]]) -> T:
+        """run(), and once more if it fails for want of descriptors after the open-file table
+        gave back what idle files hold. Only for a run that consumes nothing of its own (a
+        descriptor it closes), which a second run would use again."""
         try:
             return await run()
         except OSError as e:
@@ -54,8 +59,8 @@ class Tasks:
                 raise
         return await run()
 
-    async def abandonable(self, fn: Callable[..., T], *args: object, discard: Callable[[T], object] | None = None,
-                          unused: Callable[[], object] | None = None,
+    async def abandonable(self, fn: Callable[..., T], *args: object, key: Hashable,
+                          discard: Callable[[T], object] | None = None, unused: Callable[[], object] | None = None,
                           limiter: trio.CapacityLimiter | FairLimiter | None = None) -> T:
         """io() for a call a request waits on that the requester may give up: a cancelled
         caller (an INTERRUPT: its process was killed) stops waiting at once, where a source
@@ -63,15 +68,33 @@ class Tasks:
         started runs on (its thread keeps its place under the limiter), and what it returns
         then goes to discard (a descriptor closed); one that had not started never runs, and
         unused is called instead (what its arguments hold let go). So an abandoned call must
-        use only what is its own: never a descriptor or buffer its caller gives back."""
-        return await self._out_of_fds_retried(lambda: self._abandonable_once(fn, args, discard, unused, limiter))
+        use only what is its own: never a descriptor or buffer its caller gives back. Not
+        retried for want of descriptors (out_of_fds_retried, where its arguments allow).
 
-    async def _abandonable_once(self, fn: Callable[..., T], args: tuple[object, ...],
-                                discard: Callable[[T], object] | None, unused: Callable[[], object] | None,
-                                limiter: trio.CapacityLimiter | FairLimiter | None) -> T | None:
+        key names what the call waits on (an open of a path): while an abandoned call of a key
+        runs on, the next one of that key waits for it (as a killable wait), so that a user
+        killing and retrying an open of a file that hangs holds one thread, not a thread per
+        attempt until none is left for anyone."""
+        while (pending := self._abandoned.get(key)) is not None:
+            await pending.wait()
+        token = trio.lowlevel.current_trio_token()
         lock = threading.Lock()
         state = "waiting"  # then "running" (the thread took it) or "given up" (the caller, first)
         outcome: list[T] = []  # the result of a call that ended before it was given up
+
+        def ended(result: list[T]) -> None:
+            """In the thread, once fn returned (result) or raised (empty): hand it over, or
+            drop it and let the key go if the caller gave up meanwhile."""
+            with lock:
+                if state != "given up":
+                    outcome.extend(result)
+                    return
+            if result and discard is not None:
+                discard(result[0])
+            try:
+                token.run_sync_soon(self._let_go, key)
+            except trio.RunFinishedError:
+                pass
 
         def call() -> T | None:
             nonlocal state
@@ -79,13 +102,12 @@ class Tasks:
                 if state == "given up":
                     return None
                 state = "running"
-            result = fn(*args)
-            with lock:
-                if state == "given up":
-                    if discard is not None:
-                        discard(result)
-                else:
-                    outcome.append(result)
+            try:
+                result = fn(*args)
+            except BaseException:
+                ended([])
+                raise
+            ended([result])
             return result
 
         try:
@@ -93,11 +115,20 @@ class Tasks:
         except trio.Cancelled:
             with lock:
                 before, state = state, "given up"
-                if before == "waiting" and unused is not None:
+            if before == "waiting":
+                if unused is not None:
                     unused()
-                elif outcome and discard is not None:  # it ended as the cancellation came
+            elif outcome:  # it ended as the cancellation came
+                if discard is not None:
                     discard(outcome[0])
+            else:
+                self._abandoned[key] = trio.Event()  # set by _let_go once the thread ends
             raise
+
+    def _let_go(self, key: Hashable) -> None:
+        """On the trio thread: an abandoned call of key ended."""
+        if (pending := self._abandoned.pop(key, None)) is not None:
+            pending.set()
 
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         assert self.nursery is not None, "the engine is not running"
