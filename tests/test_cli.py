@@ -377,18 +377,21 @@ def test_a_live_mount_whose_control_socket_is_gone_is_not_unmounted_as_stale(dir
 def test_a_mountpoint_being_mounted_is_refused_and_let_go_once_mounted(dirs, make_mount):
     """Two `fusecache mount`s of one path at once both passed the mount-table check and
     stacked two mounts, whose daemons took each other's control socket. The mountpoint is
-    locked while it is mounted (here the test holds that lock), and let go once the mount
-    is up: by the command and by the daemons it forked. (Found by review.)"""
+    locked while it is mounted (its directory; here the test holds that lock), and let go
+    once the mount is up: by the command and by the daemons it forked. (Found by review.)"""
     source, mountpoint, cache = dirs
-    lock_path = control.socket_path(str(mountpoint), os.getuid()).with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(lock_path, "a") as lock:
+    lock = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert_refused(["mount", source, mountpoint, "--cache-dir", cache],
                        f"mountpoint {mountpoint} is already mounted, or being mounted, by fusecache", mountpoint)
-    m = make_mount(source)
-    with open(control.socket_path(str(m.mountpoint), os.getuid()).with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if anyone kept it
+    finally:
+        os.close(lock)
+    m = make_mount(source, mount=False)
+    beneath = os.stat(m.mountpoint).st_ino  # the directory the lock is on, hidden by the mount
+    m.mount()
+    held = [line.split()[5] for line in Path("/proc/locks").read_text().splitlines() if "FLOCK" in line]
+    assert not any(lock.endswith(f":{beneath}") for lock in held), held  # kept by none of its processes
     assert (m.mountpoint / "f").read_text() == "data"
 
 

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("mount", "umount", "unmount", "restart", "status", "prefetch", "pin", "unpin", "cache", "demo")
 DAEMON_COMMANDS = ("mount", "restart")  # the commands that become (or fork) a daemon
-ASKING_COMMANDS = ("umount", "unmount", "status", "prefetch", "pin", "unpin", "cache")  # they act on daemons' replies
+# the commands that act on daemons' replies
+ASKING_COMMANDS = ("umount", "unmount", "restart", "status", "prefetch", "pin", "unpin", "cache")
 FSTYPE = precheck.FUSECACHE_FSTYPE
 UMOUNT_WAIT = 30.0
 RESTART_WAIT = 120.0  # a daemon restarting in place loads its store again before it answers
@@ -425,7 +426,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
     if info.owner_uid != os.getuid():  # its daemon's word (source, cache) would be served as ours
         raise Failure(f"{args.mountpoint} is uid {info.owner_uid}'s mount: only its owner restarts it")
-    given = control.call(mountpoint, {"command": "mount_args"}, timeout=STATUS_TIMEOUT)
+    given = control.call(mountpoint, {"command": "mount_args"}, timeout=STATUS_TIMEOUT, total=STATUS_TIMEOUT)
     try:  # checked by this fusecache, which will serve them, before the daemon stops serving
         cfg = build_config(given["source"], mountpoint, given["options"], cache_dir=Path(given["cache_dir"]),
                            foreground=bool(given.get("in_place")), log_level=given["log_level"])
@@ -441,12 +442,13 @@ def cmd_restart(args: argparse.Namespace) -> int:
 def _restart_in_place(mountpoint: str) -> int:
     """Ask the daemon to restart in place, and wait until the new program answers (the same
     pid: told apart by when its program started)."""
-    before = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT).get("started")
+    before = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT, total=STATUS_TIMEOUT).get("started")
     pid = control.call(mountpoint, {"command": "restart_in_place", "format": FORMAT}, timeout=STATUS_TIMEOUT)["pid"]
     deadline = time.monotonic() + RESTART_WAIT
     while time.monotonic() < deadline:
         try:
-            if control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT).get("started") != before:
+            if control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT,
+                            total=STATUS_TIMEOUT).get("started") != before:
                 return 0
         except control.ControlError:
             pass  # the old program gone, the new one not answering yet

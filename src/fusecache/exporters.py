@@ -69,8 +69,8 @@ async def serve_http_once_free(addr: tuple[str, int] | None, registry: Collector
     mount is served already, so an address taken meanwhile (by anyone on the node) must
     not end it: it is logged, and tried again until it can be bound."""
     while True:
-        try:
-            serve_http(addr, registry)
+        try:  # on a thread: binding resolves the host's name (a slow DNS must not stall the mount)
+            await trio.to_thread.run_sync(serve_http, addr, registry)
             return
         except ExporterError as e:
             log.warning("%s: trying again every %g s", e, HTTP_RETRY)
@@ -80,7 +80,9 @@ async def serve_http_once_free(addr: tuple[str, int] | None, registry: Collector
 class _Handler(WSGIRequestHandler):
     """A scrape's connection: one that stays idle is closed, and nothing is logged to stderr."""
 
-    timeout = HTTP_IDLE_TIMEOUT  # set on the connection by StreamRequestHandler
+    def setup(self) -> None:
+        self.timeout = HTTP_IDLE_TIMEOUT  # set on the connection by StreamRequestHandler.setup
+        super().setup()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
         pass
@@ -107,6 +109,10 @@ def _server_class(family: int) -> type[WSGIServer]:
                 super().process_request_thread(request, client_address)
             finally:
                 self.slots.release()
+
+        def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+            """A client that went silent (the idle timeout) or away: nothing to report. The
+            base class printed a traceback to stderr, daemon.log, for each."""
 
     return Server
 

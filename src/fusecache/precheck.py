@@ -12,7 +12,7 @@ import os
 import stat as stat_mod
 from pathlib import Path
 
-from . import control, mounts, private, textfile
+from . import control, mounts, textfile
 from .config import MountConfig
 from .store import CacheStore
 
@@ -50,8 +50,8 @@ def check_request(cfg: MountConfig) -> CacheStore:
         raise MountError(f"source {source} is not a directory")
     if not os.access(source, os.R_OK | os.X_OK):
         raise MountError(f"source {source} is not readable")
-    _claim_mountpoint(cfg.mountpoint)
     _refuse_a_live_mount(cfg.mountpoint)  # first: the other checks touch the mountpoint
+    _claim_mountpoint(cfg.mountpoint)
     _check_overlap(cfg)
     _check_mountpoint(cfg.mountpoint)
     if cfg.metrics_textfile is not None:
@@ -97,28 +97,37 @@ def _check_overlap(cfg: MountConfig) -> None:
         raise MountError(f"cache dir {cfg.cache_dir} must be outside the source {cfg.source}")
 
 
-_claims: dict[Path, int] = {}  # lock file -> its descriptor, held until the mount is up
+_claims: dict[str, int] = {}  # mountpoint -> a descriptor of its directory, locked until the mount is up
 
 
 def _claim_mountpoint(mountpoint: Path) -> None:
-    """Lock the mountpoint for this user's fusecache (flock on a file beside its control
-    socket) until the mount is in the mount table (release_claims): two `fusecache mount`s
-    of one path at once both passed the mount-table check and stacked two mounts, whose
-    daemons took each other's control socket."""
-    path = control.socket_path(mounts.resolve_mountpoint(str(mountpoint)), os.getuid()).with_suffix(".lock")
+    """Lock the mountpoint's directory (flock) until the mount is in the mount table
+    (release_claims): two `fusecache mount`s of one path at once both passed the mount-table
+    check and stacked two mounts, whose daemons took each other's control socket. The lock
+    is on the directory itself, the one thing every mount of the path shares (a lock file
+    beside the control socket was another file for another user, or another runtime dir).
+    Taken once nothing is mounted there (opening a mount's root asks its daemon), and the
+    mount table asked again under it."""
+    path = os.path.abspath(mountpoint)
     if path in _claims:
         return
     try:
-        private.ensure_tree(path.parent.parent, path.parent)
-        fd = private.open_file(path, os.O_RDWR | os.O_CREAT)
-    except (OSError, private.UntrustedPath) as e:
-        raise MountError(f"cannot lock mountpoint {mountpoint} ({path}): {e}") from None
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # not a directory one can open: _check_mountpoint says why
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise MountError(f"mountpoint {mountpoint} is already mounted, or being mounted, by fusecache") from None
+    except OSError as e:  # a filesystem without flock: the mount-table check alone
+        os.close(fd)
+        log.debug("cannot lock mountpoint %s: %s", mountpoint, e)
+        return
     _claims[path] = fd
+    if mounts.find_mount(mounts.resolve_mountpoint(path)) is not None:  # mounted before the lock was ours
+        release_claims()
+        raise MountError(f"mountpoint {mountpoint} is already mounted")
 
 
 def release_claims() -> None:

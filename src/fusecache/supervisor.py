@@ -58,6 +58,10 @@ Spawn = Callable[[int, bool], int]
 OTHER_RELEASE = 3
 
 
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_ctime_ns) == (b.st_dev, b.st_ino, b.st_ctime_ns)
+
+
 def socket_for(control_socket: Path) -> Path:
     """The supervisor's socket, beside the mount's control socket (same private directory)."""
     return control_socket.with_suffix(".supervisor")
@@ -222,8 +226,10 @@ class Supervisor:
             os.close(self.fuse_fd)
         path = self.listener.getsockname()
         self.listener.close()
-        try:  # unless a supervisor of the next mount at the path bound it anew since
-            if (now := os.stat(path)) and (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
+        try:  # unless a supervisor of the next mount at the path bound it anew since (the inode
+            # number alone may be the freed one's again: the ctime tells them apart)
+            now = os.stat(path)
+            if _same_file(now, self._bound):
                 os.unlink(path)
         except FileNotFoundError:
             pass
