@@ -46,7 +46,7 @@ import struct
 import threading
 import time
 from array import array
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -157,6 +157,26 @@ class ChunkStates:
         return [i for i in chunks if self.state[i] == MISSING]
 
 
+def _demote_states(states: bytearray, to: int) -> None:
+    """Every chunk state above `to` brought down to it (VERIFIED > ON_DISK > MISSING)."""
+    for i, state in enumerate(states):
+        if state > to:
+            states[i] = to
+
+
+@contextmanager
+def _duplicates(*fds: int) -> Iterator[list[int]]:
+    """Duplicates of fds, all closed on leaving (none left open when one cannot be made)."""
+    made: list[int] = []
+    try:
+        for fd in fds:
+            made.append(os.dup(fd))
+        yield made
+    finally:
+        for fd in made:
+            os.close(fd)
+
+
 class CacheEntry(ChunkStates):
     """The cached copy of one version (Identity) of one source file."""
 
@@ -186,12 +206,6 @@ class CacheEntry(ChunkStates):
         self._reservable = self.cacheable  # until the cache filesystem says it cannot fallocate
         self._copying = threading.Lock()  # held by a fill_run's copy that takes turns
 
-    @classmethod
-    def uncached(cls, relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
-        """A stand-in with no files, for when the cache filesystem has no room left."""
-        nchunks = -(-identity.size // chunk_size)
-        return cls(relpath, identity, chunk_size, -1, -1, 0, bytearray(nchunks), _no_sums(nchunks))
-
     @property
     def cacheable(self) -> bool:
         return self.data_fd >= 0
@@ -203,8 +217,7 @@ class CacheEntry(ChunkStates):
         return allocated(os.fstat(self.data_fd)) + allocated(os.fstat(self.index_fd))
 
     def verify_recorded(self, chunks: range, scratch: memoryview) -> int:
-        """Check the chunks of the range recorded by an earlier run against their checksums
-        (failures become missing); returns how many failed."""
+        """verify_chunk() each chunk of the range an earlier run recorded; how many failed."""
         return sum(1 for i in chunks if self.state[i] == ON_DISK and not self.verify_chunk(i, scratch))
 
     def store_chunk(self, index: int, data: memoryview) -> None:
@@ -323,34 +336,45 @@ class CacheEntry(ChunkStates):
         return ok
 
     def seal(self) -> bool:
-        """Seal a complete entry (module docstring): bytes and records made durable, then the
-        seal appended; whether it is sealed now. The syncs (on a disk, a write-back of the file)
-        run outside the lock every read's stamp check takes; a write of ours meanwhile
-        (counted) or anyone else's (the stamp) leaves the entry unsealed."""
-        with self._lock:
-            if self.sealed or self.closed or self._writing or not self.cacheable or not self.complete:
-                return self.sealed
-            writes = self._writes
-            data_fd, index_fd = os.dup(self.data_fd), os.dup(self.index_fd)  # close() may come meanwhile
-        try:
-            os.fdatasync(data_fd)
+        """Seal a complete entry (the module docstring says what a seal is); whether it is
+        sealed now. The syncs run outside the lock; a write meanwhile, ours (counted) or
+        anyone's (the stamp, or the generation a read's check moved), leaves it unsealed. A
+        failed data sync: see _lost_writes."""
+        with ExitStack() as held:
+            with self._lock:
+                if self.sealed or self.closed or self._writing or not self.cacheable or not self.complete:
+                    return self.sealed
+                self._notice_foreign_writes()
+                writes, generation = self._writes, self.generation
+                data_fd, index_fd = held.enter_context(_duplicates(self.data_fd, self.index_fd))  # close() may come
+            try:
+                os.fdatasync(data_fd)
+            except OSError:
+                self._lost_writes()
+                raise
             records = os.pread(index_fd, self.nchunks * _RECORD.size, self.records_offset)
             os.fdatasync(index_fd)
             with self._lock:
-                if self.sealed or self.closed or self._writing or self._writes != writes or not self.complete:
+                if (self.sealed or self.closed or self._writing or self._writes != writes or not self.complete
+                        or self.generation != generation):
                     return self.sealed
-                stamp = _stamp(self.data_fd)
-                if not same_content(stamp, self._stamp):
-                    return False  # written by someone else meanwhile: left to the checksums
                 st = os.fstat(self.data_fd)
+                if not same_content(Stamp(st.st_size, st.st_ctime_ns, st.st_mtime_ns, st.st_nlink), self._stamp):
+                    return False  # written by someone else meanwhile: left to the checksums
                 seal = _SEAL.pack(SEAL_MAGIC, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                                   xxhash.xxh3_64_intdigest(records))
                 os.pwrite(self.index_fd, seal, self.records_offset + len(records))
                 self.sealed = True
                 return True
-        finally:
-            os.close(data_fd)
-            os.close(index_fd)
+
+    def _lost_writes(self) -> None:
+        """The data file's writeback failed: pages it could not write may be dropped, and read
+        back unchecked from the disk. All of it is fetched again (readers of this generation
+        retry), and sealed only once synced anew (a sync reports a failure once)."""
+        log.warning("writing the cache file of %s back to its disk failed: all of it is fetched again", self.relpath)
+        with self._lock:
+            self.generation += 1
+            _demote_states(self.state, MISSING)
 
     def _unseal(self) -> None:
         """Called with _lock held, before any write of ours into the entry: the seal goes
@@ -379,21 +403,17 @@ class CacheEntry(ChunkStates):
             raise
 
     def drop(self, start: int, end: int) -> None:
-        """Let the kernel drop the data file's pages of [start, end) (pages in use stay; dirty
-        ones are queued for writeback). Any thread; nothing once closed. Through a duplicate of
-        the descriptor, taken under the lock (close() cannot give its number away meanwhile)
-        and used outside it: over a large range this takes a while. (fadvise reads a length 0
-        as "to the end of the file": an empty range does nothing.)"""
+        """Let the kernel drop the data file's pages of [start, end) (dirty ones are queued for
+        writeback). Any thread; through a duplicate taken under the lock, so close() cannot give
+        its number away meanwhile. (fadvise reads length 0 as "to the end": none asked.)"""
         if end <= start:
             return
-        with self._lock:
-            if self.closed:
-                return
-            fd = os.dup(self.data_fd)
-        try:
+        with ExitStack() as held:
+            with self._lock:
+                if self.closed:
+                    return
+                (fd,) = held.enter_context(_duplicates(self.data_fd))
             os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
     def view(self, offset: int, length: int, generation: int) -> memoryview | None:
         """The cached bytes as a view of the data file's mapping (no copy, no thread): only in
@@ -440,9 +460,7 @@ class CacheEntry(ChunkStates):
         log.warning("cache file of %s was modified behind fusecache's back; re-verifying it", self.relpath)
         self._stamp = stamp
         self.generation += 1
-        for i, state in enumerate(self.state):
-            if state == VERIFIED:
-                self.state[i] = ON_DISK
+        _demote_states(self.state, ON_DISK)
 
     def close(self) -> None:
         with self._lock:  # drop() on a reader thread never meets a closed descriptor
@@ -454,8 +472,11 @@ class CacheEntry(ChunkStates):
                     self._map.close()
                 except BufferError:  # a reply view is still referenced; the GC unmaps it
                     pass
-            os.close(self.data_fd)
-            os.close(self.index_fd)
+            for fd in (self.data_fd, self.index_fd):  # each, whatever the other's close says (NFS)
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    log.warning("closing a cache file of %s: %s", self.relpath, e)
 
 
 def _is_own_file(fd: int) -> bool:
@@ -618,6 +639,12 @@ def in_place(entry: CacheEntry) -> bool:
     them (a new version's files take their place), so a named pair is the one at its path."""
     return (entry.cacheable and not entry.closed
             and all(os.fstat(fd).st_nlink for fd in (entry.data_fd, entry.index_fd)))
+
+
+def uncached_entry(relpath: str, identity: Identity, chunk_size: int) -> CacheEntry:
+    """A stand-in with no files, for when the cache filesystem has no room left."""
+    nchunks = -(-identity.size // chunk_size)
+    return CacheEntry(relpath, identity, chunk_size, -1, -1, 0, bytearray(nchunks), _no_sums(nchunks))
 
 
 class CacheStore:
@@ -824,7 +851,7 @@ class CacheStore:
         for orphan in held:
             if orphan.suffix == ".tmp" or (orphan.suffix == ".data" and orphan.with_suffix(".idx") not in present):
                 log.info("removing %s, left without its index by a crash or a full disk", orphan.name)
-                orphan.unlink(missing_ok=True)  # never served, never counted: its space held for good
+                _remove(orphan)  # never served, never counted: its space held for good
         summaries = []
         for index_path in (path for path in held if path.suffix == ".idx"):
             try:
@@ -836,8 +863,8 @@ class CacheStore:
                 continue
             if summary is None:
                 log.info("removing unusable cache entry %s", index_path.stem)
-                index_path.unlink(missing_ok=True)
-                index_path.with_suffix(".data").unlink(missing_ok=True)
+                _remove(index_path)
+                _remove(index_path.with_suffix(".data"))
             else:
                 summary["disk"] = _allocated_at(index_path) + _allocated_at(index_path.with_suffix(".data"))
                 summaries.append(summary)
@@ -889,6 +916,15 @@ class CacheStore:
 
     def save_pins(self, pins: set[str]) -> None:
         private.write_file(self.root / "pins.json", json.dumps(sorted(pins)).encode())
+
+
+def _remove(path: Path) -> None:
+    """Unlink path, a file of the store; anything else found there (a directory) is logged and
+    left: one entry must not keep the daemon from starting."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("cannot remove %s from the cache: %s", path, e.strerror or e)
 
 
 def _seal_holds(seal: bytes, data: os.stat_result, records: bytes) -> bool:
@@ -955,6 +991,11 @@ def _read_summary(index_path: Path) -> dict | None:
         magic, length = _HEADER_PREFIX.unpack_from(raw)
         header = json.loads(raw[_HEADER_PREFIX.size:_HEADER_PREFIX.size + length])
         path, chunk_size, size = header["path"], header["chunk_size"], header["size"]
+        # what the budget counts: the index's own name says which path it is (an index put in
+        # another's place could otherwise claim any size, and evict the whole cache)
+        if (not isinstance(path, str) or _key(path) != index_path.stem or type(size) is not int or size < 0
+                or type(chunk_size) is not int or chunk_size <= 0):
+            return None
         nchunks = -(-size // chunk_size)
         records = raw[len(_encode_header(header)):]
         if len(records) == nchunks * _RECORD.size + _SEAL.size:

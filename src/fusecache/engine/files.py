@@ -30,7 +30,7 @@ from ..budget import CacheBudget
 from ..logs import Throttle
 from ..metrics import Metrics
 from ..source import Identity, Source
-from ..store import CacheEntry, CacheStore, StoreError, in_place
+from ..store import CacheEntry, CacheStore, StoreError, in_place, uncached_entry
 from .errors import error_kind
 from .keyed_lock import KeyedLock
 from .shares import UidShares
@@ -258,19 +258,19 @@ class OpenFiles:
                 return await self.tasks.io(self.store.open_entry, relpath, identity, self.chunk_size)
             except StoreError as e:  # the cache dir is no longer ours alone: write nothing there
                 repeats.warning("%s; reading %s straight from the source", e, relpath)
-                return CacheEntry.uncached(relpath, identity, self.chunk_size)
+                return uncached_entry(relpath, identity, self.chunk_size)
             except OSError as e:
                 if e.errno in (errno.EFBIG, errno.EOVERFLOW):
                     repeats.warning("%s is too large for the cache filesystem (%s); reading it straight from "
                                     "the source", relpath, e.strerror)
-                    return CacheEntry.uncached(relpath, identity, self.chunk_size)
+                    return uncached_entry(relpath, identity, self.chunk_size)
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 self.metrics.count_error(error_kind(e))
                 if attempt == 0:
                     await self.on_disk_full(relpath)
         repeats.warning("no space in the cache for %s; reading it straight from the source", relpath)
-        return CacheEntry.uncached(relpath, identity, self.chunk_size)
+        return uncached_entry(relpath, identity, self.chunk_size)
 
     def ref(self, tracked: TrackedFile) -> None:
         tracked.users += 1
