@@ -52,6 +52,17 @@ def test_a_limit_that_does_not_bind_teaches_nothing_and_idle_starts_over():
     assert fill.slots.total_tokens == 2 and fill.state.growing and fill.state.best_rate == 0
 
 
+def test_a_window_in_which_no_read_landed_is_not_judged():
+    """Reads slower than a window: the first window after idle saw none land, and its rate of
+    0 was judged a larger limit that gained nothing: settled at the start until the next
+    idle. (Found by review.)"""
+    fill = controller()
+    fill.decide(0, in_flight=2, waiting=3)
+    assert fill.state.growing and fill.slots.total_tokens == 2
+    fill.decide(100, in_flight=2, waiting=3)
+    assert fill.slots.total_tokens == 4
+
+
 def test_start_and_ceiling_are_kept_in_order():
     assert controller(start=8, ceiling=4).slots.total_tokens == 4
 

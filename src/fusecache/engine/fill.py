@@ -73,8 +73,11 @@ class FillController:
         if state.settling:
             state.settling = False
             return
-        if not state.growing or waiting == 0:
-            return  # settled, or the limit does not bind: nothing to learn
+        if not state.growing or waiting == 0 or rate <= 0:
+            # settled, or the limit does not bind, or no read landed in the window (reads
+            # slower than a window): nothing to learn. A window of nothing was judged a limit
+            # that gained nothing, and the limit stayed at its start until the next idle.
+            return
         if rate > state.best_rate * GAIN:
             state.best_rate, state.best_limit = rate, state.limit
             if state.limit < self.ceiling:
