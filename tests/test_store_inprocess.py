@@ -946,3 +946,35 @@ def test_the_store_loads_past_what_no_daemon_made_and_counts_only_indexes_of_the
     loaded = {summary["path"]: summary for summary in store.load()}
     assert set(loaded) == {"kept"} and loaded["kept"]["size"] == SIZE
     assert not claimed.exists()  # unusable: removed
+
+
+def test_a_bad_sector_of_the_cache_is_fetched_again_not_an_error_for_good(store, monkeypatch):
+    """An EIO reading the cache's data file (a bad sector) failed the chunk's check, and every
+    read of a file the source serves well, across restarts; an EIO reading an index failed
+    every open of its path. The chunk is now fetched again, the index made afresh. (Found by
+    review.)"""
+    from fusecache import store as store_module
+
+    entry = store.open_entry("f", V1, CHUNK)
+    fill(entry, os.urandom(SIZE))
+    entry.close()
+    again = reopen(store, trust=False)
+    pread_all = store_module._pread_all
+
+    def bad_sector(fd: int, view: memoryview, offset: int) -> int:
+        if offset == CHUNK:
+            raise OSError(errno.EIO, "Input/output error")
+        return pread_all(fd, view, offset)
+
+    monkeypatch.setattr(store_module, "_pread_all", bad_sector)
+    assert verify_all(again) == [True, False, True, True]
+    assert again.state[1] == MISSING  # to be fetched again
+    again.close()
+
+    def unreadable(*args: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(CacheStore, "_parse_index", unreadable)
+    afresh = store.open_entry("f", V1, CHUNK)
+    assert list(afresh.state) == [MISSING] * 4
+    afresh.close()

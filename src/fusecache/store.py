@@ -157,6 +157,18 @@ class ChunkStates:
         return [i for i in chunks if self.state[i] == MISSING]
 
 
+def _holds(fd: int, view: memoryview, offset: int, checksum: int) -> bool:
+    """Whether the data file holds, at offset, the bytes of checksum (read into view). A read
+    the cache's disk fails (EIO: a bad sector) is a failed checksum: the chunk is fetched and
+    written again, where it used to fail every read of a file the source serves well."""
+    try:
+        return _pread_all(fd, view, offset) == len(view) and xxhash.xxh3_64_intdigest(view) == checksum
+    except OSError as e:
+        if e.errno != errno.EIO:
+            raise
+        return False
+
+
 def _demote_states(states: bytearray, to: int) -> None:
     """Every chunk state above `to` brought down to it (VERIFIED > ON_DISK > MISSING)."""
     for i, state in enumerate(states):
@@ -321,7 +333,7 @@ class CacheEntry(ChunkStates):
         with self._lock:
             self._notice_foreign_writes()
             generation = self.generation
-        ok = _pread_all(self.data_fd, view, offset) == length and xxhash.xxh3_64_intdigest(view) == self.sums[index]
+        ok = _holds(self.data_fd, view, offset, self.sums[index])
         if ok:
             with self._lock:
                 self._notice_foreign_writes()
@@ -759,6 +771,9 @@ class CacheStore:
         try:
             if _is_own_file(index_fd) and _is_own_file(data_fd):
                 entry = self._parse_index(relpath, identity, chunk_size, data_fd, index_fd)
+        except OSError as e:
+            if e.errno != errno.EIO:  # an index its disk cannot read: made afresh, as a damaged one
+                raise
         finally:
             if entry is None:
                 os.close(index_fd)
