@@ -355,8 +355,8 @@ def test_a_live_mount_whose_control_socket_is_gone_is_not_unmounted_as_stale(dir
     source, _mountpoint, cache = dirs
     m = make_mount(source)
     control_socket = control.socket_path(mounts.resolve_mountpoint(str(m.mountpoint)), os.getuid())
-    sockets = [control_socket, supervisor.socket_for(control_socket)]
-    assert all(path.exists() for path in sockets)
+    sockets = [path for path in (control_socket, supervisor.socket_for(control_socket)) if path.exists()]
+    assert control_socket in sockets  # and the supervisor's, where the session has one
     for path in sockets:
         path.rename(path.with_name(path.name + ".moved"))
     if daemon == "stopped":
