@@ -1023,3 +1023,22 @@ async def test_opens_killed_and_tried_again_on_a_file_that_hangs_hold_one_thread
     with trio.fail_after(5):
         assert await tasks.abandonable(hung_open, key=("open", "f")) == "opened"
     assert len(started) == 2
+
+
+async def test_without_address_space_to_map_a_cache_file_its_reads_go_to_the_source(harness, monkeypatch):
+    """Each entry maps its whole data file, whose size a source's writer chooses (a sparse
+    file costs nothing): a few 16 TiB files took the daemon's whole address space, and every
+    other fill failed with ENOMEM, which readers got as EIO. Past store.MAPPED_MAX a file is
+    read through, correctly, and the cache limit is left alone (nothing is full). (Found by
+    review.)"""
+    from fusecache import store as store_module
+
+    data = harness.write("f", 3 * CHUNK)
+    engine = await harness.start()
+    limit = engine.budget.limit
+    monkeypatch.setattr(store_module, "MAPPED_MAX", store_module._AddressSpace.mapped + CHUNK)  # not the file
+    assert await read_file(engine, "f") == data
+    assert engine.metrics.bytes_read_through == len(data) and engine.budget.limit == limit
+    monkeypatch.undo()
+    assert await read_file(engine, "f") == data  # mapped once there is room: cached
+    assert engine.cached_extent("f") == (len(data), len(data))

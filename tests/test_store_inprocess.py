@@ -978,3 +978,20 @@ def test_a_bad_sector_of_the_cache_is_fetched_again_not_an_error_for_good(store,
     afresh = store.open_entry("f", V1, CHUNK)
     assert list(afresh.state) == [MISSING] * 4
     afresh.close()
+
+
+def test_mappings_of_cache_files_are_counted_and_given_back(store, monkeypatch):
+    from fusecache import store as store_module
+
+    # room for one file's mapping more than this process holds (other tests' entries included)
+    monkeypatch.setattr(store_module, "MAPPED_MAX", store_module._AddressSpace.mapped + SIZE + CHUNK)
+    first = store.open_entry("f", V1, CHUNK)
+    fill(first, os.urandom(SIZE))
+    assert first.view(0, CHUNK, first.generation) is not None  # mapped
+    second = store.open_entry("g", V1, CHUNK)
+    with pytest.raises(OSError) as refused:
+        second.view(0, 1, second.generation)
+    assert refused.value.errno == errno.ENOMEM
+    first.close()  # its mapping given back
+    assert second.mapped(0, 1) is not None
+    second.close()

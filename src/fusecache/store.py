@@ -58,6 +58,11 @@ from .source import Identity
 log = logging.getLogger(__name__)
 
 LAYOUT = "fusecache-v1"
+# A process addresses 128 TiB, and each entry being filled or served from memory maps its whole
+# data file, whose size the source's writers choose (a sparse file costs them nothing): eight
+# sparse 16 TiB files took it all, and every other mapping of the daemon failed. Past this much
+# mapped at once a file is not mapped: its fill reads through, its replies are copied.
+MAPPED_MAX = 32 << 40
 INDEX_MAGIC = b"FCIDX\x00\x01\n"
 _HEADER_PREFIX = struct.Struct("<8sI")  # magic, length of the JSON header that follows
 # A chunk's checksum is xxh3-64: as good as crc32 at catching damage, and ten times faster
@@ -155,6 +160,40 @@ class ChunkStates:
     def missing(self, chunks: range) -> list[int]:
         """The chunks of the range that must be read from the source."""
         return [i for i in chunks if self.state[i] == MISSING]
+
+
+class _AddressSpace:
+    """What the entries' mappings of their data files take of the daemon's address space."""
+
+    lock = threading.Lock()
+    mapped = 0
+
+
+def _map_data(fd: int, size: int) -> mmap.mmap:
+    """A shared read-write mapping of a whole data file of size bytes; ENOMEM past MAPPED_MAX
+    of such mappings at once (the fill then reads through, replies are copied)."""
+    with _AddressSpace.lock:
+        if _AddressSpace.mapped + size > MAPPED_MAX:
+            raise OSError(errno.ENOMEM, f"cache files of {_AddressSpace.mapped} bytes mapped already")
+        _AddressSpace.mapped += size
+    try:
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        _unmapped(size)
+        raise
+
+
+def _unmap_data(mapping: mmap.mmap, size: int) -> None:
+    try:
+        mapping.close()
+    except BufferError:  # a reply view is still referenced; the GC unmaps it
+        pass
+    _unmapped(size)
+
+
+def _unmapped(size: int) -> None:
+    with _AddressSpace.lock:
+        _AddressSpace.mapped -= size
 
 
 def _holds(fd: int, view: memoryview, offset: int, checksum: int) -> bool:
@@ -321,8 +360,7 @@ class CacheEntry(ChunkStates):
             return self._map
         with self._lock:
             if self._map is None:
-                self._map = mmap.mmap(self.data_fd, self.size, flags=mmap.MAP_SHARED,
-                                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                self._map = _map_data(self.data_fd, self.size)
             return self._map
 
     def verify_chunk(self, index: int, scratch: memoryview) -> bool:
@@ -480,10 +518,7 @@ class CacheEntry(ChunkStates):
                 return
             self.closed = True
             if self._map is not None:
-                try:
-                    self._map.close()
-                except BufferError:  # a reply view is still referenced; the GC unmaps it
-                    pass
+                _unmap_data(self._map, self.size)
             for fd in (self.data_fd, self.index_fd):  # each, whatever the other's close says (NFS)
                 try:
                     os.close(fd)

@@ -84,7 +84,12 @@ class CompleteFile:
 
     def view(self, offset: int, length: int) -> memoryview | None:
         # asked right after unchanged() (session.types.DirectFile), so not checked again
-        return None if self.drop_pages else self.entry.mapped(offset, length)
+        if self.drop_pages:
+            return None
+        try:
+            return self.entry.mapped(offset, length)
+        except OSError:  # no address space left to map its file (store.MAPPED_MAX): copied instead
+            return None
 
     def serving(self, offset: int, length: int) -> None:
         self.metrics.count_served(length, from_cache=True, direct=True)

@@ -252,8 +252,9 @@ class Fetcher:
         except CacheFull as e:
             flight.error = e
         except OSError as e:
-            flight.error = CacheFull(str(e)) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e
-            if isinstance(flight.error, CacheFull):
+            # no room on the cache filesystem, or in the address space to map its file: read through
+            flight.error = CacheFull(str(e)) if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM) else e
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 await self.evictor.after_disk_full(tracked.relpath)
             self.metrics.count_error(error_kind(e))
             repeats.warning("fetching %s chunks %d-%d failed: %s", tracked.relpath,

@@ -72,7 +72,11 @@ class Reader:
     async def _from_cache(self, entry: CacheEntry, buf: memoryview, offset: int, generation: int) -> memoryview | None:
         """The cached bytes of buf's range; None if the cache file changed behind our back."""
         if self.serve_from_memory:
-            return entry.view(offset, len(buf), generation)
+            try:
+                return entry.view(offset, len(buf), generation)
+            except OSError as e:
+                if e.errno != errno.ENOMEM:  # no address space left to map its file: copied instead
+                    raise
         # what the page cache holds is copied here and now; only the rest costs a thread
         n = entry.read_into(buf, offset, generation, nowait=True)
         if n is not None and n < len(buf):
