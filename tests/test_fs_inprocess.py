@@ -362,3 +362,25 @@ async def test_a_listing_stats_each_entry_of_the_source_about_once(harness, monk
     print(f"{reply_size}-byte replies: {stats / len(listed):.2f} stats of the source per entry listed")
     assert sorted(listed) == sorted(os.fsencode(n) for n in os.listdir(harness.src / "d"))
     assert stats <= most * len(listed), stats / len(listed)
+
+
+@pytest.mark.parametrize("swap", ["symlink", "file"])
+async def test_the_attributes_of_an_open_file_whose_directory_was_swapped_are_its_versions(harness, swap):
+    """A handle is open on ckpt/f; in the source, ckpt is swapped for a link ("latest"-style)
+    or a file. An fstat of the handle failed (ENOTDIR, ELOOP from the path), and, once the
+    attributes expired, so did reads that asked for them first. The open file's version
+    answers, as for a file removed. (Found by review.)"""
+    data = harness.write("ckpt/f", 3 * CHUNK)
+    harness.write("other/f", 5 * CHUNK)
+    ops = await operations(harness)
+    d = await ops.lookup(ROOT_INODE, b"ckpt", ctx())
+    f = await ops.lookup(d.ino, b"f", ctx())
+    info = await ops.open(f.ino, os.O_RDONLY, ctx())
+    os.rename(harness.src / "ckpt", harness.src / "ckpt.old")
+    if swap == "symlink":
+        os.symlink("other", harness.src / "ckpt")
+    else:
+        (harness.src / "ckpt").write_bytes(b"x")
+    assert (await ops.getattr(f.ino, ctx())).size == len(data)
+    assert await read_all(ops, info.fh) == data
+    await ops.release(info.fh)

@@ -316,3 +316,83 @@ async def test_a_passthrough_open_that_completes_a_file_does_not_wait_for_its_se
     disk.set()
     await wait_for(lambda: sealed(harness, "f"))
     await ops.release(second.fh)
+
+
+async def test_an_open_that_waited_while_the_last_release_closed_the_id_gets_a_new_one(harness):
+    """An open waiting for its file (the passthrough wait) while the inode's last passthrough
+    release wrote the backing ids without the id and closed it: the open woke, took that id
+    and was answered on it, named by no journal. After a crash the next daemon registers
+    another id, which the kernel refuses while this open holds the first (EIO). (Found by
+    review; the open's slow wait is modelled by holding its first call.)"""
+    harness.write("f", 3 * CHUNK)
+    backing = FakeBacking()
+    ops = await passthrough_ops(harness, backing, wait=30)
+    await read_file(ops.engine, "f")  # complete in the cache
+    f = await ops.lookup(ROOT_INODE, b"f", ctx())
+
+    written = []  # what each journal write of the backing ids would hold
+    gate = trio.Event()
+    block_persist = False
+
+    async def persist() -> bool:
+        snapshot = list(ops.export_backing())  # journal.flush_backing: taken, then written on a thread
+        if block_persist:
+            await gate.wait()
+        written.append(snapshot)
+        return True
+
+    ops.persist_backing = persist
+
+    # A's wait for its file is slow (it polls every 20 ms): modelled by holding its first call
+    real_wait = ops.engine.wait_verified_whole
+    a_may_go = trio.Event()
+    calls = 0
+
+    async def wait(handle, timeout):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await a_may_go.wait()
+        return await real_wait(handle, timeout)
+
+    ops.engine.wait_verified_whole = wait
+    replies = {}
+
+    async def open_a():
+        replies["a"] = await ops.open(f.ino, os.O_RDONLY, ctx())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(open_a)
+        await trio.sleep(0.05)
+        b = await ops.open(f.ino, os.O_RDONLY, ctx())
+        assert b.backing_id is not None
+        block_persist = True
+        n.start_soon(ops.release, b.fh)  # B's last release: journal written first, id closed after
+        await trio.sleep(0.05)
+        a_may_go.set()  # A's wait ends while B's release writes the journal
+        await trio.sleep(0.05)
+        gate.set()
+    a = replies["a"]
+    # answered on a new id, which the last write of the ids names
+    assert a.backing_id is not None and a.backing_id in backing.live()
+    assert any(kept.backing_id == a.backing_id for kept in written[-1]), written
+    await ops.release(a.fh)
+
+
+
+async def test_an_open_interrupted_while_it_waits_for_its_file_leaves_no_entry(harness):
+    """An open deciding between passthrough and cached waits for a file being streamed; an
+    INTERRUPT there left its inode's entry behind, for the life of the mount. (Found by
+    review.)"""
+    harness.write("f", 8 * CHUNK)
+    ops = await passthrough_ops(harness, FakeBacking(), wait=WAIT)
+    f = await ops.lookup(ROOT_INODE, b"f", ctx())
+    gate = harness.source.hold("f", offset=0)
+    ops.engine.prefetch("f")
+    await gate.wait_entered()
+    with trio.move_on_after(0.3):
+        await ops.open(f.ino, os.O_RDONLY, ctx())  # cancelled as an INTERRUPT does
+    gate.open()
+    await settled(ops.engine, "f")
+    assert ops.passthrough._inodes == {}
+    assert users(ops.engine, "f") == 0  # nor its handle

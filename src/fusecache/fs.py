@@ -34,7 +34,7 @@ from .passthrough import Passthrough
 from .session.types import Attributes, Context, DirectFile, DirentSink, FuseError, OpenReply
 from .inodes import InodeTable, Version
 from .livestate import AdapterState, Backing, OpenDir, OpenFile
-from .source import UNREACHABLE, Identity, readdir_batches
+from .source import Identity, readdir_batches
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +147,12 @@ class FuseOperations:
         relpath, version = self.inodes.version(inode)
         try:
             st: os.stat_result | None = await self.engine.lstat(relpath)
-        except FileNotFoundError:
-            st = None
         except OSError as e:
-            # The source cannot be reached: a file open through the mount still reads its
-            # version from the cache, and the kernel may ask for its attributes before each
-            # read (libfuse negotiates AUTO_INVAL_DATA): answer the version's.
-            if e.errno not in UNREACHABLE or self._handle_of(inode) is None:
+            # Gone, or its path leads nowhere now (a directory above swapped for a link, ENOTDIR,
+            # ELOOP), or the source cannot be reached: a file open through the mount still reads
+            # its version, and the kernel may ask for its attributes before each read (libfuse
+            # negotiates AUTO_INVAL_DATA): answer the version's.
+            if not isinstance(e, FileNotFoundError) and self._handle_of(inode) is None:
                 raise
             st = None
         if st is not None and (version is None or self._version(relpath, st) == version):

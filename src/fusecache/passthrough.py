@@ -87,14 +87,23 @@ class Passthrough:
     async def choose(self, inode: int, handle: Handle, latest: bool) -> IOMode:
         """How to serve this open of inode: on the inode's mode, never refused. latest: inode
         is what a lookup of its path gives now (a new inode is asked for only then)."""
-        while (io := self._inodes.get(inode)) is not None and io.closing is not None:
-            await io.closing.wait()  # its id goes: this open gets a new one, written before it is answered
-        io = self._inodes.setdefault(inode, InodeIO())
-        io.waiting += 1
-        try:
-            mode = await self._choose(io, handle, latest)
-        finally:
+        while True:
+            while (io := self._inodes.get(inode)) is not None and io.closing is not None:
+                await io.closing.wait()  # its id goes: this open gets a new one, written before it is answered
+            io = self._inodes.setdefault(inode, InodeIO())
+            io.waiting += 1
+            try:
+                mode = await self._choose(io, handle, latest)
+            except BaseException:  # interrupted, or its file could not be checked: no entry left behind
+                io.waiting -= 1
+                self._tidy(inode, io)
+                raise
             io.waiting -= 1
+            if io.closing is None:
+                break
+            # the inode's last passthrough release began closing its id while this open waited
+            # for its file: given that id, it would be open on one the journal leaves out
+            self._tidy(inode, io)
         if mode.backing_id is None:
             io.cached += 1
         else:
@@ -111,11 +120,10 @@ class Passthrough:
             return IOMode()
         if io.cached:
             return IOMode(new_inode=latest and handle.complete and not io.refused)
-        if not await self.engine.wait_verified_whole(handle, self.wait):
-            return IOMode()
-        if io.passthrough:  # another open of the inode registered it while we waited
+        complete = await self.engine.wait_verified_whole(handle, self.wait)
+        if io.passthrough:  # another open of the inode registered it while we waited: on it, whatever
             return IOMode(io.backing_id)
-        if io.cached:
+        if not complete or io.cached:
             return IOMode()
         try:
             io.backing_id = self._register(handle)
