@@ -464,3 +464,23 @@ async def test_reader_process_deaths_far_apart_do_not_end_the_session(device, mo
             while not ended:
                 await trio.sleep(0.01)
     assert ended == [True] and readers._processes == []
+
+
+async def test_what_a_process_sent_before_it_exited_is_heard_past_a_reset():
+    """A reader process that read STOP exits; a message of ours it left unread (a ROUTE or an
+    UNROUTE sent during the drain) makes our next recv fail with ECONNRESET ahead of what it
+    had sent: its last FORWARDs and its STOPPED were taken for a death, and the forwarded
+    requests were never answered. (Found by review.)"""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.send(FORWARD + b"a forwarded READ")
+    theirs.send(STOPPED)
+    ours.send(UNROUTE.pack(OP_UNROUTE, 5))  # a release answered during the drain
+    theirs.close()  # the process exits
+    readers = ReaderProcesses(-1, 1, Routes(), lambda: True)
+    delivered: list[bytes] = []
+    process = SimpleNamespace(control=ours, popen=SimpleNamespace(pid=1))
+    with trio.fail_after(5):
+        stopped = await readers._hear(process, lambda fd, data: delivered.append(bytes(data)) or True, trio.Event())
+    ours.close()
+    assert (stopped, delivered) == (True, [b"a forwarded READ"])

@@ -901,10 +901,11 @@ def test_a_failed_sync_of_the_data_file_has_it_all_fetched_again_and_not_sealed(
         sync(fd)
 
     monkeypatch.setattr(os, "fdatasync", fails_once)
-    generation = entry.generation
+    generation, stamp = entry.generation, linux.stamp(entry.data_fd)
     with pytest.raises(OSError):
         entry.seal()
     assert list(entry.state) == [MISSING] * 4 and entry.generation > generation  # fetched again, readers retry
+    assert linux.stamp(entry.data_fd) != stamp  # reader processes, which compare stamps, stop serving it
     assert not entry.seal() and not entry.sealed
     entry.close()
 

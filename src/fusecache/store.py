@@ -425,6 +425,8 @@ class CacheEntry(ChunkStates):
         with self._lock:
             self.generation += 1
             _demote_states(self.state, MISSING)
+            os.utime(self.data_fd)  # its stamp moves: reader processes, which compare stamps, stop serving it
+            self._stamp = _stamp(self.data_fd)
 
     def _unseal(self) -> None:
         """Called with _lock held, before any write of ours into the entry: the seal goes

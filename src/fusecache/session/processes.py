@@ -261,7 +261,9 @@ class ReaderProcesses:
             await trio.lowlevel.wait_readable(process.control)
             try:
                 message = process.control.recv(CONTROL_MESSAGE)
-            except BlockingIOError:
+            except (BlockingIOError, ConnectionResetError):
+                # ECONNRESET: it exited with a message of ours unread (a ROUTE sent during a
+                # drain); what it sent before (FORWARDs, STOPPED) is still queued, then the end
                 continue
             except OSError:
                 message = b""
