@@ -1042,3 +1042,15 @@ async def test_without_address_space_to_map_a_cache_file_its_reads_go_to_the_sou
     monkeypatch.undo()
     assert await read_file(engine, "f") == data  # mapped once there is room: cached
     assert engine.cached_extent("f") == (len(data), len(data))
+
+
+async def test_pins_set_by_requests_at_once_are_saved_as_last_set(harness):
+    """Pin and unpin requests at once saved their sets through one temporary file from
+    several threads: some failed ("internal error"), and an older set could be the one kept,
+    whose files a restart then let be evicted. (Found by review.)"""
+    engine = await harness.start()
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(engine.set_pins, {f"p{i}" for i in range(n + 1)})
+    assert harness.store.load_pins() == engine.pins  # the last set, whichever request that was
+    assert not list(harness.store.root.glob(".*.tmp"))

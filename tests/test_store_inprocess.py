@@ -996,3 +996,13 @@ def test_mappings_of_cache_files_are_counted_and_given_back(store, monkeypatch):
     first.close()  # its mapping given back
     assert second.mapped(0, 1) is not None
     second.close()
+
+
+
+def test_a_small_file_whose_write_a_crash_cut_short_is_removed_at_start(store):
+    """The journal and the pins are written to a temporary file of their own, renamed over the
+    file: one a crash left is removed when the store is next loaded."""
+    (store.root / ".journal.json.0123456789abcdef.tmp").write_bytes(b"{half")
+    (store.root / "pins.json.tmp").write_bytes(b"[")  # an older fusecache's name
+    store.load()
+    assert not list(store.root.glob("*.tmp"))

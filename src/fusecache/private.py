@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import stat as stat_mod
 from pathlib import Path
 
@@ -105,8 +106,7 @@ def write_file(path: Path, data: bytes) -> None:
     """Replace path's content atomically: a new file (O_EXCL: never through a planted
     link), written whole, renamed over it. A write that fails (a full disk writes part, then
     ENOSPC) leaves path as it was."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # its own: writers may race
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         view = memoryview(data)

@@ -898,6 +898,8 @@ class CacheStore:
         is damaged or of an older format on the way: they can never be served, and would hold
         their disk space forever. Only at start, before any entry is opened (entries being
         created or replaced are briefly without an index)."""
+        for stray in self.root.glob("*.tmp"):  # a small file of ours whose write a crash cut short
+            _remove(stray)
         held = sorted(self.objects.glob("*/*"))  # one walk of the folders (nothing else writes yet)
         present = set(held)
         for orphan in held:

@@ -55,6 +55,7 @@ class Evictor:
         self.tasks = tasks
         self.pins: set[str] = set()
         self._limit_before_full: int | None = None  # the limit a full cache filesystem lowered, while lowered
+        self._saving = trio.Lock()  # pins are saved one at a time
 
     async def load(self) -> None:
         """What the store holds and which paths are pinned, at start."""
@@ -68,8 +69,12 @@ class Evictor:
         return any(is_under(relpath, pin) for pin in self.pins)
 
     async def set_pins(self, pins: set[str]) -> None:
+        """Pin these paths (at once) and save them: one save at a time, each of the pins as
+        they are when it starts, so the last one saved is the last set (concurrent requests
+        saved through one temporary file, and the older set could be the one kept)."""
         self.pins = pins
-        await self.tasks.io(self.store.save_pins, pins)
+        async with self._saving:
+            await self.tasks.io(self.store.save_pins, self.pins)
 
     def _evictable(self, relpath: str) -> bool:
         return not self.files.in_use(relpath) and not self.is_pinned(relpath)
