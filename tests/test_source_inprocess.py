@@ -228,6 +228,34 @@ def test_regular_files_walks_a_tree_without_following_links(tree):
         regular_files(tree, "dirlink")
 
 
+def test_a_directory_swapped_for_a_fifo_or_a_link_while_walked_is_left_out(tmp_path):
+    """The walk of a prefetch or a pin opens each directory it listed; one swapped meanwhile
+    for a FIFO hung the walk (and the request, and a thread) for good, and one swapped for a
+    link to elsewhere was opened outside the source. It is left out. (Found by review.)"""
+    root = tmp_path / "src"
+    for sub in ("a", "b", "c"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "f").write_bytes(b"xyz")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret").write_bytes(b"outside")
+
+    class SwappedAsOpened(Source):
+        def opendir(self, relpath: str) -> int:
+            if relpath in ("b", "c"):
+                (root / relpath).rename(root / f"{relpath}.old")
+                if relpath == "b":
+                    os.mkfifo(root / relpath)
+                else:
+                    (root / relpath).symlink_to(tmp_path / "elsewhere")
+            return super().opendir(relpath)
+
+    walked: list = []
+    walker = threading.Thread(target=lambda: walked.append(regular_files(SwappedAsOpened(root), "")), daemon=True)
+    walker.start()
+    walker.join(10)
+    assert walked == [[("a/f", 3)]]
+
+
 def test_statvfs(tree):
     assert tree.statvfs().f_bsize == os.statvfs(tree.root).f_bsize
 

@@ -420,25 +420,41 @@ class Source:
 
 def regular_files(source: Source, relpath: str) -> list[tuple[str, int]]:
     """(relpath, size) of every regular file in the directory tree at relpath of source (or
-    of relpath itself), never following a symlink, in name order."""
+    of relpath itself), in name order. Every directory is opened as source.opendir opens it:
+    beneath the root, no symlink followed, O_DIRECTORY (a FIFO swapped in fails, never
+    blocks). os.fwalk told directories apart by following links, and opened them without
+    O_NOFOLLOW: a link planted in the source walked the daemon out of it, or hung it on a
+    FIFO. A directory swapped for anything else since it was listed is left out."""
     st = source.lstat(relpath)
     if stat_mod.S_ISREG(st.st_mode):
         return [(relpath, st.st_size)]
     if not stat_mod.S_ISDIR(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file or directory")
-    found = []
-    top = source.opendir(relpath)
-    try:
-        for dirpath, dirnames, filenames, dir_fd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
-            dirnames.sort()
-            base = os.path.normpath(os.path.join(relpath, dirpath)) if relpath else os.path.normpath(dirpath)
-            for name in sorted(filenames):
+    found: list[tuple[str, int]] = []
+    pending = [relpath]  # directories to list, the next one last
+    while pending:
+        directory = pending.pop()
+        try:
+            fd = source.opendir(directory)
+        except OSError as e:
+            if directory == relpath or e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            continue
+        try:
+            with os.scandir(fd) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+            subdirectories = []
+            for entry in entries:
+                child = f"{directory}/{entry.name}" if directory else entry.name
                 try:
-                    child = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    child_st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if stat_mod.S_ISREG(child.st_mode):
-                    found.append((name if base == "." else f"{base}/{name}", child.st_size))
-    finally:
-        os.close(top)
+                if stat_mod.S_ISREG(child_st.st_mode):
+                    found.append((child, child_st.st_size))
+                elif stat_mod.S_ISDIR(child_st.st_mode):
+                    subdirectories.append(child)
+            pending.extend(reversed(subdirectories))
+        finally:
+            os.close(fd)
     return found
