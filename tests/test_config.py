@@ -84,7 +84,7 @@ def test_option_parsing_never_crashes(items):
     ("readahead=maybe", "expected one of"), ("log_level=loud", "expected one of"), ("allow_other=perhaps", "on/off"),
     ("cache_size=0", "at least 1M"), ("cache_size=200%", "between"), ("cache_size=%", "expected a number"),
     ("metrics_addr=host:port", "expected an integer"), ("metrics_addr=1.2.3.4:70000", "between 1 and 65535"),
-    ("cache_dir=", "empty path"), ("chunk_size", "needs a value"), ("colour=blue", "unknown option"),
+    ("cache_dir=", "empty path"), ("cache_dir=/a\0b", "holds no NUL"), ("chunk_size", "needs a value"), ("colour=blue", "unknown option"),
     ("a,,b", "empty option"),
 ])
 def test_bad_option_values(option, message):
@@ -97,6 +97,9 @@ def test_empty_paths_are_refused_and_an_empty_option_string_is_no_option():
     it); `-o ""` (an env file without OPTIONS=) was an "empty option" error. (Found by review.)"""
     for source, mountpoint in (("", "/m"), ("/s", "")):
         with pytest.raises(ConfigError, match="empty path"):
+            build_config(source, mountpoint, [])
+    for source, mountpoint in (("/s\0", "/m"), ("/s", "/m\0")):  # a restart's, from a daemon's reply
+        with pytest.raises(ConfigError, match="holds no NUL"):
             build_config(source, mountpoint, [])
     assert build_config("/s", "/m", [""]).options == build_config("/s", "/m", []).options == []
 

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from fusecache import linux
-from fusecache.source import Identity, Source, SourceChanged, check_name, is_under, is_valid_name, regular_files
+from fusecache.source import Identity, Source, SourceChanged, check_name, is_under_any, is_valid_name, regular_files
 
 from .helpers import deep_tree, encode, entries
 
@@ -92,7 +92,8 @@ def test_names(tree):
         assert not is_valid_name(name)
         with pytest.raises(OSError):
             check_name(name)
-    assert is_under("a/b", "a") and is_under("a", "a") and is_under("x", "") and not is_under("ab", "a")
+    assert is_under_any("a/b", {"a"}) and is_under_any("a", {"z", "a"}) and is_under_any("x", {""})
+    assert not is_under_any("ab", {"a"}) and not is_under_any("a", {"a/b"}) and not is_under_any("a", set())
 
 
 def test_a_directory_is_read_in_batches_from_any_offset(tmp_path):

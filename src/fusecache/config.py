@@ -297,6 +297,8 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
 def _set_path(cfg: MountConfig, key: str, value: str) -> None:
     if not value:
         raise ConfigError(f"invalid {key}: empty path")
+    if "\0" in value:  # no system call takes it (realpath raised ValueError)
+        raise ConfigError(f"invalid {key} {value!r}: a path holds no NUL")
     try:
         path = os.path.abspath(Path(value).expanduser())
     except RuntimeError:  # ~name of a user who does not exist
@@ -385,6 +387,8 @@ def build_config(source: str, mountpoint: str, options: list[str], **overrides: 
     for name, path in (("source", source), ("mountpoint", mountpoint)):
         if not path:  # abspath("") is the directory the command runs in
             raise ConfigError(f"empty path for the {name}")
+        if "\0" in path:  # a restart's, from a daemon's reply
+            raise ConfigError(f"invalid {name} {path!r}: a path holds no NUL")
     cfg = MountConfig(source=Path(os.path.abspath(source)), mountpoint=Path(os.path.abspath(mountpoint)))
     for text in options:
         for item in split_options(text):

@@ -23,7 +23,7 @@ from .control import ControlError
 from .controlserver import Handler
 from .engine import Engine
 from .metrics import Metrics
-from .source import Source, is_under, is_valid_name, regular_files
+from .source import Source, is_under_any, is_valid_name, regular_files
 from .store import CacheStore
 
 
@@ -83,10 +83,10 @@ class ControlHandlers:
                 "files": self._files_report()}
 
     async def cache_clear(self, request: dict) -> dict:
-        prefixes = _relpaths(request)
+        prefixes = set(_relpaths(request))
         evicted, kept = [], []
         for relpath in sorted(self.engine.budget.files()):
-            if any(is_under(relpath, prefix) for prefix in prefixes):
+            if is_under_any(relpath, prefixes):
                 (evicted if await self.engine.evict(relpath) else kept).append(relpath)
         return {"evicted": evicted, "kept": kept}
 

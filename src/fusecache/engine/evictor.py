@@ -19,7 +19,7 @@ from ..budget import CacheBudget
 from ..config import MountConfig
 from ..logs import Throttle
 from ..metrics import Metrics
-from ..source import is_under
+from ..source import is_under_any
 from ..store import CacheStore
 from .errors import CacheFull, error_kind
 from .files import OpenFiles
@@ -66,7 +66,7 @@ class Evictor:
                  self.budget.used, self.budget.limit)
 
     def is_pinned(self, relpath: str) -> bool:
-        return any(is_under(relpath, pin) for pin in self.pins)
+        return is_under_any(relpath, self.pins)
 
     async def set_pins(self, pins: set[str]) -> None:
         """Pin these paths (at once) and save them: one save at a time, each of the pins as
