@@ -20,6 +20,7 @@ import trio
 from fusecache.control import ControlError, send_request
 from fusecache.controlserver import ControlServer
 from fusecache.engine import Engine
+from fusecache import handlers as handlers_module
 from fusecache.handlers import PROGRAM_STARTED, ControlHandlers, DaemonParts
 from fusecache.source import Source
 
@@ -91,6 +92,24 @@ async def test_prefetch_is_a_job_whose_progress_is_asked_by_id(harness):
     again = await handlers.prefetch({"command": "prefetch", "paths": ["tree/x"]})
     assert again["job"] != queued["job"]
     assert (await finished(handlers, again["job"]))["cached"] == 2 * CHUNK
+
+
+async def test_jobs_nobody_asks_about_hold_a_bounded_number_of_paths(harness, monkeypatch):
+    """`pin` and `prefetch --no-wait` leave jobs nobody asks about again, each holding its
+    whole list of paths until 256 newer ones pushed it out: with trees of a million files,
+    gigabytes. The oldest go first once the paths held pass a bound; the newest is kept
+    whatever its size. (Found by review.)"""
+    monkeypatch.setattr(handlers_module, "MAX_JOB_PATHS", 5)
+    for i in range(3):
+        harness.write(f"tree{i}/a", 1)
+        harness.write(f"tree{i}/b", 1)
+        harness.write(f"tree{i}/c", 1)
+    engine = await harness.start()
+    handlers = handlers_of(harness, engine)
+    jobs = [(await handlers.prefetch({"command": "prefetch", "paths": [f"tree{i}"]}))["job"] for i in range(3)]
+    with pytest.raises(ControlError, match="^no prefetch job"):
+        await handlers.progress({"command": "progress", "job": jobs[1]})  # 3 + 3 paths: the older goes
+    assert (await finished(handlers, jobs[2]))["size"] == 3
 
 
 async def test_a_progress_request_may_wait_for_its_job_to_finish(harness):

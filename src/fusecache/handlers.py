@@ -29,6 +29,9 @@ from .store import CacheStore
 
 PROGRAM_STARTED = time.time_ns()  # set as this program loads: an exec in place starts anew
 MAX_JOBS = 256  # unfinished prefetch jobs kept (those no client waits for are dropped oldest first)
+# and the paths they hold in all: a `pin` or a `prefetch --no-wait` of a tree of a million files
+# is a job nobody asks about again, each holding its paths until 256 newer ones push it out
+MAX_JOB_PATHS = 1_000_000
 # A progress request may wait up to this long for its job to finish, so that the client hears
 # of the end at once instead of at its next poll (and polls less).
 PROGRESS_WAIT_MAX = 5.0
@@ -97,7 +100,8 @@ class ControlHandlers:
             self.engine.prefetch(relpath)
         job = next(self._job_ids)
         self._jobs[job] = [relpath for relpath, _size in files]
-        while len(self._jobs) > MAX_JOBS:
+        while len(self._jobs) > MAX_JOBS or (len(self._jobs) > 1 and
+                                             sum(map(len, self._jobs.values())) > MAX_JOB_PATHS):
             self._jobs.popitem(last=False)
         return {"job": job, "files": len(files), "bytes": sum(size for _relpath, size in files)}
 
