@@ -278,7 +278,15 @@ def test_a_reader_process_killed_under_readers_is_replaced(tmp_path, make_mount)
         readers.around(kill_one)
     assert readers.errors == []
     served_by_readers(m, contents)
+    # they run a copy of the daemon's own code, made as it started: a replacement started
+    # after an upgrade (a pip install under a running daemon) runs no other release's
+    environ = Path(f"/proc/{reader_processes(m.pid)[0]}/environ").read_bytes().split(b"\0")
+    code = Path(os.fsdecode(next(v for v in environ if v.startswith(b"PYTHONPATH=")))[len("PYTHONPATH="):]
+                .split(os.pathsep)[0])
+    assert code.name.startswith("fusecache-readers-") and (code / "fusecache" / "session" / "reader_process.py").exists()
+    assert os.stat(code).st_mode & 0o077 == 0
     m.unmount()
+    assert not code.exists()  # removed with the session
 
 
 @pytest.mark.parametrize("readers", READERS)

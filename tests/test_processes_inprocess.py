@@ -27,6 +27,7 @@ import fcntl
 import logging
 import mmap
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -34,6 +35,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -51,6 +53,21 @@ from fusecache.session.types import Ticket
 
 HANG_GUARD = 20.0
 CHUNK = 65536
+
+
+@pytest.fixture
+def make_readers():
+    """ReaderProcesses(...), each closed at the end of the test (the code copied for its
+    processes removed)."""
+    made: list[ReaderProcesses] = []
+
+    def factory(*args, **kwargs) -> ReaderProcesses:
+        made.append(ReaderProcesses(*args, **kwargs))
+        return made[-1]
+
+    yield factory
+    for readers in made:
+        readers.close()
 
 
 def request(opcode: int, unique: int, args: bytes = b"", nodeid: int = 1) -> bytes:
@@ -247,14 +264,14 @@ class FileOnDisk:
         return ticket_of(self.fd, self.size)
 
 
-async def test_routes_queued_for_a_full_socket_take_no_descriptor_and_a_released_ones_is_dropped(cache_file):
+async def test_routes_queued_for_a_full_socket_take_no_descriptor_and_a_released_ones_is_dropped(cache_file, make_readers):
     """A new process is told every route at once, more than its socket holds: those queued
     take no descriptor of ours while they wait (thousands of opens would take thousands),
     and the ROUTE of an open released meanwhile is not sent with whatever file its number
     names by then. A stand-in process: only its socket is used here."""
     _path, fd, data = cache_file
     routes = Routes()
-    processes = ReaderProcesses(-1, 1, routes, resend=lambda: True)
+    processes = make_readers(-1, 1, routes, resend=lambda: True)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
     theirs.settimeout(HANG_GUARD)
@@ -340,12 +357,12 @@ def test_a_write_too_large_for_the_control_socket_is_answered_as_the_daemon_woul
         theirs.close()
 
 
-def test_a_route_the_reader_processes_cannot_take_fails_no_open():
+def test_a_route_the_reader_processes_cannot_take_fails_no_open(make_readers):
     """The route's statx fails (here: its descriptor number is no longer open): the open is
     answered all the same, its reads going to the trio thread. Raised, it failed the open
     after its handle was made, a handle the kernel then never released."""
     routes = Routes()
-    ReaderProcesses(-1, 1, routes, resend=lambda: True)
+    make_readers(-1, 1, routes, resend=lambda: True)
     closed = os.open("/dev/null", os.O_RDONLY)
     os.close(closed)
     routes.add(7, FileOnDisk(closed, 10))
@@ -353,13 +370,13 @@ def test_a_route_the_reader_processes_cannot_take_fails_no_open():
     routes.remove(7)
 
 
-async def test_reader_processes_serve_routes_and_forward_the_rest(device, cache_file):
+async def test_reader_processes_serve_routes_and_forward_the_rest(device, cache_file, make_readers):
     kernel, ours = device
     _path, fd, data = cache_file
     os.set_blocking(ours.fileno(), False)
     routes = Routes()
     resent: list[bool] = []
-    processes = ReaderProcesses(ours.fileno(), 2, routes, resend=lambda: resent.append(True) or True)
+    processes = make_readers(ours.fileno(), 2, routes, resend=lambda: resent.append(True) or True)
     routes.add(3, FileOnDisk(fd, len(data)))  # before the processes start
     for fh in range(100, 700):  # more than a socket holds at once: none may be lost
         routes.add(fh, FileOnDisk(fd, len(data)))
@@ -405,7 +422,7 @@ async def test_reader_processes_serve_routes_and_forward_the_rest(device, cache_
     assert processes._processes == [] and processes.counts() == (CHUNK + 8 * 100 + 70, 16)
 
 
-async def test_a_reader_process_that_cannot_start_ends_the_run_with_its_error(device, monkeypatch):
+async def test_a_reader_process_that_cannot_start_ends_the_run_with_its_error(device, monkeypatch, make_readers):
     """A fork refused (EAGAIN: the cgroup's pids.max) for the second process left the first's
     listener waiting, shielded, for a STOPPED never asked for: run() hung for good, a pause or
     SIGTERM could not end it, and no request was read. Now the run stops those started and
@@ -422,14 +439,14 @@ async def test_a_reader_process_that_cannot_start_ends_the_run_with_its_error(de
         return started[-1]
 
     monkeypatch.setattr(processes_module.subprocess, "Popen", popen)
-    readers = ReaderProcesses(ours.fileno(), 2, Routes(), resend=lambda: True)
+    readers = make_readers(ours.fileno(), 2, Routes(), resend=lambda: True)
     with trio.fail_after(HANG_GUARD), pytest.raises(OSError) as refused:
         await readers.run(lambda fd, data: True)
     assert refused.value.errno == errno.EAGAIN
     assert readers._processes == [] and started[0].poll() is not None
 
 
-async def test_reader_process_deaths_far_apart_do_not_end_the_session(device, monkeypatch):
+async def test_reader_process_deaths_far_apart_do_not_end_the_session(device, monkeypatch, make_readers):
     """Deaths of reader processes were counted over the whole run, which lasts as long as the
     mount: the ninth, days after the first, ended the session (an unmount). Only deaths close
     together (each new process dying as it starts) end it now. (Found by review.)"""
@@ -438,7 +455,7 @@ async def test_reader_process_deaths_far_apart_do_not_end_the_session(device, mo
     monkeypatch.setattr(processes_module, "REPLACEMENTS", 2)
     monkeypatch.setattr(processes_module, "REPLACEMENT_WINDOW", 0.4)
     resent: list[bool] = []
-    readers = ReaderProcesses(ours.fileno(), 1, Routes(), resend=lambda: resent.append(True) or True)
+    readers = make_readers(ours.fileno(), 1, Routes(), resend=lambda: resent.append(True) or True)
     ended: list[bool] = []
 
     async def kill_one() -> None:
@@ -466,7 +483,7 @@ async def test_reader_process_deaths_far_apart_do_not_end_the_session(device, mo
     assert ended == [True] and readers._processes == []
 
 
-async def test_what_a_process_sent_before_it_exited_is_heard_past_a_reset():
+async def test_what_a_process_sent_before_it_exited_is_heard_past_a_reset(make_readers):
     """A reader process that read STOP exits; a message of ours it left unread (a ROUTE or an
     UNROUTE sent during the drain) makes our next recv fail with ECONNRESET ahead of what it
     had sent: its last FORWARDs and its STOPPED were taken for a death, and the forwarded
@@ -477,10 +494,31 @@ async def test_what_a_process_sent_before_it_exited_is_heard_past_a_reset():
     theirs.send(STOPPED)
     ours.send(UNROUTE.pack(OP_UNROUTE, 5))  # a release answered during the drain
     theirs.close()  # the process exits
-    readers = ReaderProcesses(-1, 1, Routes(), lambda: True)
+    readers = make_readers(-1, 1, Routes(), lambda: True)
     delivered: list[bytes] = []
     process = SimpleNamespace(control=ours, popen=SimpleNamespace(pid=1))
     with trio.fail_after(5):
         stopped = await readers._hear(process, lambda fd, data: delivered.append(bytes(data)) or True, trio.Event())
     ours.close()
     assert (stopped, delivered) == (True, [b"a forwarded READ"])
+
+
+def test_the_code_copied_for_a_daemon_gone_is_removed_by_the_next(tmp_path, monkeypatch):
+    """Each daemon copies its code for its reader processes and removes the copy as its
+    session ends; a daemon killed leaves it, and the next daemon removes it. Copies of live
+    daemons, and others' files, are left alone."""
+    monkeypatch.setattr(processes_module.tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"fusecache-readers-{gone.pid}-abc"
+    live = tmp_path / f"fusecache-readers-{os.getpid()}-def"
+    other = tmp_path / "fusecache-readers-notapid-ghi"
+    for path in (stale, live, other):
+        path.mkdir()
+    code = processes_module._snapshot_code()
+    try:
+        assert not stale.exists() and live.exists() and other.exists()
+        assert (Path(code) / "fusecache" / "session" / "reader_process.py").read_bytes() == \
+            Path(processes_module.__file__).with_name("reader_process.py").read_bytes()
+    finally:
+        shutil.rmtree(code)

@@ -24,12 +24,15 @@ import logging
 import math
 import mmap
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -47,8 +50,9 @@ REPLACEMENTS = 8
 REPLACEMENT_WINDOW = 60.0
 # seconds a process has to report STOPPED (it answers one request at most first); then killed
 STOP_WAIT = 10.0
-# the directory fusecache is imported from, for the processes' interpreter
-_IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the package the daemon runs, copied for its reader processes (_snapshot_code)
+_PACKAGE = Path(__file__).resolve().parent.parent
+_SNAPSHOT_PREFIX = "fusecache-readers-"  # then the daemon's pid
 
 
 @dataclass
@@ -80,6 +84,7 @@ class ReaderProcesses:
         self._retired = (0, 0)  # what processes that ended served: bytes, chunk hits
         self._deaths: collections.deque[float] = collections.deque(maxlen=REPLACEMENTS)
         self._stopping = False  # STOP was sent: no process is started any more this run
+        self._code = _snapshot_code()  # what every process of this daemon's life runs
 
     # ---- what they served ------------------------------------------------------------------
 
@@ -208,14 +213,15 @@ class ReaderProcesses:
             os.close(self._counters_fd)
 
     def close(self) -> None:
-        """Nothing is left running once run() returned."""
+        """Nothing is left running once run() returned: only the code copied for them to go."""
+        shutil.rmtree(self._code, ignore_errors=True)
 
     def _start(self, slot: int) -> _Process:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             # room for a forwarded request in one message (net.core.wmem_max may cap it)
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * CONTROL_MESSAGE)
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_IMPORT_ROOT, os.environ.get("PYTHONPATH")])))
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [self._code, os.environ.get("PYTHONPATH")])))
             try:
                 popen = subprocess.Popen(  # -P: no module from the working directory
                     [sys.executable, "-P", "-m", "fusecache.session.reader_process", str(self.master_fd),
@@ -327,3 +333,29 @@ def _route(fh: int, file: DirectFile) -> bytes | None:
     if ticket is None:
         return None
     return ROUTE.pack(OP_ROUTE, fh, ticket.size, ticket.chunk_size, *ticket.stamp)
+
+
+def _snapshot_code() -> str:
+    """A private copy of the fusecache package as the daemon starts, for its reader processes
+    to import (the import root: a directory holding `fusecache`). They are started at every
+    period of reading and to replace one that died, months into the daemon's life: from the
+    package installed then, an upgrade's new reader code would meet this daemon's messages,
+    crash on them, and its deaths end the mount. A copy in a directory only the daemon's
+    user may write (mkdtemp: 0700)."""
+    _remove_stale_snapshots()
+    root = tempfile.mkdtemp(prefix=f"{_SNAPSHOT_PREFIX}{os.getpid()}-")
+    shutil.copytree(_PACKAGE, os.path.join(root, "fusecache"), ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _remove_stale_snapshots() -> None:
+    """Remove the copies of daemons of this user that are gone (a kill -9 leaves its copy)."""
+    top = Path(tempfile.gettempdir())
+    for stale in top.glob(f"{_SNAPSHOT_PREFIX}*-*"):
+        pid = stale.name[len(_SNAPSHOT_PREFIX):].partition("-")[0]
+        try:
+            if not pid.isdigit() or stale.lstat().st_uid != os.getuid() or Path(f"/proc/{pid}").exists():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
