@@ -257,6 +257,10 @@ class ReaderProcesses:
             return None if stopped else self._replace(process, over)
         log.error("reader process %d did not stop: killed", process.popen.pid)
         process.popen.kill()
+        # dead first: a request it was taking off the device at the kill is the kernel's to
+        # send again only once the process let go of it (as _replace waits)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(process.popen.wait)
         self._resend()
         return None
 
