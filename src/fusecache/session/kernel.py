@@ -313,8 +313,7 @@ class KernelSession:
 
     async def _answer(self, handler: Handler, header: p.InHeader, args: memoryview, scope: trio.CancelScope) -> None:
         """Run one handler in scope; its error becomes the reply (reply_errno), an INTERRUPT
-        (scope cancelled) EINTR. The blocking calls it makes are queued as its requester's
-        (fairness.requester: this task's own context)."""
+        EINTR. Its blocking calls are queued as its requester's (fairness.requester)."""
         requester.set(header.uid)
         try:
             with scope:
@@ -324,8 +323,9 @@ class KernelSession:
                 except Exception as e:
                     error = reply_errno(e, _op_name(header.opcode))
             self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
-        finally:
-            self._interruptible.pop(header.unique, None)
+        finally:  # its own: a request sent again twice (after two deaths) has one unique twice
+            if self._interruptible.get(header.unique) is scope:
+                del self._interruptible[header.unique]
             self._origin.pop(header.unique, None)
             self.gate.finished()
 
