@@ -127,38 +127,6 @@ async def test_an_interrupt_right_behind_its_open_cancels_it(kernel):
     assert not k.session._interruptible  # nothing left registered
 
 
-async def test_an_interrupt_reaches_the_copy_of_a_request_still_waiting_when_another_ended(kernel):
-    """A request the kernel sent again twice (after two reader processes died) comes with one
-    unique twice. The first copy to end unregistered the other's cancel scope with its own:
-    an INTERRUPT then found nothing, and the killed reader waited on the source. (Found by
-    review.)"""
-    first_may_end = trio.Event()
-
-    class OnceQuick(FailingOperations):
-        calls = 0
-
-        async def open(self, inode: int, flags: int, ctx: Context):
-            OnceQuick.calls += 1
-            if OnceQuick.calls == 1:
-                await first_may_end.wait()
-                raise FuseError(errno.EACCES)
-            await trio.sleep_forever()
-
-    k = kernel(OnceQuick())
-    unique = 7 | (1 << 63)  # as the kernel marks a request it sends again
-    with trio.fail_after(HANG_GUARD):
-        async with trio.open_nursery() as nursery:
-            for _ in range(2):
-                assert k.session._dispatch(nursery, k.request(p.Op.OPEN, unique, p.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=2))
-            while OnceQuick.calls < 2:  # both copies wait in the adapter
-                await trio.sleep(0.01)
-            first_may_end.set()
-            assert await k.reply() == (unique, errno.EACCES, b"")
-            assert k.session._dispatch(nursery, k.request(p.Op.INTERRUPT, 8, p.INTERRUPT_IN.pack(unique)))
-            assert await k.reply() == (unique, errno.EINTR, b"")
-    assert not k.session._interruptible
-
-
 async def test_answers_nobody_takes_count_no_lookup_and_keep_no_directory_open(harness):
     """A reply the kernel no longer waits for (interrupted, or sent a second time after a
     reader process died and the kernel sent every unanswered request again) is not taken:

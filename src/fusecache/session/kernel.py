@@ -313,7 +313,8 @@ class KernelSession:
 
     async def _answer(self, handler: Handler, header: p.InHeader, args: memoryview, scope: trio.CancelScope) -> None:
         """Run one handler in scope; its error becomes the reply (reply_errno), an INTERRUPT
-        EINTR. Its blocking calls are queued as its requester's (fairness.requester)."""
+        (scope cancelled) EINTR. The blocking calls it makes are queued as its requester's
+        (fairness.requester: this task's own context)."""
         requester.set(header.uid)
         try:
             with scope:
@@ -323,9 +324,8 @@ class KernelSession:
                 except Exception as e:
                     error = reply_errno(e, _op_name(header.opcode))
             self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
-        finally:  # its own: a request sent again twice (after two deaths) has one unique twice
-            if self._interruptible.get(header.unique) is scope:
-                del self._interruptible[header.unique]
+        finally:
+            self._interruptible.pop(header.unique, None)
             self._origin.pop(header.unique, None)
             self.gate.finished()
 
