@@ -127,6 +127,33 @@ async def test_an_interrupt_right_behind_its_open_cancels_it(kernel):
     assert not k.session._interruptible  # nothing left registered
 
 
+async def test_a_request_sent_again_while_it_is_answered_is_answered_once_and_interruptible(kernel):
+    """A request the kernel sent again (the reader process that read it died after handing it
+    to the daemon) comes while its first copy is answered, under the same unique. Both ran,
+    each registering its INTERRUPT scope under that unique: the first to end unregistered the
+    other's, and an INTERRUPT then found nothing (a killed reader waited on the source). The
+    copy sent again is left to the one being answered. (Found by review.)"""
+
+    class Counted(FailingOperations):
+        calls = 0
+
+        async def open(self, inode: int, flags: int, ctx: Context):
+            Counted.calls += 1
+            await trio.sleep_forever()
+
+    k = kernel(Counted())
+    unique = 7 | (1 << 63)  # as the kernel marks a request it sends again
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                assert k.session._dispatch(nursery, k.request(p.Op.OPEN, unique, p.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=2))
+            while Counted.calls < 1:
+                await trio.sleep(0.01)
+            assert k.session._dispatch(nursery, k.request(p.Op.INTERRUPT, 8, p.INTERRUPT_IN.pack(unique)))
+            assert await k.reply() == (unique, errno.EINTR, b"")
+    assert Counted.calls == 1 and not k.session._interruptible
+
+
 async def test_answers_nobody_takes_count_no_lookup_and_keep_no_directory_open(harness):
     """A reply the kernel no longer waits for (interrupted, or sent a second time after a
     reader process died and the kernel sent every unanswered request again) is not taken:

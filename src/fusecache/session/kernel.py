@@ -181,8 +181,7 @@ class KernelSession:
             self._cancel.cancel()
 
     def close(self) -> None:
-        """Unmount our mount if it is still there (not one made at the path since) and let go
-        of the device."""
+        """Unmount our mount if still there (not one made at the path since); let go of the device."""
         if self._mounted and not self._handed_over:
             self._mounted = False
             unmount_own(self.spec.mountpoint, self._made, connected=connected(self.fd))
@@ -280,6 +279,8 @@ class KernelSession:
             pass  # we never ask the kernel for its pages
         elif op in p.WRITE_OPS:
             send(fd, header.unique, errno.EROFS)
+        elif op in INTERRUPTIBLE and header.unique in self._interruptible:
+            pass  # sent again (its reader process died) while we answer it: one answer, one scope
         elif op in self._handlers:
             scope = trio.CancelScope()
             if op in INTERRUPTIBLE:  # now, not once its task runs: the INTERRUPT may be next in line
@@ -313,8 +314,7 @@ class KernelSession:
 
     async def _answer(self, handler: Handler, header: p.InHeader, args: memoryview, scope: trio.CancelScope) -> None:
         """Run one handler in scope; its error becomes the reply (reply_errno), an INTERRUPT
-        (scope cancelled) EINTR. The blocking calls it makes are queued as its requester's
-        (fairness.requester: this task's own context)."""
+        EINTR. Its blocking calls are queued as its requester's (fairness.requester)."""
         requester.set(header.uid)
         try:
             with scope:
