@@ -148,6 +148,11 @@ def settled(value, quiet: float = 0.5, timeout: float = 30) -> int:
     return last
 
 
+def reader_processes(pid: int) -> list[int]:
+    """The processes pid started: a daemon's reader processes, where it has them."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").glob("*/children") for child in task.read_text().split()]
+
+
 def waits_in_fuse(pid: int) -> bool:
     """Whether the process sleeps in the kernel's FUSE code (a request sent, no answer yet)."""
     try:

@@ -20,7 +20,7 @@ import pytest
 from fusecache import control, journal, mounts
 
 from .conftest import SESSION, file_bytes, run_cli, wait_gone
-from .helpers import fill
+from .helpers import fill, reader_processes
 from .readers import FILES, WAIT, MiB, Readers, wait_for_the_journal
 
 pytestmark = [pytest.mark.fuse,
@@ -39,11 +39,6 @@ def _new_serving_pid(m, old: int) -> int:
             pass
         assert time.monotonic() < deadline, "no new serving process"
         time.sleep(0.05)
-
-
-def _children(pid: int) -> list[int]:
-    """The processes pid started (its reader processes, where it has them)."""
-    return [int(child) for task in Path(f"/proc/{pid}/task").glob("*/children") for child in task.read_text().split()]
 
 
 def _journal_of(m) -> Path:
@@ -73,7 +68,7 @@ def test_readers_see_no_error_through_a_kill9_of_the_serving_process(tmp_path, m
         for _ in range(2):
             old = m.pid
             readers.wait_for_the_journal(_journal_of(m), m.pid)
-            children = _children(old)
+            children = reader_processes(old)
             assert children or reading != "processes"
             m.kill9_serving()
             for child in children:  # its reader processes die with it

@@ -45,7 +45,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import SESSION, file_bytes, is_mounted, run_cli, wait_gone
-from .helpers import fill, resident_fraction, wait_until
+from .helpers import fill, reader_processes, resident_fraction, wait_until
 from .readers import Readers
 
 pytestmark = [pytest.mark.fuse,
@@ -252,11 +252,6 @@ def served_by_readers(m, contents: dict[str, bytes]) -> None:
     for name, data in contents.items():
         assert read_all(m.mountpoint / name, "read", len(data)) == data
     assert m.metrics()["bytes_served_direct"] - before == sum(map(len, contents.values()))
-
-
-def reader_processes(pid: int) -> list[int]:
-    children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children"))
-    return [int(child) for child in children.split()]
 
 
 def test_a_reader_process_killed_under_readers_is_replaced(tmp_path, make_mount):

@@ -385,7 +385,7 @@ def cache_limit(cfg: MountConfig, store: CacheStore, held: int) -> int:
     space free for it now plus what the store already holds."""
     if cfg.cache_size is not None:
         return cfg.cache_size
-    vfs = os.statvfs(store.root)
     if cfg.cache_size_percent is not None:
+        vfs = os.statvfs(store.root)
         return int(vfs.f_blocks * vfs.f_frsize * cfg.cache_size_percent / 100)
-    return int(DEFAULT_CACHE_FRACTION * vfs.f_bavail * vfs.f_frsize) + held
+    return int(DEFAULT_CACHE_FRACTION * store.free_bytes()) + held
