@@ -142,7 +142,7 @@ async def test_an_interrupt_before_its_request_still_cancels_it(device):
                 assert session._dispatch(nursery, request(p.Op.INTERRUPT, 8, p.INTERRUPT_IN.pack(7)))
                 assert session._dispatch(nursery, request(p.Op.OPEN, 7, p.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=2))
                 assert await reply_of(device[0]) == (7, errno.EINTR, b"")
-        assert not session._interruptible and not session._early_interrupts
+        assert session._in_flight.empty()
     finally:
         os.close(session.fd)
 

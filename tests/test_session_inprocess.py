@@ -36,14 +36,14 @@ from fusecache.engine import ReadError
 from fusecache.handover import HandoverServer, MountArguments
 from fusecache.inodes import ROOT_INODE
 from fusecache.livestate import FORMAT, AdapterState, LiveState
-from fusecache.session import direct, protocol as p
+from fusecache.session import direct, kernel as kernel_module, protocol as p
 from fusecache.session.direct import pages_spliced_whole
 from fusecache.session.answers import MetadataAnswers
 from fusecache.session.kernel import KernelSession, SessionConfig
 from fusecache.session.mount import MountIdentity, MountSpec, identify
 from fusecache.session.queues import RequestThreads
 from fusecache.session.routes import Routes
-from fusecache.session.types import Attributes, Context, FuseError, reply_errno
+from fusecache.session.types import Attributes, Context, FuseError, OpenReply, reply_errno
 
 from .inprocess import ctx, harness, operations  # noqa: F401 - harness is a fixture
 
@@ -124,7 +124,7 @@ async def test_an_interrupt_right_behind_its_open_cancels_it(kernel):
             assert k.session._dispatch(nursery, k.request(p.Op.OPEN, 7, p.OPEN_IN.pack(os.O_RDONLY, 0), nodeid=2))
             assert k.session._dispatch(nursery, k.request(p.Op.INTERRUPT, 8, p.INTERRUPT_IN.pack(7)))
             assert await k.reply() == (7, errno.EINTR, b"")
-    assert not k.session._interruptible  # nothing left registered
+    assert k.session._in_flight.empty()  # nothing left registered
 
 
 async def test_a_request_sent_again_while_it_is_answered_is_answered_once_and_interruptible(kernel):
@@ -151,7 +151,48 @@ async def test_a_request_sent_again_while_it_is_answered_is_answered_once_and_in
                 await trio.sleep(0.01)
             assert k.session._dispatch(nursery, k.request(p.Op.INTERRUPT, 8, p.INTERRUPT_IN.pack(unique)))
             assert await k.reply() == (unique, errno.EINTR, b"")
-    assert Counted.calls == 1 and not k.session._interruptible
+    assert Counted.calls == 1 and k.session._in_flight.empty()
+
+
+async def test_a_copy_sent_again_is_answered_where_the_first_copys_reply_was_refused(kernel, monkeypatch):
+    """NOTIFY_RESEND moves every request the kernel holds as read back to its pending queue,
+    those the trio thread is still answering included: the first copy's reply, written while
+    the request sits there, is refused (ENOENT), and the copy read back from there is the only
+    one the kernel waits on. It was dropped as a duplicate: its opener waited, unkillably,
+    until the mount ended. It is answered once the first copy ends. (Found by review.)"""
+    released = trio.Event()
+
+    class Releasing(FailingOperations):
+        async def open(self, inode: int, flags: int, ctx: Context) -> OpenReply:
+            return OpenReply(fh=5, keep_cache=False)
+
+        async def release(self, fh: int) -> None:
+            await released.wait()  # a refused OPEN's handle is released: an await
+
+    k = kernel(Releasing())
+    unique = 7 | (1 << 63)
+    refused: list[int] = []
+    real_send = kernel_module.send
+
+    def send(fd: int, u: int, error: int, *payload: bytes) -> bool:
+        if u == unique and not refused:  # the request sits in the kernel's pending queue
+            refused.append(u)
+            return False
+        return real_send(fd, u, error, *payload)
+
+    monkeypatch.setattr(kernel_module, "send", send)
+    open_args = p.OPEN_IN.pack(os.O_RDONLY, 0)
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            assert k.session._dispatch(nursery, k.request(p.Op.OPEN, unique, open_args, nodeid=2))
+            while not refused:
+                await trio.sleep(0.01)
+            # read back after the resend, while the first copy releases its refused handle
+            assert k.session._dispatch(nursery, k.request(p.Op.OPEN, unique, open_args, nodeid=2))
+            released.set()
+            answered, error, payload = await k.reply()
+            assert (answered, error) == (unique, 0) and p.OPEN_OUT.unpack(payload)[0] == 5
+    assert k.session._in_flight.empty()
 
 
 async def test_answers_nobody_takes_count_no_lookup_and_keep_no_directory_open(harness):

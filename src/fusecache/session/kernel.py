@@ -20,7 +20,6 @@ import errno
 import fcntl
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from . import protocol as p
 from .answers import MetadataAnswers, context_of
 from .direct import LOOK_AGAIN, MAX_READ_PAGES, request_pages, send
 from .gate import ReadGate
+from .inflight import InFlight
 from .mount import MountIdentity, MountSpec, connected, identify, mount, unmount_own
 from .processes import ReaderProcesses
 from .queues import RequestThreads
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 # in INIT, which would turn an O_DIRECT read into background requests its reader waits for
 # unkillably (see docs/semantics.md, "Interrupted and killed readers").
 INTERRUPTIBLE = frozenset({p.Op.READ, p.Op.OPEN})
-# INTERRUPTs of requests not (yet) known, kept for when the request comes: with several reader
-# threads, the INTERRUPT may reach the trio thread before its request. Uniques are never
-# reused, so one that never comes only takes a place until pushed out.
-EARLY_INTERRUPTS = 1024
 # Replies this long or longer are written from a worker thread; shorter ones inline.
 THREAD_REPLY_BYTES = 64 * 1024
 
@@ -111,8 +107,7 @@ class KernelSession:
         self._handed_over = False  # another process serves the connection now: never unmount
         self.gate = ReadGate()  # pause() and resume() for a restart's hand-over
         self._made: MountIdentity | None = None  # which mount is ours, for close()
-        self._interruptible: dict[int, trio.CancelScope] = {}
-        self._early_interrupts: OrderedDict[int, None] = OrderedDict()
+        self._in_flight = InFlight()  # the interruptible requests being answered
         # fh -> the complete file its reads are served from by the reader threads or processes
         self.direct = Routes()
         self._readers: RequestThreads | ReaderProcesses | None = None
@@ -271,7 +266,7 @@ class KernelSession:
             self._forget([p.FORGET_ONE.unpack_from(args, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
                           for i in range(count)])
         elif op == p.Op.INTERRUPT:
-            self._interrupt(p.INTERRUPT_IN.unpack_from(args)[0])
+            self._in_flight.interrupt(p.INTERRUPT_IN.unpack_from(args)[0])
         elif op == p.Op.DESTROY:
             send(fd, header.unique, 0)
             return False
@@ -279,15 +274,13 @@ class KernelSession:
             pass  # we never ask the kernel for its pages
         elif op in p.WRITE_OPS:
             send(fd, header.unique, errno.EROFS)
-        elif op in INTERRUPTIBLE and header.unique in self._interruptible:
-            pass  # sent again (its reader process died) while we answer it: one answer, one scope
         elif op in self._handlers:
-            scope = trio.CancelScope()
-            if op in INTERRUPTIBLE:  # now, not once its task runs: the INTERRUPT may be next in line
-                self._interruptible[header.unique] = scope
-                if header.unique in self._early_interrupts:  # it came before the request
-                    del self._early_interrupts[header.unique]
-                    scope.cancel()
+            # interruptible: a scope now, not once its task runs (the INTERRUPT may be next in
+            # line); None: sent again while its first copy is answered (inflight.py)
+            scope = (self._in_flight.begin(header.unique, data[:header.length], fd, nursery)
+                     if op in INTERRUPTIBLE else trio.CancelScope())
+            if scope is None:
+                return True
             if fd != self.fd:
                 self._origin[header.unique] = fd
             self.gate.started()
@@ -295,15 +288,6 @@ class KernelSession:
         else:
             send(fd, header.unique, errno.ENOSYS)
         return True
-
-    def _interrupt(self, unique: int) -> None:
-        scope = self._interruptible.get(unique)
-        if scope is not None:
-            scope.cancel()
-            return
-        self._early_interrupts[unique] = None
-        if len(self._early_interrupts) > EARLY_INTERRUPTS:
-            self._early_interrupts.popitem(last=False)
 
     def _forget(self, items: list[tuple[int, int]]) -> None:
         """FORGET has no reply: a failure is only logged, and never ends the loop."""
@@ -325,12 +309,20 @@ class KernelSession:
                     error = reply_errno(e, _op_name(header.opcode))
             self._send(header.unique, errno.EINTR if scope.cancelled_caught else error)
         finally:
-            self._interruptible.pop(header.unique, None)
+            again = self._in_flight.end(header.unique)
             self._origin.pop(header.unique, None)
             self.gate.finished()
+            if again is not None:  # the kernel waits on the copy it sent again: answered now
+                self._dispatch(again.nursery, memoryview(again.data), again.fd)
 
     def _send(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
-        """Write one reply, to the descriptor its request came from (direct.send)."""
+        """Write one reply (on the trio thread); whether the kernel took it."""
+        taken = self._write_reply(unique, error, *payload)
+        self._in_flight.replied(unique, taken)
+        return taken
+
+    def _write_reply(self, unique: int, error: int, *payload: bytes | memoryview) -> bool:
+        """Write one reply, to the descriptor its request came from (direct.send); any thread."""
         return send(self._origin.get(unique, self.fd), unique, error, *payload)
 
     def _init(self, header: p.InHeader, args: memoryview) -> None:
@@ -377,7 +369,8 @@ class KernelSession:
             try:
                 data = await self.operations.read(fh, offset, size, memoryview(buf)[:size], header.nodeid)
                 if len(data) >= THREAD_REPLY_BYTES:
-                    await trio.to_thread.run_sync(self._send, header.unique, 0, data)
+                    taken = await trio.to_thread.run_sync(self._write_reply, header.unique, 0, data)
+                    self._in_flight.replied(header.unique, taken)
                 else:
                     self._send(header.unique, 0, data)
                 del data  # a view of buf or of a cache mapping: released before buf is reused
