@@ -2,7 +2,7 @@
 
     python3 -m tests.bench.coldload [--size-gb 32] [--files 32] [--ranks 8] [--rtt-ms 1]
         [--stream-rate 2G] [--node-cap 10G] [--request 1M] [--rounds 2]
-        [--variants "streams=2,fill_reads_max=2;streams=2"] [--read]
+        [--variants "streams=2,fill_reads_max=2;streams=2"] [--read] [--py-spy DIR]
 
 What a node of ranks meets on a cold start from Lustre or NFS, through a fusecache mount over
 an empty cache whose source is latency-bound (latmount: each request to the source a round
@@ -17,8 +17,9 @@ once everything is cached ("warm": what the ranks themselves cost, the floor of 
 load), and how much of the source the page cache holds right after the cold load (a source
 on disk: a second copy of the checkpoint in RAM unless the daemon drops it), and when the
 ranks' opens returned (one through passthrough waits for its file to complete: the ranks can
-read only what has completed). Source and cache
-on tmpfs (/dev/shm) by default.
+read only what has completed), and the daemon's CPU over the cold load. Source and cache on
+tmpfs (/dev/shm) by default. With --py-spy, every cold load's daemon is sampled by py-spy
+into DIR/<round>-<variant>.txt (raw collapsed stacks).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from fusecache.config import parse_size
 
-from .throughput import GiB, cli, drop_caches, make_source, resident_fraction, timed_read
+from .throughput import GiB, PySpy, cli, cpu_ticks, drop_caches, make_source, resident_fraction, timed_read
 
 MOUNTPOINT = Path("/tmp/coldload-mnt")
 
@@ -47,9 +48,11 @@ def load(files: list[Path], args: argparse.Namespace) -> tuple[float, list[float
     return timed_read(files, args.ranks, args.pattern, use_mmap=not args.read)
 
 
-def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -> tuple[float, float, dict]:
+def load_once(args: argparse.Namespace, files: list[Path], options: list[str],
+              spy: Path | None) -> tuple[float, float, dict]:
     """One cold load: (seconds, seconds of a warm load after it, the daemon's metrics after
-    the cold one)."""
+    the cold one, with the CPU ticks it spent on the cold load); with spy, the cold load's
+    Python stacks in the daemon (py-spy) go there."""
     shutil.rmtree(args.cache_dir, ignore_errors=True)
     MOUNTPOINT.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "tests.bench.latmount", args.source_dir, MOUNTPOINT,
@@ -60,8 +63,13 @@ def load_once(args: argparse.Namespace, files: list[Path], options: list[str]) -
     subprocess.run(list(map(str, command)), check=True)
     try:
         mounted = [MOUNTPOINT / f.name for f in files]
-        seconds, opened = load(mounted, args)
+        pid = json.loads(cli("status", MOUNTPOINT, "--json"))["pid"]
+        with PySpy(pid, spy):
+            ticks = sum(cpu_ticks(pid))
+            seconds, opened = load(mounted, args)
+            ticks = sum(cpu_ticks(pid)) - ticks
         metrics = json.loads(cli("status", MOUNTPOINT, "--json"))["metrics"]
+        metrics["daemon_ticks"] = ticks
         metrics["opened_at"] = opened
         metrics["source_resident"] = sum(resident_fraction(f) * f.stat().st_size for f in files)
         warm, _ = load(mounted, args)
@@ -90,6 +98,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pattern", choices=("all", "split"), default="all")
     parser.add_argument("--read", action="store_true", help="ranks read() instead of mmap")
+    parser.add_argument("--py-spy", type=Path, help="record each cold load's daemon with py-spy into this dir")
     parser.add_argument("--source-dir", type=Path, default=Path("/dev/shm/coldload-src"))
     parser.add_argument("--cache-dir", type=Path, default=Path("/dev/shm/coldload-cache"))
     args = parser.parse_args()
@@ -98,16 +107,20 @@ def main() -> int:
     for stale in set(args.source_dir.iterdir()) - set(files):  # an earlier run's shards: siblings too
         stale.unlink()
     cap = parse_size(args.node_cap)
+    if args.py_spy is not None:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(";")
     samples: dict[str, list[tuple[float, float, dict]]] = {v: [] for v in variants}
     for round_number in range(args.rounds):
         for variant in variants if round_number % 2 == 0 else reversed(variants):
-            seconds, warm, metrics = load_once(args, files, [variant] if variant else [])
+            spy = args.py_spy / f"{round_number}-{variants.index(variant)}.txt" if args.py_spy else None
+            seconds, warm, metrics = load_once(args, files, [variant] if variant else [], spy)
             samples[variant].append((seconds, warm, metrics))
             print(f"  {variant or 'defaults'}: {size / seconds / 1e9:.2f} GB/s (warm {size / warm / 1e9:.2f}), "
                   f"source {metrics['bytes_from_source'] / size:.3f}x, daemon served "
                   f"{metrics['bytes_served'] / size:.2f}x, passthrough opens {metrics['passthrough_opens']}, "
-                  f"source in RAM after it {metrics['source_resident'] / size:.1%}; {opens(metrics, seconds)}",
+                  f"source in RAM after it {metrics['source_resident'] / size:.1%}; {opens(metrics, seconds)}; "
+                  f"daemon {metrics['daemon_ticks'] / 100 / (size / 1e9):.2f} CPU-s per GB",
                   flush=True)
     shutil.rmtree(args.cache_dir, ignore_errors=True)
     print(f"{args.ranks} ranks ({args.pattern}, {'read()' if args.read else 'mmap'}) loading {args.size_gb:g} GiB in "

@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,33 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
             continue
         user, system = user + int(fields[11]), system + int(fields[12])
     return user, system
+
+
+class PySpy:
+    """py-spy sampling a daemon's Python threads while a `with` block runs, twice: every thread
+    on a CPU into path, and the thread holding the GIL alone into path's `.gil` sibling (raw
+    collapsed stacks: one line per stack and its count); nothing where path is None.
+    Non-blocking: the daemon is never stopped to be sampled."""
+
+    def __init__(self, pid: int, path: Path | None, rate: int = 200) -> None:
+        command = [os.environ.get("PY_SPY", "py-spy"), "record", "--pid", str(pid), "--rate", str(rate),
+                   "--format", "raw", "--nonblocking", "--threads", "--output"]
+        self.commands = [] if path is None else [
+            [*command, str(path)], [*command, str(path.with_suffix(".gil" + path.suffix)), "--gil"]]
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "PySpy":
+        self.processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          for c in self.commands]
+        if self.processes:
+            time.sleep(1.0)  # attached
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then ends
+        for process in self.processes:
+            process.wait()
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
