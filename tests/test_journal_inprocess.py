@@ -92,6 +92,35 @@ def test_a_costly_snapshot_spaces_the_writes_so_the_loop_keeps_answering(tmp_pat
     assert kept.pause >= journal.LOOP_SHARE * cost
 
 
+def test_a_journal_that_cannot_be_written_keeps_to_its_share_of_the_loop(tmp_path, monkeypatch):
+    """On a full disk every write fails; until one had succeeded, they were tried again at the
+    first state's polling pace (every 10 ms), each after a snapshot on the loop: a daemon
+    whose first write failed spent most of its loop on snapshots. (Found by review.)"""
+    cost = 0.1
+    taken = []
+
+    def snapshot() -> LiveState:
+        taken.append(1)
+        time.sleep(cost)
+        return _state()
+
+    def full(target, data) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal.private, "write_file", full)
+    kept = journal.Journal(tmp_path / journal.NAME, snapshot)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kept.run)
+            await trio.sleep(2.0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert kept.writes == 0
+    assert len(taken) <= 2, len(taken)  # one try, and one a pause (ten times its cost) later
+
+
 @pytest.mark.parametrize("data", [b"", b"{", b'{"format": 999}', b'{"format": 1}'])
 def test_a_damaged_or_foreign_journal_is_refused_in_one_line(tmp_path, data):
     path = tmp_path / journal.NAME
@@ -448,3 +477,57 @@ async def test_an_open_during_the_last_releases_write_waits_and_gets_a_new_id(ha
     assert second.backing_id != first.backing_id and registry.live == {second.backing_id}
     assert writes == [[], [Backing(attr.ino, second.backing_id)]]  # written before it was answered
     await ops.release(second.fh)
+
+
+async def test_ids_written_before_a_recovered_process_wrote_its_journal_are_paired_with_the_one_it_follows(
+        harness, tmp_path, monkeypatch):
+    """A recovered process writes its journal first thing; should that write fail (a full disk:
+    the whole state does not fit, the small ids file does), the backing ids it wrote next named
+    no journal, so after a second crash the journal's older ids were taken: an id the kernel
+    holds missing. They name the journal it serves on from. (Found by review.)"""
+    ops, registry, attr = await _complete_with_passthrough(harness)
+    path = tmp_path / journal.NAME
+
+    def snapshot_of(adapter: FuseOperations):
+        return lambda: LiveState(FORMAT, 1, Negotiated(40, 0), adapter.export_state())
+
+    first = journal.Journal(path, snapshot_of(ops), ops.export_backing)
+    ops.persist_backing = first.flush_backing
+    assert await first.flush()  # the journal names no id yet
+    opened = await ops.open(attr.ino, os.O_RDONLY, ctx())  # its id is written beside it
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)  # kill -9
+    await recovered.import_state(journal.for_recovery(journal.read(path)).adapter, after_crash=True)
+    recovered.passthrough.enable(registry, 30.0)
+    second = journal.Journal(path, snapshot_of(recovered), recovered.export_backing)
+    second.continue_from_disk()  # as the daemon does once it serves the recovered state
+    write_file = journal.private.write_file
+
+    def full(target, data) -> None:
+        if target.name == journal.NAME:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_file(target, data)
+
+    monkeypatch.setattr(journal.private, "write_file", full)
+    assert not await second.flush()
+    assert await second.flush_backing()
+    monkeypatch.setattr(journal.private, "write_file", write_file)
+    assert journal.read(path).adapter.backing == [Backing(attr.ino, opened.backing_id)]  # the crash after
+    await recovered.release(opened.fh)
+
+
+async def test_a_file_dated_before_1970_leaves_the_journal_readable(harness, tmp_path):
+    """A file's version holds its mtime, negative for a file dated before 1970 (`touch -d
+    1960-01-01`, some archives); the state's decoder took every number for non-negative and
+    refused the journal: a crash ended the mount, and every restart was refused. (Found by
+    review.)"""
+    (harness.src / "old").write_bytes(b"x" * 10)
+    os.utime(harness.src / "old", ns=(-10**18, -10**18))
+    ops = await operations(harness)
+    attr = await ops.lookup(ROOT_INODE, b"old", ctx())
+    opened = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    kept = journal.Journal(tmp_path / journal.NAME, lambda: LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state()))
+    assert await kept.flush()
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)
+    await recovered.import_state(journal.for_recovery(journal.read(kept.path)).adapter, after_crash=True)
+    assert await recovered.read(opened.fh, 0, 10, buffer(10), attr.ino) == b"x" * 10
+    await recovered.release(opened.fh)

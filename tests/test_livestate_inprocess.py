@@ -62,7 +62,8 @@ def test_an_imported_table_answers_as_the_exported_one():
     (lambda raw: raw["adapter"]["files"][1].update(fh="3"), "state.adapter.files[1].fh is not"),
     (lambda raw: raw["adapter"]["files"][0].update(passthrough=1), "state.adapter.files[0].passthrough is not"),
     (lambda raw: raw["adapter"]["inodes"][0].update(lookups=-1), "state.adapter.inodes[0].lookups is not"),
-    (lambda raw: raw["adapter"]["inodes"][2]["version"].__setitem__(1, -1), "state.adapter.inodes[2].version[1] is not"),
+    (lambda raw: raw["adapter"]["inodes"][2]["version"].__setitem__(1, "1"), "state.adapter.inodes[2].version[1] is not"),
+    (lambda raw: raw["adapter"]["files"][0].update(inode=-1), "state.adapter.files[0].inode is not"),
     (lambda raw: raw["adapter"]["inodes"][0].update(version=None), "state.adapter.inodes[0].version is not a list"),
     (lambda raw: raw["session"].update(extra=1), "state.session has fields"),
 ])

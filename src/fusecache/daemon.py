@@ -208,8 +208,10 @@ async def _serve(cfg: MountConfig, store: CacheStore, ready: Ready, takeover: bo
                 await _adopt(cfg, session, operations, store, received, after_crash=recover_fd is not None)
                 # written before a request is served: after a crash, the handle numbers moved on
                 # (journal.for_recovery), which another crash must not give out again; and the
-                # backing ids this process writes are paired with a journal of its own
+                # backing ids this process writes are paired with a journal of its own (with the
+                # one it serves on from, until its own is written)
                 if journal_ is not None:
+                    journal_.continue_from_disk()
                     await journal_.flush()
                 if recover_fd is not None:
                     supervised.register(recover_fd)

@@ -70,9 +70,22 @@ class Journal:
         self.pause = INTERVAL  # seconds until the next write: INTERVAL, more for a large state
         self._writing = trio.Lock()  # one write at a time: they share the temporary files
         self._journal_digest = ""  # sha256 of the last journal this process wrote
+        self._had_state = False  # a snapshot was taken: the polling for the first one is over
 
     def changed(self) -> None:
         self._dirty = True
+
+    def continue_from_disk(self) -> None:
+        """This process serves on from the journal on disk (a recovery, or a restart the old
+        daemon handed over after writing it): until this process writes one of its own, the
+        backing ids it writes name that journal, being newer than it. Naming none, they were
+        never paired with it, and a crash before this process's first write (a full disk)
+        had the next process take that journal's older ids: ids the kernel holds missing,
+        ids closed since given out."""
+        try:
+            self._journal_digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError:
+            pass  # none to follow: ids naming none are paired with none
 
     def take(self) -> tuple[list[Backing], bytes] | None:
         """(backing ids, state) to write if the state changed since the last take(), else
@@ -83,6 +96,7 @@ class Journal:
         state = self.snapshot()
         if state is None:
             return None
+        self._had_state = True
         self._dirty = False
         data = state.adapter.backing, encode(state)
         self.pause = min(MAX_PAUSE, max(INTERVAL, LOOP_SHARE * (time.monotonic() - began)))
@@ -134,9 +148,11 @@ class Journal:
 
     async def run(self) -> None:
         """Write the state when it changed, every `pause` seconds, until cancelled; the first
-        time as soon as there is one (INIT answered): a crash before it ends the mount."""
+        time as soon as there is one (INIT answered): a crash before it ends the mount. A
+        write that failed (a full disk) is tried again a pause later, not at the first poll's
+        pace: each try takes a snapshot on the loop."""
         while True:
-            await trio.sleep(self.pause if self.writes else FIRST_POLL)
+            await trio.sleep(self.pause if self._had_state else FIRST_POLL)
             await self._write_taken()
 
     def remove(self) -> None:

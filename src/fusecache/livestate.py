@@ -24,6 +24,11 @@ from dataclasses import dataclass
 FORMAT = 1
 
 
+# An integer of either sign: a version's mtime and ctime (a file dated before 1970 has a
+# negative one). Every other number in a state (inodes, counts, handles, ids) is non-negative.
+Signed = typing.NewType("Signed", int)
+
+
 class StateError(Exception):
     """A state this fusecache cannot take: another format, or damaged (the message says which)."""
 
@@ -47,7 +52,7 @@ class HeldInode:
 
     number: int
     relpath: str
-    version: tuple[int, ...]
+    version: tuple[Signed, ...]
     lookups: int
 
 
@@ -56,7 +61,7 @@ class PathState:
     """A path the kernel holds inodes of: the version seen last and its epoch."""
 
     relpath: str
-    latest: tuple[int, ...]
+    latest: tuple[Signed, ...]
     epoch: int
 
 
@@ -225,6 +230,12 @@ def _decoder(kind: typing.Any) -> Callable[[object], typing.Any]:
                 raise _Damaged("is not a boolean")
             return value
         return boolean
+    if kind is Signed:
+        def signed(value: object) -> int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise _Damaged("is not an integer")
+            return value
+        return signed
     if kind is int:
         def integer(value: object) -> int:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
