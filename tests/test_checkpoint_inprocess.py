@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from safetensors import safe_open
+
 from fusecache import checkpoint
 
 
@@ -27,3 +29,16 @@ def test_a_synthetic_checkpoint_loads_to_the_same_digest_in_any_order(tmp_path):
         f.seek(-1, os.SEEK_END)
         f.write(bytes([last[0] ^ 1]))
     assert checkpoint.load_digest(tmp_path / "a") != digest
+
+
+def test_the_index_says_how_many_bytes_the_tensors_hold(tmp_path):
+    """Each tensor is rounded to whole float32s and shards split the total: the index's
+    total_size said the total asked for, not what the shards hold (loaders check it). (Found by
+    review.)"""
+    checkpoint.write_checkpoint(tmp_path, 2 * 65536 + 7, shards=2, min_tensor=4096, max_tensor=65536)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    held = 0
+    for shard in checkpoint.shard_paths(tmp_path):
+        with safe_open(str(shard), framework="np") as f:
+            held += sum(f.get_tensor(key).nbytes for key in f.keys())
+    assert held == index["metadata"]["total_size"]

@@ -32,6 +32,7 @@ def write_checkpoint(directory: Path, total_bytes: int, shards: int = 4, seed: i
     weight_map: dict[str, str] = {}
     paths = []
     counter = 0
+    held = 0  # the tensors' bytes: each rounded to whole float32s, so not quite total_bytes
     for shard in range(shards):
         name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
         tensors = {}
@@ -43,10 +44,11 @@ def write_checkpoint(directory: Path, total_bytes: int, shards: int = 4, seed: i
             tensors[key] = np.frombuffer(rng.randbytes(size), dtype=np.float32)
             weight_map[key] = name
             written += size
+            held += size
             counter += 1
         save_file(tensors, str(directory / name))
         paths.append(directory / name)
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": held}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return paths
 
