@@ -17,7 +17,7 @@ from fusecache import journal
 from fusecache.fs import FuseOperations
 from fusecache.inodes import ROOT_INODE
 from fusecache.livestate import (FORMAT, AdapterState, Backing, BackingIds, LiveState, Negotiated, OpenFile,
-                                 StateError, encode)
+                                 StateError, decode, encode)
 
 from .inprocess import CHUNK, buffer, ctx, fuse_errno, harness, operations, read_file  # noqa: F401 (fixture)
 
@@ -230,7 +230,7 @@ async def test_a_kept_backing_id_is_handed_on_by_the_daemon_that_kept_it(harness
     recovered.passthrough.enable(registry, 30.0)
     await recovered.release(journaled.fh)
     state = LiveState(FORMAT, 2, Negotiated(40, 0), recovered.export_state())
-    assert state.adapter.backing == [Backing(attr.ino, journaled.backing_id)] and state.adapter.files == []
+    assert state.adapter.backing == [Backing(attr.ino, journaled.backing_id, kept=True)] and state.adapter.files == []
     third = FuseOperations(ops.engine, attr_timeout=2.5)
     await third.import_state((journal.for_recovery(state) if after_crash else state).adapter, after_crash=after_crash)
     third.passthrough.enable(registry, 30.0)
@@ -239,6 +239,32 @@ async def test_a_kept_backing_id_is_handed_on_by_the_daemon_that_kept_it(harness
     await third.release(again.fh)
     await third.release(missed.fh)  # unknown to it: the kernel's release of the missed open
     assert registry.live == {journaled.backing_id}  # kept until unmount
+
+
+async def test_a_kept_backing_id_stays_kept_through_a_restart_while_a_known_open_holds_it(harness):
+    """A recovered daemon keeps its journal's ids (the kernel may hold opens the journal
+    missed). Handed over by a restart while a known passthrough open still held such an id,
+    it was taken for an ordinary one (format 1 said kept only by an inode with no open in
+    the state): the new daemon closed it at that open's release, and every open of the file
+    then got a new id the kernel refuses while the missed open holds the first (EIO). The
+    state marks kept ids (format 2). (Found by review.)"""
+    ops, registry, attr = await _complete_with_passthrough(harness)
+    journaled = await ops.open(attr.ino, os.O_RDONLY, ctx())
+    written = LiveState(FORMAT, 1, Negotiated(40, 0), ops.export_state())
+    missed = await ops.open(attr.ino, os.O_RDONLY, ctx())  # the journal missed it
+    recovered = FuseOperations(ops.engine, attr_timeout=2.5)  # kill -9
+    await recovered.import_state(journal.for_recovery(written).adapter, after_crash=True)
+    recovered.passthrough.enable(registry, 30.0)
+    handed = decode(encode(LiveState(FORMAT, 2, Negotiated(40, 0), recovered.export_state())))
+    new = FuseOperations(ops.engine, attr_timeout=2.5)  # fusecache restart
+    await new.import_state(handed.adapter, after_crash=False)
+    new.passthrough.enable(registry, 30.0)
+    await new.release(journaled.fh)
+    assert registry.live == {journaled.backing_id}
+    again = await new.open(attr.ino, os.O_RDONLY, ctx())
+    assert again.backing_id == journaled.backing_id and registry.registered == 1
+    await new.release(again.fh)
+    await new.release(missed.fh)  # unknown to it: the kernel's release of the missed open
 
 
 async def test_a_handle_the_journal_kept_after_its_release_goes_once_the_kernel_forgets_its_inode(harness):
@@ -511,7 +537,7 @@ async def test_ids_written_before_a_recovered_process_wrote_its_journal_are_pair
     assert not await second.flush()
     assert await second.flush_backing()
     monkeypatch.setattr(journal.private, "write_file", write_file)
-    assert journal.read(path).adapter.backing == [Backing(attr.ino, opened.backing_id)]  # the crash after
+    assert journal.read(path).adapter.backing == [Backing(attr.ino, opened.backing_id, kept=True)]  # the crash after
     await recovered.release(opened.fh)
 
 

@@ -5,12 +5,14 @@ another format or a damaged one is refused with one line, and the tables that ex
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from fusecache.inodes import InodeTable
-from fusecache.livestate import (FORMAT, AdapterState, Backing, HeldInode, LiveState, Negotiated, OpenDir, OpenFile,
-                                 PathState, StateError, decode, encode)
+from fusecache.livestate import (FORMAT, AdapterState, Backing, BackingIds, HeldInode, LiveState, Negotiated, OpenDir,
+                                 OpenFile, PathState, StateError, asker_reads, decode, decode_backing, encode,
+                                 formats_read)
 from fusecache.passthrough import Passthrough
 from fusecache.session.types import FuseError
 
@@ -75,21 +77,39 @@ def test_another_format_or_a_damaged_state_is_refused_in_one_line(damage, named)
     assert "\n" not in str(refused.value) and named in str(refused.value)
 
 
-def test_a_state_of_this_format_as_an_earlier_fusecache_sent_it_is_read():
+def test_the_states_earlier_releases_sent_are_read():
     """The JSON a restart hands over is the contract between two versions of fusecache (an
-    upgrade restarts into the new one): this one is what 9d1cc6e wrote for a_state()."""
-    sent = (b'{"format":1,"pid":1234,"session":{"minor":40,"flags":137438953473},"adapter":{"inodes":'
-            b'[{"number":11,"relpath":"a/b.bin","version":[11,100,5,6,0],"lookups":2},'
-            b'{"number":12,"relpath":"a","version":[10],"lookups":1}],"paths":[{"relpath":"a/b.bin",'
-            b'"latest":[11,100,5,6,0],"epoch":1},{"relpath":"a","latest":[10],"epoch":0}],"files":'
-            b'[{"fh":3,"inode":11,"passthrough":true}],"dirs":[{"fh":5,"relpath":"a"}],"backing":'
-            b'[{"inode":11,"backing_id":7}],"next_fh":6}}')
-    state = decode(sent)
-    assert state == LiveState(FORMAT, 1234, Negotiated(40, (1 << 37) | 1), AdapterState(
+    upgrade restarts into the new one): format 1 is what 9d1cc6e wrote for a_state(), read
+    with no id marked kept; format 2 what this release writes, backing ids marked."""
+    inodes = (b'"inodes":[{"number":11,"relpath":"a/b.bin","version":[11,100,5,6,0],"lookups":2},'
+              b'{"number":12,"relpath":"a","version":[10],"lookups":1}],"paths":[{"relpath":"a/b.bin",'
+              b'"latest":[11,100,5,6,0],"epoch":1},{"relpath":"a","latest":[10],"epoch":0}],"files":'
+              b'[{"fh":3,"inode":11,"passthrough":true}],"dirs":[{"fh":5,"relpath":"a"}],')
+    session = b'"pid":1234,"session":{"minor":40,"flags":137438953473},"adapter":{'
+    adapter = AdapterState(
         [HeldInode(11, "a/b.bin", (11, 100, 5, 6, 0), 2), HeldInode(12, "a", (10,), 1)],
         [PathState("a/b.bin", (11, 100, 5, 6, 0), 1), PathState("a", (10,), 0)],
-        [OpenFile(3, 11, True)], [OpenDir(5, "a")], [Backing(11, 7)], next_fh=6))
-    assert encode(state) == sent
+        [OpenFile(3, 11, True)], [OpenDir(5, "a")], [Backing(11, 7)], next_fh=6)
+    one = b'{"format":1,' + session + inodes + b'"backing":[{"inode":11,"backing_id":7}],"next_fh":6}}'
+    assert decode(one) == LiveState(1, 1234, Negotiated(40, (1 << 37) | 1), adapter)
+    two = (b'{"format":2,' + session + inodes + b'"backing":[{"inode":11,"backing_id":7,"kept":true}],'
+           b'"next_fh":6}}')
+    state = LiveState(2, 1234, Negotiated(40, (1 << 37) | 1), replace(adapter, backing=[Backing(11, 7, kept=True)]))
+    assert decode(two) == state and encode(state) == two
+    ids = b'{"format":1,"pid":1234,"journal":"x","backing":[{"inode":11,"backing_id":7}]}'
+    assert decode_backing(ids) == BackingIds(1, 1234, "x", [Backing(11, 7)])
+
+
+def test_a_restart_is_asked_for_in_the_formats_its_asker_reads():
+    """A daemon hands its state over only to an asker that reads its format: one of this
+    release, or of an earlier one, which sent "format" alone and read format 1 alone. This
+    release's request passes an earlier daemon's check (its "format" is 1, which this release
+    reads): an upgrade restarts live."""
+    ours = formats_read()
+    assert asker_reads(ours) and asker_reads(ours, 1) and ours["format"] == 1
+    assert not asker_reads({"format": 1})  # an earlier release's asker: format 2 it cannot read
+    assert asker_reads({"format": FORMAT}) and not asker_reads({"format": FORMAT + 1})
+    assert not asker_reads({"format": 1, "formats": [FORMAT + 1]})
 
 
 def test_bytes_that_are_not_a_state_are_refused():
@@ -133,4 +153,4 @@ def test_passthrough_keeps_backing_ids_and_closes_them_at_the_last_release():
         Passthrough(_NoEngine()).import_state([], [(9, True)])  # type: ignore[arg-type]
     kept = Passthrough(_NoEngine())  # type: ignore[arg-type]
     kept.import_state([Backing(9, 7)], [(9, False)])  # no passthrough handle in the state: a kept id
-    assert kept.export_state(set()) == [Backing(9, 7)]
+    assert kept.export_state(set()) == [Backing(9, 7, kept=True)]

@@ -26,7 +26,7 @@ from .logs import printable
 from .precheck import MountError
 from .config import LOG_LEVELS, ConfigError, build_config, human
 from .session.mount import connected
-from .livestate import FORMAT
+from .livestate import formats_read
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def _restart_in_place(mountpoint: str) -> int:
     """Ask the daemon to restart in place, and wait until the new program answers (the same
     pid: told apart by when its program started)."""
     before = control.call(mountpoint, {"command": "pid"}, timeout=STATUS_TIMEOUT, total=STATUS_TIMEOUT).get("started")
-    pid = control.call(mountpoint, {"command": "restart_in_place", "format": FORMAT}, timeout=STATUS_TIMEOUT)["pid"]
+    pid = control.call(mountpoint, {"command": "restart_in_place", **formats_read()}, timeout=STATUS_TIMEOUT)["pid"]
     deadline = time.monotonic() + RESTART_WAIT
     while time.monotonic() < deadline:
         try:

@@ -1,8 +1,8 @@
 """A live restart: one daemon hands its FUSE connection, and what it knows of it, to the next.
 
 The new daemon (`fusecache restart`, from the fusecache installed now) asks the serving one
-over the control socket (`handover`, with the state format it reads). The serving daemon
-refuses a format it does not write, and otherwise stops reading requests, waits until every
+over the control socket (`handover`, with the state formats it reads). The serving daemon
+refuses an asker that does not read the format it writes, and otherwise stops reading requests, waits until every
 request it has read is answered (session/gate.py), and sends the state (livestate.py)
 with the /dev/fuse descriptor (SCM_RIGHTS). The new daemon checks the state and says "ok";
 only then does the old one end, without unmounting. Without that word (the new daemon
@@ -38,7 +38,7 @@ import trio
 
 from .control import ControlError, socket_of
 from .controlserver import Handler
-from .livestate import FORMAT, AdapterState, LiveState, StateError, encode, from_json
+from .livestate import FORMAT, AdapterState, LiveState, StateError, asker_reads, encode, formats_read, from_json
 from .session.kernel import KernelSession
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,9 @@ class HandoverServer:
 
     @staticmethod
     def _same_format(request: dict) -> None:
-        if request.get("format") != FORMAT:
-            raise ControlError(f"the new daemon reads state format {request.get('format')!r}, this one writes "
+        if not asker_reads(request):
+            read = request.get("formats", request.get("format"))
+            raise ControlError(f"the new daemon reads state formats {read!r}, this one writes "
                                f"format {FORMAT}: restart refused, the mount stays with pid {os.getpid()}")
 
     async def handover(self, request: dict) -> dict | _Delivery:
@@ -235,7 +236,7 @@ def request(mountpoint: str, before_ack: Callable[[int], None] = lambda fd: None
         sock.settimeout(REPLY_TIMEOUT)
         try:
             sock.connect(str(path))
-            sock.sendall(json.dumps({"command": "handover", "format": FORMAT}).encode() + b"\n")
+            sock.sendall(json.dumps({"command": "handover", **formats_read()}).encode() + b"\n")
             data, fds = _receive(sock)
         except OSError as e:
             raise ControlError(f"cannot talk to the daemon of {mountpoint}: {e.strerror or e}") from None

@@ -20,13 +20,31 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# Raised whenever a field is added, removed or changes meaning.
-FORMAT = 1
+# Raised whenever a field is added, removed or changes meaning. 2: Backing.kept.
+FORMAT = 2
+# The formats this fusecache reads: a restart off an earlier release hands over format 1,
+# read as format 2 with no id marked kept, which format 1 says by leaving the id's inode
+# without passthrough handles (Passthrough.import_state). A daemon asked for a restart by
+# one that does not read its FORMAT refuses (handover.py).
+READS = frozenset({1, FORMAT})
 
 
 # An integer of either sign: a version's mtime and ctime (a file dated before 1970 has a
 # negative one). Every other number in a state (inodes, counts, handles, ids) is non-negative.
 Signed = typing.NewType("Signed", int)
+
+
+def formats_read() -> dict[str, object]:
+    """What a request for a daemon's state says of the formats its asker reads: "formats", and
+    "format", which is all that releases before format 2 look at (they accept their own, 1)."""
+    return {"format": min(READS), "formats": sorted(READS)}
+
+
+def asker_reads(request: dict, format_: int = FORMAT) -> bool:
+    """Whether the asker of a request made with formats_read() (by this release or an earlier
+    one, which sent "format" alone) reads states of format_."""
+    formats = request.get("formats")
+    return format_ in formats if isinstance(formats, list) else request.get("format") == format_
 
 
 class StateError(Exception):
@@ -87,6 +105,9 @@ class Backing:
 
     inode: int
     backing_id: int
+    # never closed by its daemon: after a crash, the kernel may hold opens on it that the
+    # journal missed (passthrough.InodeIO.kept); handed on by every later restart
+    kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,15 +186,27 @@ def _parsed(data: bytes) -> object:
 
 
 def _typed(kind: type[Message], raw: object) -> Message:
-    """raw as kind, a message of this FORMAT; StateError naming what is wrong where."""
+    """raw as kind, a message of a format in READS; StateError naming what is wrong where."""
     if not isinstance(raw, dict) or "format" not in raw:
         raise StateError("damaged state: no format version")
-    if raw["format"] != FORMAT:
-        raise OtherFormat(f"state format {raw['format']!r}, this fusecache reads format {FORMAT}")
+    if raw["format"] not in READS or isinstance(raw["format"], bool):
+        raise OtherFormat(f"state format {raw['format']!r}, this fusecache reads formats "
+                          f"{', '.join(map(str, sorted(READS)))}")
     try:
+        if raw["format"] == 1:
+            _as_format_2(raw)
         return _decoder(kind)(raw)
     except _Damaged as e:
         raise StateError(f"damaged state: state{''.join(reversed(e.where))} {e.what}") from None
+
+
+def _as_format_2(raw: dict) -> None:
+    """A format 1 message in place as format 2: no backing id marked kept."""
+    adapter = raw.get("adapter", raw)  # a LiveState's, or BackingIds' own list
+    backing = adapter.get("backing") if isinstance(adapter, dict) else None
+    for b in backing if isinstance(backing, list) else []:
+        if isinstance(b, dict) and "kept" not in b:
+            b["kept"] = False
 
 
 class _Damaged(Exception):

@@ -202,14 +202,15 @@ class Passthrough:
         the handle being released now: its id is closed next), and the kept ones. So a
         state's id on an inode with no passthrough handle in it is a kept one, and is kept
         by the next daemon too."""
-        return [Backing(inode, io.backing_id) for inode, io in self._inodes.items()
+        return [Backing(inode, io.backing_id, io.kept) for inode, io in self._inodes.items()
                 if io.kept or (io.passthrough and inode in passthrough_inodes)]
 
     def import_state(self, backing: list[Backing], opens: list[tuple[int, bool]], after_crash: bool = False) -> None:
         """Take over another daemon's export_state(), with the (inode, passthrough) of every
         handle the kernel has open, restored or not: each is released here some day.
         after_crash: the state is a journal's, which may miss opens: its backing ids are kept
-        (InodeIO.kept), as is any id on an inode with no passthrough handle in the state."""
+        (InodeIO.kept), as is any id the state marks kept or whose inode has no passthrough
+        handle in it (how format 1 said kept: livestate.READS)."""
         for inode, passthrough in opens:
             io = self._inodes.setdefault(inode, InodeIO())
             if passthrough:
@@ -219,7 +220,7 @@ class Passthrough:
         for b in backing:
             io = self._inodes.setdefault(b.inode, InodeIO())
             io.backing_id = b.backing_id
-            io.kept = after_crash or not io.passthrough
+            io.kept = after_crash or b.kept or not io.passthrough
         if any(io.passthrough and not io.backing_id for io in self._inodes.values()):
             raise ValueError("a passthrough open without its backing id")
 
