@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import threading
 import time
 
@@ -80,10 +81,39 @@ def test_paths_resolve_beneath_the_root_without_following_symlinks(tree):
 def test_only_regular_files_are_opened(tree):
     for path in ("pipe", "a"):
         with pytest.raises(OSError, match="not a regular file") as info:
-            tree.open(path)  # O_NONBLOCK: a FIFO without a writer does not hang the thread
+            tree.open(path)  # checked before it is opened: a FIFO without a writer does not hang the thread
         assert info.value.errno == errno.EINVAL
     with pytest.raises(OSError, match="not a regular file"):
         tree.read_small("pipe", 100)
+
+
+def test_a_fifo_is_never_opened_even_with_a_writer_waiting_on_it(tmp_path):
+    """The type was checked on the opened file: a FIFO (or a device node: a tape rewinds at
+    close, a tty becomes the daemon's controlling terminal) was opened first, letting a writer
+    waiting on the FIFO through. It is checked on an O_PATH descriptor. (Found by review.)"""
+    root = tmp_path / "src"
+    root.mkdir()
+    os.mkfifo(root / "pipe")
+    source = Source(root)
+    released = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(root / "pipe", os.O_WRONLY)  # blocks until someone opens it for reading
+        released.set()
+        os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.2)  # the writer waits in its open
+        with pytest.raises(OSError, match="not a regular file"):
+            source.open("pipe")
+        assert not released.wait(0.5), "the daemon opened the FIFO: its writer got through"
+    finally:
+        if not released.is_set():
+            os.close(os.open(root / "pipe", os.O_RDONLY | os.O_NONBLOCK))
+        thread.join(5)
+        source.close()
 
 
 def test_names(tree):
@@ -430,3 +460,42 @@ def test_the_acl_chain_of_a_deep_path_resolves_each_directory_once(tmp_path, mon
     assert len(chain) == 201 and all(stat.S_ISDIR(st.st_mode) for st, _acl in chain)
     assert [st.st_ino for st, _acl in chain] == [os.stat(root / "/".join(["d"] * i)).st_ino for i in range(201)]
     assert resolved <= 201, resolved
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+def test_acls_of_a_filesystem_mounted_in_the_tree_are_checked_below_a_root_without_any(tmp_path):
+    """The ACL checks were turned off for the whole tree when its root's filesystem had no
+    POSIX ACLs (NFSv4, ramfs, a FUSE source), also beneath a mount in it that has them: a
+    0644 file with `user:nobody:---` was read by nobody through the mount. A mount there at
+    the start turns them on, as does one seen later at a lookup or listing. (Found by
+    review.)"""
+    root = tmp_path / "src"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(root)], check=True)  # no xattrs at all
+    try:
+        (root / "early").mkdir()
+        (root / "late").mkdir()
+        for mounted in (False, True):
+            if mounted:
+                subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "early")], check=True)
+            source = Source(root)
+            assert source.has_acls == mounted  # from the mount table
+            source.close()
+        subprocess.run(["umount", str(root / "early")], check=True)
+        for seen_by in ("lstat", "readdir"):
+            source = Source(root)
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root / "late")], check=True)
+            try:
+                assert not source.has_acls
+                if seen_by == "lstat":
+                    source.lstat("late")
+                else:
+                    fd = source.opendir("")
+                    source.readdir(fd, 0)
+                    os.close(fd)
+                assert source.has_acls, seen_by
+            finally:
+                subprocess.run(["umount", str(root / "late")], check=True)
+                source.close()
+    finally:
+        subprocess.run(["umount", "-l", str(root)])

@@ -41,6 +41,25 @@ _HEADER = struct.Struct("<I")
 _ENTRY = struct.Struct("<HHI")
 
 
+def source_has_acls(root: str) -> bool:
+    """Whether the filesystem at a source's root has POSIX ACLs (logged: the users' checks
+    depend on it). NFSv4's own ACLs are of another kind, checked by the NFS server for the
+    daemon's user, never for ours."""
+    try:
+        os.getxattr(root, XATTR_ACCESS)
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return True  # ENODATA: ACLs are supported, the root just has none
+        try:
+            os.getxattr(root, "system.nfs4_acl")
+            log.warning("the source has NFSv4 ACLs: fusecache cannot enforce them; users of the "
+                        "mount are checked against the mode bits only")
+        except OSError:
+            log.info("the source has no POSIX ACLs; users of the mount are checked against the mode bits")
+        return False
+    return True
+
+
 class Tag(enum.IntEnum):
     USER_OBJ = 0x01
     USER = 0x02

@@ -15,7 +15,6 @@ descriptor, a batch at a time.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat as stat_mod
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AbstractSet, Iterator
 
-from . import acl, kernelcopy, linux
+from . import acl, kernelcopy, linux, mounts
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +158,21 @@ class Source:
         self.stable_inodes = stable_inodes
         self._root_fd = os.open(self.root, _DIR_PATH)
         self._openat2 = linux.has_openat2(self._root_fd)
-        self.has_acls = self._probe_acls()
+        self._root_dev = os.fstat(self._root_fd).st_dev
+        # checked where the root or a filesystem mounted beneath it may have them (_notice)
+        self.has_acls = acl.source_has_acls(f"/proc/self/fd/{self._root_fd}") or any(
+            m.mountpoint.startswith(self.root.rstrip("/") + "/") for m in mounts.mount_table())
         self._copier = kernelcopy.KernelCopy()
 
-    def _probe_acls(self) -> bool:
-        """Whether the source has POSIX ACLs (its root says so). NFSv4's own ACLs are of
-        another kind, checked by the NFS server for the daemon's user, never for ours."""
-        root = f"/proc/self/fd/{self._root_fd}"
-        try:
-            os.getxattr(root, acl.XATTR_ACCESS)
-        except OSError as e:
-            if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                return True  # ENODATA: ACLs are supported, the root just has none
-            try:
-                os.getxattr(root, "system.nfs4_acl")
-                log.warning("the source has NFSv4 ACLs: fusecache cannot enforce them; users of the "
-                            "mount are checked against the mode bits only")
-            except OSError:
-                log.info("the source has no POSIX ACLs; users of the mount are checked against the mode bits")
-            return False
-        return True
+    def _notice(self, st: os.stat_result) -> os.stat_result:
+        """A file's lstat, seen on its way to the mount: one on another filesystem than the
+        root's (a mount in the source tree) turns the ACL checks on (has_acls) for good. They
+        were off below a root without ACLs, so a mount below it that has them was read past
+        its ACLs. Mounts there at the start are known from the mount table."""
+        if not self.has_acls and st.st_dev != self._root_dev:
+            self.has_acls = True
+            log.info("a filesystem mounted in the source tree: POSIX ACLs are checked beneath it")
+        return st
 
     def close(self) -> None:
         os.close(self._root_fd)
@@ -251,7 +245,7 @@ class Source:
         if not relpath:
             return os.stat(self._root_fd)
         with self._parent(relpath) as (fd, name):
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+            return self._notice(os.stat(name, dir_fd=fd, follow_symlinks=False))
 
     def readlink(self, relpath: str) -> str:
         with self._parent(relpath) as (fd, name):
@@ -284,8 +278,7 @@ class Source:
         """A descriptor to read the directory from (readdir); close it with os.close."""
         return self._open(relpath, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
 
-    @staticmethod
-    def readdir(fd: int, offset: int, batch_bytes: int = READDIR_FIRST_BATCH) -> list[tuple[str, int, os.stat_result]]:
+    def readdir(self, fd: int, offset: int, batch_bytes: int = READDIR_FIRST_BATCH) -> list[tuple[str, int, os.stat_result]]:
         """The next batch of entries of an opened directory from offset (0: the start), of
         batch_bytes of getdents64 (readdir_batches): [(name, offset of the entry after it,
         lstat)]. Empty at the end. Entries removed before they could be stat'ed are left out.
@@ -301,7 +294,7 @@ class Source:
                 if raw_name in (b".", b".."):
                     continue
                 try:
-                    st = os.stat(raw_name, dir_fd=fd, follow_symlinks=False)
+                    st = self._notice(os.stat(raw_name, dir_fd=fd, follow_symlinks=False))
                 except FileNotFoundError:
                     continue
                 entries.append((os.fsdecode(raw_name), next_offset, st))
@@ -331,15 +324,23 @@ class Source:
 
     def open(self, relpath: str) -> tuple[int, os.stat_result]:
         """Open a regular file for reading; returns the fd and its attributes when opened
-        (identity() of them is the version opened). O_NONBLOCK is only for the open (a FIFO
-        would block it); reads then block as usual."""
-        fd = self._open(relpath, os.O_RDONLY | os.O_NONBLOCK)
+        (identity() of them is the version opened). Its type is checked on an O_PATH
+        descriptor first, which opens nothing: an open of a FIFO lets a writer waiting on it
+        through, and one of a device node can act (a tape rewinds at close, a tty becomes the
+        daemon's controlling terminal). The file itself is then opened through that
+        descriptor (/proc/self/fd), the inode it checked, whatever its path names by then."""
+        path_fd = self._open(relpath, os.O_PATH)  # with O_NOFOLLOW: a link itself, not ELOOP
         try:
-            st = os.fstat(fd)
-            if not stat_mod.S_ISREG(st.st_mode):
+            mode = os.fstat(path_fd).st_mode
+            if stat_mod.S_ISLNK(mode):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), relpath)
+            if not stat_mod.S_ISREG(mode):
                 raise OSError(errno.EINVAL, f"not a regular file: {relpath}")
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-            return fd, st
+            fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        finally:
+            os.close(path_fd)
+        try:
+            return fd, os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
