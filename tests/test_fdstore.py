@@ -104,7 +104,7 @@ def _aborted_on_failure(mountpoint: Path) -> Iterator[None]:
     except BaseException:
         info = mounts.find_mount(str(mountpoint))
         if info is not None:
-            Path(f"/sys/fs/fuse/connections/{os.makedev(info.major, info.minor)}/abort").write_text("1")
+            (mounts.connection_dir(info) / "abort").write_text("1")
         raise
 
 

@@ -52,6 +52,16 @@ def test_mountinfo_lists_the_mounts_this_process_sees(tmp_path):
         mounts.unmount(str(tmp_path))  # not mounted: a one-line error
 
 
+def test_a_connections_fusectl_directory_is_named_by_the_kernels_device_number():
+    """fusectl names a connection's directory major << 20 | minor; glibc's makedev, which it
+    was named by, differs from minor 256 on (a host with a few hundred mounts: containers),
+    and the request limits were then never set. (Found by review.)"""
+    for minor, name in ((42, "42"), (341, "341"), (1 << 12, "4096")):
+        info = mounts.MountInfo(0, minor, "/mnt", "fuse.fusecache", "/src", "rw")
+        assert mounts.connection_dir(info) == Path("/sys/fs/fuse/connections") / name
+    assert mounts.connection_dir(mounts.MountInfo(1, 2, "/m", "fuse", "/s", "rw")).name == str((1 << 20) + 2)
+
+
 def test_wait_for_exit():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

@@ -540,7 +540,8 @@ def abort_connection(mountpoint: Path) -> None:
     connections = Path("/sys/fs/fuse/connections")
     if not os.path.ismount(connections):
         subprocess.run(["mount", "-t", "fusectl", "fusectl", connections], check=True)
-    (connections / str(os.minor(os.stat(mountpoint).st_dev)) / "abort").write_text("1")
+    st_dev = os.stat(mountpoint).st_dev
+    (connections / str(os.major(st_dev) << 20 | os.minor(st_dev)) / "abort").write_text("1")
 
 
 def test_an_aborted_connection_ends_the_daemon_and_frees_the_mountpoint(tmp_path, make_mount):

@@ -204,10 +204,18 @@ def tune_fuse_mount(mountpoint: str, read_ahead_kb: int, max_background: int) ->
         return
     _write_knob(Path(f"/sys/class/bdi/{info.major}:{info.minor}/read_ahead_kb"), read_ahead_kb)
     _mount_fusectl()
-    connection = Path(f"/sys/fs/fuse/connections/{os.makedev(info.major, info.minor)}")
-    if connection.is_dir():
-        _write_knob(connection / "max_background", max_background)
-        _write_knob(connection / "congestion_threshold", max(1, max_background * 3 // 4))
+    connection = connection_dir(info)
+    if not connection.is_dir():
+        log.info("no %s: the connection's request limits are left at their defaults", connection)
+        return
+    _write_knob(connection / "max_background", max_background)
+    _write_knob(connection / "congestion_threshold", max(1, max_background * 3 // 4))
+
+
+def connection_dir(info: MountInfo) -> Path:
+    """A FUSE mount's directory in fusectl, named after the kernel's own device number
+    (major << 20 | minor), which glibc's makedev (st_dev) writes otherwise from minor 256 on."""
+    return Path(f"/sys/fs/fuse/connections/{info.major << 20 | info.minor}")
 
 
 def _mount_fusectl() -> None:
