@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import threading
+import time
 from typing import Awaitable, Callable
 
 import pytest
@@ -1054,3 +1055,118 @@ async def test_pins_set_by_requests_at_once_are_saved_as_last_set(harness):
             nursery.start_soon(engine.set_pins, {f"p{i}" for i in range(n + 1)})
     assert harness.store.load_pins() == engine.pins  # the last set, whichever request that was
     assert not list(harness.store.root.glob(".*.tmp"))
+
+
+async def test_an_open_interrupted_while_it_evicts_for_a_full_disk_keeps_the_budget_right(harness, monkeypatch):
+    """An open that meets a full cache filesystem evicts for room; killed while the removal
+    waited for a thread, it left the file forgotten by the budget with its files on disk:
+    never chosen again, the cache outgrew its limit. (Found by review.)"""
+    files = {name: harness.write(name, 4 * CHUNK) for name in ("a", "b", "c")}
+    engine = await harness.start()
+    for name in ("a", "b"):
+        assert await read_file(engine, name) == files[name]
+        await trio.sleep(0.002)
+    assert engine.budget.used == allocated(harness.store)
+    store = harness.store
+    real = store.open_entry
+    entered, go_on = threading.Event(), threading.Event()
+
+    def open_entry(relpath, identity, chunk_size):
+        if relpath == "c" and not entered.is_set():  # the cache filesystem is full, once
+            entered.set()
+            go_on.wait(GATE_TIMEOUT)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(relpath, identity, chunk_size)
+
+    monkeypatch.setattr(store, "open_entry", open_entry)
+    with trio.CancelScope() as scope:
+        async def interrupt() -> None:
+            assert await trio.to_thread.run_sync(entered.wait, 5.0)
+            scope.cancel()  # the opener is killed while its open waits on the cache filesystem
+            go_on.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt)
+            await engine.open("c")
+    await trio.testing.wait_all_tasks_blocked()
+    # whatever was evicted or not, the budget must count what the cache holds on disk
+    assert engine.budget.used == allocated(harness.store), (engine.budget.files(), store.index_of("a"))
+
+
+async def test_readahead_streams_a_new_version_opened_after_the_old_ones_idle_file_was_closed(harness, monkeypatch):
+    """Automatic readahead is queued once per version: it forgot a version only when retired
+    or evicted, not when its idle file was closed (more files than are kept idle), so a
+    checkpoint rewritten under the same names was never streamed again. (Found by review.)"""
+    monkeypatch.setattr(files_module, "MAX_IDLE_FILES", 1)
+    harness.write("f", 6 * CHUNK)
+    harness.write("g", CHUNK)
+    engine = await harness.start(readahead="all")
+    await engine.release(await engine.open("f"))
+    await wait_for(lambda: engine.cached_extent("f") == (6 * CHUNK, 6 * CHUNK))
+    await settled(engine, "f")
+    await engine.release(await engine.open("g"))  # keeping one idle file closes f's
+    await settled(engine, "g")
+    await wait_for(lambda: engine.cached_extent("f") is None)
+    new = harness.rewrite("f", os.urandom(5 * CHUNK))  # a new checkpoint under the same name
+    await engine.release(await engine.open("f"))
+    await wait_for(lambda: engine.cached_extent("f") == (len(new), len(new)))
+
+
+async def test_an_open_interrupted_as_its_source_open_fails_leaves_the_next_open_free(harness, monkeypatch):
+    """A call given up after it had raised was taken for one still running: the next open of
+    the path waited, for good, for it to end. (Found by review.)"""
+    harness.write("f", CHUNK)
+    engine = await harness.start()
+    src = harness.source
+    real = src.open
+    entered, answer = threading.Event(), threading.Event()
+
+    def source_open(relpath):
+        if relpath == "f" and not entered.is_set():
+            entered.set()
+            answer.wait(GATE_TIMEOUT)
+            raise OSError(errno.ETIMEDOUT, "the server did not answer")  # a soft NFS mount gives up
+        return real(relpath)
+
+    monkeypatch.setattr(src, "open", source_open)
+    with trio.CancelScope() as scope:
+        async def interrupt() -> None:
+            assert await trio.to_thread.run_sync(entered.wait, 5.0)
+            scope.cancel()  # the opener is killed...
+            answer.set()  # ...as the source's error comes back
+            time.sleep(0.2)  # (the trio thread is busy: the open's thread ends before its task resumes)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt)
+            await engine.open("f")
+    with trio.fail_after(5):  # the source answers at once now
+        handle = await engine.open("f")
+    await engine.release(handle)
+
+
+async def test_a_read_through_interrupted_behind_one_that_hangs_leaks_no_descriptor(harness):
+    """A read-through given up while it waited behind an abandoned one of its file kept the
+    descriptor it had made for its call: one per killed reader while the source hangs.
+    (Found by review.)"""
+    data = harness.write("f", 2 * CHUNK)
+    engine = await harness.start()
+    engine.budget.limit = 0  # no room in the cache: reads go straight to the source
+    handle = await engine.open("f")
+    fds = len(os.listdir("/proc/self/fd"))
+    gate = harness.source.hold("f")  # the source hangs on the first read
+    with trio.CancelScope() as first:
+        async def kill_first() -> None:
+            await gate.wait_entered()
+            first.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_first)
+            await engine.read(handle, 0, CHUNK, buffer(CHUNK))
+    for _ in range(3):  # readers killed while they wait behind the abandoned read
+        with trio.move_on_after(0.1):
+            await engine.read(handle, 0, CHUNK, buffer(CHUNK))
+    gate.open()
+    with trio.fail_after(5):
+        assert bytes(await engine.read(handle, 0, CHUNK, buffer(CHUNK))) == data[:CHUNK]
+    assert len(os.listdir("/proc/self/fd")) == fds
+    await engine.release(handle)

@@ -145,7 +145,7 @@ class Engine:
         validating any cached copy against the source's current identity."""
         handle = await self.files.open(relpath, uid)
         if handle.tracked.entry.cacheable:
-            self.streams.opened(relpath, handle.tracked.entry.size)
+            self.streams.opened(relpath, handle.tracked.entry.identity)
         return handle
 
     def direct(self, handle: Handle) -> CompleteFile | None:

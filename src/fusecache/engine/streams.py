@@ -21,7 +21,7 @@ import trio
 from ..config import MountConfig
 from ..logs import Throttle
 from ..metrics import Metrics
-from ..source import SourceChanged
+from ..source import Identity, SourceChanged
 from .errors import ReadError, VersionReplaced
 from .fetcher import Fetcher, Flight, Lane, await_flight, contiguous_runs
 from .fill import FillController
@@ -56,6 +56,10 @@ class StreamRecord:
     """Where one path stands with streaming."""
 
     auto: bool = False  # automatic readahead queued its current version: opens do not queue it again
+    # the version its last stream ran on (None: none ran yet): an open of another one queues
+    # it again, since retiring the version (version_gone) is not the only way a new one comes
+    # (an idle file closed, then the source rewritten)
+    streamed: Identity | None = None
     pending: bool = False  # a stream of it is queued or running
     explicit: bool = False  # a prefetch asked for it: retried if the file changes, its outcome kept
     replacements: int = 0  # times the file changed under the stream a prefetch asked for
@@ -103,10 +107,13 @@ class StreamScheduler:
 
     # ---- what asks for streams ---------------------------------------------------------------
 
-    def opened(self, relpath: str, size: int) -> None:
-        """A file was opened: stream it (and its siblings) if the checkpoint policy says so."""
+    def opened(self, relpath: str, identity: Identity) -> None:
+        """A version of a file was opened: stream it (and its siblings) if the checkpoint
+        policy says so, unless automatic readahead queued or streamed that version already."""
         record = self._records.get(relpath)
-        if (record is None or not record.auto) and self.policy.streams_on_open(relpath, size):
+        if record is not None and record.streamed not in (None, identity):
+            record.auto = False  # it streamed another version
+        if (record is None or not record.auto) and self.policy.streams_on_open(relpath, identity.size):
             self.tasks.start_soon(self._schedule_readahead, relpath)
 
     def version_gone(self, relpath: str) -> None:
@@ -216,6 +223,7 @@ class StreamScheduler:
         raises VersionReplaced if the file changed in the source meanwhile, or the error
         that kept a chunk from being fetched."""
         tracked = await self.files.acquire(relpath)
+        self._record(relpath).streamed = tracked.entry.identity
         self._streaming.add(tracked)
         try:
             if not tracked.entry.cacheable:

@@ -75,19 +75,28 @@ class Tasks:
         runs on, the next one of that key waits for it (as a killable wait), so that a user
         killing and retrying an open of a file that hangs holds one thread, not a thread per
         attempt until none is left for anyone."""
-        while (pending := self._abandoned.get(key)) is not None:
-            await pending.wait()
+        try:
+            while (pending := self._abandoned.get(key)) is not None:
+                await pending.wait()
+        except BaseException:  # given up before it started: what its arguments hold goes
+            if unused is not None:
+                unused()
+            raise
         token = trio.lowlevel.current_trio_token()
         lock = threading.Lock()
-        state = "waiting"  # then "running" (the thread took it) or "given up" (the caller, first)
+        # then "running" (the thread took it), "ended" (fn returned or raised, the caller still
+        # waiting), or "given up" (the caller, first)
+        state = "waiting"
         outcome: list[T] = []  # the result of a call that ended before it was given up
 
         def ended(result: list[T]) -> None:
             """In the thread, once fn returned (result) or raised (empty): hand it over, or
             drop it and let the key go if the caller gave up meanwhile."""
+            nonlocal state
             with lock:
                 if state != "given up":
                     outcome.extend(result)
+                    state = "ended"
                     return
             if result and discard is not None:
                 discard(result[0])
@@ -118,8 +127,8 @@ class Tasks:
             if before == "waiting":
                 if unused is not None:
                     unused()
-            elif outcome:  # it ended as the cancellation came
-                if discard is not None:
+            elif before == "ended":  # as the cancellation came: returned (dropped) or raised
+                if outcome and discard is not None:
                     discard(outcome[0])
             else:
                 self._abandoned[key] = trio.Event()  # set by _let_go once the thread ends
