@@ -291,6 +291,10 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise ConfigError(f"invalid {what} {text!r}: an IPv6 address goes in brackets, [ADDRESS]:PORT")
     host = host.strip("[]") if sep else ""
+    try:
+        host.encode("idna")  # what the resolver is given: an empty or over-long label fails there
+    except UnicodeError:
+        raise ConfigError(f"invalid {what} {text!r}: not a host name") from None
     return host or "127.0.0.1", parse_int(port, f"{what} port", 1, 65535)
 
 
@@ -307,8 +311,11 @@ def _set_path(cfg: MountConfig, key: str, value: str) -> None:
     # ones every later use reaches, wherever a symlink on the way has been pointed since. A
     # textfile itself is not followed: it is replaced by a rename.
     directory, name = os.path.split(path)
-    setattr(cfg, key, Path(os.path.realpath(directory), name) if key == "metrics_textfile" else
-            Path(os.path.realpath(path)))
+    resolved = Path(os.path.realpath(directory), name) if key == "metrics_textfile" else Path(os.path.realpath(path))
+    if "," in str(resolved):  # recorded as an option for restarts, where a comma separates two
+        raise ConfigError(f"invalid {key} {value!r}: it resolves to {str(resolved)!r}, and a path in a mount "
+                          f"option cannot hold a comma")
+    setattr(cfg, key, resolved)
 
 
 # key -> how to apply its value; flags (no '=') are handled as value None.
