@@ -24,7 +24,7 @@ from fusecache import config, control, mounts, supervisor
 from fusecache.cli import printable
 from fusecache.config import GiB, MountConfig, memory_limit
 
-from .conftest import SESSION, is_mounted, run_cli, wait_gone
+from .conftest import DEFAULT_OPTIONS, SESSION, is_mounted, run_cli, wait_gone
 
 MiB = 1 << 20
 
@@ -539,6 +539,77 @@ def test_a_daemons_reply_that_is_not_ours_is_one_line(tmp_path, monkeypatch, cap
             assert status == 1 and err.count("\n") == 1 and err.startswith("fusecache: "), (argv, err)
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000
+HUGE = b"1" + b"0" * 400  # a JSON integer: parsed exactly, too large for a float
+
+
+@pytest.mark.parametrize("argv, reply", [
+    (["cache", "ls", "/mnt"], DEEP + b"\n"),  # RecursionError in json.loads
+    (["status", "/mnt"], json.dumps({  # int(inf): OverflowError
+        "mountpoint": "/mnt", "source": "/s", "pid": float("inf"), "cache": "/c", "files": [],
+        "metrics": {"hit_ratio": None}}).encode() + b"\n"),
+    (["cache", "ls", "/mnt"], b'{"cache_bytes": ' + HUGE + b', "cache_limit": 1, "files": []}\n'),  # human()
+    (["cache", "ls", "/mnt"], b'{"cache_bytes": 1, "cache_limit": 1, "files": [{"cached": 1, "size": 1, '
+                              b'"last_used": 1e20, "pinned": false, "path": "f"}]}\n'),  # time.localtime
+], ids=["deep", "inf-pid", "huge-int", "huge-time"])
+def test_a_daemons_odd_numbers_or_nesting_are_one_line(tmp_path, monkeypatch, capsys, argv, reply):
+    """Another user's daemon (root runs `fusecache status` / `cache ls` on every node's mounts)
+    answers valid JSON the CLI cannot handle: a traceback instead of one line and exit 1.
+    (Found by review.)"""
+    from fusecache import cli
+
+    path = tmp_path / "daemon.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(4)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1 << 16)
+                conn.sendall(reply)
+
+        threading.Thread(target=answer, daemon=True).start()
+        monkeypatch.setattr(cli.control, "_endpoint", lambda mountpoint: (path, os.getuid()))
+        monkeypatch.setattr(cli, "_locate", lambda p: ("/mnt", ""))
+        monkeypatch.setattr(cli, "fusecache_mounts", lambda: ["/mnt"])
+        status = cli.main(argv)  # raised out of main on the current code
+        err = capsys.readouterr().err
+        assert status == 1 and err.count("\n") == 1 and err.startswith("fusecache: "), err
+
+
+def test_cache_ls_gives_up_on_a_daemon_that_only_sends_heartbeats(tmp_path, monkeypatch, capsys):
+    """`cache ls` is answered from memory, as `status` is, but was asked with no `total`: a
+    daemon that sends heartbeats and nothing else (another user's, for root's `cache ls`)
+    kept it waiting forever. (Found by review.)"""
+    from fusecache import cli
+
+    path = tmp_path / "daemon.sock"
+    stop = threading.Event()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def heartbeats() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                while not stop.wait(0.05):
+                    conn.sendall(b" ")
+
+        threading.Thread(target=heartbeats, daemon=True).start()
+        monkeypatch.setattr(cli.control, "_endpoint", lambda mountpoint: (path, os.getuid()))
+        monkeypatch.setattr(cli, "_locate", lambda p: ("/mnt", ""))
+        monkeypatch.setattr(cli, "STATUS_TIMEOUT", 1.0)
+        result: list[int] = []
+        client = threading.Thread(target=lambda: result.append(cli.main(["cache", "ls", "/mnt"])), daemon=True)
+        client.start()
+        client.join(10)
+        in_time = list(result)
+        stop.set()  # lets a hung client end
+        client.join(5)
+        assert in_time == [1], "cache ls still waits after 10 s of heartbeats"
+
+
 def test_a_daemon_that_only_sends_heartbeats_is_given_up_on(tmp_path):
     """A status is answered from memory: heartbeats keep a busy daemon's long request alive,
     but a daemon that sends nothing else kept `status` waiting forever. (Found by review.)"""
@@ -661,3 +732,44 @@ def test_an_empty_cache_dir_is_a_usage_error(tmp_path, capsys):
 
     assert cli.main(["mount", str(tmp_path), str(tmp_path / "mnt"), "--cache-dir", ""]) == 2
     assert capsys.readouterr().err == "fusecache: argument --cache-dir: empty path\n"
+
+
+@pytest.mark.fuse
+def test_umount_unmounts_only_the_mount_it_checked(tmp_path, monkeypatch):
+    """Root's `fusecache umount /home/u/dir/mnt` checks that a fusecache mount is there, asks
+    its daemon (the user's) for its pid, then unmounts the path again by name: umount2's
+    UMOUNT_NOFOLLOW covers the last component only. While answering, the user's daemon swaps
+    /home/u/dir for a symlink to /srv, and root unmounted /srv/mnt, any mount of root's. The
+    checked directory is held (mounts.pinned) and the unmount goes through it. (Found by
+    review.)"""
+    from fusecache import cli
+
+    source, cache, srv, user = (tmp_path / name for name in ("src", "cache", "srv", "u"))
+    for d in (source, srv / "mnt", user / "dir" / "mnt"):
+        d.mkdir(parents=True)
+    (source / "f").write_bytes(b"x")
+    theirs = user / "dir" / "mnt"
+    subprocess.run(["mount", "-t", "tmpfs", "roots", str(srv / "mnt")], check=True)  # root's mount
+    run_cli("mount", source, theirs, "--cache-dir", cache, *(a for o in DEFAULT_OPTIONS for a in ("-o", o)))
+    daemon = cli.control.call(str(theirs), {"command": "pid"})
+    try:
+        real_call = cli.control.call
+
+        def hostile_daemon(mountpoint, request, *args, **kwargs):
+            answer = real_call(mountpoint, request, *args, **kwargs)
+            os.rename(user / "dir", user / "dir.old")  # its mount moves along
+            os.symlink(srv, user / "dir")
+            return answer
+
+        monkeypatch.setattr(cli.control, "call", hostile_daemon)
+        monkeypatch.setattr(cli, "UMOUNT_WAIT", 1.0)
+        cli.main(["umount", str(theirs)])
+        assert mounts.find_mount(str(srv / "mnt")) is not None, "root's own mount was unmounted"
+        assert mounts.find_mount(str(user / "dir.old" / "mnt")) is None  # the mount checked is the one unmounted
+    finally:
+        for path in (srv / "mnt", user / "dir.old" / "mnt", user / "dir" / "mnt"):
+            if mounts.find_mount(str(path)) is not None and not os.path.islink(os.path.dirname(path)):
+                subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        for pid in (daemon["pid"], daemon["supervisor_pid"]):
+            if pid:
+                mounts.wait_for_exit(pid, 15) or os.kill(pid, 9)

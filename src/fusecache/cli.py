@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Failure, ConfigError, precheck.MountError, control.ControlError) as e:
         say(str(e))
         return 1
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
         if command not in ASKING_COMMANDS:
             raise
         # a daemon's reply is input: another release's, or anyone's on a shared node
@@ -387,6 +387,16 @@ def _serve_detached(cfg, store, ready_fd: int | None, log_path: Path, takeover: 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = mounts.resolve_mountpoint(args.mountpoint)
+    try:
+        with mounts.pinned(mountpoint) as pinned_path:
+            return _umount(args, mountpoint, pinned_path)
+    except FileNotFoundError:
+        raise Failure(f"{args.mountpoint} is not a fusecache mount") from None
+    except OSError as e:
+        raise Failure(f"cannot unmount {args.mountpoint}: {e.strerror}") from None
+
+
+def _umount(args: argparse.Namespace, mountpoint: str, pinned_path: str) -> int:
     info = mounts.find_mount(mountpoint)
     if info is None or info.fstype != FSTYPE:
         raise Failure(f"{args.mountpoint} is not a fusecache mount")
@@ -403,10 +413,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         silent = e  # a stopped or hung daemon: unmounting needs nothing from it
     except control.ControlError:
         pass  # not ours to ask (or the daemon is gone): unmount without waiting
-    try:
-        mounts.unmount(mountpoint)
-    except OSError as e:
-        raise Failure(f"cannot unmount {args.mountpoint}: {e.strerror}") from None
+    mounts.unmount(mountpoint, pinned_path=pinned_path)
     if silent is not None:
         say(f"{silent}; unmounted without waiting for it to exit")
         return 0
@@ -496,7 +503,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         try:
             _print_status(report)
-        except (KeyError, TypeError, ValueError, AttributeError):  # another fusecache's daemon, or anyone's
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError):  # another fusecache's daemon, or anyone's
             print(f"  (the rest of this daemon's status could not be read: {printable(str(report)[:200])})")
     return 1 if unanswered else 0
 
@@ -561,7 +568,8 @@ def _wait_for(mountpoint: str, job: int, total: int, show: bool) -> dict:
     a large tree."""
     started = time.monotonic()
     while True:
-        progress = control.call(mountpoint, {"command": "progress", "job": job, "wait": PROGRESS_INTERVAL})
+        progress = control.call(mountpoint, {"command": "progress", "job": job, "wait": PROGRESS_INTERVAL},
+                                timeout=STATUS_TIMEOUT, total=PROGRESS_INTERVAL + STATUS_TIMEOUT)
         done, rate = progress["cached"], progress["rate"]
         if not progress["unknown"]:
             total = progress["size"]
@@ -597,14 +605,15 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_unpin(args: argparse.Namespace) -> int:
     for mountpoint, relpaths in _by_mount(args.paths).items():
-        control.call(mountpoint, {"command": "unpin", "paths": relpaths})
+        control.call(mountpoint, {"command": "unpin", "paths": relpaths}, timeout=STATUS_TIMEOUT, total=STATUS_TIMEOUT)
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     if args.cache_command == "ls":
         mountpoint, _ = _locate(args.mountpoint)
-        report = control.call(mountpoint, {"command": "cache_ls"})
+        # answered from memory, as a status: a daemon sending heartbeats alone is given up on
+        report = control.call(mountpoint, {"command": "cache_ls"}, timeout=STATUS_TIMEOUT, total=STATUS_TIMEOUT)
         if args.json:
             print(json.dumps(report, indent=2))
             return 0

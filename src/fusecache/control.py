@@ -135,9 +135,10 @@ def send_request(path: Path, request: dict, timeout: float, mountpoint: str, pee
         except OSError as e:
             raise ControlError(f"cannot talk to the daemon of {mountpoint}: {e.strerror or e}") from None
     try:
-        reply = json.loads(data)
-    except ValueError:
-        raise ControlError("the daemon closed the control connection without answering") from None
+        reply = json.loads(data, parse_constant=_no_constant)  # no NaN or Infinity: no number of ours
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than a reply of ours is
+        raise ControlError(f"the daemon of {mountpoint} closed the control connection without an answer "
+                           "it could read") from None
     if not isinstance(reply, dict):  # a daemon's answer is input: not always ours
         raise ControlError(f"the daemon of {mountpoint} sent a reply that is not one (a JSON {type(reply).__name__})")
     if "error" in reply:
@@ -161,3 +162,7 @@ def _reply_line(sock: socket.socket, mountpoint: str, deadline: float | None) ->
         if size > MAX_REPLY:
             raise ControlError(f"the daemon of {mountpoint} sent a reply of more than {MAX_REPLY} bytes")
     return b"".join(chunks)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} in a reply")

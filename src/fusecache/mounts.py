@@ -15,8 +15,9 @@ import shutil
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 from pathlib import Path
 
 from . import linux
@@ -132,12 +133,31 @@ def is_stale(mountpoint: str, wait: float = STALE_PROBE_WAIT) -> bool:
     return answer == [errno.ENOTCONN]
 
 
-def unmount(mountpoint: str, lazy: bool = False) -> None:
-    """Unmount what is mounted at mountpoint: umount2(2) as root, else fusermount3 (setuid),
-    which lets a user unmount the FUSE mounts they made. lazy: detach it at once, while
-    processes inside keep what they hold (otherwise a busy mount fails with EBUSY)."""
+@contextmanager
+def pinned(mountpoint: str) -> Iterator[str]:
+    """mountpoint (a path resolve_mountpoint gave) reached through a descriptor of its parent
+    directory, held for the block: root's unmount through it acts on the mount in the very
+    directory that was checked. By its path, the owner of a directory on the way could move
+    the directory (their mount moves with it) and put a link in its place once the checks
+    were made, while their daemon was asked for its pid: root unmounted what the link led to.
+    OSError if the parent is not at its path (moved meanwhile)."""
+    parent, name = os.path.split(mountpoint)
+    fd = os.open(parent or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") != (parent or "/"):
+            raise OSError(errno.ESTALE, f"{parent} moved while it was being checked")
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
+
+
+def unmount(mountpoint: str, lazy: bool = False, pinned_path: str | None = None) -> None:
+    """Unmount what is mounted at mountpoint: umount2(2) as root (through pinned_path, where
+    given: pinned()), else fusermount3 (setuid), which lets a user unmount only the FUSE
+    mounts they made. lazy: detach it at once, while processes inside keep what they hold
+    (otherwise a busy mount fails with EBUSY)."""
     if os.geteuid() == 0:
-        linux.umount2(mountpoint, linux.UMOUNT_NOFOLLOW | (linux.MNT_DETACH if lazy else 0))
+        linux.umount2(pinned_path or mountpoint, linux.UMOUNT_NOFOLLOW | (linux.MNT_DETACH if lazy else 0))
         return
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:

@@ -147,11 +147,12 @@ def _refuse_a_live_mount(mountpoint: Path) -> None:
     info = mounts.find_mount(path)
     if info is None:
         return
-    if not _is_stale(path, info):
-        raise MountError(f"mountpoint {mountpoint} is already mounted")
-    log.warning("%s is a stale mount left by a crashed daemon; unmounting it", path)
     try:
-        mounts.unmount(path, lazy=True)
+        with mounts.pinned(path) as pinned_path:  # what is probed and unmounted: the mount checked
+            if not _is_stale(path, pinned_path, info):
+                raise MountError(f"mountpoint {mountpoint} is already mounted")
+            log.warning("%s is a stale mount left by a crashed daemon; unmounting it", path)
+            mounts.unmount(path, lazy=True, pinned_path=pinned_path)
     except OSError as e:
         raise MountError(f"mountpoint {mountpoint} is a stale mount and could not be cleaned: {e.strerror}") from None
 
@@ -177,12 +178,13 @@ def _check_mountpoint(mountpoint: Path) -> None:
         raise MountError(f"mountpoint {mountpoint} is not empty")
 
 
-def _is_stale(path: str, info: mounts.MountInfo) -> bool:
+def _is_stale(path: str, pinned_path: str, info: mounts.MountInfo) -> bool:
     """Whether the mount at path is a FUSE mount whose connection ended, so that unmounting
     it loses nothing. Only on proof: the kernel answers ENOTCONN (mounts.is_stale). A
     fusecache mount whose control socket (or its supervisor's) listens is alive without
     asking; one whose socket is gone is not taken for dead on that alone: logind removes
-    /run/user/UID at logout, tmpfiles ages /tmp, and unmounting a live mount loses it."""
+    /run/user/UID at logout, tmpfiles ages /tmp, and unmounting a live mount loses it.
+    pinned_path: the same mount through its parent's descriptor (mounts.pinned), probed."""
     if info.fstype == FUSECACHE_FSTYPE and info.owner_uid is not None and control.is_listening(path, info.owner_uid):
         return False
-    return mounts.is_stale(path)
+    return mounts.is_stale(pinned_path)
