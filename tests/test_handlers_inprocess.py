@@ -24,7 +24,7 @@ from fusecache import handlers as handlers_module
 from fusecache.handlers import PROGRAM_STARTED, ControlHandlers, DaemonParts
 from fusecache.source import Source
 
-from .inprocess import CHUNK, allocated, harness, read_file  # noqa: F401 - fixture
+from .inprocess import CHUNK, allocated, harness, read_file, settled  # noqa: F401 - fixture
 
 MOUNTPOINT = "/mnt/models"
 
@@ -142,8 +142,8 @@ async def test_pin_unpin_and_cache_clear(harness):
     engine = await harness.start()
     handlers = handlers_of(harness, engine)
     pinned = await handlers.pin({"command": "pin", "paths": ["keep"]})
-    assert pinned["files"] == 1 and engine.pins == {"keep"}
-    await finished(handlers, pinned["job"])
+    assert pinned == {"files": 1, "bytes": CHUNK} and engine.pins == {"keep"}  # no job: nobody asks
+    await settled(engine, "keep/p")
     for name in ("drop/q", "drop/r"):
         await read_file(engine, name)
     cleared = await handlers.cache_clear({"command": "cache_clear", "paths": [""]})
@@ -227,3 +227,45 @@ async def test_the_commands_are_reached_through_the_control_socket(harness, tmp_
         queued = await trio.to_thread.run_sync(ask, {"command": "prefetch", "paths": ["f"]})
         assert queued["files"] == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_prefetch_of_overlapping_paths_counts_and_holds_each_file_once(harness):
+    """`fusecache prefetch M/tree M/tree/a` (or a request naming "" 300,000 times, which fits
+    MAX_REQUEST) expanded every path on its own: files and bytes were counted once per naming,
+    and the job held one entry per naming, past MAX_JOB_PATHS (a single job is never dropped).
+    (Found by review.)"""
+    harness.write("tree/a", CHUNK)
+    harness.write("tree/b", CHUNK)
+    engine = await harness.start()
+    handlers = handlers_of(harness, engine)
+    queued = await handlers.prefetch({"command": "prefetch", "paths": ["tree", "tree/a", "", ""]})
+    assert (queued["files"], queued["bytes"]) == (2, 2 * CHUNK)
+    assert sum(map(len, handlers._jobs.values())) == 2
+
+
+async def test_a_prefetch_a_client_waits_for_is_not_dropped_for_jobs_nobody_asks_about(harness):
+    """MAX_JOBS was to drop "those no client waits for", but the oldest job was dropped whoever
+    waited for it: a `fusecache prefetch` of a large tree, polling its job every 0.5 s, failed
+    with "no prefetch job 1 in this daemon" (exit 1) once a script had run `fusecache pin`
+    (each a job nobody asks about) 256 times meanwhile. Pins make no job, and the jobs asked
+    about least recently go first. (Found by review.)"""
+    harness.write("big/a", CHUNK)
+    harness.write("model", CHUNK)
+    engine = await harness.start()
+    gate = harness.source.hold("big/a")  # the large tree's fetch is under way
+    handlers = handlers_of(harness, engine)
+    waited = await handlers.prefetch({"command": "prefetch", "paths": ["big"]})
+    await gate.wait_entered()
+    assert (await handlers.progress({"command": "progress", "job": waited["job"], "wait": 0}))["pending"]
+    for _ in range(handlers_module.MAX_JOBS):
+        await handlers.pin({"command": "pin", "paths": ["model"]})
+    for newer in range(handlers_module.MAX_JOBS + 50):  # prefetches nobody asks about
+        await handlers.prefetch({"command": "prefetch", "paths": ["model"]})
+        if newer == 200:  # its client polls meanwhile
+            await handlers.progress({"command": "progress", "job": waited["job"], "wait": 0})
+    try:
+        await handlers.progress({"command": "progress", "job": waited["job"], "wait": 0})
+    except ControlError as e:
+        pytest.fail(f"the job its client polls was dropped: {e}")
+    finally:
+        gate.open()

@@ -28,7 +28,7 @@ from .store import CacheStore
 
 
 PROGRAM_STARTED = time.time_ns()  # set as this program loads: an exec in place starts anew
-MAX_JOBS = 256  # unfinished prefetch jobs kept (those no client waits for are dropped oldest first)
+MAX_JOBS = 256  # unfinished prefetch jobs kept (those asked about least recently are dropped first)
 # and the paths they hold in all: a `pin` or a `prefetch --no-wait` of a tree of a million files
 # is a job nobody asks about again, each holding its paths until 256 newer ones push it out
 MAX_JOB_PATHS = 1_000_000
@@ -95,9 +95,7 @@ class ControlHandlers:
 
     async def prefetch(self, request: dict) -> dict:
         """Queue every regular file under the paths; the reply names the job to ask about."""
-        files = await trio.to_thread.run_sync(_regular_files, self.engine.source, _relpaths(request))
-        for relpath, _size in files:
-            self.engine.prefetch(relpath)
+        files = await self._queue(_relpaths(request))
         job = next(self._job_ids)
         self._jobs[job] = [relpath for relpath, _size in files]
         while len(self._jobs) > MAX_JOBS or (len(self._jobs) > 1 and
@@ -106,10 +104,18 @@ class ControlHandlers:
         return {"job": job, "files": len(files), "bytes": sum(size for _relpath, size in files)}
 
     async def pin(self, request: dict) -> dict:
+        """Pin the paths and queue their files; no job: nobody asks how a pin's fetch goes, and
+        a job of each pin pushed out those of prefetches clients were waiting on."""
         paths = _relpaths(request)
-        await trio.to_thread.run_sync(_regular_files, self.engine.source, paths)  # they must exist
+        files = await self._queue(paths)  # they must exist
         await self.engine.set_pins(self.engine.pins | set(paths))
-        return await self.prefetch(request)
+        return {"files": len(files), "bytes": sum(size for _relpath, size in files)}
+
+    async def _queue(self, relpaths: list[str]) -> list[tuple[str, int]]:
+        files = await trio.to_thread.run_sync(_regular_files, self.engine.source, _outermost(relpaths))
+        for relpath, _size in files:
+            self.engine.prefetch(relpath)
+        return files
 
     async def unpin(self, request: dict) -> dict:
         paths = set(_relpaths(request))
@@ -131,9 +137,10 @@ class ControlHandlers:
             raise ControlError(f"wait must be a number of seconds from 0 to {PROGRESS_WAIT_MAX:g}")
         deadline = trio.current_time() + wait
         while True:
-            relpaths = self._jobs.get(job) if isinstance(job, int) else None
+            relpaths = self._jobs.get(job) if isinstance(job, int) and not isinstance(job, bool) else None
             if relpaths is None:
                 raise ControlError(f"no prefetch job {job!r} in this daemon")
+            self._jobs.move_to_end(job)  # asked about: the last to be dropped
             started = trio.current_time()
             report = self._job_report(relpaths)
             now = trio.current_time()
@@ -199,6 +206,15 @@ def _relpaths(request: dict) -> list[str]:
         if relpath and not all(is_valid_name(part) for part in relpath.split("/")):
             raise ControlError(f"invalid path {relpath!r}")
     return paths
+
+
+def _outermost(relpaths: list[str]) -> list[str]:
+    """The paths of a request once each, in order, leaving out those inside another of them:
+    each file is found, counted and held once (`prefetch M/tree M/tree/a` counted a/ twice;
+    a request naming the root 300,000 times walked the tree as often)."""
+    unique = list(dict.fromkeys(relpaths))
+    named = set(unique)
+    return [p for p in unique if not p or not is_under_any(p.rpartition("/")[0], named)]
 
 
 def _regular_files(source: Source, relpaths: list[str]) -> list[tuple[str, int]]:
