@@ -773,3 +773,27 @@ def test_umount_unmounts_only_the_mount_it_checked(tmp_path, monkeypatch):
         for pid in (daemon["pid"], daemon["supervisor_pid"]):
             if pid:
                 mounts.wait_for_exit(pid, 15) or os.kill(pid, 9)
+
+
+@pytest.mark.fuse
+def test_a_runtime_dir_others_can_write_is_a_clear_error(tmp_path):
+    """The supervisor child checked the runtime dir (private.ensure_tree) and bound its socket
+    outside any try that reports to the mounting command: UntrustedPath unwound the forked
+    child through cli.main (a traceback in daemon.log) and the user read only "the daemon
+    exited during start-up; see daemon.log", not the documented "refusing to use X: ...".
+    (Found by review.)"""
+    source, mountpoint, cache, run = (tmp_path / n for n in ("src", "mnt", "cache", "run"))
+    for d in (source, mountpoint, run):
+        d.mkdir()
+    run.chmod(0o777)  # made by anyone first (/tmp/fusecache-<uid>)
+    script = f"""
+import os, sys
+from pathlib import Path
+from fusecache import cli, control
+control.runtime_dirs = lambda uid: [Path({str(run)!r})]
+sys.exit(cli.main(["mount", {str(source)!r}, {str(mountpoint)!r}, "--cache-dir", {str(cache)!r},
+                   "-o", "session=kernel", "-o", "passthrough=off"]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+    assert result.returncode == 1 and "writable by group or others" in result.stderr, result.stderr

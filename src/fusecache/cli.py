@@ -255,12 +255,19 @@ def _mount_detached(cfg, store, takeover: bool = False) -> int:
     log_path = store.root / "daemon.log"
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the daemon, or its supervisor which starts it
-        os.close(read_end)
-        precheck.release_claims()  # this command holds them until the mount is up
-        if takeover or cfg.session != "kernel":  # a restart is adopted by the supervisor already there
-            os._exit(_daemon_child(cfg, store, write_end, log_path, takeover))
-        os._exit(_supervisor_child(cfg, store, write_end, log_path))
+    if pid == 0:  # the daemon, or its supervisor which starts it: never returns into the command
+        status = 1
+        try:
+            os.close(read_end)
+            precheck.release_claims()  # this command holds them until the mount is up
+            if takeover or cfg.session != "kernel":  # a restart is adopted by the supervisor already there
+                status = _daemon_child(cfg, store, write_end, log_path, takeover)
+            else:
+                status = _supervisor_child(cfg, store, write_end, log_path)
+        except BaseException:  # reported by the child where it could; logged, never raised further
+            log.exception("the daemon's start failed")
+        finally:
+            os._exit(status)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
@@ -274,13 +281,18 @@ def _mount_detached(cfg, store, takeover: bool = False) -> int:
 def _supervisor_child(cfg, store, ready_fd: int, log_path: Path) -> int:
     """The supervisor (supervisor.py): starts the serving daemon, and a new one, recovering
     from the journal, whenever the one serving dies. Only the daemons it forks run trio."""
-    _detach(log_path)
-    setup_logging(cfg.log_level, log_path)
-    # resolved now, while it can be: a daemon recovering the mount cannot stat it
-    cfg = dataclasses.replace(cfg, mountpoint=Path(os.path.realpath(cfg.mountpoint)))
-    control_path = control.socket_path(str(cfg.mountpoint), os.getuid())
-    private.ensure_tree(control_path.parent.parent, control_path.parent)
-    listener = supervisor.listen(supervisor.socket_for(control_path))
+    try:
+        _detach(log_path)
+        setup_logging(cfg.log_level, log_path)
+        # resolved now, while it can be: a daemon recovering the mount cannot stat it
+        cfg = dataclasses.replace(cfg, mountpoint=Path(os.path.realpath(cfg.mountpoint)))
+        control_path = control.socket_path(str(cfg.mountpoint), os.getuid())
+        private.ensure_tree(control_path.parent.parent, control_path.parent)  # a runtime dir others can write
+        listener = supervisor.listen(supervisor.socket_for(control_path))
+    except Exception as e:  # noqa: BLE001 - the mounting command is told why, in one line
+        log.error("%s", e)
+        _tell_failure(ready_fd, e)
+        return 1
     running: list[supervisor.Supervisor] = []
 
     def spawn(fuse_fd: int | None, ready: int | None, installed: bool = False) -> int:
@@ -350,8 +362,18 @@ def _serve_recovery(cfg, fuse_fd: int) -> int:
 
 
 def _daemon_child(cfg, store, ready_fd: int | None, log_path: Path, takeover: bool) -> int:
-    _detach(log_path)
+    try:
+        _detach(log_path)
+    except Exception as e:  # noqa: BLE001 - a log file it may not use: the command is told
+        _tell_failure(ready_fd, e)
+        return 1
     return _serve_detached(cfg, store, ready_fd, log_path, takeover)
+
+
+def _tell_failure(ready_fd: int | None, error: BaseException) -> None:
+    """The first line of why the start failed, to the mounting command waiting on ready_fd."""
+    if ready_fd is not None:
+        os.write(ready_fd, str(error).splitlines()[0].encode() if str(error) else type(error).__name__.encode())
 
 
 def _serve_detached(cfg, store, ready_fd: int | None, log_path: Path, takeover: bool,
@@ -380,8 +402,8 @@ def _serve_detached(cfg, store, ready_fd: int | None, log_path: Path, takeover: 
             log.error("%s", e)  # one line: why the mount ends (a journal refused)
             return supervisor.OTHER_RELEASE if isinstance(e, precheck.OtherRelease) else 1
         log.exception("daemon failed")
-        if not reported and ready_fd is not None:
-            os.write(ready_fd, str(e).splitlines()[0].encode() if str(e) else type(e).__name__.encode())
+        if not reported:
+            _tell_failure(ready_fd, e)
         return 1
 
 
