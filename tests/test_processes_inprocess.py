@@ -32,6 +32,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -515,10 +516,122 @@ def test_the_code_copied_for_a_daemon_gone_is_removed_by_the_next(tmp_path, monk
     other = tmp_path / "fusecache-readers-notapid-ghi"
     for path in (stale, live, other):
         path.mkdir()
-    code = processes_module._snapshot_code()
+    code, lock = processes_module._snapshot_code()
     try:
         assert not stale.exists() and live.exists() and other.exists()
         assert (Path(code) / "fusecache" / "session" / "reader_process.py").read_bytes() == \
             Path(processes_module.__file__).with_name("reader_process.py").read_bytes()
     finally:
         shutil.rmtree(code)
+        os.close(lock)
+
+
+NOT_OPEN = 999_999  # a descriptor number nothing holds: the route's statx fails (EBADF)
+
+
+async def test_a_route_whose_statx_fails_does_not_end_the_run(device, make_readers):
+    """Routes.add tolerates a watcher whose route cannot be taken (its statx fails): the open
+    is answered, its reads go to the trio thread. But the route stays in the table, and the
+    next process started (a new period of reading) asked its ticket again, unguarded: the
+    OSError ended run(), and with it the session. (Found by review.)"""
+    kernel, ours = device
+    os.set_blocking(ours.fileno(), False)
+    routes = Routes()
+    readers = make_readers(ours.fileno(), 1, routes, resend=lambda: True)
+    routes.add(7, FileOnDisk(NOT_OPEN, 10))  # tolerated, as test_a_route_the_reader_processes_cannot_take_fails_no_open
+    delivered: list[bytes] = []
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(readers.run, lambda fd, data: delivered.append(bytes(data)) or True)
+            kernel.send(request(p.Op.STATFS, 1))
+            while not delivered:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert delivered == [request(p.Op.STATFS, 1)]
+
+
+async def test_a_replacement_whose_routes_cannot_be_told_is_not_left_unheard(device, make_readers):
+    """A process dies; its replacement is started (appended to _processes), then a route's
+    ticket raises while it is told the routes: _replace takes that for "could not be
+    started" and nobody listened to the process, which read requests from the connection and
+    forwarded them into a socket nobody read: they were never answered. (Found by review.)"""
+    kernel, ours = device
+    os.set_blocking(ours.fileno(), False)
+    routes = Routes()
+    resent: list[bool] = []
+    readers = make_readers(ours.fileno(), 1, routes, resend=lambda: resent.append(True) or True)
+    delivered: list[bytes] = []
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(readers.run, lambda fd, data: delivered.append(bytes(data)) or True)
+            while not readers._processes:
+                await trio.sleep(0.01)
+            routes.add(7, FileOnDisk(NOT_OPEN, 10))  # tolerated while the process runs
+            os.kill(readers._processes[0].popen.pid, signal.SIGKILL)
+            while not resent:
+                await trio.sleep(0.01)
+            kernel.send(request(p.Op.STATFS, 2))  # read by whatever process there is now
+            with trio.move_on_after(5):
+                while not delivered:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert delivered == [request(p.Op.STATFS, 2)]
+
+
+async def test_a_sighup_to_the_process_group_does_not_kill_the_reader_processes(device, make_readers):
+    """SIGINT and SIGTERM are ignored by the reader processes (the daemon decides when they
+    stop), but SIGHUP, which the daemon takes for the same clean stop (daemon.py
+    _terminate_on_signal), killed them: a terminal hangup of a foreground daemon killed
+    every reader with the requests it read. (Found by review.)"""
+    kernel, ours = device
+    os.set_blocking(ours.fileno(), False)
+    resent: list[bool] = []
+    readers = make_readers(ours.fileno(), 1, Routes(), resend=lambda: resent.append(True) or True)
+    delivered: list[bytes] = []
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(readers.run, lambda fd, data: delivered.append(bytes(data)) or True)
+            kernel.send(request(p.Op.STATFS, 1))  # once forwarded, its loop (and signal setup) runs
+            while not delivered:
+                await trio.sleep(0.01)
+            pid = readers._processes[0].popen.pid
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                os.kill(pid, signum)
+            await trio.sleep(1)
+            alive = readers._processes[0].popen.pid == pid and readers._processes[0].popen.poll() is None
+            nursery.cancel_scope.cancel()
+    assert alive and not resent
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a pid namespace needs root and unshare")
+def test_a_live_daemons_code_copy_is_not_removed_by_a_daemon_in_another_pid_namespace(tmp_path, monkeypatch, make_readers):
+    """Staleness was judged by /proc/PID: a daemon in another pid namespace sharing the
+    temporary directory (containers of one pod sharing /tmp, same uid) saw no such pid and
+    removed a live daemon's copy; that daemon's next reader process (a replacement, a new
+    period of reading) could not import its code. The copy is locked. (Found by review.)"""
+    monkeypatch.setattr(processes_module.tempfile, "tempdir", str(tmp_path))
+    code = make_readers(-1, 1, Routes(), lambda: True)._code  # ours: this process is alive
+    subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                    "import tempfile, sys; tempfile.tempdir = sys.argv[1]; "
+                    "from fusecache.session.processes import _remove_stale_snapshots; _remove_stale_snapshots()",
+                    str(tmp_path)], check=True, env=dict(os.environ, PYTHONPATH=str(processes_module._PACKAGE.parent)))
+    assert os.path.isdir(os.path.join(code, "fusecache"))
+
+
+@pytest.mark.skipif(not shutil.which("systemd-tmpfiles"), reason="no systemd-tmpfiles")
+def test_a_live_daemons_code_copy_is_kept_from_tmp_aging(tmp_path, monkeypatch, make_readers):
+    """/tmp is aged by systemd-tmpfiles (10 days on Fedora, RHEL, Arch: `q /tmp ... 10d`); the
+    copy's .py files are never read again once their .pyc exist, so months into a daemon's
+    life they are gone and a new reader process imports the installed fusecache (the
+    upgrade hazard the copy is for) or nothing. tmpfiles skips a directory someone holds a
+    BSD lock on, as the daemon now does. (Aging simulated with an age of 1 s.) (Found by
+    review.)"""
+    top = tmp_path / "tmp"
+    top.mkdir()
+    monkeypatch.setattr(processes_module.tempfile, "tempdir", str(top))
+    code = make_readers(-1, 1, Routes(), lambda: True)._code
+    config = tmp_path / "age.conf"
+    config.write_text(f"d {top} 1777 root root 1s\n")
+    time.sleep(2.5)
+    subprocess.run(["systemd-tmpfiles", "--clean", str(config)], check=True)
+    assert os.path.exists(os.path.join(code, "fusecache", "session", "reader_process.py"))

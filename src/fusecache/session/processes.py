@@ -20,6 +20,7 @@ keeps dying ends the session, as a failed reader thread does.
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import math
 import mmap
@@ -84,7 +85,7 @@ class ReaderProcesses:
         self._retired = (0, 0)  # what processes that ended served: bytes, chunk hits
         self._deaths: collections.deque[float] = collections.deque(maxlen=REPLACEMENTS)
         self._stopping = False  # STOP was sent: no process is started any more this run
-        self._code = _snapshot_code()  # what every process of this daemon's life runs
+        self._code, self._code_lock = _snapshot_code()  # what every process of this daemon's life runs
 
     # ---- what they served ------------------------------------------------------------------
 
@@ -215,6 +216,7 @@ class ReaderProcesses:
     def close(self) -> None:
         """Nothing is left running once run() returned: only the code copied for them to go."""
         shutil.rmtree(self._code, ignore_errors=True)
+        os.close(self._code_lock)
 
     def _start(self, slot: int) -> _Process:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -235,7 +237,11 @@ class ReaderProcesses:
         process = _Process(slot, popen, ours)
         self._processes.append(process)
         for fh, file in self.routes:
-            message = _route(fh, file)
+            try:
+                message = _route(fh, file)
+            except OSError as e:  # as Routes.add: its reads go to the trio thread
+                log.warning("the cache file of open %d cannot be looked at (%s): its reads go to the daemon", fh, e)
+                continue
             if message is not None:
                 self._tell(process, message, (fh, file))
         return process
@@ -339,27 +345,43 @@ def _route(fh: int, file: DirectFile) -> bytes | None:
     return ROUTE.pack(OP_ROUTE, fh, ticket.size, ticket.chunk_size, *ticket.stamp)
 
 
-def _snapshot_code() -> str:
+def _snapshot_code() -> tuple[str, int]:
     """A private copy of the fusecache package as the daemon starts, for its reader processes
-    to import (the import root: a directory holding `fusecache`). They are started at every
-    period of reading and to replace one that died, months into the daemon's life: from the
-    package installed then, an upgrade's new reader code would meet this daemon's messages,
-    crash on them, and its deaths end the mount. A copy in a directory only the daemon's
-    user may write (mkdtemp: 0700)."""
+    to import (the import root: a directory holding `fusecache`), and a descriptor holding it
+    locked (flock) for the daemon's life. They are started at every period of reading and to
+    replace one that died, months into the daemon's life: from the package installed then, an
+    upgrade's new reader code would meet this daemon's messages, crash on them, and its deaths
+    end the mount. A copy in a directory only the daemon's user may write (mkdtemp: 0700). The
+    lock keeps it from a daemon in another pid namespace sharing /tmp, which cannot see this
+    one's pid, and from systemd-tmpfiles' aging of /tmp, which skips a directory so locked."""
     _remove_stale_snapshots()
     root = tempfile.mkdtemp(prefix=f"{_SNAPSHOT_PREFIX}{os.getpid()}-")
-    shutil.copytree(_PACKAGE, os.path.join(root, "fusecache"), ignore=shutil.ignore_patterns("__pycache__"))
-    return root
+    lock = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.copytree(_PACKAGE, os.path.join(root, "fusecache"), ignore=shutil.ignore_patterns("__pycache__"))
+    except BaseException:
+        os.close(lock)
+        raise
+    return root, lock
 
 
 def _remove_stale_snapshots() -> None:
-    """Remove the copies of daemons of this user that are gone (a kill -9 leaves its copy)."""
+    """Remove the copies of daemons of this user that are gone (a kill -9 leaves its copy):
+    neither locked (by a daemon of this release, wherever its pid is seen) nor of a pid alive."""
     top = Path(tempfile.gettempdir())
     for stale in top.glob(f"{_SNAPSHOT_PREFIX}*-*"):
         pid = stale.name[len(_SNAPSHOT_PREFIX):].partition("-")[0]
         try:
             if not pid.isdigit() or stale.lstat().st_uid != os.getuid() or Path(f"/proc/{pid}").exists():
                 continue
+            held = os.open(stale, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
-        shutil.rmtree(stale, ignore_errors=True)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its daemon lives
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            continue
+        finally:
+            os.close(held)

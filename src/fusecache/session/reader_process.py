@@ -230,6 +230,7 @@ def main(argv: list[str]) -> int:
     # whole group (Ctrl-C, systemd's stop) must not leave requests unanswered before it does
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal's hangup: the daemon stops cleanly
     control = socket.socket(fileno=control_fd)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[_ToDaemon(control)])
     counters = mmap.mmap(counters_fd, 0)  # lives as long as the process
