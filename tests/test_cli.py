@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -509,6 +509,33 @@ def test_status_prints_an_older_or_hostile_daemons_report_safely(capsys, monkeyp
     assert "fusecache: /a: permission denied" in captured.err and "/m  <-  /s" in captured.out
 
 
+@contextmanager
+def a_daemon_answering(serve: Callable[[socket.socket], None], tmp_path: Path, monkeypatch) -> Iterator[None]:
+    """A control socket that serve(listener) answers on a thread, taken by the CLI for the
+    daemon of the mount /mnt (whose f is the path it is given)."""
+    from fusecache import cli
+
+    path = tmp_path / "daemon.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(4)
+        threading.Thread(target=serve, args=(listener,), daemon=True).start()
+        monkeypatch.setattr(cli.control, "_endpoint", lambda mountpoint: (path, os.getuid()))
+        monkeypatch.setattr(cli, "_locate", lambda p: ("/mnt", "f"))
+        monkeypatch.setattr(cli, "fusecache_mounts", lambda: ["/mnt"])
+        yield
+
+
+def replying(reply: bytes, times: int) -> Callable[[socket.socket], None]:
+    def serve(listener: socket.socket) -> None:
+        for _ in range(times):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1 << 16)
+                conn.sendall(reply)
+    return serve
+
+
 @pytest.mark.parametrize("reply", [b"null\n", b'"error"\n', b"[1]\n", b'{"error": ["a", "list"]}\n',
                                    b'{"queued": 1}\n', b'{"files": "many"}\n'])
 def test_a_daemons_reply_that_is_not_ours_is_one_line(tmp_path, monkeypatch, capsys, reply):
@@ -517,22 +544,7 @@ def test_a_daemons_reply_that_is_not_ours_is_one_line(tmp_path, monkeypatch, cap
     reply without the fields it reads. (Found by review.)"""
     from fusecache import cli
 
-    path = tmp_path / "daemon.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(path))
-        listener.listen(4)
-
-        def answer() -> None:
-            for _ in range(2):
-                conn, _ = listener.accept()
-                with conn:
-                    conn.recv(1 << 16)
-                    conn.sendall(reply)
-
-        server = threading.Thread(target=answer, daemon=True)
-        server.start()
-        monkeypatch.setattr(cli.control, "_endpoint", lambda mountpoint: (path, os.getuid()))
-        monkeypatch.setattr(cli, "_locate", lambda p: ("/mnt", "f"))
+    with a_daemon_answering(replying(reply, 2), tmp_path, monkeypatch):
         for argv in (["prefetch", "/mnt/f", "--no-wait"], ["cache", "ls", "/mnt"]):
             status = cli.main(argv)
             err = capsys.readouterr().err
@@ -554,51 +566,31 @@ HUGE = b"1" + b"0" * 400  # a JSON integer: parsed exactly, too large for a floa
 ], ids=["deep", "inf-pid", "huge-int", "huge-time"])
 def test_a_daemons_odd_numbers_or_nesting_are_one_line(tmp_path, monkeypatch, capsys, argv, reply):
     """Another user's daemon (root runs `fusecache status` / `cache ls` on every node's mounts)
-    answers valid JSON the CLI cannot handle: a traceback instead of one line and exit 1.
+    answered valid JSON the CLI could not handle: a traceback instead of one line and exit 1.
     (Found by review.)"""
     from fusecache import cli
 
-    path = tmp_path / "daemon.sock"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(path))
-        listener.listen(4)
-
-        def answer() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                conn.recv(1 << 16)
-                conn.sendall(reply)
-
-        threading.Thread(target=answer, daemon=True).start()
-        monkeypatch.setattr(cli.control, "_endpoint", lambda mountpoint: (path, os.getuid()))
-        monkeypatch.setattr(cli, "_locate", lambda p: ("/mnt", ""))
-        monkeypatch.setattr(cli, "fusecache_mounts", lambda: ["/mnt"])
-        status = cli.main(argv)  # raised out of main on the current code
+    with a_daemon_answering(replying(reply, 1), tmp_path, monkeypatch):
+        status = cli.main(argv)
         err = capsys.readouterr().err
         assert status == 1 and err.count("\n") == 1 and err.startswith("fusecache: "), err
 
 
-def test_cache_ls_gives_up_on_a_daemon_that_only_sends_heartbeats(tmp_path, monkeypatch, capsys):
+def test_cache_ls_gives_up_on_a_daemon_that_only_sends_heartbeats(tmp_path, monkeypatch):
     """`cache ls` is answered from memory, as `status` is, but was asked with no `total`: a
     daemon that sends heartbeats and nothing else (another user's, for root's `cache ls`)
     kept it waiting forever. (Found by review.)"""
     from fusecache import cli
 
-    path = tmp_path / "daemon.sock"
     stop = threading.Event()
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(str(path))
-        listener.listen(1)
 
-        def heartbeats() -> None:
-            conn, _ = listener.accept()
-            with conn:
-                while not stop.wait(0.05):
-                    conn.sendall(b" ")
+    def heartbeats(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while not stop.wait(0.05):
+                conn.sendall(b" ")
 
-        threading.Thread(target=heartbeats, daemon=True).start()
-        monkeypatch.setattr(cli.control, "_endpoint", lambda mountpoint: (path, os.getuid()))
-        monkeypatch.setattr(cli, "_locate", lambda p: ("/mnt", ""))
+    with a_daemon_answering(heartbeats, tmp_path, monkeypatch):
         monkeypatch.setattr(cli, "STATUS_TIMEOUT", 1.0)
         result: list[int] = []
         client = threading.Thread(target=lambda: result.append(cli.main(["cache", "ls", "/mnt"])), daemon=True)
