@@ -384,3 +384,47 @@ async def test_the_attributes_of_an_open_file_whose_directory_was_swapped_are_it
     assert (await ops.getattr(f.ino, ctx())).size == len(data)
     assert await read_all(ops, info.fh) == data
     await ops.release(info.fh)
+
+
+async def test_getattr_never_answers_another_file_type_under_a_held_inode(harness):
+    """f (a regular file) is looked up; in the source a directory takes its path. A GETATTR of
+    the file's inode (an fstat of an O_PATH descriptor, a stat whose attributes expired before
+    its dentry) was answered with the directory's attributes under the file's inode: the
+    kernel (fuse_do_getattr: inode_wrong_type) then marked the inode bad and the stat failed
+    EIO. ESTALE has a stat by path look the path up again. (Found by review.)"""
+    harness.write("f", 10)
+    ops = await operations(harness)
+    f = await ops.lookup(ROOT, b"f", ctx())
+    assert stat.S_ISREG(f.mode)
+    (harness.src / "f").unlink()
+    (harness.src / "f").mkdir()
+    try:
+        attr = await ops.getattr(f.ino, ctx())
+    except Exception as e:  # noqa: BLE001 - an error is fine, as long as it is ESTALE/ENOENT
+        from fusecache.session.types import reply_errno
+        assert reply_errno(e, "test") in (errno.ESTALE, errno.ENOENT)
+        return
+    assert stat.S_IFMT(attr.mode) == stat.S_IFMT(f.mode), "a directory's attributes under a file's inode"
+
+
+async def test_getattr_of_an_open_directory_whose_path_was_swapped_answers_its_own_attributes(harness):
+    """A process holds live/ open (opendir: its cwd, an fd); in the source another directory
+    takes its path (`mv new live`). An fstat of the open directory answered the new
+    directory's attributes (its mode bits, owner, link count) under the held inode, which the
+    kernel then kept for it, while its listing is still the old one's (the fd): ESTALE. (Found
+    by review.)"""
+    (harness.src / "live").mkdir(mode=0o755)
+    ops = await operations(harness)
+    held = await ops.lookup(ROOT, b"live", ctx())
+    fh = await ops.opendir(held.ino, ctx())
+    (harness.src / "live").rename(harness.src / "live.before")
+    (harness.src / "live").mkdir(mode=0o700)
+    try:
+        attr = await ops.getattr(held.ino, ctx())
+    except Exception as e:  # noqa: BLE001
+        from fusecache.session.types import reply_errno
+        assert reply_errno(e, "test") == errno.ESTALE
+        return
+    finally:
+        await ops.releasedir(fh)
+    assert stat.S_IMODE(attr.mode) == stat.S_IMODE(held.mode) == 0o755, oct(attr.mode)

@@ -189,6 +189,28 @@ def test_hard_links_are_fetched_once_per_name(counting_source, make_mount):
     assert counting_source.counts() == {"a.bin": len(data), "b.bin": len(data)}
 
 
+def test_fstat_of_a_file_whose_path_became_a_directory_is_not_eio(tmp_path, make_mount):
+    """An O_PATH descriptor of f (no OPEN: no handle in the daemon); in the source a directory
+    takes f's path. fstat sends GETATTR for f's inode, which the daemon answered with the
+    directory's attributes: the kernel found the inode's type changed, marked it bad and
+    failed the fstat with EIO (fs/fuse/dir.c, fuse_do_getattr). (Found by review.)"""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_bytes(b"x" * 100)
+    m = make_mount(source, ["readahead=off", "attr_timeout=0"])
+    fd = os.open(m.mountpoint / "f", os.O_PATH)
+    try:
+        assert os.fstat(fd).st_size == 100
+        (source / "f").unlink()
+        (source / "f").mkdir()
+        try:
+            os.fstat(fd)
+        except OSError as e:
+            assert e.errno != errno.EIO, "fstat failed EIO: the daemon gave a directory's attributes to a file's inode"
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("change", ["modified in place", "replaced", "deleted"])
 def test_fstat_of_an_open_handle_reports_the_version_it_reads(tmp_path, make_mount, change):
     source = tmp_path / "src"

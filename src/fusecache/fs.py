@@ -160,10 +160,10 @@ class FuseOperations:
         # The path was removed or holds another version, or the source cannot be reached: an
         # fstat of an open handle wants the version it has open (whose bytes it reads).
         handle = self._handle_of(inode)
-        if handle is None:
-            if st is None:
-                raise FuseError(errno.ENOENT)
-            return attributes_of(self.attr_timeout, inode, st)  # a stat through a stale dentry: what is now
+        if handle is None:  # a stale dentry (or an open directory): what the path holds now is
+            # another inode's; under this one the kernel would cache it (of another type, it
+            # marks the inode bad: EIO). ESTALE has a stat by path look the path up again.
+            raise FuseError(errno.ENOENT if st is None else errno.ESTALE)
         attr = attributes_of(self.attr_timeout, inode, await self.engine.fstat(handle))
         attr.size = handle.identity.size
         attr.mtime_ns = handle.identity.mtime_ns

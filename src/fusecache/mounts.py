@@ -109,12 +109,13 @@ def fstype_of(path: str) -> str | None:
     return best.fstype if best else None
 
 
-def is_stale(mountpoint: str, wait: float = STALE_PROBE_WAIT) -> bool:
+def is_stale(mountpoint: str, wait: float = STALE_PROBE_WAIT, probe_path: str | None = None) -> bool:
     """A FUSE mount whose connection ended (its daemon died, no one holds it): the kernel
     answers ENOTCONN to every request, at once. Asked with statfs, which always reaches the
     daemon (a stat may be answered from attributes the kernel cached, dead connection or
     not), on a thread given `wait` seconds: a stopped or hung daemon never answers, and its
-    mount is alive, not stale (the thread is left to its wait, which ends with the process)."""
+    mount is alive, not stale (the thread is left to its wait, which ends with the process).
+    probe_path: where statfs reaches the mount (pinned()), if not at mountpoint."""
     info = find_mount(os.path.abspath(mountpoint))
     if info is None or not info.fstype.startswith("fuse"):
         return False
@@ -122,7 +123,7 @@ def is_stale(mountpoint: str, wait: float = STALE_PROBE_WAIT) -> bool:
 
     def probe() -> None:
         try:
-            os.statvfs(mountpoint)
+            os.statvfs(probe_path or mountpoint)
             answer.append(0)
         except OSError as e:
             answer.append(e.errno or 0)

@@ -187,4 +187,4 @@ def _is_stale(path: str, pinned_path: str, info: mounts.MountInfo) -> bool:
     pinned_path: the same mount through its parent's descriptor (mounts.pinned), probed."""
     if info.fstype == FUSECACHE_FSTYPE and info.owner_uid is not None and control.is_listening(path, info.owner_uid):
         return False
-    return mounts.is_stale(pinned_path)
+    return mounts.is_stale(path, probe_path=pinned_path)
