@@ -269,3 +269,15 @@ async def test_a_prefetch_a_client_waits_for_is_not_dropped_for_jobs_nobody_asks
         pytest.fail(f"the job its client polls was dropped: {e}")
     finally:
         gate.open()
+
+
+async def test_pins_more_than_a_restart_reads_are_refused_in_one_line(harness, monkeypatch):
+    from fusecache import store as store_module
+
+    harness.write("a-file-with-a-long-name", CHUNK)
+    engine = await harness.start()
+    handlers = handlers_of(harness, engine)
+    monkeypatch.setattr(store_module, "MAX_PINS_FILE", 16)
+    with pytest.raises(ControlError, match="a restart reads"):
+        await handlers.pin({"command": "pin", "paths": ["a-file-with-a-long-name"]})
+    assert engine.pins == set()

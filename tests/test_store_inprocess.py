@@ -241,18 +241,44 @@ def test_an_uncached_stand_in_has_no_files():
 
 def test_pins_survive_a_restart_and_a_malformed_file_is_ignored(store, tmp_path):
     assert store.load_pins() == set()
-    store.save_pins({"models/llama", "f"})
+    store.save_pins(store.encode_pins({"models/llama", "f"}))
     assert CacheStore(tmp_path / "cache", "/source/root").load_pins() == {"models/llama", "f"}
     pins = store.root / "pins.json"
     assert pins.stat().st_mode & 0o777 == 0o600
+    # nested past any of ours: RecursionError stopped the daemon's start (found by review)
     for content, expected in ((b"{not json", set()), (b'{"a": 1}', set()), (b'["a", 3, null]', {"a"}),
-                              (b"\xff\xfe", set())):
+                              (b"\xff\xfe", set()), (b"[" * 100_000, set())):
         pins.write_bytes(content)
         assert store.load_pins() == expected, content
     pins.unlink()
     (tmp_path / "elsewhere.json").write_text('["planted"]')
     pins.symlink_to(tmp_path / "elsewhere.json")
     assert store.load_pins() == set()  # never read through a symlink
+
+
+def test_pins_a_restart_could_not_read_back_whole_are_refused(store, tmp_path):
+    """A restart reads MAX_PINS_FILE bytes of pins.json; more were saved, then read cut off,
+    found malformed, and every pin dropped (pinned files became evictable). More than that
+    is refused before anything changes. (Found by review.)"""
+    name = "d" * 200
+    pins = {f"{name}/{i:08d}" for i in range(store_module.MAX_PINS_FILE // 200 + 1000)}
+    with pytest.raises(ValueError, match="a restart reads"):
+        store.encode_pins(pins)
+    fitting = set(sorted(pins)[:store_module.MAX_PINS_FILE // 300])
+    store.save_pins(store.encode_pins(fitting))
+    assert CacheStore(tmp_path / "cache", "/source/root").load_pins() == fitting
+
+
+def test_loading_a_store_leaks_no_descriptor_for_a_directory_named_like_an_index(store):
+    """A directory planted under an index's name: open() of its descriptor raised EISDIR and
+    kept the descriptor, one leaked per such name at every load. (Found by review.)"""
+    for i in range(5):
+        planted = store.paths(f"dir{i}")[1]
+        planted.parent.mkdir(parents=True, exist_ok=True)
+        planted.mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    store.load()
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_files_planted_in_the_store_are_not_trusted(store, tmp_path):

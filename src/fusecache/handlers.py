@@ -108,7 +108,10 @@ class ControlHandlers:
         a job of each pin pushed out those of prefetches clients were waiting on."""
         paths = _relpaths(request)
         files = await self._queue(paths)  # they must exist
-        await self.engine.set_pins(self.engine.pins | set(paths))
+        try:
+            await self.engine.set_pins(self.engine.pins | set(paths))
+        except ValueError as e:  # too many to save
+            raise ControlError(str(e)) from None
         return {"files": len(files), "bytes": sum(size for _relpath, size in files)}
 
     async def _queue(self, relpaths: list[str]) -> list[tuple[str, int]]:

@@ -102,22 +102,33 @@ def open_file(path: Path, flags: int, mode: int = PRIVATE_FILE_MODE) -> int:
     return fd
 
 
-def write_file(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes, durable: bool = False) -> None:
     """Replace path's content atomically: a new file (O_EXCL: never through a planted
     link), written whole, renamed over it. A write that fails (a full disk writes part, then
-    ENOSPC) leaves path as it was."""
+    ENOSPC) leaves path as it was. durable: the bytes are synced before the rename, and the
+    rename after it, so that a power cut leaves the old content or the new one, never an
+    empty file (what a file that outlives its daemon wants, pins; not the journal, which
+    serves a connection that a power cut ends anyway)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # its own: writers may race
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def read_file(path: Path, limit: int) -> bytes:

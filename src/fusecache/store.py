@@ -963,13 +963,25 @@ class CacheStore:
             pins = json.loads(private.read_file(self.root / "pins.json", MAX_PINS_FILE))
         except FileNotFoundError:
             return set()
-        except (ValueError, OSError) as e:
+        except (ValueError, RecursionError, OSError) as e:  # RecursionError: nested past any of ours
             log.warning("ignoring unreadable %s: %s", self.root / "pins.json", e)
             return set()
         return {p for p in pins if isinstance(p, str)} if isinstance(pins, list) else set()
 
-    def save_pins(self, pins: set[str]) -> None:
-        private.write_file(self.root / "pins.json", json.dumps(sorted(pins)).encode())
+    @staticmethod
+    def encode_pins(pins: set[str]) -> bytes:
+        """The pins as saved; ValueError where a restart could not read them back whole (more
+        than MAX_PINS_FILE: it read the start, found it malformed and dropped every pin)."""
+        data = json.dumps(sorted(pins)).encode()
+        if len(data) > MAX_PINS_FILE:
+            raise ValueError(f"the pins would take {len(data)} bytes, more than the {MAX_PINS_FILE} a restart "
+                             "reads: pin the directories above them instead")
+        return data
+
+    def save_pins(self, data: bytes) -> None:
+        """Pins encoded by encode_pins, made durable before they replace the last set: after a
+        power cut, the old set or the new, never an empty file (every pin lost)."""
+        private.write_file(self.root / "pins.json", data, durable=True)
 
 
 def _remove(path: Path) -> None:
@@ -1038,7 +1050,12 @@ def _read_summary(index_path: Path) -> dict | None:
     """The summary of an index; None if the file is not a usable index (damaged, or of an
     older format). An OSError means it could not be read: that says nothing about it."""
     fd = os.open(index_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as f:
+    try:
+        f = open(fd, "rb")
+    except BaseException:  # a directory planted under an index's name (EISDIR): open() keeps the fd
+        os.close(fd)
+        raise
+    with f:
         raw = f.read()
         last_used = os.fstat(fd).st_mtime
     try:
