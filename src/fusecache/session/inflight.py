@@ -8,12 +8,14 @@ reach the trio thread first, so one for a request not (yet) known is kept for it
 
 A request can come twice. After a reader process dies, the kernel sends again (NOTIFY_RESEND)
 every request it holds as read and not answered, including those the trio thread is still
-answering, and a request sent again keeps its unique. Two copies under one unique must not
-both be answered under one scope (the first to end would drop the other's INTERRUPT scope),
-so the copy waits until the first copy ends, and is answered then only if the first copy's
-reply was refused: a resend moves the request back to the kernel's pending queue, where a
-reply finds nothing to answer (ENOENT), and the copy read back from there is then the only one
-the kernel still waits on. A reply the kernel took finished the request: the copy is dropped.
+answering. It marks a request sent again in its unique (FUSE_UNIQUE_RESEND, bit 63), once: a
+copy sent a second time comes under the unique of the first copy sent again. Two copies
+under one unique must not both be answered under one scope (the first to end would drop the
+other's INTERRUPT scope), so the later copy waits until the earlier one ends, and is answered
+then only if the earlier one's reply was refused: a resend moves the request back to the
+kernel's pending queue, where a reply finds nothing to answer (ENOENT), and the copy read back
+from there is then the only one the kernel still waits on. A reply the kernel took finished
+the request: the later copy is dropped.
 """
 
 from __future__ import annotations
