@@ -789,3 +789,25 @@ sys.exit(cli.main(["mount", {str(source)!r}, {str(mountpoint)!r}, "--cache-dir",
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     assert result.returncode == 1 and "writable by group or others" in result.stderr, result.stderr
+
+
+def test_umount_without_fusermount3_says_so_not_not_a_mount(tmp_path, monkeypatch, capsys):
+    """A user's umount where fusermount3 is missing (ENOENT from the tool's lookup) was told
+    the live mount "is not a fusecache mount": that answer is for a mountpoint whose directory
+    is gone. (Found by review of the day's diff.)"""
+    from fusecache import cli
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    info = mounts.MountInfo(0, 99, str(mnt), cli.FSTYPE, "fusecache", f"rw,user_id={os.getuid()},group_id=0")
+    monkeypatch.setattr(mounts, "find_mount", lambda path: info if path == str(mnt) else None)
+    monkeypatch.setattr(mounts.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(mounts.shutil, "which", lambda name: None)
+
+    def no_daemon(*args, **kwargs):
+        raise control.ControlError("gone")
+
+    monkeypatch.setattr(cli.control, "call", no_daemon)
+    assert cli.main(["umount", str(mnt)]) == 1
+    err = capsys.readouterr().err
+    assert "fusermount3 not found" in err, err

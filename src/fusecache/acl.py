@@ -41,15 +41,21 @@ _HEADER = struct.Struct("<I")
 _ENTRY = struct.Struct("<HHI")
 
 
+def supports_acls(path: str | bytes, follow: bool = True) -> bool:
+    """Whether the filesystem of path (a directory or regular file) has POSIX ACLs; any answer
+    but "not supported" (ENODATA: it has none here; EACCES) counts as yes: checked, not skipped."""
+    try:
+        os.getxattr(path, XATTR_ACCESS, follow_symlinks=follow)
+    except OSError as e:
+        return e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP)
+    return True
+
+
 def source_has_acls(root: str) -> bool:
     """Whether the filesystem at a source's root has POSIX ACLs (logged: the users' checks
     depend on it). NFSv4's own ACLs are of another kind, checked by the NFS server for the
     daemon's user, never for ours."""
-    try:
-        os.getxattr(root, XATTR_ACCESS)
-    except OSError as e:
-        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return True  # ENODATA: ACLs are supported, the root just has none
+    if not supports_acls(root):
         try:
             os.getxattr(root, "system.nfs4_acl")
             log.warning("the source has NFSv4 ACLs: fusecache cannot enforce them; users of the "

@@ -409,7 +409,7 @@ def _serve_detached(cfg, store, ready_fd: int | None, log_path: Path, takeover: 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = mounts.resolve_mountpoint(args.mountpoint)
-    try:
+    try:  # _umount's own errors are Failures: an OSError here is the parent's
         with mounts.pinned(mountpoint) as pinned_path:
             return _umount(args, mountpoint, pinned_path)
     except FileNotFoundError:
@@ -435,7 +435,10 @@ def _umount(args: argparse.Namespace, mountpoint: str, pinned_path: str) -> int:
         silent = e  # a stopped or hung daemon: unmounting needs nothing from it
     except control.ControlError:
         pass  # not ours to ask (or the daemon is gone): unmount without waiting
-    mounts.unmount(mountpoint, pinned_path=pinned_path)
+    try:
+        mounts.unmount(mountpoint, pinned_path=pinned_path)
+    except OSError as e:
+        raise Failure(f"cannot unmount {args.mountpoint}: {e.strerror}") from None
     if silent is not None:
         say(f"{silent}; unmounted without waiting for it to exit")
         return 0

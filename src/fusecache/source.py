@@ -158,20 +158,31 @@ class Source:
         self.stable_inodes = stable_inodes
         self._root_fd = os.open(self.root, _DIR_PATH)
         self._openat2 = linux.has_openat2(self._root_fd)
-        self._root_dev = os.fstat(self._root_fd).st_dev
-        # checked where the root or a filesystem mounted beneath it may have them (_notice)
-        self.has_acls = acl.source_has_acls(f"/proc/self/fd/{self._root_fd}") or any(
-            m.mountpoint.startswith(self.root.rstrip("/") + "/") for m in mounts.mount_table())
+        # checked where the root or a filesystem mounted beneath it has them (_notice)
+        self._acls_probed = {os.fstat(self._root_fd).st_dev}  # the filesystems asked
+        self.has_acls = acl.source_has_acls(f"/proc/self/fd/{self._root_fd}") or self._mounts_with_acls()
         self._copier = kernelcopy.KernelCopy()
 
-    def _notice(self, st: os.stat_result) -> os.stat_result:
-        """A file's lstat, seen on its way to the mount: one on another filesystem than the
-        root's (a mount in the source tree) turns the ACL checks on (has_acls) for good. They
-        were off below a root without ACLs, so a mount below it that has them was read past
-        its ACLs. Mounts there at the start are known from the mount table."""
-        if not self.has_acls and st.st_dev != self._root_dev:
-            self.has_acls = True
-            log.info("a filesystem mounted in the source tree: POSIX ACLs are checked beneath it")
+    def _mounts_with_acls(self) -> bool:
+        """Whether a filesystem mounted in the source tree now has POSIX ACLs (below a root of
+        "/", every mount is: asked of none, taken for yes)."""
+        if self.root == "/":
+            return True
+        below = [m for m in mounts.mount_table() if m.mountpoint.startswith(self.root + "/")]
+        self._acls_probed.update(os.makedev(m.major, m.minor) for m in below)
+        return any(acl.supports_acls(m.mountpoint) for m in below)
+
+    def _notice(self, st: os.stat_result, dir_fd: int, name: str | bytes) -> os.stat_result:
+        """A file's lstat (name in dir_fd), seen on its way to the mount: one on a filesystem
+        not asked yet (a mount in the source tree since the start) that has POSIX ACLs turns
+        their checks on for good. They were off below a root without ACLs, so such a mount
+        was read past its ACLs. A link cannot tell (its own xattrs are not the filesystem's)."""
+        if (not self.has_acls and st.st_dev not in self._acls_probed
+                and (stat_mod.S_ISDIR(st.st_mode) or stat_mod.S_ISREG(st.st_mode))):
+            self._acls_probed.add(st.st_dev)
+            if acl.supports_acls(os.path.join(os.fsencode(f"/proc/self/fd/{dir_fd}"), os.fsencode(name)), follow=False):
+                self.has_acls = True
+                log.info("a filesystem with POSIX ACLs is mounted in the source tree: they are checked")
         return st
 
     def close(self) -> None:
@@ -245,7 +256,7 @@ class Source:
         if not relpath:
             return os.stat(self._root_fd)
         with self._parent(relpath) as (fd, name):
-            return self._notice(os.stat(name, dir_fd=fd, follow_symlinks=False))
+            return self._notice(os.stat(name, dir_fd=fd, follow_symlinks=False), fd, name)
 
     def readlink(self, relpath: str) -> str:
         with self._parent(relpath) as (fd, name):
@@ -294,7 +305,7 @@ class Source:
                 if raw_name in (b".", b".."):
                     continue
                 try:
-                    st = self._notice(os.stat(raw_name, dir_fd=fd, follow_symlinks=False))
+                    st = self._notice(os.stat(raw_name, dir_fd=fd, follow_symlinks=False), fd, raw_name)
                 except FileNotFoundError:
                     continue
                 entries.append((os.fsdecode(raw_name), next_offset, st))

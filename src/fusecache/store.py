@@ -978,10 +978,10 @@ class CacheStore:
                              "reads: pin the directories above them instead")
         return data
 
-    def save_pins(self, data: bytes) -> None:
-        """Pins encoded by encode_pins, made durable before they replace the last set: after a
-        power cut, the old set or the new, never an empty file (every pin lost)."""
-        private.write_file(self.root / "pins.json", data, durable=True)
+    def save_pins(self, pins: set[str]) -> None:
+        """Save the pins (ValueError: see encode_pins), durable before they replace the last
+        set: after a power cut, the old set or the new, never an empty file (every pin lost)."""
+        private.write_file(self.root / "pins.json", self.encode_pins(pins), durable=True)
 
 
 def _remove(path: Path) -> None:
