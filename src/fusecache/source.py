@@ -168,7 +168,8 @@ class Source:
         "/", every mount is: asked of none, taken for yes)."""
         if self.root == "/":
             return True
-        below = [m for m in mounts.mount_table() if m.mountpoint.startswith(self.root + "/")]
+        below = [m for m in mounts.mount_table()  # an automount trigger is asked nothing (it would mount)
+                 if m.mountpoint.startswith(self.root + "/") and m.fstype != "autofs"]
         self._acls_probed.update(os.makedev(m.major, m.minor) for m in below)
         return any(acl.supports_acls(m.mountpoint) for m in below)
 
