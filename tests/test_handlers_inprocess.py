@@ -281,3 +281,13 @@ async def test_pins_more_than_a_restart_reads_are_refused_in_one_line(harness, m
     with pytest.raises(ControlError, match="a restart reads"):
         await handlers.pin({"command": "pin", "paths": ["a-file-with-a-long-name"]})
     assert engine.pins == set()
+
+
+async def test_a_job_named_by_a_boolean_is_no_job(harness):
+    """`"job": true` was taken for job 1 (a bool is an int in Python). (Found by review.)"""
+    harness.write("f", CHUNK)
+    handlers = handlers_of(harness, await harness.start())
+    queued = await handlers.prefetch({"command": "prefetch", "paths": ["f"]})
+    assert queued["job"] == 1
+    with pytest.raises(ControlError, match="no prefetch job True"):
+        await handlers.progress({"command": "progress", "job": True})
