@@ -4,9 +4,10 @@ The new daemon (`fusecache restart`, from the fusecache installed now) asks the 
 over the control socket (`handover`, with the state formats it reads). The serving daemon
 refuses an asker that does not read the format it writes, and otherwise stops reading
 requests, waits until every request it has read is answered (session/gate.py), and sends
-the state (livestate.py) with the /dev/fuse descriptor (SCM_RIGHTS). The new daemon checks the state and says "ok";
-only then does the old one end, without unmounting. Without that word (the new daemon
-refused the state or died) the old one reads requests again: a failed restart costs a pause.
+the state (livestate.py) with the /dev/fuse descriptor (SCM_RIGHTS). The new daemon checks
+the state and says "ok"; only then does the old one end, without unmounting. Without that
+word (the new daemon refused the state or died) the old one reads requests again: a failed
+restart costs a pause.
 An "ok" too late finds the old daemon's socket shut for reading, fails to send, and the new
 daemon gives up: the two never serve at once.
 

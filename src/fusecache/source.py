@@ -466,7 +466,7 @@ def regular_files(source: Source, relpath: str) -> list[tuple[str, int]]:
                 entries = sorted(listing, key=lambda entry: entry.name)
             subdirectories = []
             for entry in entries:
-                child = f"{directory}/{entry.name}" if directory else entry.name
+                child = source.child(directory, entry.name)
                 try:
                     child_st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
